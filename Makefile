@@ -1,0 +1,60 @@
+# Camelot: the single entry point. `make` prints this help.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/*.proto)
+GEN := $(PROTOS:.proto=_pb2.py)
+ARGS ?=
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create the virtualenv and install the project
+
+protos/%_pb2.py: protos/%.proto $(STAMP)
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+	  --mypy_out=quiet:. --mypy_grpc_out=quiet:. $<
+
+codegen: $(GEN) ## generate the gRPC code from protos/
+
+run: codegen ## start the local mesh on the best backend, send a burst, print the table
+	$(BIN)/python -m services.cli run $(ARGS)
+
+test: codegen ## run the test suite (no GPU, no Docker needed)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-gpu: codegen ## run the gpu tests (on a machine with CUDA)
+	$(BIN)/python -m pytest -q -m gpu $(ARGS)
+
+lint: codegen ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy common shmbroker services scheduler loadgen
+
+fmt: venv ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-transport: codegen ## one-hop cost, ref against host copy -> docs/results/transport.json
+	$(BIN)/python -m shmbroker.bench $(ARGS)
+
+bench-e2e: codegen ## end-to-end p50/p99, ref against wire -> docs/results/e2e.json
+	$(BIN)/python -m loadgen.bench_e2e $(ARGS)
+
+load: codegen ## Locust headless against a running gateway (ARGS: --host, -t)
+	$(BIN)/locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s $(ARGS)
+
+clean: ## remove generated code and caches
+	rm -f protos/*_pb2*.py protos/*_pb2*.pyi
+	rm -rf .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e load clean

@@ -1,0 +1,54 @@
+"""Which array backend this process runs on: `cuda` (CuPy) where usable, else `host` (NumPy).
+
+Array code is written once against the namespace `xp` returned here.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from types import ModuleType
+
+import numpy as np
+
+
+class Backend(enum.Enum):
+    HOST = "host"
+    CUDA = "cuda"
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one device (never raises)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+def resolve(requested: str = "auto") -> Backend:
+    """`auto` picks cuda where usable; asking for cuda without it is an error, not a fallback."""
+    if requested == "auto":
+        return Backend.CUDA if cuda_available() else Backend.HOST
+    backend = Backend(requested)
+    if backend is Backend.CUDA and not cuda_available():
+        raise RuntimeError("backend cuda requested but CUDA is not usable in this process")
+    return backend
+
+
+def xp_for(backend: Backend) -> ModuleType:
+    if backend is Backend.CUDA:
+        import cupy
+
+        return cupy  # type: ignore[no-any-return]
+    return np
+
+
+def to_host(array: object) -> np.ndarray:
+    """A NumPy array of any backend's array (a device→host copy on cuda)."""
+    get = getattr(array, "get", None)
+    if callable(get):
+        return get()  # type: ignore[no-any-return]
+    return np.asarray(array)

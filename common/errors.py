@@ -1,0 +1,152 @@
+"""One error hierarchy for every Camelot process, each class carrying its gRPC status.
+
+    CamelotError                      INTERNAL
+    ├── InvalidArgument               INVALID_ARGUMENT   bad request, shape, dtype
+    │   └── BadRef                    INVALID_ARGUMENT   forged, out-of-slab or malformed ref
+    ├── NotFound                      NOT_FOUND          unknown pipeline, lease, replica
+    ├── FailedPrecondition            FAILED_PRECONDITION
+    │   ├── StaleRef                  FAILED_PRECONDITION ref from an older broker generation
+    │   └── LeaseEnded                FAILED_PRECONDITION lease released or expired
+    ├── ResourceExhausted             RESOURCE_EXHAUSTED no room, queue full, payload too large
+    ├── DeadlineExceeded              DEADLINE_EXCEEDED
+    ├── Unavailable                   UNAVAILABLE        draining, no replica, peer down
+    ├── Unauthenticated               UNAUTHENTICATED
+    ├── PermissionDenied              PERMISSION_DENIED
+    └── Cancelled                     CANCELLED
+
+Servers wrap their methods with `grpc_errors` (maps these to `context.abort`,
+anything else to INTERNAL with the traceback logged); clients turn an
+`AioRpcError` back into the same class with `from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class CamelotError(Exception):
+    """Base of every Camelot error; maps to INTERNAL unless a subclass says otherwise."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class InvalidArgument(CamelotError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BadRef(InvalidArgument):
+    pass
+
+
+class NotFound(CamelotError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(CamelotError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StaleRef(FailedPrecondition):
+    pass
+
+
+class LeaseEnded(FailedPrecondition):
+    pass
+
+
+class ResourceExhausted(CamelotError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(CamelotError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(CamelotError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(CamelotError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CamelotError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(CamelotError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CamelotError]] = {
+    cls.code: cls
+    for cls in (
+        CamelotError,
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+        Cancelled,
+    )
+}
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def from_rpc_error(err: grpc.RpcError) -> CamelotError:
+    """The Camelot error for a failed call, keeping its message (raise it `from err`)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, CamelotError)
+    retry_after: int | None = None
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_KEY:
+            retry_after = int(value)
+    out = cls(details or code.name, retry_after_ms=retry_after)
+    if cls is CamelotError:
+        out.code = code  # keep UNKNOWN and friends precise
+    return out
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def grpc_errors(method: F) -> F:
+    """Decorates an async servicer method: Camelot errors become their status, the rest INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except CamelotError as e:
+            if e.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(e.retry_after_ms)),))
+            await context.abort(e.code, e.message)
+        except grpc.aio.AbortError:
+            raise
+        except grpc.aio.AioRpcError as e:
+            # A downstream call failed: pass its status on rather than hiding it as INTERNAL.
+            mapped = from_rpc_error(e)
+            await context.abort(mapped.code, mapped.message)
+        except Exception:
+            log.exception("unhandled error in %s", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+    return wrapper  # type: ignore[return-value]
