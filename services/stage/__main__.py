@@ -1,0 +1,36 @@
+"""`python -m services.stage --pipeline P --stage S ...`: one stage replica process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from common import logs, metrics
+from common.lifecycle import run_until_signalled
+from services.stage.app import create_server
+from services.stage.settings import StageSettings, parse
+
+
+async def serve(settings: StageSettings) -> None:
+    app = await create_server(settings)
+    try:
+        await run_until_signalled(
+            app.server,
+            app.health,
+            app.settings.grace_s,
+            warm_up=app.replica.warm_up,
+            on_stop=app.replica.drain_and_report,
+        )
+    finally:
+        await app.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse(argv)
+    logs.setup("stage", settings.node, settings.name)
+    metrics.start(settings.metrics_port)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,121 @@
+"""Builds a stage replica process: backend, model, broker client, reports, gRPC server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from common import lifecycle
+from common.backend import Backend, resolve, xp_for
+from common.errors import NotFound
+from common.pipeline_config import load_pipeline
+from protos import stage_pb2_grpc
+from services.stage.plugin import ModelContext, build_model
+from services.stage.replica import Replica, ReplicaIdentity
+from services.stage.servicer import StageServicer
+from services.stage.settings import StageSettings
+from shmbroker.client import BrokerClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "camelot.v1.Stage"
+
+
+@dataclass
+class StageApp:
+    settings: StageSettings
+    server: grpc.aio.Server
+    port: int
+    replica: Replica
+    servicer: StageServicer
+    health: lifecycle.Health
+    stack: contextlib.AsyncExitStack
+
+    async def warm_up(self) -> None:
+        await self.replica.warm_up()
+        await self.health.set(True)
+
+    async def aclose(self) -> None:
+        await self.stack.aclose()
+
+
+def multiprocessors(backend: Backend, device: int) -> int:
+    """SMs the process's context reports: under MPS this shows the active-thread limit."""
+    if backend is not Backend.CUDA:
+        return -1
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
+async def create_server(settings: StageSettings) -> StageApp:
+    """Loads the model, connects to the broker and Redis, binds; health stays NOT_SERVING."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        backend = resolve(settings.backend)
+        xp = xp_for(backend)
+        if backend is Backend.CUDA:
+            xp.cuda.Device(settings.device).use()
+        pipeline = load_pipeline(
+            settings.pipeline, settings.size, directory=settings.pipelines_dir or None
+        )
+        stage = next((s for s in pipeline.stages if s.name == settings.stage), None)
+        if stage is None:
+            raise NotFound(
+                f"pipeline {settings.pipeline!r} has no stage {settings.stage!r}; "
+                f"it has {[s.name for s in pipeline.stages]}"
+            )
+        compute = np.dtype(np.float16 if backend is Backend.CUDA else np.float32)
+        ctx = ModelContext(
+            backend=backend, xp=xp, size=settings.size, seed=settings.seed, compute_dtype=compute
+        )
+        model = build_model(stage.model, ctx, stage.options)
+        stream: Any = None
+        if backend is Backend.CUDA:
+            stream = xp.cuda.Stream(non_blocking=True)
+        broker = await BrokerClient.connect(settings.broker)
+        stack.push_async_callback(broker.close)
+        reports = None
+        if settings.redis_url:
+            from common.reports import ReportWriter
+
+            reports = ReportWriter(settings.redis_url, source=f"{settings.name}@{settings.node}")
+            await reports.start()
+            stack.push_async_callback(reports.aclose)
+        replica = Replica(
+            ReplicaIdentity(
+                pipeline=settings.pipeline,
+                stage=settings.stage,
+                replica_id=settings.name,
+                node=settings.node,
+                device=settings.device,
+                sm_percent=settings.sm_percent,
+                sm_groups=settings.sm_groups,
+            ),
+            model=model,
+            backend=backend,
+            xp=xp,
+            buffers=broker,
+            reports=reports,
+            max_batch=settings.max_batch or stage.max_batch,
+            max_wait_us=settings.max_wait_us if settings.max_wait_us >= 0 else stage.max_wait_us,
+            max_queue=settings.max_queue,
+            stream=stream,
+        )
+        replica.start()
+        stack.push_async_callback(replica.close)
+        servicer = StageServicer(replica, stage.model, multiprocessors(backend, settings.device))
+        server = lifecycle.new_server()
+        stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
+        health = lifecycle.Health(server, [SERVICE_NAME])
+        port = lifecycle.bind(server, settings.host, settings.port, settings.unix_path)
+        return StageApp(settings, server, port, replica, servicer, health, stack)
+    except BaseException:
+        await stack.aclose()
+        raise

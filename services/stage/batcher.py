@@ -1,0 +1,179 @@
+"""Dynamic batching: requests queue up; a batch closes at `max_batch` or `max_wait_us` after its
+first request was taken, whichever comes first, and runs while the next one fills.
+
+The batcher knows nothing of models or gRPC: it hands each closed batch to `run_batch`, which
+must settle every item's future. Times are integer microseconds on the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.clock import mono_us
+from common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+# How long a client should wait before retrying a full queue, as a hint in the status trailer.
+RETRY_AFTER_MS = 20
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Item:
+    """One request waiting for a batch; `payload` is whatever `run_batch` needs."""
+
+    payload: Any
+    deadline_us: int | None = None
+    arrived_us: int = field(default_factory=mono_us)
+    taken_us: int = 0
+    batch_started_us: int = 0
+    batch_size: int = 0
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def queue_us(self) -> int:
+        return self.taken_us - self.arrived_us
+
+
+RunBatch = Callable[[list[Item]], Awaitable[None]]
+
+
+class Batcher:
+    def __init__(
+        self, run_batch: RunBatch, max_batch: int, max_wait_us: int, max_queue: int
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_us < 0:
+            raise ValueError(f"max_wait_us must be >= 0, got {max_wait_us}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_us = max_wait_us
+        self.max_queue = max_queue
+        self.state = State.IDLE
+        self.completed = 0
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self.state = State.RUNNING
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def submit(self, payload: Any, deadline_us: int | None = None) -> Any:
+        """Queues one request and waits for its result (or the error its batch raised for it)."""
+        if self.state is not State.RUNNING:
+            raise Unavailable(f"replica is {self.state.value}, not taking requests")
+        if self._queue.qsize() >= self.max_queue:
+            raise ResourceExhausted(
+                f"queue full ({self.max_queue} waiting)", retry_after_ms=RETRY_AFTER_MS
+            )
+        item = Item(payload=payload, deadline_us=deadline_us)
+        self._idle.clear()
+        self._queue.put_nowait(item)
+        return await item.future
+
+    async def _take(self) -> list[Item]:
+        first = await self._queue.get()
+        first.taken_us = mono_us()
+        batch = [first]
+        close_at = first.taken_us + self.max_wait_us
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                item = self._queue.get_nowait()
+            else:
+                wait_us = close_at - mono_us()
+                if wait_us <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), wait_us / 1e6)
+                except TimeoutError:
+                    break
+            item.taken_us = mono_us()
+            batch.append(item)
+        return batch
+
+    def _live(self, batch: list[Item]) -> list[Item]:
+        """Drops requests whose caller gave up or whose deadline passed while they queued."""
+        now = mono_us()
+        live = []
+        for item in batch:
+            if item.future.done():
+                continue
+            if item.deadline_us is not None and now >= item.deadline_us:
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            live.append(item)
+        return live
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._take()
+            self._busy = True
+            try:
+                live = self._live(batch)
+                if live:
+                    started = mono_us()
+                    for item in live:
+                        item.batch_started_us = started
+                        item.batch_size = len(live)
+                    await self.run_batch(live)
+                    self.completed += len(live)
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(
+                            RuntimeError("run_batch left a request unsettled")
+                        )
+            except Exception as e:
+                # The loop never dies: the batch fails, the replica goes on.
+                log.exception("batch of %d failed", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+            finally:
+                self._busy = False
+                if self._queue.empty():
+                    self._idle.set()
+
+    async def drain(self) -> int:
+        """Stops taking requests and returns once every queued request has been answered."""
+        if self.state is State.RUNNING:
+            self.state = State.DRAINING
+        before = self.completed
+        while not (self._queue.empty() and not self._busy):
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 0.05)
+        return self.completed - before
+
+    async def stop(self) -> None:
+        self.state = State.STOPPED
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(Unavailable("replica stopped"))

@@ -1,0 +1,330 @@
+"""A stage replica's domain: validated requests in, batched model runs, outputs into broker buffers.
+
+Every piece of GPU work (gathering inputs, `infer`, scattering outputs, synchronizing) runs on the
+replica's one executor thread, on the replica's stream, so the event loop never blocks on the GPU
+and a batch's kernels are ordered. Outputs are synchronized before the answer leaves, so the next
+stage (another process) reads finished bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from common import metrics
+from common.backend import Backend, to_host
+from common.clock import mono_us, wall_us
+from common.dtypes import wire_from_array
+from common.errors import CamelotError, InvalidArgument
+from protos import report_pb2, tensor_pb2
+from services.stage.batcher import Batcher, Item
+from services.stage.plugin import Model, Spec
+
+log = logging.getLogger(__name__)
+
+
+class BufferSource(Protocol):
+    """What the replica needs from the broker client."""
+
+    async def allocate(
+        self, items: Sequence[tuple[str, Any, tuple[int, ...]]], device: int = 0
+    ) -> list[tensor_pb2.TensorRef]: ...
+
+    async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
+
+
+class ReportSink(Protocol):
+    def add(self, report: report_pb2.LatencyReport) -> None: ...
+
+
+@dataclass
+class Request:
+    """One validated request: inputs are per-item arrays on the replica's backend."""
+
+    query_id: str
+    pipeline: str
+    lease_id: str
+    inputs: dict[str, Any]
+    wire_out: bool
+    deadline_us: int | None = None
+
+
+@dataclass
+class Result:
+    outputs: list[tensor_pb2.Tensor]
+    queue_us: int
+    batch_wait_us: int
+    compute_us: int
+    batch_size: int
+
+
+@dataclass
+class ReplicaIdentity:
+    pipeline: str
+    stage: str
+    replica_id: str
+    node: str
+    device: int = 0
+    sm_percent: float = 100.0
+    sm_groups: tuple[int, ...] = field(default_factory=tuple)
+
+
+def check_inputs(
+    specs: Sequence[Spec], given: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]]
+) -> None:
+    """INVALID_ARGUMENT unless the inputs are exactly the declared ones, in dtype and shape."""
+    want = {s.name: s for s in specs}
+    extra = sorted(set(given) - set(want))
+    if extra:
+        raise InvalidArgument(f"unexpected inputs {extra}; the model takes {sorted(want)}")
+    for name, spec in want.items():
+        if name not in given:
+            raise InvalidArgument(f"missing input {name!r}")
+        dtype, shape = given[name]
+        if np.dtype(dtype) != spec.dtype:
+            raise InvalidArgument(
+                f"input {name!r} has dtype {np.dtype(dtype)}, expected {spec.dtype}"
+            )
+        if tuple(shape) != tuple(spec.shape):
+            raise InvalidArgument(
+                f"input {name!r} has shape {list(shape)}, expected {list(spec.shape)}"
+            )
+
+
+class Replica:
+    def __init__(
+        self,
+        identity: ReplicaIdentity,
+        model: Model,
+        backend: Backend,
+        xp: Any,
+        buffers: BufferSource | None,
+        reports: ReportSink | None,
+        max_batch: int,
+        max_wait_us: int,
+        max_queue: int,
+        stream: Any = None,
+    ) -> None:
+        self.identity = identity
+        self.model = model
+        self.backend = backend
+        self.xp = xp
+        self.buffers = buffers
+        self.reports = reports
+        self.stream = stream
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self.batcher = Batcher(self._run_batch, max_batch, max_wait_us, max_queue)
+        self._labels = (identity.pipeline, identity.stage, identity.replica_id)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def warm_up(self, rounds: int = 2) -> None:
+        """Runs the model on zeros at batch 1 and max batch so the first query pays no JIT cost."""
+        for n in sorted({1, self.batcher.max_batch}):
+            batch = {s.name: self.xp.zeros((n, *s.shape), dtype=s.dtype) for s in self.model.inputs}
+            for _ in range(rounds):
+                await self._on_gpu(self._infer_sync, batch)
+
+    async def drain(self) -> int:
+        return await self.batcher.drain()
+
+    async def drain_and_report(self) -> None:
+        done = await self.drain()
+        log.info("drained: %d requests finished", done)
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Result:
+        check_inputs(
+            self.model.inputs,
+            {k: (v.dtype, tuple(v.shape)) for k, v in request.inputs.items()},
+        )
+        metrics.QUEUE_DEPTH.labels(*self._labels).set(self.batcher.depth)
+        start = mono_us()
+        code = "OK"
+        try:
+            item_result: Result = await self.batcher.submit(request, request.deadline_us)
+            return item_result
+        except CamelotError as e:
+            code = e.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            total = mono_us() - start
+            metrics.REQUESTS.labels("stage", *self._labels[:2], code).inc()
+            metrics.LATENCY.labels("stage", *self._labels[:2]).observe(total / 1e6)
+
+    async def _on_gpu(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _stream_ctx(self) -> Any:
+        return self.stream if self.stream is not None else contextlib.nullcontext()
+
+    def _infer_sync(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        with self._stream_ctx():
+            out = self.model.infer(batch)
+            if self.stream is not None:
+                self.stream.synchronize()
+        return out
+
+    def _compute_sync(self, requests: list[Request]) -> dict[str, Any]:
+        with self._stream_ctx():
+            batch = {
+                s.name: self.xp.stack([r.inputs[s.name] for r in requests])
+                for s in self.model.inputs
+            }
+            out = self.model.infer(batch)
+            for spec in self.model.outputs:
+                arr = out.get(spec.name)
+                if arr is None:
+                    raise RuntimeError(f"model returned no output {spec.name!r}")
+                if tuple(arr.shape) != (len(requests), *spec.shape):
+                    raise RuntimeError(
+                        f"model output {spec.name!r} has shape {list(arr.shape)}, "
+                        f"expected {[len(requests), *spec.shape]}"
+                    )
+                if arr.dtype != spec.dtype:
+                    out[spec.name] = arr.astype(spec.dtype)
+        return out
+
+    def _scatter_sync(
+        self, out: Mapping[str, Any], views: list[list[Any]], rows: list[int]
+    ) -> None:
+        """Copies row i of every output into its broker view (device to device), then syncs."""
+        with self._stream_ctx():
+            for row, row_views in zip(rows, views, strict=True):
+                for spec, view in zip(self.model.outputs, row_views, strict=True):
+                    view[...] = out[spec.name][row]
+            if self.stream is not None:
+                self.stream.synchronize()
+            elif self.backend is Backend.CUDA:
+                self.xp.cuda.get_current_stream().synchronize()
+
+    def _wire_sync(self, out: Mapping[str, Any], rows: list[int]) -> list[list[tensor_pb2.Tensor]]:
+        host = {spec.name: to_host(out[spec.name]) for spec in self.model.outputs}
+        result = []
+        for row in rows:
+            tensors = []
+            for spec in self.model.outputs:
+                wire = wire_from_array(host[spec.name][row])
+                tensors.append(tensor_pb2.Tensor(name=spec.name, wire=wire))
+            result.append(tensors)
+        return result
+
+    async def _allocate_outputs(
+        self, requests: list[Request]
+    ) -> list[list[tensor_pb2.TensorRef] | Exception]:
+        """Output buffers for every ref-transport request, one RPC for the batch.
+
+        The broker allocates all-or-nothing; if one query's lease has ended (its query was
+        abandoned) the batch falls back to one call per request so only that query fails.
+        """
+        assert self.buffers is not None
+        specs = self.model.outputs
+        dev = self.identity.device
+        items = [(r.lease_id, s.dtype, tuple(s.shape)) for r in requests for s in specs]
+        try:
+            refs = await self.buffers.allocate(items, dev)
+            k = len(specs)
+            return [refs[i * k : (i + 1) * k] for i in range(len(requests))]
+        except CamelotError:
+            if len(requests) == 1:
+                raise
+        outs: list[list[tensor_pb2.TensorRef] | Exception] = []
+        for r in requests:
+            try:
+                outs.append(
+                    await self.buffers.allocate(
+                        [(r.lease_id, s.dtype, tuple(s.shape)) for s in specs], dev
+                    )
+                )
+            except CamelotError as e:
+                outs.append(e)
+        return outs
+
+    async def _run_batch(self, items: list[Item]) -> None:
+        requests: list[Request] = [i.payload for i in items]
+        ref_rows = [n for n, r in enumerate(requests) if not r.wire_out]
+        alloc: asyncio.Task[Any] | None = None
+        if ref_rows:
+            alloc = asyncio.create_task(self._allocate_outputs([requests[n] for n in ref_rows]))
+        t0 = mono_us()
+        try:
+            out = await self._on_gpu(self._compute_sync, requests)
+        except BaseException:
+            if alloc is not None:
+                alloc.cancel()
+            raise
+        outputs: dict[int, list[tensor_pb2.Tensor]] = {}
+        if alloc is not None:
+            allocated = await alloc
+            ok_rows, ok_views, ok_refs = [], [], []
+            for n, refs in zip(ref_rows, allocated, strict=True):
+                if isinstance(refs, Exception):
+                    items[n].future.set_exception(refs)
+                    continue
+                ok_rows.append(n)
+                ok_refs.append(refs)
+                ok_views.append([await self.buffers.view(ref) for ref in refs])  # type: ignore[union-attr]
+            await self._on_gpu(self._scatter_sync, out, ok_views, ok_rows)
+            for n, refs in zip(ok_rows, ok_refs, strict=True):
+                outputs[n] = [
+                    tensor_pb2.Tensor(name=s.name, ref=ref)
+                    for s, ref in zip(self.model.outputs, refs, strict=True)
+                ]
+        wire_rows = [n for n, r in enumerate(requests) if r.wire_out]
+        if wire_rows:
+            for n, tensors in zip(
+                wire_rows, await self._on_gpu(self._wire_sync, out, wire_rows), strict=True
+            ):
+                outputs[n] = tensors
+        compute_us = mono_us() - t0
+        for n, item in enumerate(items):
+            if item.future.done() or n not in outputs:
+                continue
+            result = Result(
+                outputs=outputs[n],
+                queue_us=item.queue_us,
+                batch_wait_us=item.batch_started_us - item.taken_us,
+                compute_us=compute_us,
+                batch_size=len(items),
+            )
+            item.future.set_result(result)
+            self._report(requests[n], result, item)
+
+    def _report(self, request: Request, result: Result, item: Item) -> None:
+        if self.reports is None:
+            return
+        ident = self.identity
+        self.reports.add(
+            report_pb2.LatencyReport(
+                kind=report_pb2.REPORT_KIND_STAGE,
+                pipeline=ident.pipeline,
+                stage=ident.stage,
+                replica_id=ident.replica_id,
+                node=ident.node,
+                query_id=request.query_id,
+                end_unix_us=wall_us(),
+                queue_us=result.queue_us,
+                batch_wait_us=result.batch_wait_us,
+                compute_us=result.compute_us,
+                total_us=mono_us() - item.arrived_us,
+                batch_size=result.batch_size,
+            )
+        )
