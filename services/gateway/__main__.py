@@ -1,0 +1,30 @@
+"""`python -m services.gateway`: the user entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from common import logs, metrics
+from common.lifecycle import run_until_signalled
+from services.gateway.app import create_server
+from services.gateway.settings import GatewaySettings, parse
+
+
+async def serve(settings: GatewaySettings) -> None:
+    app = await create_server(settings)
+    try:
+        await run_until_signalled(app.server, app.health, settings.grace_s)
+    finally:
+        await app.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse(argv)
+    logs.setup("gateway", settings.node)
+    metrics.start(settings.metrics_port)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,188 @@
+"""Builds the gateway process: pipelines, routes (watched from the scheduler), broker, server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from common import lifecycle
+from common.backend import Backend, resolve
+from common.errors import from_rpc_error
+from common.pipeline_config import list_pipelines, load_pipeline
+from common.retry import Backoff
+from protos import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2_grpc,
+    stage_pb2,
+    stage_pb2_grpc,
+    tensor_pb2,
+)
+from services.gateway.query import PipelineRoute, QueryRunner, StageStep
+from services.gateway.routes import RouteTable
+from services.gateway.servicer import GatewayServicer, PipelineEntry
+from services.gateway.settings import GatewaySettings
+from shmbroker.client import BrokerClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "camelot.v1.Gateway"
+
+
+class StageChannels:
+    """One channel per replica address, reused; calls map errors to Camelot's."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub]] = {}
+
+    def stub(self, address: str) -> stage_pb2_grpc.StageStub:
+        entry = self._stubs.get(address)
+        if entry is None:
+            ch = lifecycle.channel(address)
+            entry = (ch, stage_pb2_grpc.StageStub(ch))
+            self._stubs[address] = entry
+        return entry[1]
+
+    async def __call__(
+        self, address: str, request: stage_pb2.InferRequest, timeout_s: float
+    ) -> stage_pb2.InferResponse:
+        try:
+            response: stage_pb2.InferResponse = await self.stub(address).Infer(
+                request, timeout=timeout_s
+            )
+            return response
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def close(self) -> None:
+        for ch, _ in self._stubs.values():
+            await ch.close()
+        self._stubs.clear()
+
+
+def pipeline_entry(name: str, size: str, directory: str | None) -> PipelineEntry:
+    cfg = load_pipeline(name, size, directory=directory)
+    steps = tuple(
+        StageStep(name=s.name, inputs=tuple(s.inputs.items()), outputs=()) for s in cfg.stages
+    )
+    route = PipelineRoute(name=cfg.name, steps=steps, output=cfg.output, qos_p99_ms=cfg.qos_p99_ms)
+    out_stage, _, out_name = cfg.output.partition(".")
+    return PipelineEntry(
+        route=route,
+        input_name=cfg.input.name,
+        input_dtype=np.dtype(cfg.input.dtype),
+        input_shape=tuple(cfg.input.shape),
+        output_name=out_name,
+        output_dtype=np.dtype(np.uint8),
+        output_shape=(),
+    )
+
+
+async def watch_routes(target: str, routes: RouteTable, stop: asyncio.Event) -> None:
+    """Follows the scheduler's route stream; reconnects with backoff; never dies."""
+    backoff = Backoff(base_s=0.1, cap_s=5.0)
+    attempt = 0
+    while not stop.is_set():
+        try:
+            async with lifecycle.channel(target) as ch:
+                stub = admin_pb2_grpc.ControlStub(ch)
+                async for update in stub.WatchRoutes(
+                    admin_pb2.WatchRoutesRequest(known_epoch=routes.epoch)
+                ):
+                    attempt = 0
+                    if routes.update(update):
+                        log.info(
+                            "routes now at epoch %d (%d endpoints)",
+                            update.epoch,
+                            len(update.endpoints),
+                        )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("route watch on %s failed: %s", target, e)
+        attempt += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff.delay_s(min(attempt, 8)))
+
+
+@dataclass
+class GatewayApp:
+    settings: GatewaySettings
+    server: grpc.aio.Server
+    port: int
+    routes: RouteTable
+    runner: QueryRunner
+    servicer: GatewayServicer
+    health: lifecycle.Health
+    stack: contextlib.AsyncExitStack
+
+    async def aclose(self) -> None:
+        await self.stack.aclose()
+
+
+async def create_server(settings: GatewaySettings) -> GatewayApp:
+    stack = contextlib.AsyncExitStack()
+    try:
+        backend = resolve(settings.backend)
+        if backend is Backend.CUDA:
+            import cupy
+
+            cupy.cuda.Device(settings.device).use()
+        directory = settings.pipelines_dir or None
+        pipelines = {
+            n: pipeline_entry(n, settings.size, directory) for n in list_pipelines(directory)
+        }
+        broker: Any = None
+        if settings.transport == "ref" or settings.broker:
+            broker = await BrokerClient.connect(settings.broker)
+            stack.push_async_callback(broker.close)
+        reports = None
+        if settings.redis_url:
+            from common.reports import ReportWriter
+
+            reports = ReportWriter(settings.redis_url, source=f"gateway@{settings.node}")
+            await reports.start()
+            stack.push_async_callback(reports.aclose)
+        routes = RouteTable()
+        channels = StageChannels()
+        stack.push_async_callback(channels.close)
+        runner = QueryRunner(routes, channels, broker, backend, settings.device)
+        stack.callback(runner.close)
+        if settings.scheduler:
+            stop = asyncio.Event()
+            task = asyncio.create_task(watch_routes(settings.scheduler, routes, stop))
+
+            async def stop_watch() -> None:
+                stop.set()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+            stack.push_async_callback(stop_watch)
+        transport = (
+            tensor_pb2.TRANSPORT_WIRE if settings.transport == "wire" else tensor_pb2.TRANSPORT_REF
+        )
+        servicer = GatewayServicer(
+            pipelines,
+            runner,
+            reports,
+            settings.node,
+            transport,
+            settings.deadline_qos_multiple,
+            settings.max_payload_bytes,
+            settings.max_inflight,
+        )
+        server = lifecycle.new_server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        health = lifecycle.Health(server, [SERVICE_NAME])
+        port = lifecycle.bind(server, settings.host, settings.port, settings.unix_path)
+        return GatewayApp(settings, server, port, routes, runner, servicer, health, stack)
+    except BaseException:
+        await stack.aclose()
+        raise

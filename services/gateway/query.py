@@ -1,0 +1,250 @@
+"""Running one query through a pipeline's stage DAG.
+
+Transport `ref`: the input goes once into a broker buffer under a new lease (the only host→device
+copy); each stage gets refs and answers with refs; the final output is copied out once; the lease
+is always released (DONE on success, ABORTED otherwise, so a stage still writing cannot corrupt a
+reused buffer). Transport `wire`: bytes go to and from every stage, the baseline.
+
+A stage call that fails with UNAVAILABLE (replica died or is draining) or RESOURCE_EXHAUSTED (its
+queue is full) is retried on another replica while the deadline allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.backend import Backend, to_host
+from common.clock import mono_us
+from common.dtypes import wire_from_array
+from common.errors import (
+    CamelotError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from protos import gateway_pb2, stage_pb2, tensor_pb2
+from services.gateway.routes import RouteTable
+
+log = logging.getLogger(__name__)
+
+# Attempts per stage call: the first, plus retries on other replicas.
+STAGE_ATTEMPTS = 3
+
+
+class StageCaller(Protocol):
+    async def __call__(
+        self, address: str, request: stage_pb2.InferRequest, timeout_s: float
+    ) -> stage_pb2.InferResponse: ...
+
+
+class Buffers(Protocol):
+    """What the gateway needs of the broker client."""
+
+    async def open_lease(
+        self, pool: str = "default", ttl_s: float = 0.0, label: str = ""
+    ) -> str: ...
+
+    async def alloc_array(
+        self, lease_id: str, dtype: Any, shape: tuple[int, ...], device: int = 0
+    ) -> tuple[tensor_pb2.TensorRef, Any]: ...
+
+    async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
+
+    async def release(self, lease_ids: list[str], *, aborted: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageStep:
+    name: str
+    # input name -> source: "input" or "<stage>.<output>"
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PipelineRoute:
+    name: str
+    steps: tuple[StageStep, ...]  # topological order
+    output: str  # "<stage>.<output>"
+    qos_p99_ms: float
+
+
+@dataclass
+class QueryResult:
+    output: tensor_pb2.WireTensor
+    stages: list[gateway_pb2.StageTime] = field(default_factory=list)
+
+
+class QueryRunner:
+    def __init__(
+        self,
+        routes: RouteTable,
+        call: StageCaller,
+        buffers: Buffers | None,
+        backend: Backend,
+        device: int = 0,
+    ) -> None:
+        self.routes = routes
+        self.call = call
+        self.buffers = buffers
+        self.backend = backend
+        self.device = device
+        # host<->device copies off the event loop, in order
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy")
+
+    def close(self) -> None:
+        self.copier.shutdown(wait=False)
+
+    async def _copy(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
+
+    async def run(
+        self,
+        pipeline: PipelineRoute,
+        item: np.ndarray,
+        transport: tensor_pb2.Transport.ValueType,
+        query_id: str,
+        deadline_us: int,
+    ) -> QueryResult:
+        if transport == tensor_pb2.TRANSPORT_WIRE:
+            return await self._drive(
+                pipeline, wire_from_array(item), None, transport, query_id, deadline_us
+            )
+        if self.buffers is None:
+            raise InvalidArgument("transport ref needs a broker; this gateway has none")
+        ttl_s = max(1.0, (deadline_us - mono_us()) / 1e6 + 5.0)
+        lease = await self.buffers.open_lease(pool=pipeline.name, ttl_s=ttl_s, label=query_id)
+        ok = False
+        try:
+            ref, view = await self.buffers.alloc_array(
+                lease, item.dtype, tuple(item.shape), self.device
+            )
+            await self._copy(_fill, view, item)
+            result = await self._drive(pipeline, ref, lease, transport, query_id, deadline_us)
+            ok = True
+            return result
+        finally:
+            # Shielded: a cancelled or failed query must still give its buffers back.
+            await asyncio.shield(self.buffers.release([lease], aborted=not ok))
+
+    async def _drive(
+        self,
+        pipeline: PipelineRoute,
+        first: tensor_pb2.TensorRef | tensor_pb2.WireTensor,
+        lease: str | None,
+        transport: tensor_pb2.Transport.ValueType,
+        query_id: str,
+        deadline_us: int,
+    ) -> QueryResult:
+        values: dict[str, tensor_pb2.TensorRef | tensor_pb2.WireTensor] = {"input": first}
+        times: dict[str, gateway_pb2.StageTime] = {}
+        pending = list(pipeline.steps)
+        while pending:
+            ready = [s for s in pending if all(src in values for _, src in s.inputs)]
+            if not ready:
+                raise InvalidArgument(
+                    f"pipeline {pipeline.name} has a stage whose inputs never come"
+                )
+            results = await asyncio.gather(
+                *(
+                    self._stage(pipeline.name, s, values, lease, transport, query_id, deadline_us)
+                    for s in ready
+                )
+            )
+            for step, (response, stage_time) in zip(ready, results, strict=True):
+                times[step.name] = stage_time
+                for t in response.outputs:
+                    values[f"{step.name}.{t.name}"] = (
+                        t.ref if t.WhichOneof("body") == "ref" else t.wire
+                    )
+            pending = [s for s in pending if s not in ready]
+        final = values.get(pipeline.output)
+        if final is None:
+            raise Unavailable(f"pipeline {pipeline.name} produced no {pipeline.output}")
+        if isinstance(final, tensor_pb2.WireTensor):
+            out = final
+        else:
+            assert self.buffers is not None
+            view = await self.buffers.view(final)
+            out = await self._copy(lambda v: wire_from_array(to_host(v)), view)
+        return QueryResult(output=out, stages=[times[s.name] for s in pipeline.steps])
+
+    async def _stage(
+        self,
+        pipeline: str,
+        step: StageStep,
+        values: dict[str, Any],
+        lease: str | None,
+        transport: tensor_pb2.Transport.ValueType,
+        query_id: str,
+        deadline_us: int,
+    ) -> tuple[stage_pb2.InferResponse, gateway_pb2.StageTime]:
+        request = stage_pb2.InferRequest(
+            query_id=query_id, pipeline=pipeline, lease_id=lease or "", transport=transport
+        )
+        for name, src in step.inputs:
+            v = values[src]
+            if isinstance(v, tensor_pb2.TensorRef):
+                request.inputs.append(tensor_pb2.Tensor(name=name, ref=v))
+            else:
+                request.inputs.append(tensor_pb2.Tensor(name=name, wire=v))
+        tried: set[str] = set()
+        last: CamelotError | None = None
+        for _ in range(STAGE_ATTEMPTS):
+            remaining_s = (deadline_us - mono_us()) / 1e6
+            if remaining_s <= 0:
+                raise DeadlineExceeded(f"deadline passed before stage {step.name}")
+            try:
+                replica = self.routes.pick(pipeline, step.name, frozenset(tried))
+            except Unavailable:
+                if last is not None:
+                    raise last from None
+                raise
+            tried.add(replica.address)
+            replica.outstanding += 1
+            t0 = mono_us()
+            try:
+                response = await self.call(replica.address, request, remaining_s)
+            except (Unavailable, ResourceExhausted) as e:
+                self.routes.suspect(replica)
+                log.warning(
+                    "stage %s on %s failed (%s); retrying elsewhere",
+                    step.name,
+                    replica.replica_id,
+                    e.code.name,
+                    extra={"request_id": query_id},
+                )
+                last = e
+                continue
+            finally:
+                replica.outstanding -= 1
+            t = response.timings
+            return response, gateway_pb2.StageTime(
+                stage=step.name,
+                rpc_us=mono_us() - t0,
+                queue_us=t.queue_us,
+                batch_wait_us=t.batch_wait_us,
+                compute_us=t.compute_us,
+                replica_id=response.replica_id,
+            )
+        assert last is not None
+        raise last
+
+
+def _fill(view: Any, item: np.ndarray) -> None:
+    """The one host→device copy of a query (a plain memcpy into shared memory on host)."""
+    if hasattr(view, "set"):
+        view.set(np.ascontiguousarray(item))
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+    else:
+        view[...] = item
