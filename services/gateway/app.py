@@ -150,6 +150,8 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             await reports.start()
             stack.push_async_callback(reports.aclose)
         routes = RouteTable()
+        if settings.static_routes:
+            routes.set_static(settings.static_routes)
         channels = StageChannels()
         stack.push_async_callback(channels.close)
         runner = QueryRunner(routes, channels, broker, backend, settings.device)

@@ -31,6 +31,8 @@ class GatewaySettings:
     device: int = 0
     metrics_port: int = 0
     grace_s: float = 10.0
+    # fixed routes, for launchers without a scheduler: (pipeline, stage, replica_id, address)
+    static_routes: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def parse(
@@ -71,7 +73,16 @@ def parse(
     )
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--metrics-port", type=int, default=env.env_int("METRICS_PORT", 0, e))
+    p.add_argument(
+        "--routes",
+        default="",
+        help="fixed routes without a scheduler: pipeline/stage=replica@address,...",
+    )
     a = p.parse_args(argv)
+    try:
+        static = parse_routes(a.routes)
+    except ValueError as err:
+        p.error(str(err))
     for name in ("deadline_qos_multiple", "max_payload_bytes", "max_inflight"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
@@ -92,4 +103,18 @@ def parse(
         max_inflight=a.max_inflight,
         device=a.device,
         metrics_port=a.metrics_port,
+        static_routes=static,
     )
+
+
+def parse_routes(spec: str) -> tuple[tuple[str, str, str, str], ...]:
+    """`pipeline/stage=replica@address,...` into entries; ValueError names the bad one."""
+    out = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        key, _, rest = entry.partition("=")
+        pipeline, _, stage = key.partition("/")
+        replica, _, address = rest.partition("@")
+        if not (pipeline and stage and replica and address):
+            raise ValueError(f"route {entry!r} is not pipeline/stage=replica@address")
+        out.append((pipeline, stage, replica, address))
+    return tuple(out)

@@ -1,0 +1,288 @@
+"""`camelot`: run the local mesh, query it, and look at it.
+
+camelot run [--serve]    start redis, broker, replicas and gateway; send a burst; print a table
+camelot up / down        the same mesh in the background / stop it
+camelot status           pipelines served and their replicas
+camelot query PIPELINE   send one query and print where its time went
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from common import lifecycle
+from common.backend import resolve
+from common.dtypes import wire_from_array
+from common.pipeline_config import list_pipelines, load_pipeline
+from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
+from services.launcher import Mesh, free_port, wait_healthy
+
+DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
+
+
+async def start_mesh(mesh: Mesh, backend: str, size: str, pipelines: list[str]) -> dict[str, Any]:
+    """Starts redis (unless CAMELOT_REDIS_URL is set), broker, one replica per stage, gateway."""
+    redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
+    if not redis_url:
+        port = free_port()
+        mesh.redis(port)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+    sock = str(mesh.run_dir / "broker.sock")
+    broker_port = free_port()
+    broker = mesh.python(
+        "broker", "shmbroker", ["--port", str(broker_port), "--socket", sock, "--backend", backend]
+    )
+    await wait_healthy(f"127.0.0.1:{broker_port}", 60, broker)
+    broker_addr = f"unix:{sock}"
+    replicas = []
+    for name in pipelines:
+        cfg = load_pipeline(name, size)
+        for stage in cfg.stages:
+            rid = f"{name}.{stage.name}.0"
+            rsock = str(mesh.run_dir / f"{rid}.sock")
+            proc = mesh.python(
+                rid,
+                "services.stage",
+                ["--pipeline", name, "--stage", stage.name, "--size", size, "--replica-id", rid,
+                 "--unix", rsock, "--broker", broker_addr, "--redis", redis_url,
+                 "--backend", backend],
+            )  # fmt: skip
+            proc.target = f"unix:{rsock}"
+            replicas.append((name, stage.name, rid, proc))
+    for _, _, _, proc in replicas:
+        await wait_healthy(proc.target, 300, proc)
+    gw_port = int(os.environ.get("CAMELOT_GATEWAY_PORT", "0")) or free_port()
+    routes = [f"{p}/{s}={rid}@{proc.target}" for p, s, rid, proc in replicas]
+    gateway = mesh.python(
+        "gateway",
+        "services.gateway",
+        ["--port", str(gw_port), "--broker", broker_addr, "--redis", redis_url,
+         "--backend", backend, "--size", size, "--routes", ",".join(routes)],
+    )  # fmt: skip
+    await wait_healthy(f"127.0.0.1:{gw_port}", 120, gateway)
+    return {"gateway": f"127.0.0.1:{gw_port}", "redis": redis_url, "broker": broker_addr}
+
+
+async def burst_one(
+    stub: gateway_pb2_grpc.GatewayStub,
+    pipeline: str,
+    inputs: list[tensor_pb2.WireTensor],
+    queries: int,
+    concurrency: int,
+) -> tuple[list[float], dict[str, int], float]:
+    """Latencies (ms), error counts by status, and wall time of `queries` closed-loop queries."""
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                request = gateway_pb2.SubmitRequest(
+                    pipeline=pipeline, input=inputs[i % len(inputs)]
+                )
+                await stub.Submit(request, timeout=60)
+                lat.append((time.perf_counter() - t0) * 1e3)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(queries)))
+    return lat, errors, time.perf_counter() - t0
+
+
+async def burst(
+    target: str, pipelines: list[str], size: str, queries: int, concurrency: int
+) -> list[dict[str, Any]]:
+    """Sends `queries` to each pipeline, `concurrency` at a time; per-pipeline summary rows."""
+    from services.pipelines.runner import make_input
+
+    rows = []
+    async with lifecycle.channel(target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        for name in pipelines:
+            cfg = load_pipeline(name, size)
+            inputs = [wire_from_array(make_input(cfg, seed)) for seed in range(min(queries, 16))]
+            lat, errors, wall = await burst_one(stub, name, inputs, queries, concurrency)
+            rows.append(
+                {
+                    "pipeline": name,
+                    "queries": queries,
+                    "errors": sum(errors.values()),
+                    "error_codes": errors,
+                    "p50_ms": float(np.percentile(lat, 50)) if lat else float("nan"),
+                    "p99_ms": float(np.percentile(lat, 99)) if lat else float("nan"),
+                    "qos_p99_ms": cfg.qos_p99_ms,
+                    "qps": len(lat) / wall if wall > 0 else 0.0,
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'pipeline':<18}{'queries':>8}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'QoS ms':>10}{'':2}{'qps':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ok = "ok" if r["p99_ms"] <= r["qos_p99_ms"] else "!!"
+        print(
+            f"{r['pipeline']:<18}{r['queries']:>8}{r['errors']:>8}{r['p50_ms']:>10.2f}"
+            f"{r['p99_ms']:>10.2f}{r['qos_p99_ms']:>10.1f}{ok:>2}{r['qps']:>8.1f}"
+        )
+        if r["errors"]:
+            print(f"{'':<18}error codes: {r['error_codes']}")
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    backend = resolve(args.backend).value
+    pipelines = args.pipeline or list_pipelines()
+    mesh = Mesh(Path(args.run_dir))
+    print(f"camelot: starting the mesh on backend {backend}, size {args.size}")
+    print(f"camelot: logs in {mesh.run_dir}/logs")
+    try:
+        info = await start_mesh(mesh, backend, args.size, pipelines)
+        print(f"camelot: gateway on {info['gateway']}, redis {info['redis']}")
+        rows = await burst(info["gateway"], pipelines, args.size, args.queries, args.concurrency)
+        print_table(rows)
+        if args.serve:
+            print("camelot: serving; Ctrl-C to stop")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            (mesh.run_dir / "mesh.json").write_text(
+                json.dumps({**info, "pids": [p.pid for p in mesh.procs]})
+            )
+            await stop.wait()
+        return 1 if any(r["errors"] for r in rows) else 0
+    finally:
+        await mesh.stop_all()
+        print("camelot: stopped")
+
+
+async def cmd_query(args: argparse.Namespace) -> int:
+    from services.pipelines.runner import make_input
+
+    cfg = load_pipeline(args.pipeline, args.size)
+    item = make_input(cfg, args.seed)
+    async with lifecycle.channel(args.target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        r = await stub.Submit(
+            gateway_pb2.SubmitRequest(
+                pipeline=args.pipeline,
+                input=wire_from_array(item),
+                transport=tensor_pb2.TRANSPORT_WIRE
+                if args.transport == "wire"
+                else tensor_pb2.TRANSPORT_REF,
+            ),
+            timeout=args.timeout,
+        )
+    print(f"query {r.query_id}: {r.e2e_us / 1e3:.2f} ms end to end, plan epoch {r.plan_epoch}")
+    for s in r.stages:
+        print(
+            f"  {s.stage:<16} rpc {s.rpc_us / 1e3:8.2f} ms  queue {s.queue_us / 1e3:7.2f}  "
+            f"batch-wait {s.batch_wait_us / 1e3:7.2f}  compute {s.compute_us / 1e3:7.2f}  "
+            f"on {s.replica_id}"
+        )
+    print(f"  output: dtype {tensor_pb2.DType.Name(r.output.dtype)} shape {list(r.output.shape)}")
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with lifecycle.channel(args.target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
+    for p in listing.pipelines:
+        print(f"{p.name:<18} QoS p99 {p.qos_p99_ms:8.1f} ms   stages: {' -> '.join(p.stages)}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "services.cli", "run", "--serve", "--run-dir", str(run_dir),
+            "--backend", args.backend, "--size", args.size, "--queries", "4"]  # fmt: skip
+    import subprocess
+
+    with open(run_dir / "camelot.log", "ab") as log:
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    (run_dir / "camelot.pid").write_text(str(p.pid))
+    print(f"camelot: mesh starting in the background (pid {p.pid}); log {run_dir / 'camelot.log'}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    pid_file = Path(args.run_dir) / "camelot.pid"
+    if not pid_file.exists():
+        print("camelot: no mesh is up", file=sys.stderr)
+        return 1
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"camelot: pid {pid} is gone")
+    pid_file.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="camelot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "up"):
+        s = sub.add_parser(name)
+        s.add_argument(
+            "--backend",
+            default=os.environ.get("CAMELOT_BACKEND", "auto"),
+            choices=("auto", "host", "cuda"),
+        )
+        s.add_argument(
+            "--size", default=os.environ.get("CAMELOT_SIZE", "tiny"), choices=("tiny", "full")
+        )
+        s.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+        s.add_argument("--queries", type=int, default=32)
+        s.add_argument("--concurrency", type=int, default=4)
+        s.add_argument("--pipeline", action="append", help="only these pipelines (repeatable)")
+        s.add_argument("--serve", action="store_true", help="keep the mesh up after the burst")
+    d = sub.add_parser("down")
+    d.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    for name in ("status", "query"):
+        s = sub.add_parser(name)
+        s.add_argument(
+            "--target", default=os.environ.get("CAMELOT_GATEWAY_ADDR", "127.0.0.1:50052")
+        )
+        if name == "query":
+            s.add_argument("pipeline")
+            s.add_argument(
+                "--size", default=os.environ.get("CAMELOT_SIZE", "tiny"), choices=("tiny", "full")
+            )
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--transport", default="ref", choices=("ref", "wire"))
+            s.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    if args.cmd == "up":
+        sys.exit(cmd_up(args))
+    if args.cmd == "down":
+        sys.exit(cmd_down(args))
+    handler = {"run": cmd_run, "query": cmd_query, "status": cmd_status}[args.cmd]
+    sys.exit(asyncio.run(handler(args)))
+
+
+if __name__ == "__main__":
+    main()

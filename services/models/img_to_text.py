@@ -1,0 +1,158 @@
+"""img-to-text: preprocess -> CNN encoder -> greedy transformer caption decoder.
+
+image uint8 (H, W, 3) -> preprocess -> image (3, S, S) -> encoder -> features (T, d)
+                      -> decoder -> tokens int32 (max_len,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from services.models import layers as L
+from services.models.base import ReferenceModel, divisible, positive, spec
+from services.models.base import channels as channel_list
+from services.models.blocks import Dense, Norm, ResNet, TransformerBlock, image_to_float
+from services.stage.plugin import ModelContext
+
+BOS = 1
+
+
+class Preprocess(ReferenceModel):
+    """uint8 HWC image -> normalised float CHW, bilinear resize to out_size × out_size."""
+
+    def __init__(self, ctx: ModelContext, in_size: Sequence[int], out_size: int) -> None:
+        super().__init__(ctx, "img-to-text/preprocess")
+        h, w = (positive("in_size", v) for v in in_size)
+        self.out_size = positive("out_size", out_size)
+        self.inputs = [spec("image", np.uint8, (h, w, 3))]
+        self.outputs = [spec("image", self.dtype, (3, out_size, out_size))]
+
+    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        x = image_to_float(batch["image"], np.dtype(np.float32))
+        x = L.resize_bilinear(x, self.out_size, self.out_size)
+        return {"image": x.astype(self.dtype)}
+
+
+class Encoder(ReferenceModel):
+    """ResNet-ish backbone; the final feature map's cells become tokens projected to d_model."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        image_size: int,
+        widths: Sequence[int],
+        blocks: int,
+        stem_kernel: int,
+        stem_stride: int,
+        stem_pool: bool,
+        d_model: int,
+    ) -> None:
+        super().__init__(ctx, "img-to-text/encoder")
+        self.net = ResNet(self.init, 3, widths, blocks, stem_kernel, stem_stride, stem_pool)
+        self.proj, self.norm = (
+            Dense(self.init, self.net.out_channels, d_model),
+            Norm(self.init, d_model),
+        )
+        side = self.net.out_size(image_size)
+        self.inputs = [spec("image", self.dtype, (3, image_size, image_size))]
+        self.outputs = [spec("features", self.dtype, (side * side, d_model))]
+
+    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        fmap = self.net(batch["image"])
+        n, c = fmap.shape[:2]
+        tokens = fmap.reshape(n, c, -1).transpose(0, 2, 1)
+        return {"features": self.norm(self.proj(tokens))}
+
+
+class Decoder(ReferenceModel):
+    """Greedy decoding of max_len tokens from BOS, cross-attending to the image features.
+
+    The prefix grows by one token per step (no KV cache for self-attention); the image's keys and
+    values are computed once per layer."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        context_tokens: int,
+        d_model: int,
+        heads: int,
+        layers: int,
+        vocab: int,
+        max_len: int,
+    ) -> None:
+        super().__init__(ctx, "img-to-text/decoder")
+        divisible(d_model, heads)
+        self.max_len = max_len
+        self.embed = self.init.normal((vocab, d_model), 1.0)
+        self.pos = self.init.host(L.sinusoidal_positions(max_len + 1, d_model))
+        self.blocks = [
+            TransformerBlock(self.init, d_model, heads, cross=True) for _ in range(layers)
+        ]
+        self.norm, self.head = Norm(self.init, d_model), Dense(self.init, d_model, vocab)
+        self.inputs = [spec("features", self.dtype, (context_tokens, d_model))]
+        self.outputs = [spec("tokens", np.int32, (max_len,))]
+
+    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        xp = self.xp
+        features = batch["features"]
+        n = features.shape[0]
+        kvs = [block.cross[1].kv(block.cross[0](features)) for block in self.blocks if block.cross]
+        seq = xp.full((n, self.max_len + 1), BOS, dtype=np.int32)
+        for t in range(self.max_len):
+            x = L.embedding(seq[:, : t + 1], self.embed) + self.pos[: t + 1]
+            for block, kv in zip(self.blocks, kvs, strict=True):
+                x = block(x, causal=True, context_kv=kv)
+            logits = self.head(self.norm(x[:, -1]))
+            seq[:, t + 1] = xp.argmax(logits, axis=-1).astype(np.int32)
+        return {"tokens": seq[:, 1:].copy()}
+
+
+def preprocess(
+    ctx: ModelContext, in_size: Sequence[int] = (40, 40), out_size: int = 32
+) -> Preprocess:
+    return Preprocess(ctx, in_size, out_size)
+
+
+def encoder(
+    ctx: ModelContext,
+    image_size: int = 32,
+    channels: Sequence[int] = (8, 16),
+    blocks: int = 1,
+    stem_kernel: int = 3,
+    stem_stride: int = 2,
+    stem_pool: bool = False,
+    d_model: int = 32,
+) -> Encoder:
+    return Encoder(
+        ctx,
+        positive("image_size", image_size),
+        channel_list("channels", channels),
+        positive("blocks", blocks),
+        positive("stem_kernel", stem_kernel),
+        positive("stem_stride", stem_stride),
+        bool(stem_pool),
+        positive("d_model", d_model),
+    )
+
+
+def decoder(
+    ctx: ModelContext,
+    context_tokens: int = 64,
+    d_model: int = 32,
+    heads: int = 2,
+    layers: int = 1,
+    vocab: int = 64,
+    max_len: int = 8,
+) -> Decoder:
+    return Decoder(
+        ctx,
+        positive("context_tokens", context_tokens),
+        positive("d_model", d_model),
+        positive("heads", heads),
+        positive("layers", layers),
+        positive("vocab", vocab),
+        positive("max_len", max_len),
+    )
