@@ -13,6 +13,7 @@ that in-process on port 0) and hands it to `run_until_signalled` from `serve()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -99,9 +100,22 @@ async def run_until_signalled(
     await server.start()
     await health_.set(False)
     if warm_up is not None:
-        await warm_up()
-    await health_.set(True)
-    log.info("serving")
+        # A signal during warm-up stops the process at once instead of after it.
+        warm = asyncio.ensure_future(warm_up())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((warm, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not warm.done():
+            warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm
+            await server.stop(0)
+            log.info("stopped during warm-up")
+            return
+        stopped.cancel()
+        warm.result()
+    if not stop.is_set():
+        await health_.set(True)
+        log.info("serving")
     await stop.wait()
     await health_.set(False)
     if on_stop is not None:

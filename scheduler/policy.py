@@ -16,6 +16,9 @@ from typing import Any, Protocol
 @dataclass(frozen=True)
 class StageInfo:
     name: str
+    # batching defaults from the pipeline config (policies may choose other batch sizes)
+    max_batch: int = 1
+    max_wait_us: int = 2000
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ import enum
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from common.errors import FailedPrecondition, InvalidArgument
 from protos import agent_pb2, plan_pb2
 
-ShareMode = plan_pb2.ShareMode.ValueType
+ShareMode: TypeAlias = plan_pb2.ShareMode.ValueType
 MPS = plan_pb2.SHARE_MODE_MPS
 GREEN = plan_pb2.SHARE_MODE_GREEN
 NONE = plan_pb2.SHARE_MODE_NONE
@@ -90,8 +91,8 @@ def validate(assignment: agent_pb2.Assignment, shape: NodeShape, applied_epoch: 
         if plan.node and plan.node != shape.node:
             raise InvalidArgument(f"replica {rid!r} is planned for node {plan.node!r}")
         _check_gpu(rid, plan.gpu, shape)
-        if plan.max_batch < 1:
-            raise InvalidArgument(f"replica {rid!r}: max_batch {plan.max_batch} must be >= 1")
+        if plan.max_batch < 0:
+            raise InvalidArgument(f"replica {rid!r}: max_batch {plan.max_batch} must be >= 0")
         if plan.max_wait_us < 0:
             raise InvalidArgument(f"replica {rid!r}: max_wait_us {plan.max_wait_us} must be >= 0")
         mode = effective_mode(plan, shape.mode)

@@ -14,11 +14,14 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 
 log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 COMMAND_TIMEOUT_S = 10.0
+# heartbeats ask every second; asking the daemon that often is needless
+RUNNING_CACHE_S = 10.0
 
 
 class MpsError(RuntimeError):
@@ -31,6 +34,8 @@ class MpsDaemon:
         self.pipe_dir = pipe_dir
         self.log_dir = log_dir
         self.owned = False
+        self._checked_at: float | None = None
+        self._running = False
 
     @property
     def enabled(self) -> bool:
@@ -64,9 +69,17 @@ class MpsDaemon:
             raise MpsError(f"{CONTROL} {' '.join(args)} did not answer") from None
         return int(proc.returncode or 0), out.decode(errors="replace").strip()
 
-    async def running(self) -> bool:
-        """Whether a control daemon answers on the pipe directory."""
-        if not self.enabled or not os.path.exists(os.path.join(self.pipe_dir, "control")):
+    async def running(self, fresh: bool = False) -> bool:
+        """Whether a control daemon answers on the pipe directory (cached for RUNNING_CACHE_S)."""
+        now = time.monotonic()
+        if fresh or self._checked_at is None or now - self._checked_at >= RUNNING_CACHE_S:
+            self._running = await self._ask_running()
+            self._checked_at = now
+        return self._running
+
+    async def _ask_running(self) -> bool:
+        control = os.path.join(self.pipe_dir, "control")
+        if not self.enabled or not await asyncio.to_thread(os.path.exists, control):
             return False
         try:
             rc, _ = await self._control("get_server_list")
@@ -77,7 +90,7 @@ class MpsDaemon:
     async def start(self) -> None:
         if not self.enabled:
             return
-        if await self.running():
+        if await self.running(fresh=True):
             log.info("MPS control daemon already running on %s", self.pipe_dir)
             return
         if self.mode == "external":
@@ -88,6 +101,7 @@ class MpsDaemon:
         if rc != 0:
             raise MpsError(f"{CONTROL} -d failed (rc {rc}): {out}")
         self.owned = True
+        self._checked_at = None
         log.info("MPS control daemon started (pipes %s, logs %s)", self.pipe_dir, self.log_dir)
 
     async def stop(self) -> None:
@@ -102,3 +116,4 @@ class MpsDaemon:
         except MpsError as e:
             log.warning("MPS quit failed: %s", e)
         self.owned = False
+        self._checked_at = None

@@ -57,14 +57,18 @@ class StageClient:
 
     async def resize(self, groups: Sequence[int], timeout_s: float) -> stage_pb2.ResizeResponse:
         try:
-            return await self._stage.Resize(
+            reply: stage_pb2.ResizeResponse = await self._stage.Resize(
                 stage_pb2.ResizeRequest(sm_groups=list(groups)), timeout=timeout_s
             )
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from e
+        return reply
 
     async def describe(self, timeout_s: float) -> stage_pb2.DescribeStageResponse:
         try:
-            return await self._stage.Describe(stage_pb2.DescribeStageRequest(), timeout=timeout_s)
+            described: stage_pb2.DescribeStageResponse = await self._stage.Describe(
+                stage_pb2.DescribeStageRequest(), timeout=timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from e
+        return described

@@ -60,6 +60,15 @@ class StageChannels:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from e
 
+    async def describe(self, address: str) -> stage_pb2.DescribeStageResponse:
+        try:
+            response: stage_pb2.DescribeStageResponse = await self.stub(address).Describe(
+                stage_pb2.DescribeStageRequest(), timeout=5.0
+            )
+            return response
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+
     async def close(self) -> None:
         for ch, _ in self._stubs.values():
             await ch.close()
@@ -154,7 +163,9 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             routes.set_static(settings.static_routes)
         channels = StageChannels()
         stack.push_async_callback(channels.close)
-        runner = QueryRunner(routes, channels, broker, backend, settings.device)
+        runner = QueryRunner(
+            routes, channels, broker, backend, settings.device, describe=channels.describe
+        )
         stack.callback(runner.close)
         if settings.scheduler:
             stop = asyncio.Event()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ import numpy as np
 
 from common.backend import Backend, to_host
 from common.clock import mono_us
-from common.dtypes import wire_from_array
+from common.dtypes import to_numpy, wire_from_array
 from common.errors import (
     CamelotError,
     DeadlineExceeded,
@@ -45,12 +45,20 @@ class StageCaller(Protocol):
     ) -> stage_pb2.InferResponse: ...
 
 
+class Describer(Protocol):
+    async def __call__(self, address: str) -> stage_pb2.DescribeStageResponse: ...
+
+
 class Buffers(Protocol):
     """What the gateway needs of the broker client."""
 
     async def open_lease(
         self, pool: str = "default", ttl_s: float = 0.0, label: str = ""
     ) -> str: ...
+
+    async def allocate(
+        self, items: list[tuple[str, Any, tuple[int, ...]]], device: int = 0
+    ) -> list[tensor_pb2.TensorRef]: ...
 
     async def alloc_array(
         self, lease_id: str, dtype: Any, shape: tuple[int, ...], device: int = 0
@@ -91,9 +99,15 @@ class QueryRunner:
         buffers: Buffers | None,
         backend: Backend,
         device: int = 0,
+        describe: Describer | None = None,
     ) -> None:
         self.routes = routes
         self.call = call
+        self.describe = describe
+        # (pipeline, stage) -> output specs (name, dtype, shape), learned from a replica
+        self.output_specs: dict[
+            tuple[str, str], list[tuple[str, np.dtype[Any], tuple[int, ...]]]
+        ] = {}
         self.buffers = buffers
         self.backend = backend
         self.device = device
@@ -105,6 +119,27 @@ class QueryRunner:
 
     async def _copy(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
+
+    async def _specs(
+        self, pipeline: PipelineRoute
+    ) -> dict[str, list[tuple[str, np.dtype[Any], tuple[int, ...]]]] | None:
+        """Every stage's output specs, asked once of a replica; None if some stage has none up."""
+        out = {}
+        for step in pipeline.steps:
+            key = (pipeline.name, step.name)
+            if key not in self.output_specs:
+                if self.describe is None:
+                    return None
+                try:
+                    replica = self.routes.pick(pipeline.name, step.name)
+                    d = await self.describe(replica.address)
+                except CamelotError:
+                    return None
+                self.output_specs[key] = [
+                    (o.name, to_numpy(o.dtype), tuple(o.shape)) for o in d.outputs
+                ]
+            out[step.name] = self.output_specs[key]
+        return out
 
     async def run(
         self,
@@ -143,8 +178,10 @@ class QueryRunner:
         transport: tensor_pb2.Transport.ValueType,
         query_id: str,
         deadline_us: int,
+        outputs: dict[str, list[tensor_pb2.Tensor]] | None = None,
     ) -> QueryResult:
         values: dict[str, tensor_pb2.TensorRef | tensor_pb2.WireTensor] = {"input": first}
+        outputs = outputs or {}
         times: dict[str, gateway_pb2.StageTime] = {}
         pending = list(pipeline.steps)
         while pending:
@@ -155,7 +192,16 @@ class QueryRunner:
                 )
             results = await asyncio.gather(
                 *(
-                    self._stage(pipeline.name, s, values, lease, transport, query_id, deadline_us)
+                    self._stage(
+                        pipeline.name,
+                        s,
+                        values,
+                        lease,
+                        transport,
+                        query_id,
+                        deadline_us,
+                        outputs.get(s.name, ()),
+                    )  # fmt: skip
                     for s in ready
                 )
             )
@@ -186,9 +232,14 @@ class QueryRunner:
         transport: tensor_pb2.Transport.ValueType,
         query_id: str,
         deadline_us: int,
+        outputs: Sequence[tensor_pb2.Tensor] = (),
     ) -> tuple[stage_pb2.InferResponse, gateway_pb2.StageTime]:
         request = stage_pb2.InferRequest(
-            query_id=query_id, pipeline=pipeline, lease_id=lease or "", transport=transport
+            query_id=query_id,
+            pipeline=pipeline,
+            lease_id=lease or "",
+            transport=transport,
+            outputs=outputs,
         )
         for name, src in step.inputs:
             v = values[src]

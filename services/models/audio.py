@@ -31,7 +31,8 @@ def mel_filterbank(
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (bins[None, :] - lo) / (mid - lo)
     down = (hi - bins[None, :]) / (hi - mid)
-    return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
+    filters: np.ndarray = np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
+    return filters
 
 
 def hann(n: int) -> np.ndarray:
@@ -59,3 +60,11 @@ def log_mel(wave: Array, n_fft: int, hop: int, window: Array, filters: Array) ->
     spec = xp.fft.rfft(frames(wave.astype(np.float32), n_fft, hop) * window, axis=-1)
     power = (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32)
     return xp.log(power @ filters.T + np.float32(LOG_FLOOR))
+
+
+def normalize(features: Array, eps: float = 1e-5) -> Array:
+    """Per-utterance mean and variance normalisation of (n, T, F) over time, per bin (CMVN)."""
+    xp = namespace(features)
+    mean = features.mean(axis=1, keepdims=True)
+    std = xp.sqrt(((features - mean) ** 2).mean(axis=1, keepdims=True) + np.float32(eps))
+    return (features - mean) / std

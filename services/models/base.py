@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,8 @@ def divisible(d: int, heads: int) -> None:
 
 
 class ReferenceModel:
-    """Base of the reference plug-ins: per-item specs and an initialiser named after the model."""
+    """Base of the reference plug-ins: per-item specs, an initialiser named after the model, and
+    `infer` = `forward` with C-contiguous outputs (stages copy them into buffers as they are)."""
 
     inputs: list[Spec]
     outputs: list[Spec]
@@ -45,3 +46,9 @@ class ReferenceModel:
         self.xp = ctx.xp
         self.dtype = np.dtype(ctx.compute_dtype)
         self.init = Init(ctx, name)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: self.xp.ascontiguousarray(v) for k, v in self.forward(batch).items()}

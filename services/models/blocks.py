@@ -51,8 +51,11 @@ class Norm:
 class Attention:
     """Multi-head attention with its four projections; keys/values may come from a context."""
 
-    def __init__(self, init: Init, d: int, heads: int) -> None:
-        self.q, self.k, self.v, self.o = (Dense(init, d, d) for _ in range(4))
+    def __init__(self, init: Init, d: int, heads: int, sharpness: float = 1.0) -> None:
+        # sharpness > 1 scales the query weights: random weights otherwise give near-uniform
+        # attention that averages the context away
+        self.q = Dense(init, d, d, gain=sharpness**2)
+        self.k, self.v, self.o = (Dense(init, d, d) for _ in range(3))
         self.heads = heads
 
     def kv(self, context: Array) -> tuple[Array, Array]:
@@ -70,7 +73,7 @@ class TransformerBlock:
 
     def __init__(self, init: Init, d: int, heads: int, cross: bool = False, mlp: int = 4) -> None:
         self.n1, self.attn = Norm(init, d), Attention(init, d, heads)
-        self.cross = (Norm(init, d), Attention(init, d, heads)) if cross else None
+        self.cross = (Norm(init, d), Attention(init, d, heads, sharpness=4.0)) if cross else None
         self.n3, self.up, self.down = (
             Norm(init, d),
             Dense(init, d, mlp * d),

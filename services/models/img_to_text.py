@@ -30,7 +30,7 @@ class Preprocess(ReferenceModel):
         self.inputs = [spec("image", np.uint8, (h, w, 3))]
         self.outputs = [spec("image", self.dtype, (3, out_size, out_size))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         x = image_to_float(batch["image"], np.dtype(np.float32))
         x = L.resize_bilinear(x, self.out_size, self.out_size)
         return {"image": x.astype(self.dtype)}
@@ -60,11 +60,14 @@ class Encoder(ReferenceModel):
         self.inputs = [spec("image", self.dtype, (3, image_size, image_size))]
         self.outputs = [spec("features", self.dtype, (side * side, d_model))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         fmap = self.net(batch["image"])
         n, c = fmap.shape[:2]
-        tokens = fmap.reshape(n, c, -1).transpose(0, 2, 1)
-        return {"features": self.norm(self.proj(tokens))}
+        tokens = self.proj(fmap.reshape(n, c, -1).transpose(0, 2, 1))
+        # centred over the image's tokens so the decoder sees what differs between regions,
+        # not the common mode of random ReLU features
+        tokens = tokens - tokens.astype(np.float32).mean(axis=1, keepdims=True).astype(self.dtype)
+        return {"features": self.norm(tokens)}
 
 
 class Decoder(ReferenceModel):
@@ -95,7 +98,7 @@ class Decoder(ReferenceModel):
         self.inputs = [spec("features", self.dtype, (context_tokens, d_model))]
         self.outputs = [spec("tokens", np.int32, (max_len,))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         xp = self.xp
         features = batch["features"]
         n = features.shape[0]

@@ -1,7 +1,7 @@
 """speech-to-text: log-mel features -> acoustic model -> CTC greedy decode.
 
-    waveform float32 (samples,) -> features -> mel (T, n_mels) -> acoustic -> logits (T', V)
-                                -> ctc_decode -> tokens int32 (T',), padded with -1
+waveform float32 (samples,) -> features -> mel (T, n_mels) -> acoustic -> logits (T', V)
+                            -> ctc_decode -> tokens int32 (T',), padded with -1
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class Features(ReferenceModel):
         self.inputs = [spec("waveform", np.float32, (samples,))]
         self.outputs = [spec("mel", self.dtype, (frames, n_mels))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         mel = audio.log_mel(batch["waveform"], self.n_fft, self.hop, self.window, self.filters)
-        return {"mel": mel.astype(self.dtype)}
+        return {"mel": audio.normalize(mel).astype(self.dtype)}
 
 
 class Acoustic(ReferenceModel):
@@ -66,13 +66,16 @@ class Acoustic(ReferenceModel):
         self.inputs = [spec("mel", self.dtype, (frames, n_mels))]
         self.outputs = [spec("logits", self.dtype, (t_out, vocab))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         mel = batch["mel"]
         x = L.relu(self.c2(L.relu(self.c1(mel[:, None]))))  # (n, c, t', f')
         n, c, t, f = x.shape
         x = self.proj(x.transpose(0, 2, 1, 3).reshape(n, t, c * f)) + self.pos
         for block in self.blocks:
             x = block(x)
+        # centring over time removes the common mode random weights put on every frame, which
+        # would otherwise decide the argmax (per utterance, so batch-independent)
+        x = x - x.astype(np.float32).mean(axis=1, keepdims=True).astype(x.dtype)
         return {"logits": self.head(self.norm(x))}
 
 
@@ -84,7 +87,7 @@ class CtcDecode(ReferenceModel):
         self.inputs = [spec("logits", self.dtype, (frames, vocab))]
         self.outputs = [spec("tokens", np.int32, (frames,))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {"tokens": ctc_greedy(batch["logits"])}
 
 
@@ -110,7 +113,7 @@ def _quarter(size: int) -> int:
 
 def features(
     ctx: ModelContext,
-    samples: int = 2048,
+    samples: int = 4096,
     sample_rate: int = 16000,
     n_fft: int = 256,
     hop: int = 128,
@@ -127,7 +130,7 @@ def features(
 
 def acoustic(
     ctx: ModelContext,
-    frames: int = 15,
+    frames: int = 31,
     n_mels: int = 32,
     conv_width: int = 8,
     d_model: int = 32,

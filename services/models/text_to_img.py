@@ -1,7 +1,7 @@
 """text-to-img: text encoder -> image generator -> ×2 super-resolution.
 
-    tokens int32 (L,) -> text_encoder -> text (L, d) -> generator -> image (3, S, S) in [-1, 1]
-                      -> super_resolution -> image uint8 (2S, 2S, 3)
+tokens int32 (L,) -> text_encoder -> text (L, d) -> generator -> image (3, S, S) in [-1, 1]
+                  -> super_resolution -> image uint8 (2S, 2S, 3)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class TextEncoder(ReferenceModel):
         self.inputs = [spec("tokens", np.int32, (length,))]
         self.outputs = [spec("text", self.dtype, (length, d_model))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         x = L.embedding(batch["tokens"], self.embed) + self.pos
         for block in self.blocks:
             x = block(x)
@@ -65,7 +65,7 @@ class Generator(ReferenceModel):
         self.inputs = [spec("text", self.dtype, (length, d_model))]
         self.outputs = [spec("image", self.dtype, (3, side, side))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         text = batch["text"]
         pooled = text.astype(np.float32).mean(axis=1).astype(self.dtype)
         x = L.relu(self.latent(pooled)).reshape(-1, self.c0, self.base, self.base)
@@ -86,14 +86,14 @@ class SuperResolution(ReferenceModel):
         self.inputs = [spec("image", self.dtype, (3, size, size))]
         self.outputs = [spec("image", np.uint8, (2 * size, 2 * size, 3))]
 
-    def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         xp = self.xp
         x = batch["image"]
         y = L.upsample_bilinear2x(L.relu(self.c1(x)))
         y = self.c3(L.relu(self.c2(y))) + L.upsample_bilinear2x(x)
         pixels = (y.astype(np.float32) + 1) * np.float32(127.5)
         image = xp.rint(xp.clip(pixels, 0, 255)).astype(np.uint8)
-        return {"image": xp.ascontiguousarray(image.transpose(0, 2, 3, 1))}
+        return {"image": image.transpose(0, 2, 3, 1)}
 
 
 def text_encoder(

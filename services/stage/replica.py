@@ -54,6 +54,9 @@ class Request:
     inputs: dict[str, Any]
     wire_out: bool
     deadline_us: int | None = None
+    # output buffers the caller allocated (refs and their views), in model output order
+    out_refs: list[tensor_pb2.TensorRef] | None = None
+    out_views: list[Any] | None = None
 
 
 @dataclass
@@ -260,10 +263,11 @@ class Replica:
 
     async def _run_batch(self, items: list[Item]) -> None:
         requests: list[Request] = [i.payload for i in items]
-        ref_rows = [n for n, r in enumerate(requests) if not r.wire_out]
+        # rows that need output buffers from the broker (ref transport, none given by the caller)
+        need = [n for n, r in enumerate(requests) if not r.wire_out and r.out_refs is None]
         alloc: asyncio.Task[Any] | None = None
-        if ref_rows:
-            alloc = asyncio.create_task(self._allocate_outputs([requests[n] for n in ref_rows]))
+        if need:
+            alloc = asyncio.create_task(self._allocate_outputs([requests[n] for n in need]))
         t0 = mono_us()
         try:
             out = await self._on_gpu(self._compute_sync, requests)
@@ -271,19 +275,24 @@ class Replica:
             if alloc is not None:
                 alloc.cancel()
             raise
-        outputs: dict[int, list[tensor_pb2.Tensor]] = {}
         if alloc is not None:
-            allocated = await alloc
-            ok_rows, ok_views, ok_refs = [], [], []
-            for n, refs in zip(ref_rows, allocated, strict=True):
+            for n, refs in zip(need, await alloc, strict=True):
                 if isinstance(refs, Exception):
                     items[n].future.set_exception(refs)
                     continue
-                ok_rows.append(n)
-                ok_refs.append(refs)
-                ok_views.append([await self.buffers.view(ref) for ref in refs])  # type: ignore[union-attr]
-            await self._on_gpu(self._scatter_sync, out, ok_views, ok_rows)
-            for n, refs in zip(ok_rows, ok_refs, strict=True):
+                requests[n].out_refs = refs
+                requests[n].out_views = [await self.buffers.view(ref) for ref in refs]  # type: ignore[union-attr]
+        outputs: dict[int, list[tensor_pb2.Tensor]] = {}
+        ref_rows = [
+            n
+            for n, r in enumerate(requests)
+            if not r.wire_out and r.out_views is not None and not items[n].future.done()
+        ]
+        if ref_rows:
+            views = [requests[n].out_views for n in ref_rows]
+            await self._on_gpu(self._scatter_sync, out, views, ref_rows)
+            for n in ref_rows:
+                refs = requests[n].out_refs or []
                 outputs[n] = [
                     tensor_pb2.Tensor(name=s.name, ref=ref)
                     for s, ref in zip(self.model.outputs, refs, strict=True)

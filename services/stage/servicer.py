@@ -8,10 +8,10 @@ import grpc
 
 from common.backend import Backend
 from common.clock import mono_us
-from common.dtypes import array_from_wire, from_numpy
+from common.dtypes import array_from_wire, from_numpy, to_numpy
 from common.errors import InvalidArgument, PermissionDenied, grpc_errors
 from protos import stage_pb2, stage_pb2_grpc, tensor_pb2
-from services.stage.replica import Replica, Request
+from services.stage.replica import Replica, Request, check_inputs
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
@@ -39,6 +39,30 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             return host
         raise InvalidArgument(f"input {t.name!r} has neither a ref nor bytes")
 
+    async def _outputs(
+        self, request: stage_pb2.InferRequest, wire_out: bool
+    ) -> tuple[list[tensor_pb2.TensorRef] | None, list[Any] | None]:
+        """Checks caller-allocated output buffers against the model's output specs."""
+        if not request.outputs:
+            return None, None
+        if wire_out:
+            raise InvalidArgument("output buffers were given but the transport is wire")
+        given = {t.name: t for t in request.outputs}
+        specs = self.replica.model.outputs
+        if sorted(given) != sorted(s.name for s in specs) or len(given) != len(request.outputs):
+            raise InvalidArgument(
+                f"output buffers {sorted(given)} do not match the outputs {[s.name for s in specs]}"
+            )
+        refs, views = [], []
+        for spec in specs:
+            t = given[spec.name]
+            if t.WhichOneof("body") != "ref":
+                raise InvalidArgument(f"output buffer {spec.name!r} is not a ref")
+            check_inputs([spec], {spec.name: (to_numpy(t.ref.dtype), tuple(t.ref.shape))})
+            refs.append(t.ref)
+            views.append(await self._input(t, request.lease_id))
+        return refs, views
+
     @grpc_errors
     async def Infer(
         self, request: stage_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -50,6 +74,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if len(set(names)) != len(names):
             raise InvalidArgument(f"duplicate input names in {names}")
         inputs = {t.name: await self._input(t, request.lease_id) for t in request.inputs}
+        out_refs, out_views = await self._outputs(request, wire_out)
         remaining = context.time_remaining()
         deadline_us = None if remaining is None else mono_us() + int(remaining * 1e6)
         result = await self.replica.infer(
@@ -60,6 +85,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 inputs=inputs,
                 wire_out=wire_out,
                 deadline_us=deadline_us,
+                out_refs=out_refs,
+                out_views=out_views,
             )
         )
         return stage_pb2.InferResponse(

@@ -1,0 +1,174 @@
+"""python -m loadgen.experiments peak-load|low-load|diurnal --target HOST:PORT [...]
+
+    peak-load --mix M --policies max-load,even,exclusive   highest rate with p99 <= QoS per policy
+    low-load  --mix M --rate R --policies min-resource,even SM share x time at a fixed rate
+    diurnal   --mix M --policy min-resource --min-qps 5 --max-qps 50 --duration-s 600
+
+Policies are switched through the scheduler's Admin API (--admin HOST:PORT, token from --token or
+CAMELOT_ADMIN_TOKEN); --no-admin runs against whatever plan is in force, each "policy" then only a
+label. Results go to <out-dir>/<name>.json and .md, with PNG plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from common.backend import cuda_available
+from loadgen import traces
+from loadgen.experiments.admin import AdminClient
+from loadgen.experiments.runs import Harness, Outcome, diurnal, low_load, peak_load
+from loadgen.experiments.search import SearchConfig
+from loadgen.inputs import parse_mix, uniform_mix
+from loadgen.results import module_command, write_result
+
+CAMELOT_DEFAULT = {"peak-load": "max-load", "low-load": "min-resource", "diurnal": "min-resource"}
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", required=True, help="gateway host:port")
+    common.add_argument("--admin", default="", help="scheduler Admin API host:port")
+    common.add_argument("--token", default="", help="Admin bearer token (or CAMELOT_ADMIN_TOKEN)")
+    common.add_argument("--no-admin", action="store_true", help="leave the plan as it is")
+    common.add_argument("--mix", action="append", default=[], help="[label:]p1=w1,p2=w2 (repeat)")
+    common.add_argument("--trial-s", type=float, default=10.0)
+    common.add_argument("--warmup-s", type=float, default=1.0, help="per trial, not measured")
+    common.add_argument("--gap-s", type=float, default=1.0, help="pause after each trial")
+    common.add_argument("--settle-s", type=float, default=60.0, help="wait for a new plan")
+    common.add_argument("--arrivals", choices=[a.value for a in traces.Arrivals], default="poisson")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--deadline-s", type=float, default=5.0, help="per request")
+    common.add_argument("--qos-ms", type=float, default=None, help="override every pipeline's QoS")
+    common.add_argument("--max-error-frac", type=float, default=0.01)
+    common.add_argument("--transport", choices=["default", "ref", "wire"], default="default")
+    common.add_argument("--camelot-policy", default="", help="the policy compared to the rest")
+    common.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
+    common.add_argument("--out-dir", default="docs/results")
+    common.add_argument("--name", default="", help="result name (default: the experiment's)")
+    common.add_argument("--sample-s", type=float, default=0.5, help="SM share sampling period")
+
+    p = argparse.ArgumentParser(prog="python -m loadgen.experiments", description=__doc__)
+    sub = p.add_subparsers(dest="experiment", required=True)
+    peak = sub.add_parser("peak-load", parents=[common])
+    peak.add_argument("--policies", type=_csv, default=None)
+    peak.add_argument("--start-qps", type=float, default=10.0)
+    peak.add_argument("--min-qps", type=float, default=0.5)
+    peak.add_argument("--max-qps", type=float, default=100_000.0)
+    peak.add_argument("--rel-tol", type=float, default=0.05)
+    peak.add_argument("--max-trials", type=int, default=24)
+    low = sub.add_parser("low-load", parents=[common])
+    low.add_argument("--policies", type=_csv, default=None)
+    low.add_argument("--rate", type=float, action="append", default=[], help="qps (repeat)")
+    day = sub.add_parser("diurnal", parents=[common])
+    day.add_argument("--policy", default="")
+    day.add_argument("--min-qps", type=float, default=5.0)
+    day.add_argument("--max-qps", type=float, default=50.0)
+    day.add_argument("--duration-s", type=float, default=600.0)
+    day.add_argument("--window-s", type=float, default=10.0)
+    day.add_argument("--trace", default="", help="JSON [t_s, rate] file instead of the day curve")
+    return p
+
+
+def default_policies(args: argparse.Namespace) -> list[str]:
+    if args.no_admin:
+        return ["current"]
+    if args.experiment == "peak-load":
+        return ["max-load", "even", "exclusive"]
+    return ["min-resource", "even", "exclusive"]
+
+
+async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
+    """Runs the experiment `args` describe and writes its result; returns the JSON and MD paths."""
+    out_dir = Path(args.out_dir)
+    name = args.name or args.experiment
+    camelot = args.camelot_policy or CAMELOT_DEFAULT[args.experiment]
+    async with AsyncExitStack() as stack:
+        admin = None
+        if not args.no_admin:
+            if not args.admin:
+                raise SystemExit("--admin HOST:PORT is required unless --no-admin")
+            admin = await stack.enter_async_context(AdminClient(args.admin, args.token))
+        h = Harness(
+            target=args.target, admin=admin, trial_s=args.trial_s, warmup_s=args.warmup_s,
+            gap_s=args.gap_s, arrivals=traces.Arrivals(args.arrivals), seed=args.seed,
+            deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
+            qos_override_ms=args.qos_ms, settle_s=args.settle_s, transport=args.transport,
+        )  # fmt: skip
+        await h.connect()
+        mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]
+        outcome: Outcome
+        if args.experiment == "peak-load":
+            cfg = SearchConfig(
+                args.start_qps, args.min_qps, args.max_qps, args.rel_tol, args.max_trials
+            )
+            policies = args.policies or default_policies(args)
+            outcome = await peak_load(h, mixes, policies, cfg, camelot, out_dir, name)
+        elif args.experiment == "low-load":
+            if not args.rate:
+                raise SystemExit("low-load needs --rate")
+            policies = args.policies or default_policies(args)
+            outcome = await low_load(
+                h, mixes, args.rate, policies, camelot, args.sample_s, out_dir, name
+            )
+        else:
+            policy = args.policy or ("current" if args.no_admin else camelot)
+            if args.trace:
+                trace = traces.load(args.trace)
+            else:
+                trace = traces.diurnal(args.min_qps, args.max_qps, args.duration_s)
+            outcome = await diurnal(
+                h, mixes[0], policy, trace, args.window_s, args.sample_s, out_dir, name
+            )
+    backend = args.backend
+    if backend == "auto":
+        backend = "cuda" if cuda_available() else "host"
+    settings = {k: v for k, v in vars(args).items() if k != "token"}
+    return write_result(
+        name,
+        outcome.rows,
+        outcome.summary,
+        backend,
+        out_dir,
+        command=module_command("loadgen.experiments", _redacted(argv)),
+        plots=outcome.plots,
+        extra={**outcome.extra, "settings": settings},
+    )
+
+
+def _redacted(argv: Sequence[str]) -> list[str]:
+    """The arguments without the bearer token, which must not land in a committed result."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--token":
+            skip = True
+        elif not a.startswith("--token="):
+            out.append(a)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.token = args.token or os.environ.get("CAMELOT_ADMIN_TOKEN", "")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    json_path, md_path = asyncio.run(run(args, argv))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Locust users for the gateway: gRPC Submit calls over a weighted mix of pipelines.
+
+    locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s --host 127.0.0.1:50052
+
+Each user opens one channel, asks ListPipelines for the input specs, makes a few seeded inputs
+per pipeline, then submits queries with pipelines drawn by weight. Every call is reported to
+Locust as a request of type `grpc` named after the pipeline (ListPipelines under its own name),
+failures carrying the Camelot error class of their status code.
+
+Environment (read once, here at the top):
+    CAMELOT_MIX        "img-to-text=2,video-analytics=1" (default: every served pipeline, equal)
+    CAMELOT_SEED       base seed for inputs and pipeline draws (default 0; user n adds n)
+    CAMELOT_DEADLINE_S per-request gRPC deadline (default 10)
+    CAMELOT_WAIT_S     each user waits uniformly in [0, this] between calls (default 0)
+    CAMELOT_TRANSPORT  default | ref | wire (default: default)
+
+Locust monkey-patches the standard library with gevent when imported; gRPC must then be told
+to cooperate (`init_gevent`) before any channel exists, or each call would block the process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import User, between, constant, task
+from locust.exception import StopUser
+
+from common.errors import CamelotError, from_rpc_error
+from common.lifecycle import CHANNEL_OPTIONS
+from common.settings import SettingsError, env_float, env_int, env_str, require_positive
+from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
+from loadgen.openloop import TRANSPORTS
+from protos import gateway_pb2, gateway_pb2_grpc
+
+grpc_gevent.init_gevent()
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocustSettings:
+    mix: Mix | None
+    seed: int
+    deadline_s: float
+    wait_s: float
+    transport: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LocustSettings:
+        raw_mix = env_str("MIX", "", env)
+        transport = env_str("TRANSPORT", "default", env)
+        if transport not in TRANSPORTS:
+            raise SettingsError(f"CAMELOT_TRANSPORT={transport!r} is not one of {list(TRANSPORTS)}")
+        try:
+            mix = parse_mix(raw_mix) if raw_mix else None
+        except CamelotError as e:
+            raise SettingsError(f"CAMELOT_MIX={raw_mix!r}: {e}") from None
+        deadline_s = env_float("DEADLINE_S", 10.0, env)
+        require_positive("CAMELOT_DEADLINE_S", deadline_s)
+        wait_s = env_float("WAIT_S", 0.0, env)
+        if wait_s < 0:
+            raise SettingsError(f"CAMELOT_WAIT_S={wait_s!r} must be >= 0")
+        return cls(mix, env_int("SEED", 0, env), deadline_s, wait_s, transport)
+
+
+SETTINGS = LocustSettings.from_env()
+_user_numbers = itertools.count()
+
+
+def _target(host: str | None) -> str:
+    if not host:
+        raise StopUser("no gateway given: pass --host HOST:PORT")
+    for prefix in ("grpc://", "http://", "https://"):
+        if host.startswith(prefix):
+            return host[len(prefix) :].rstrip("/")
+    return host
+
+
+class GatewayUser(User):
+    """One client of the gateway: a channel, seeded inputs, and weighted Submit calls."""
+
+    wait_time = between(0.0, SETTINGS.wait_s) if SETTINGS.wait_s > 0 else constant(0.0)
+    settings = SETTINGS
+
+    def on_start(self) -> None:
+        number = next(_user_numbers)
+        self.channel = grpc.insecure_channel(_target(self.host), options=CHANNEL_OPTIONS)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        reply = self._call(
+            "ListPipelines", self.stub.ListPipelines, gateway_pb2.ListPipelinesRequest()
+        )
+        if reply is None:
+            raise StopUser("ListPipelines failed")
+        served = {p.name: p for p in reply.pipelines}
+        mix = self.settings.mix or uniform_mix(sorted(served))
+        try:
+            mix.check_served(list(served))
+        except Exception as e:
+            # A configuration error: stop the whole run rather than record nothing quietly.
+            log.error("%s", e)
+            self.environment.process_exit_code = 2
+            if self.environment.runner is not None:
+                gevent.spawn(self.environment.runner.quit)
+            raise StopUser(str(e)) from e
+        seed = self.settings.seed + number
+        self.inputs = make_inputs({p: served[p].input for p in mix.pipelines}, seed)
+        self.names = mix.pipelines
+        self.weights = [w for _, w in mix.weights]
+        self.rng = random.Random(seed)
+        self.transport = TRANSPORTS[self.settings.transport]
+        self.sent = 0
+
+    def on_stop(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
+
+    @task
+    def submit(self) -> None:
+        name = self.rng.choices(self.names, self.weights)[0]
+        variants = self.inputs[name]
+        self.sent += 1
+        request = gateway_pb2.SubmitRequest(
+            pipeline=name, input=variants[self.sent % len(variants)], transport=self.transport
+        )
+        self._call(name, self.stub.Submit, request)
+
+    def _call(self, name: str, method: Any, request: Any) -> Any:
+        """Calls `method`, reports it to Locust, and returns the reply (None on failure)."""
+        start = time.perf_counter()
+        reply: Any = None
+        exception: Exception | None = None
+        try:
+            reply = method(request, timeout=self.settings.deadline_s)
+        except grpc.RpcError as e:
+            exception = from_rpc_error(e)
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        length = 0
+        if reply is not None:
+            output = getattr(reply, "output", None)
+            length = len(output.data) if output is not None else reply.ByteSize()
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=name,
+            response_time=elapsed_ms,
+            response_length=length,
+            response=reply,
+            context={},
+            exception=exception,
+        )
+        return reply

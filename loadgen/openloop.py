@@ -1,0 +1,316 @@
+"""Open-loop load: requests leave on a fixed timeline whatever the gateway does.
+
+Every arrival has an intended send time on an absolute monotonic timeline, fixed before the run.
+The dispatcher sleeps until each one and starts the request as its own asyncio task; if the
+client falls behind, it sends at once and the lag stays in the latency, because latency is
+measured from the intended time, not the actual send (no coordinated omission). A closed-loop
+client, or one that times from the actual send, would hide exactly the queueing a tail-latency
+experiment is after.
+
+    python -m loadgen.openloop --target 127.0.0.1:50052 --rate 50 --duration 30 \
+        --mix img-to-text=2,video-analytics=1 --out /tmp/run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from common.clock import mono_us, wall_us
+from common.errors import InvalidArgument
+from common.lifecycle import CHANNEL_OPTIONS
+from common.lifecycle import channel as open_channel
+from loadgen import traces
+from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
+from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+OK = "OK"
+LOCAL_POOL = ("grpc.use_local_subchannel_pool", 1)
+# Time between building the schedule and its first arrival, so the first sends are not late.
+LEAD_S = 0.05
+DEFAULT_DURATION_S = 10.0
+TRANSPORTS: dict[str, tensor_pb2.Transport.ValueType] = {
+    "default": tensor_pb2.TRANSPORT_UNSPECIFIED,
+    "ref": tensor_pb2.TRANSPORT_REF,
+    "wire": tensor_pb2.TRANSPORT_WIRE,
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One request. Times are monotonic microseconds; latency counts from the intended send."""
+
+    pipeline: str
+    intended_us: int
+    sent_us: int
+    done_us: int
+    status: str
+    plan_epoch: int = 0
+
+    @property
+    def latency_us(self) -> int:
+        return self.done_us - self.intended_us
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def percentiles_ms(latencies_us: Sequence[int]) -> dict[str, float | None]:
+    """p50, p90, p99, p99.9 and max in milliseconds; None for each when there are no samples."""
+    keys = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")
+    if not latencies_us:
+        return dict.fromkeys(keys)
+    a = np.asarray(latencies_us, dtype=np.float64) / 1000.0
+    # "higher": the value of a real sample at or above the rank, never an interpolation below it.
+    qs = np.percentile(a, [50, 90, 99, 99.9], method="higher")
+    return dict(zip(keys, [*(float(q) for q in qs), float(a.max())], strict=True))
+
+
+def stats_of(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
+    """Counts, error codes and latency percentiles (of successful requests) for some records."""
+    ok = [r.latency_us for r in records if r.ok]
+    codes: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            codes[r.status] = codes.get(r.status, 0) + 1
+    return {
+        "count": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "error_codes": codes,
+        "offered_qps": len(records) / duration_s if duration_s > 0 else 0.0,
+        **percentiles_ms(ok),
+    }
+
+
+@dataclass
+class Result:
+    """Every request of one run, with the run's timeline; `stats` and `windows` summarise."""
+
+    target: str
+    mix: Mix
+    transport: str
+    t0_us: int
+    started_unix_us: int
+    duration_s: float
+    records: list[Record] = field(default_factory=list)
+
+    def measured(self, warmup_s: float = 0.0) -> list[Record]:
+        cut = self.t0_us + int(warmup_s * 1e6)
+        return [r for r in self.records if r.intended_us >= cut]
+
+    def stats(self, warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
+        """Per pipeline, and `"all"`, over requests intended after the warm-up."""
+        kept = self.measured(warmup_s)
+        span = max(self.duration_s - warmup_s, 1e-9)
+        out = {"all": stats_of(kept, span)}
+        for name in self.mix.pipelines:
+            out[name] = stats_of([r for r in kept if r.pipeline == name], span)
+        return out
+
+    def windows(self, window_s: float) -> list[dict[str, Any]]:
+        """Consecutive windows of the run by intended time: count, errors and percentiles."""
+        n = max(1, int(np.ceil(self.duration_s / window_s)))
+        buckets: list[list[Record]] = [[] for _ in range(n)]
+        for r in self.records:
+            i = min(n - 1, max(0, int((r.intended_us - self.t0_us) / 1e6 / window_s)))
+            buckets[i].append(r)
+        return [{"t_s": i * window_s, **stats_of(b, window_s)} for i, b in enumerate(buckets)]
+
+    def to_json(self, warmup_s: float = 0.0, with_records: bool = True) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "target": self.target,
+            "mix": self.mix.spec(),
+            "transport": self.transport,
+            "started_unix_us": self.started_unix_us,
+            "duration_s": self.duration_s,
+            "warmup_s": warmup_s,
+            "stats": self.stats(warmup_s),
+        }
+        if with_records:
+            doc["record_fields"] = [
+                "pipeline", "intended_us", "sent_us", "done_us", "latency_us", "status",
+            ]  # fmt: skip
+            doc["records"] = [
+                [
+                    r.pipeline,
+                    r.intended_us - self.t0_us,
+                    r.sent_us - self.t0_us,
+                    r.done_us - self.t0_us,
+                    r.latency_us,
+                    r.status,
+                ]
+                for r in self.records
+            ]
+        return doc
+
+
+async def list_pipelines(
+    target: str, timeout_s: float = 5.0
+) -> dict[str, gateway_pb2.PipelineInfo]:
+    async with open_channel(target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        reply = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=timeout_s)
+    return {p.name: p for p in reply.pipelines}
+
+
+async def run_open_loop(
+    target: str,
+    schedule: Sequence[float],
+    mix: Mix | None = None,
+    seed: int = 0,
+    deadline_s: float = 10.0,
+    *,
+    transport: str = "default",
+    pipelines: Mapping[str, gateway_pb2.PipelineInfo] | None = None,
+    connections: int = 1,
+    duration_s: float | None = None,
+) -> Result:
+    """Sends one request per schedule offset (seconds from start, ascending); waits for all.
+
+    `mix` defaults to every served pipeline at equal weight; `pipelines` (ListPipelines' answer)
+    is fetched when not given. Inputs are seeded by `seed`, and so is each arrival's pipeline.
+    `duration_s` is the run's nominal length (rates divide by it); default: the last offset.
+    """
+    if transport not in TRANSPORTS:
+        raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
+    if deadline_s <= 0:
+        raise InvalidArgument(f"deadline_s must be > 0, got {deadline_s!r}")
+    if any(b < a for a, b in zip(schedule, schedule[1:], strict=False)):
+        raise InvalidArgument("schedule offsets must be ascending")
+    if pipelines is None:
+        pipelines = await list_pipelines(target, deadline_s)
+    mix = mix or uniform_mix(sorted(pipelines))
+    mix.check_served(list(pipelines))
+    inputs = make_inputs({p: pipelines[p].input for p in mix.pipelines}, seed)
+    rng = np.random.default_rng(seed)
+    names = mix.draw(rng, len(schedule))
+    wire_transport = TRANSPORTS[transport]
+    channels = [
+        # A local subchannel pool per channel gives each its own connection.
+        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, LOCAL_POOL])
+        for _ in range(max(1, connections))
+    ]
+    stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
+    if duration_s is None:
+        duration_s = float(schedule[-1]) if len(schedule) else 0.0
+    result = Result(target, mix, transport, 0, wall_us(), duration_s)
+
+    async def one(i: int, name: str, intended_us: int) -> None:
+        request = gateway_pb2.SubmitRequest(
+            pipeline=name,
+            input=inputs[name][i % len(inputs[name])],
+            transport=wire_transport,
+            query_id=f"ol-{seed}-{i}",
+        )
+        sent = mono_us()
+        epoch = 0
+        try:
+            reply = await stubs[i % len(stubs)].Submit(request, timeout=deadline_s)
+            status, epoch = OK, reply.plan_epoch
+        except grpc.aio.AioRpcError as e:
+            status = e.code().name
+        except Exception as e:  # a client-side failure is still a failed request, not a crash
+            log.warning("request %d failed in the client: %r", i, e)
+            status = f"CLIENT_{type(e).__name__}"
+        result.records.append(Record(name, intended_us, sent, mono_us(), status, epoch))
+
+    try:
+        t0 = mono_us() + int(LEAD_S * 1e6)
+        result.t0_us = t0
+        tasks = []
+        for i, (offset, name) in enumerate(zip(schedule, names, strict=True)):
+            intended = t0 + int(offset * 1e6)
+            delay_s = (intended - mono_us()) / 1e6
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            tasks.append(asyncio.create_task(one(i, name, intended)))
+        await asyncio.gather(*tasks)
+    finally:
+        for ch in channels:
+            await ch.close()
+    result.duration_s = max(duration_s, 1e-9)
+    result.records.sort(key=lambda r: r.intended_us)
+    return result
+
+
+def schedule_from_args(
+    args: argparse.Namespace, rng: np.random.Generator
+) -> tuple[list[float], float]:
+    """The arrival offsets the flags ask for, and the run's nominal duration."""
+    arrivals = traces.Arrivals(args.arrivals)
+    if args.trace:
+        trace = traces.load(args.trace, args.duration)
+    elif args.diurnal:
+        lo, _, hi = args.diurnal.partition(",")
+        trace = traces.diurnal(float(lo), float(hi), args.duration or DEFAULT_DURATION_S)
+    else:
+        trace = traces.constant(args.rate, args.duration or DEFAULT_DURATION_S)
+    return traces.schedule(trace, rng, arrivals), trace.duration_s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadgen.openloop", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--target", required=True, help="gateway host:port")
+    p.add_argument("--rate", type=float, default=10.0, help="arrivals per second (constant)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds (default 10, or the trace's)"
+    )
+    p.add_argument("--trace", default="", help="JSON file of [t_s, rate] pairs instead of --rate")
+    p.add_argument("--diurnal", default="", help="MIN,MAX rate: a day compressed to --duration")
+    p.add_argument("--arrivals", choices=[a.value for a in traces.Arrivals], default="poisson")
+    p.add_argument("--mix", default="", help="e.g. img-to-text=2,video-analytics=1 (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=10.0, help="per-request gRPC deadline")
+    p.add_argument("--transport", choices=list(TRANSPORTS), default="default")
+    p.add_argument("--warmup-s", type=float, default=0.0, help="left out of the statistics")
+    p.add_argument("--connections", type=int, default=1)
+    p.add_argument("--no-records", action="store_true", help="statistics only in --out")
+    p.add_argument("--out", default="", help="JSON file for the result")
+    return p
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed)
+    schedule, duration_s = schedule_from_args(args, rng)
+    result = await run_open_loop(
+        args.target,
+        schedule,
+        parse_mix(args.mix) if args.mix else None,
+        args.seed,
+        args.deadline_s,
+        transport=args.transport,
+        connections=args.connections,
+        duration_s=duration_s,
+    )
+    return result.to_json(args.warmup_s, with_records=not args.no_records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    doc = asyncio.run(_main(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc) + "\n")
+    json.dump(doc["stats"], sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

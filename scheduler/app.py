@@ -1,0 +1,444 @@
+"""The scheduler's domain: pipelines, nodes, the active policy, QoS targets, the plan and routes.
+
+Admin operations (set policy, set QoS, drain) re-plan at once; the control loop (loop.py)
+re-plans on measurements. Every plan goes through one lock, gets the next epoch from the plan
+store, and is published as routes (plan epoch + the endpoints agents reported) to every
+watching gateway. Redis failures surface as UNAVAILABLE; nothing here imports grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from protos import admin_pb2, agent_pb2, plan_pb2
+from scheduler import planstore
+from scheduler.planstore import PlanStore, PolicyChoice
+from scheduler.policies import get_policy
+from scheduler.policy import (
+    GpuInfo,
+    Measured,
+    NodeInfo,
+    PipelineInfo,
+    PlanSpec,
+    Policy,
+    PolicyInput,
+    StageAssignment,
+)
+from scheduler.reader import ReportReader
+from scheduler.settings import SchedulerSettings
+from scheduler.windows import Windows, WindowStat
+
+log = logging.getLogger(__name__)
+
+AgentPush = Callable[[str, agent_pb2.Assignment, float], Awaitable[agent_pb2.ApplyResponse]]
+_GONE = (plan_pb2.REPLICA_STATE_STOPPED, plan_pb2.REPLICA_STATE_FAILED)
+
+
+@dataclass
+class NodeState:
+    """An agent as its heartbeats describe it."""
+
+    name: str
+    agent_address: str
+    inventory: agent_pb2.InventoryResponse
+    endpoints: list[plan_pb2.Endpoint]
+    applied_epoch: int
+    last_seen: float
+    pushed_epoch: int = 0
+    push_failures: int = 0
+    next_push_at: float = 0.0
+    pushing: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def info(self) -> NodeInfo:
+        inv = self.inventory
+        gpus = tuple(
+            GpuInfo(
+                index=g.index,
+                sm_count=g.sm_count,
+                memory_bytes=g.memory_bytes,
+                sm_groups=g.sm_groups,
+                sms_per_group=g.sms_per_group,
+            )
+            for g in inv.gpus
+        )
+        return NodeInfo(name=self.name, gpus=gpus, backend=inv.backend or "host")
+
+
+@contextlib.contextmanager
+def redis_unavailable() -> Iterator[None]:
+    """Redis errors become UNAVAILABLE (retryable) instead of INTERNAL."""
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        raise Unavailable(f"redis unavailable: {e}") from e
+
+
+class SchedulerApp:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        pipelines: Sequence[PipelineInfo],
+        push: AgentPush | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipelines: dict[str, PipelineInfo] = {p.name: p for p in pipelines}
+        self.push = push
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            retry=RedisRetry(NoBackoff(), 0),
+        )
+        self.store = PlanStore(self.redis)
+        self.windows = Windows(bucket_s=settings.bucket_s, horizon_s=max(120.0, settings.window_s))
+        self.reader = ReportReader(
+            settings.redis_url, self.windows, stream=settings.stream, consumer=settings.consumer
+        )
+        self.choice = PolicyChoice(settings.policy, dict(settings.policy_options))
+        self._policy: Policy | None = None
+        self.qos: dict[str, float] = {}
+        self.plan = plan_pb2.Plan()
+        self.nodes: dict[str, NodeState] = {}
+        self.drained_nodes: set[str] = set()
+        self.drained_replicas: set[str] = set()
+        self.restored = False
+        # what the plan in force was made for: load per pipeline, nodes, time (monotonic)
+        self.planned_load: dict[str, float] = {}
+        self.planned_nodes: frozenset[str] = frozenset()
+        self.last_plan_at = 0.0
+        self.last_snapshot: dict[tuple[str, str], WindowStat] = {}
+        self._lock = asyncio.Lock()
+        self._routes = plan_pb2.Routes()
+        self._routes_version = 0
+        self._routes_changed = asyncio.Condition()
+        self._closing = False
+        self.kick = asyncio.Event()  # wakes the control loop early
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def restore(self) -> bool:
+        """Loads policy, QoS targets and plan from Redis; False (and logged) if Redis is down."""
+        try:
+            choice = await self.store.load_policy()
+            qos = await self.store.load_qos()
+            plan = await self.store.load_plan()
+        except (RedisError, OSError) as e:
+            log.warning("cannot restore state from redis yet: %s", e)
+            return False
+        if choice is not None:
+            self.choice, self._policy = choice, None
+        self.qos = {k: v for k, v in qos.items() if k in self.pipelines}
+        if plan is not None and plan.epoch > self.plan.epoch:
+            self.plan = plan
+            self.planned_load = dict(plan.planned_qps)
+        self.restored = True
+        log.info("restored: policy %s, plan epoch %d", self.choice.name, self.plan.epoch)
+        await self.publish_routes()
+        return True
+
+    async def start(self) -> None:
+        await self.restore()
+        await self.publish_routes()
+        await self.reader.start()
+
+    async def aclose(self) -> None:
+        await self.stop_watchers()
+        for node in self.nodes.values():
+            if node.pushing is not None:
+                node.pushing.cancel()
+        await self.reader.aclose()
+        await self.redis.aclose()  # type: ignore[attr-defined]  # stubs predate 5.0
+
+    async def stop_watchers(self) -> None:
+        """Ends every WatchRoutes stream (before the server stops, so it need not wait for them)."""
+        self._closing = True
+        async with self._routes_changed:
+            self._routes_changed.notify_all()
+
+    # -- the world as policies see it ---------------------------------------------------------
+
+    def qos_of(self, pipeline: str) -> float:
+        return self.qos.get(pipeline, self.pipelines[pipeline].qos_p99_ms)
+
+    def live_nodes(self) -> list[NodeState]:
+        horizon = time.monotonic() - self.settings.node_timeout_s
+        return [n for n in self.nodes.values() if n.last_seen >= horizon]
+
+    def placeable_nodes(self) -> list[NodeState]:
+        return [n for n in self.live_nodes() if n.name not in self.drained_nodes]
+
+    def load_qps(self) -> dict[str, float]:
+        """Offered load per pipeline: gateway records, else the first stage's arrivals."""
+        snap = self.last_snapshot
+        out: dict[str, float] = {}
+        for name, p in self.pipelines.items():
+            stat = snap.get((name, ""))
+            if stat is None and p.stages:
+                stat = snap.get((name, p.stages[0].name))
+            out[name] = stat.arrival_qps if stat is not None else 0.0
+        return out
+
+    def world(self) -> PolicyInput:
+        measured: dict[str, Measured] = {}
+        for (pipeline, stage), s in self.last_snapshot.items():
+            key = pipeline if not stage else f"{pipeline}/{stage}"
+            measured[key] = Measured(s.p99_ms, s.arrival_qps, s.service_qps, s.count)
+        return PolicyInput(
+            pipelines=tuple(
+                dataclasses.replace(p, qos_p99_ms=self.qos_of(p.name))
+                for p in self.pipelines.values()
+            ),
+            nodes=tuple(n.info() for n in sorted(self.placeable_nodes(), key=lambda n: n.name)),
+            load_qps=self.load_qps(),
+            measured=measured,
+            current=planstore.from_proto(self.plan) if self.plan.epoch else None,
+            options=dict(self.choice.options),
+        )
+
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = get_policy(self.choice.name)
+        return self._policy
+
+    # -- planning ------------------------------------------------------------------------------
+
+    async def replan(
+        self,
+        reason: str,
+        policy: Policy | None = None,
+        choice: PolicyChoice | None = None,
+        force: bool = True,
+    ) -> plan_pb2.Plan:
+        """Runs the policy, stores the plan under a new epoch, publishes routes, wakes the loop.
+
+        With force=False a plan equal to the one in force is not stored again (no new epoch).
+        """
+        async with self._lock:
+            world = self.world()
+            if choice is not None:
+                world = dataclasses.replace(world, options=dict(choice.options))
+            pol = policy if policy is not None else self.policy()
+            # policies are pure CPU work: off the event loop, so RPCs keep flowing
+            spec = await asyncio.to_thread(pol.plan, world)
+            spec = dataclasses.replace(self._without_drained(spec), reason=reason)
+            planstore.validate(spec)
+            self.planned_load = dict(world.load_qps)
+            self.planned_nodes = frozenset(n.name for n in world.nodes)
+            self.last_plan_at = time.monotonic()
+            if not force and self.plan.epoch and _same_placement(spec, self.plan):
+                return self.plan
+            with redis_unavailable():
+                plan = await self.store.save(spec)
+            self.plan = plan
+            log.info("plan epoch %d by %s: %s", plan.epoch, plan.policy, reason)
+        await self.publish_routes()
+        self.kick.set()
+        return plan
+
+    def _without_drained(self, spec: PlanSpec) -> PlanSpec:
+        if not self.drained_replicas and not self.drained_nodes:
+            return spec
+        stages = []
+        for st in spec.stages:
+            keep = tuple(
+                r
+                for r in st.replicas
+                if r.replica_id not in self.drained_replicas and r.node not in self.drained_nodes
+            )
+            if not keep and st.replicas:
+                # serving beats draining: a stage never loses its last replica to a drain
+                log.warning("drain of %s/%s lifted: it is the stage's only replica", st.pipeline,
+                            st.stage)  # fmt: skip
+                keep = st.replicas
+            stages.append(dataclasses.replace(st, replicas=keep))
+        return dataclasses.replace(spec, stages=tuple(stages))
+
+    # -- admin operations ----------------------------------------------------------------------
+
+    async def set_policy(self, name: str, options: Mapping[str, str]) -> plan_pb2.Plan:
+        policy = get_policy(name)  # INVALID_ARGUMENT for an unknown name
+        choice = PolicyChoice(name, dict(options))
+        try:
+            plan = await self.replan(f"policy set to {name}", policy=policy, choice=choice)
+        except FailedPrecondition:
+            if self.placeable_nodes():
+                raise
+            # no agent yet: keep the choice; the loop plans once a node reports
+            plan = self.plan
+        self.choice, self._policy = choice, policy
+        with redis_unavailable():
+            await self.store.save_policy(choice)
+        return plan
+
+    async def set_qos(self, pipeline: str, qos_p99_ms: float) -> plan_pb2.Plan:
+        if pipeline not in self.pipelines:
+            raise NotFound(f"unknown pipeline {pipeline!r}")
+        if not math.isfinite(qos_p99_ms) or qos_p99_ms <= 0:
+            raise InvalidArgument(f"qos_p99_ms must be a finite number > 0, got {qos_p99_ms}")
+        with redis_unavailable():
+            await self.store.save_qos(pipeline, qos_p99_ms)
+        self.qos[pipeline] = qos_p99_ms
+        try:
+            return await self.replan(f"qos of {pipeline} set to {qos_p99_ms:g} ms")
+        except FailedPrecondition:
+            if self.placeable_nodes():
+                raise
+            return self.plan
+
+    async def drain(self, node: str, replica_id: str) -> plan_pb2.Plan:
+        if bool(node) == bool(replica_id):
+            raise InvalidArgument("give exactly one of node and replica_id")
+        if node:
+            planned = {r.node for st in self.plan.stages for r in st.replicas}
+            if node not in self.nodes and node not in planned:
+                raise NotFound(f"unknown node {node!r}")
+            if not [n for n in self.placeable_nodes() if n.name != node]:
+                raise FailedPrecondition(f"draining {node!r} would leave no node to run on")
+            self.drained_nodes.add(node)
+            return await self.replan(f"drain node {node}")
+        stage = next(
+            (st for st in self.plan.stages for r in st.replicas if r.replica_id == replica_id), None
+        )
+        if stage is None:
+            raise NotFound(f"no replica {replica_id!r} in the plan")
+        if len(stage.replicas) == 1:
+            raise FailedPrecondition(
+                f"{replica_id!r} is the only replica of {stage.pipeline}/{stage.stage}"
+            )
+        self.drained_replicas.add(replica_id)
+        return await self.replan(f"drain replica {replica_id}")
+
+    def status(self, window_s: float) -> admin_pb2.StatusResponse:
+        if window_s < 0 or not math.isfinite(window_s):
+            raise InvalidArgument(f"window_s must be >= 0, got {window_s}")
+        window_s = window_s or self.settings.window_s
+        snap = self.windows.snapshot(window_s)
+        planned: dict[tuple[str, str], list[plan_pb2.ReplicaPlan]] = {}
+        for st in self.plan.stages:
+            planned.setdefault((st.pipeline, st.stage), []).extend(st.replicas)
+        out = admin_pb2.StatusResponse(
+            plan=self.plan,
+            policy=self.choice.name,
+            nodes=sorted(n.name for n in self.live_nodes()),
+            reports_total=self.reader.reports_total,
+            window_s=window_s,
+        )
+        for name, p in self.pipelines.items():
+            all_replicas = [r for s in p.stages for r in planned.get((name, s.name), [])]
+            out.stats.append(
+                _stats(snap.get((name, "")), name, "", all_replicas, self.qos_of(name))
+            )
+            for s in p.stages:
+                reps = planned.get((name, s.name), [])
+                out.stats.append(_stats(snap.get((name, s.name)), name, s.name, reps, 0.0))
+        return out
+
+    # -- the mesh: agents and gateways ---------------------------------------------------------
+
+    async def heartbeat(self, hb: admin_pb2.NodeHeartbeat) -> agent_pb2.Assignment:
+        if not hb.node:
+            raise InvalidArgument("heartbeat without a node name")
+        node = self.nodes.get(hb.node)
+        if node is None:
+            log.info("node %s joined (agent %s)", hb.node, hb.agent_address or "-")
+            node = self.nodes[hb.node] = NodeState(
+                hb.node, hb.agent_address, hb.inventory, list(hb.replicas), hb.applied_epoch, 0.0
+            )
+            self.kick.set()
+        node.agent_address = hb.agent_address
+        node.inventory.CopyFrom(hb.inventory)
+        node.endpoints = list(hb.replicas)
+        node.applied_epoch = hb.applied_epoch
+        node.last_seen = time.monotonic()
+        await self.publish_routes()
+        return self.assignment(hb.node)
+
+    def assignment(self, node: str) -> agent_pb2.Assignment:
+        out = agent_pb2.Assignment(epoch=self.plan.epoch, node=node)
+        for st in self.plan.stages:
+            for r in st.replicas:
+                if r.node == node:
+                    out.replicas.add(replica=r, pipeline=st.pipeline, stage=st.stage)
+        return out
+
+    def routes(self) -> plan_pb2.Routes:
+        out = plan_pb2.Routes(epoch=self.plan.epoch)
+        for node in sorted(self.live_nodes(), key=lambda n: n.name):
+            if node.name in self.drained_nodes:
+                continue
+            for ep in node.endpoints:
+                if ep.state in _GONE or ep.replica.replica_id in self.drained_replicas:
+                    continue
+                out.endpoints.append(ep)
+        return out
+
+    async def publish_routes(self) -> None:
+        routes = self.routes()
+        if routes == self._routes and self._routes_version:
+            return
+        async with self._routes_changed:
+            self._routes = routes
+            self._routes_version += 1
+            self._routes_changed.notify_all()
+
+    async def watch_routes(self, known_epoch: int) -> AsyncIterator[plan_pb2.Routes]:
+        """The current routes (unless the watcher already has a newer epoch), then every change."""
+        version = 0
+        first = True
+        while True:
+            async with self._routes_changed:
+                seen = version
+                await self._routes_changed.wait_for(
+                    lambda: self._closing or self._routes_version != seen  # noqa: B023
+                )
+                if self._closing:
+                    return
+                routes, version = self._routes, self._routes_version
+            if first and known_epoch and routes.epoch <= known_epoch:
+                first = False
+                continue
+            first = False
+            yield routes
+
+
+def _same_placement(spec: PlanSpec, plan: plan_pb2.Plan) -> bool:
+    current = planstore.from_proto(plan)
+    return spec.policy == current.policy and _stages(spec.stages) == _stages(current.stages)
+
+
+def _stages(stages: tuple[StageAssignment, ...]) -> tuple[StageAssignment, ...]:
+    return tuple(dataclasses.replace(s, predicted_p99_ms=0.0) for s in stages)
+
+
+def _stats(
+    s: WindowStat | None,
+    pipeline: str,
+    stage: str,
+    replicas: list[plan_pb2.ReplicaPlan],
+    qos_p99_ms: float,
+) -> admin_pb2.WindowStats:
+    out = admin_pb2.WindowStats(
+        pipeline=pipeline,
+        stage=stage,
+        qos_p99_ms=qos_p99_ms,
+        replicas=len(replicas),
+        sm_percent=sum(r.sm_percent for r in replicas),
+    )
+    if s is not None:
+        out.count = s.count
+        out.p50_ms, out.p95_ms, out.p99_ms = s.p50_ms, s.p95_ms, s.p99_ms
+        out.arrival_qps, out.service_qps, out.errors = s.arrival_qps, s.service_qps, s.errors
+    return out

@@ -1,0 +1,176 @@
+"""`camelotctl`: the operator's command line for the scheduler's Admin API.
+
+    camelotctl set-policy NAME [--option K=V ...]
+    camelotctl set-qos PIPELINE MS
+    camelotctl get-plan
+    camelotctl status [--window-s S]
+    camelotctl drain (--node NODE | --replica ID)
+
+--target (or CAMELOT_SCHEDULER_ADDR, default 127.0.0.1:50053); the token from --token-file,
+CAMELOT_ADMIN_TOKEN_FILE or CAMELOT_ADMIN_TOKEN. A failed call prints its status code and
+message on stderr and exits 1; a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import grpc
+
+from common.lifecycle import channel
+from common.settings import SettingsError
+from protos import admin_pb2, admin_pb2_grpc, plan_pb2
+from scheduler.settings import read_token
+
+DEADLINE_S = 30.0
+_MODES = {
+    plan_pb2.SHARE_MODE_NONE: "none",
+    plan_pb2.SHARE_MODE_MPS: "mps",
+    plan_pb2.SHARE_MODE_GREEN: "green",
+}
+
+
+def format_plan(plan: plan_pb2.Plan) -> str:
+    lines = [
+        f"epoch {plan.epoch}  policy {plan.policy or '-'}  reason: {plan.reason or '-'}",
+    ]
+    if plan.planned_qps:
+        load = ", ".join(f"{k} {v:.1f}" for k, v in sorted(plan.planned_qps.items()))
+        lines.append(f"planned load (qps): {load}")
+    if plan.clamped:
+        lines.append(f"clamped (target not met): {', '.join(plan.clamped)}")
+    rows = [("PIPELINE", "STAGE", "REPLICA", "NODE", "GPU", "SM%", "GROUPS", "BATCH", "MODE")]
+    for st in plan.stages:
+        for r in st.replicas:
+            rows.append(
+                (
+                    st.pipeline,
+                    st.stage,
+                    r.replica_id,
+                    r.node,
+                    str(r.gpu) if r.gpu >= 0 else "host",
+                    f"{r.sm_percent:.1f}",
+                    ",".join(map(str, r.sm_groups)) or "-",
+                    str(r.max_batch),
+                    _MODES.get(r.mode, "-"),
+                )
+            )
+    lines.append(_table(rows))
+    return "\n".join(lines)
+
+
+def format_status(resp: admin_pb2.StatusResponse) -> str:
+    head = (
+        f"policy {resp.policy}  epoch {resp.plan.epoch}  window {resp.window_s:g} s  "
+        f"reports {resp.reports_total}  nodes {', '.join(resp.nodes) or '-'}"
+    )
+    rows = [
+        ("PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms", "QOSms", "OK", "ARRIVAL/s",
+         "SERVICE/s", "ERR", "REPL", "SM%"),
+    ]  # fmt: skip
+    for s in resp.stats:
+        ok = (
+            "-"
+            if not s.qos_p99_ms or not s.count
+            else ("yes" if s.p99_ms <= s.qos_p99_ms else "NO")
+        )
+        rows.append(
+            (
+                s.pipeline,
+                s.stage or "*",
+                str(s.count),
+                f"{s.p50_ms:.2f}",
+                f"{s.p95_ms:.2f}",
+                f"{s.p99_ms:.2f}",
+                f"{s.qos_p99_ms:g}" if s.qos_p99_ms else "",
+                ok,
+                f"{s.arrival_qps:.1f}",
+                f"{s.service_qps:.1f}",
+                str(s.errors),
+                str(s.replicas),
+                f"{s.sm_percent:.1f}",
+            )
+        )
+    return head + "\n" + _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="camelotctl", description="Operate the Camelot scheduler.")
+    p.add_argument("--target", default=os.environ.get("CAMELOT_SCHEDULER_ADDR", "127.0.0.1:50053"))
+    p.add_argument("--token-file", default=os.environ.get("CAMELOT_ADMIN_TOKEN_FILE", ""))
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("set-policy", help="choose the active policy (re-plans at once)")
+    sp.add_argument("name")
+    sp.add_argument("--option", action="append", default=[], metavar="K=V")
+    sq = sub.add_parser("set-qos", help="set a pipeline's p99 target in milliseconds")
+    sq.add_argument("pipeline")
+    sq.add_argument("ms", type=float)
+    sub.add_parser("get-plan", help="print the plan in force")
+    st = sub.add_parser("status", help="windowed latency and load per pipeline and stage")
+    st.add_argument("--window-s", type=float, default=0.0)
+    dr = sub.add_parser("drain", help="drain a node or one replica")
+    g = dr.add_mutually_exclusive_group(required=True)
+    g.add_argument("--node")
+    g.add_argument("--replica")
+    return p
+
+
+async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with channel(a.target) as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        if a.command == "set-policy":
+            options = {}
+            for kv in a.option:
+                key, sep, value = kv.partition("=")
+                if not sep or not key:
+                    raise SettingsError(f"--option {kv!r} is not KEY=VALUE")
+                options[key] = value
+            req = admin_pb2.SetPolicyRequest(policy=a.name, options=options)
+            out.write(format_plan(await stub.SetPolicy(req, metadata=metadata, timeout=DEADLINE_S)))
+        elif a.command == "set-qos":
+            req_q = admin_pb2.SetQosRequest(pipeline=a.pipeline, qos_p99_ms=a.ms)
+            out.write(format_plan(await stub.SetQos(req_q, metadata=metadata, timeout=DEADLINE_S)))
+        elif a.command == "get-plan":
+            plan = await stub.GetPlan(
+                admin_pb2.GetPlanRequest(), metadata=metadata, timeout=DEADLINE_S
+            )
+            out.write(format_plan(plan))
+        elif a.command == "status":
+            req_s = admin_pb2.StatusRequest(window_s=a.window_s)
+            out.write(
+                format_status(await stub.Status(req_s, metadata=metadata, timeout=DEADLINE_S))
+            )
+        elif a.command == "drain":
+            req_d = admin_pb2.DrainTargetRequest(node=a.node or "", replica_id=a.replica or "")
+            out.write(format_plan(await stub.Drain(req_d, metadata=metadata, timeout=DEADLINE_S)))
+        out.write("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        token = read_token(a.token_file, os.environ.get("CAMELOT_ADMIN_TOKEN", ""))
+        asyncio.run(_call(a, token, sys.stdout))
+    except SettingsError as e:
+        print(f"camelotctl: {e}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as e:
+        print(f"camelotctl: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The control loop: measure, decide whether to re-plan, push assignments to agents.
+
+Each tick (or earlier when kicked by a heartbeat or a new plan) it reads the windows, exports
+the gauges, and re-plans when
+
+    - there is no plan yet, or the set of nodes changed           (at once)
+    - a pipeline's windowed p99 passes p99_trigger_fraction × QoS  (at most every
+    - a pipeline's load moved by more than load_change_fraction     min_replan_interval_s)
+
+then sends each node whose agent has not applied the newest epoch its assignment, in the
+background, so an agent that is slow or down holds up nobody. The loop never dies: every
+iteration catches, logs and goes on; `heartbeats` counts the iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from common import metrics
+from common.errors import CamelotError, FailedPrecondition
+from common.retry import Backoff
+from scheduler.app import NodeState, SchedulerApp
+
+log = logging.getLogger(__name__)
+
+PUSH_BACKOFF = Backoff(base_s=0.5, cap_s=15.0)
+
+
+class ControlLoop:
+    def __init__(self, app: SchedulerApp) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.heartbeats = 0
+        self.errors = 0
+        self.replans = 0
+        self._last_attempt = 0.0
+        self._last_failed = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="control-loop")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.errors += 1
+                log.exception("control loop iteration failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.app.kick.wait(), self.settings.tick_s)
+            self.app.kick.clear()
+
+    async def tick(self) -> None:
+        self.heartbeats += 1
+        app = self.app
+        if not app.restored:
+            await app.restore()
+        app.last_snapshot = app.windows.snapshot(self.settings.window_s)
+        self.export_gauges()
+        reason, urgent = self.trigger()
+        now = time.monotonic()
+        wait_s = self.settings.min_replan_interval_s
+        since_attempt = now - self._last_attempt
+        if urgent:
+            due = not self._last_failed or since_attempt >= wait_s
+        else:
+            due = since_attempt >= wait_s and now - app.last_plan_at >= wait_s
+        if reason and app.restored and due:
+            self._last_attempt = now
+            try:
+                await app.replan(reason, force=app.plan.epoch == 0)
+                self.replans += 1
+                self._last_failed = False
+            except CamelotError as e:
+                self._last_failed = True
+                level = logging.INFO if isinstance(e, FailedPrecondition) else logging.WARNING
+                log.log(level, "re-plan (%s) failed: %s", reason, e.message)
+        self.push_agents()
+
+    def trigger(self) -> tuple[str, bool]:
+        """Why to re-plan now ("" for no reason), and whether it is structural (urgent)."""
+        app, s = self.app, self.settings
+        placeable = frozenset(n.name for n in app.placeable_nodes())
+        if not placeable:
+            return "", False
+        if app.plan.epoch == 0:
+            return "initial plan", True
+        if placeable != app.planned_nodes:
+            return f"nodes changed: {', '.join(sorted(placeable)) or '-'}", True
+        for name in app.pipelines:
+            stat = app.last_snapshot.get((name, ""))
+            qos = app.qos_of(name)
+            if stat and stat.count >= s.min_samples and stat.p99_ms > s.p99_trigger_fraction * qos:
+                return f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", False
+        load = app.load_qps()
+        for name, qps in load.items():
+            before = app.planned_load.get(name, 0.0)
+            if max(before, qps) < s.min_load_qps:
+                continue
+            if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
+                return f"load moved: {name} {before:.1f} -> {qps:.1f} qps", False
+        return "", False
+
+    def push_agents(self) -> None:
+        app = self.app
+        if app.push is None or app.plan.epoch == 0:
+            return
+        now = time.monotonic()
+        for node in app.live_nodes():
+            if (
+                node.agent_address
+                and node.applied_epoch < app.plan.epoch
+                and node.pushed_epoch < app.plan.epoch
+                and (node.pushing is None or node.pushing.done())
+                and now >= node.next_push_at
+            ):
+                node.pushing = asyncio.create_task(self._push(node), name=f"push:{node.name}")
+
+    async def _push(self, node: NodeState) -> None:
+        app = self.app
+        assert app.push is not None
+        assignment = app.assignment(node.name)
+        try:
+            resp = await app.push(node.agent_address, assignment, self.settings.apply_timeout_s)
+        except FailedPrecondition:
+            # the agent already runs a newer epoch than this one
+            node.pushed_epoch = max(node.pushed_epoch, assignment.epoch)
+            return
+        except Exception as e:
+            node.push_failures += 1
+            node.next_push_at = time.monotonic() + PUSH_BACKOFF.delay_s(node.push_failures)
+            if node.push_failures == 1:
+                log.warning("apply on %s (%s) failed: %s", node.name, node.agent_address, e)
+            return
+        node.push_failures = 0
+        node.pushed_epoch = max(node.pushed_epoch, assignment.epoch)
+        node.applied_epoch = max(node.applied_epoch, resp.epoch)
+        node.endpoints = list(resp.endpoints)
+        await app.publish_routes()
+
+    def export_gauges(self) -> None:
+        app = self.app
+        for (pipeline, stage), s in app.last_snapshot.items():
+            metrics.WINDOW_P99.labels(pipeline=pipeline, stage=stage).set(s.p99_ms / 1000)
+        for name, qps in app.load_qps().items():
+            metrics.ARRIVAL_QPS.labels(pipeline=name).set(qps)
+            metrics.QOS_TARGET.labels(pipeline=name).set(app.qos_of(name) / 1000)
+        metrics.PLAN_EPOCH.set(app.plan.epoch)
+        metrics.SM_SHARE.clear()  # replicas come and go with plans: no stale series
+        for st in app.plan.stages:
+            metrics.REPLICAS.labels(pipeline=st.pipeline, stage=st.stage).set(len(st.replicas))
+            for r in st.replicas:
+                metrics.SM_SHARE.labels(
+                    pipeline=st.pipeline, stage=st.stage, replica=r.replica_id
+                ).set(r.sm_percent)

@@ -1,0 +1,615 @@
+"""Building blocks the predictive policies share: share grid, per-stage choices, packing, checks.
+
+A stage's choice is (share units per replica, max batch, replica count). For one stage at one
+rate, `frontier` returns the Pareto set of choices over (total units, predicted p99), computed
+with the vectorised twin of the queueing model. `cheapest` picks one choice per stage of a
+pipeline with the least total units whose p99s fit the budget (an exact multiple-choice
+knapsack by merging Pareto sets). `pack` puts the replicas on GPUs (shares and memory), keeping
+a pipeline's adjacent stages on one GPU where it can. `assemble` turns that into a PlanSpec,
+and `check_plan` states every constraint a plan must meet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import FailedPrecondition, InvalidArgument
+from scheduler import queueing
+from scheduler.policy import (
+    GpuInfo,
+    PipelineInfo,
+    PlanSpec,
+    PolicyInput,
+    ReplicaSpec,
+    StageAssignment,
+)
+from scheduler.profiles import StageProfile, as_profiles
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How shares are quantised: MPS percentage steps, or green-context SM groups."""
+
+    green: bool
+    unit_percent: float
+    units_per_gpu: int
+
+    @classmethod
+    def for_world(cls, world: PolicyInput, step_percent: float) -> Grid:
+        gpus = [g for n in world.nodes for g in n.gpus]
+        if not gpus:
+            raise FailedPrecondition("no GPU to plan on")
+        if all(g.sm_groups > 0 and g.sms_per_group > 0 for g in gpus):
+            g = min(gpus, key=lambda g: g.sm_groups)
+            return cls(True, 100.0 * g.sms_per_group / g.sm_count, g.sm_groups)
+        if not (0 < step_percent <= 100) or abs(100 / step_percent - round(100 / step_percent)) > 1e-9:
+            raise InvalidArgument(f"share_step must divide 100, got {step_percent}")
+        return cls(False, step_percent, round(100 / step_percent))
+
+    def percent(self, units: int) -> float:
+        return round(units * self.unit_percent, 6)
+
+
+@dataclass(frozen=True)
+class Slot:
+    node: str
+    gpu: GpuInfo
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str
+    units: int
+    batch: int
+    replicas: int
+    p99_ms: float
+
+    @property
+    def cost(self) -> int:
+        return self.units * self.replicas
+
+
+@dataclass(frozen=True)
+class Options:
+    share_step: float
+    batches: tuple[int, ...] | None  # None: each profile's own
+    max_wait_us: int
+    max_replicas: int
+    transport: str
+
+    @classmethod
+    def parse(cls, opts: Mapping[str, str], n_gpus: int) -> Options:
+        try:
+            batches = opts.get("batches")
+            return cls(
+                share_step=float(opts.get("share_step", "10")),
+                batches=tuple(sorted({int(b) for b in batches.split(",")})) if batches else None,
+                max_wait_us=int(opts.get("max_wait_us", "2000")),
+                max_replicas=int(opts.get("max_replicas", str(max(4, 2 * n_gpus)))),
+                transport=opts.get("transport", "ref"),
+            )
+        except ValueError as e:
+            raise InvalidArgument(f"bad policy option: {e}") from e
+
+
+def slots(world: PolicyInput) -> list[Slot]:
+    return [Slot(n.name, g) for n in world.nodes for g in n.gpus]
+
+
+def stage_profiles(world: PolicyInput) -> dict[str, StageProfile]:
+    """The profile of every stage of every pipeline (FAILED_PRECONDITION when one is missing)."""
+    profiles = as_profiles(world.profiles)
+    for p in world.pipelines:
+        for st in p.stages:
+            if f"{p.name}/{st.name}" not in profiles:
+                raise FailedPrecondition(f"no profile for stage {p.name}/{st.name}")
+    return profiles
+
+
+def min_p99_ms(pipeline: PipelineInfo, profiles: Mapping[str, StageProfile], hop_ms: float) -> float:
+    """The lowest p99 any plan can reach: every stage alone on a whole GPU, batch 1, no load."""
+    return sum(
+        profiles[f"{pipeline.name}/{s.name}"].latency(100.0, 1) * profiles[f"{pipeline.name}/{s.name}"].bias
+        for s in pipeline.stages
+    ) + hop_ms * len(pipeline.stages)
+
+
+class Candidates:
+    """Every (share units, batch) of several stages, with their latency tables laid out once.
+
+    `frontiers` then works out, for given rates and contention factors, each stage's Pareto
+    set of (units, replicas, batch) choices in one vectorised pass over all stages.
+    """
+
+    def __init__(
+        self,
+        profs: Sequence[StageProfile],
+        grid: Grid,
+        batches: Sequence[Sequence[int]],
+        wait_ms: float,
+        max_replicas: int,
+        extra: int = 2,
+    ) -> None:
+        self.profs, self.wait_ms, self.max_replicas, self.extra = profs, wait_ms, max_replicas, extra
+        nbmax = max(len(p.batches) for p in profs)
+        sid, us, bs_, lo_rows, hi_rows, grids, ts, scales = [], [], [], [], [], [], [], []
+        for i, prof in enumerate(profs):
+            usable = [b for b in batches[i] if b <= prof.max_batch] or [prof.batches[0]]
+            shares = np.asarray(prof.shares)
+            table = np.asarray(prof._table)
+            pad = nbmax - len(prof.batches)
+            pbs = np.concatenate([prof.batches, prof.batches[-1] + 1.0 + np.arange(pad)])
+            ptab = np.concatenate([table, np.repeat(table[:, -1:], pad, axis=1)], axis=1)
+            for u in range(1, grid.units_per_gpu + 1):
+                share = grid.percent(u)
+                j = int(np.clip(np.searchsorted(shares, share, side="right") - 1, 0, max(len(shares) - 2, 0)))
+                j1 = min(j + 1, len(shares) - 1)
+                t = 0.0
+                if j1 != j:
+                    t = min(1.0, max(0.0, math.log(share / shares[j]) / math.log(shares[j1] / shares[j])))
+                scale = math.log(max(shares[0] / share, 1.0))
+                for b in usable:
+                    sid.append(i)
+                    us.append(u)
+                    bs_.append(b)
+                    lo_rows.append(ptab[j])
+                    hi_rows.append(ptab[j1])
+                    grids.append(pbs)
+                    ts.append(t)
+                    scales.append(scale)
+        self.sid = np.asarray(sid)
+        self.u = np.asarray(us)
+        self.b = np.asarray(bs_, dtype=float)
+        self.lo = np.asarray(lo_rows)
+        self.hi = np.asarray(hi_rows)
+        self.grid = np.asarray(grids)
+        self.t = np.asarray(ts)
+        self.scale = np.asarray(scales)
+        self.bias = np.asarray([p.bias for p in profs])
+        self.solo = self._latency(np.arange(len(self.u)), self.b)
+
+    def _latency(self, rows: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        g = self.grid[rows]
+        k = np.maximum((g <= batch[:, None]).sum(axis=1) - 1, 0)
+        k = np.minimum(k, g.shape[1] - 2) if g.shape[1] > 1 else k
+        if g.shape[1] == 1:
+            lo, hi = self.lo[rows, 0], self.hi[rows, 0]
+        else:
+            g0, g1 = g[np.arange(len(rows)), k], g[np.arange(len(rows)), k + 1]
+            w = np.minimum(np.maximum((batch - g0) / (g1 - g0), 0.0), 1.0)
+            lo = self.lo[rows, k] * (1 - w) + self.lo[rows, k + 1] * w
+            hi = self.hi[rows, k] * (1 - w) + self.hi[rows, k + 1] * w
+        t = self.t[rows]
+        out = np.exp((1 - t) * np.log(lo) + t * np.log(hi) + self.scale[rows])
+        return out  # type: ignore[no-any-return]
+
+    def frontiers(self, rates: Sequence[float], factors: Sequence[float]) -> list[list[Choice]]:
+        """Per stage, Pareto choices (fewer units, lower p99) that carry its rate stably."""
+        fac = np.asarray(factors, dtype=float)[self.sid]
+        rate = np.maximum(np.asarray(rates, dtype=float), 1e-6)[self.sid]
+        cap = 1000.0 * self.b / (self.solo * fac)
+        n_min = np.maximum(1, np.ceil(rate / (cap * queueing.RHO_MAX) - 1e-9)).astype(int)
+        idx = np.tile(np.arange(len(self.u)), self.extra + 1)
+        n = (n_min[None, :] + np.arange(self.extra + 1)[:, None]).ravel()
+        keep = n <= self.max_replicas
+        rows, n = idx[keep], n[keep]
+        out: list[list[Choice]] = [[] for _ in self.profs]
+        if len(rows) == 0:
+            return out
+        f = fac[rows]
+        p99, util = queueing.replica_many(
+            rate[rows] / n, self.b[rows], self.wait_ms, lambda x: self._latency(rows, x) * f
+        )
+        sid = self.sid[rows]
+        p99 = p99 * self.bias[sid]
+        ok = (util <= queueing.RHO_MAX) & np.isfinite(p99)
+        rows, n, p99, sid = rows[ok], n[ok], p99[ok], sid[ok]
+        cost = self.u[rows] * n
+        order = np.lexsort((n, p99, cost, sid))
+        rows, n, p99, sid, cost = rows[order], n[order], p99[order], sid[order], cost[order]
+        # running minimum of p99 within each stage: later stages get smaller offsets
+        big = (float(p99.max()) + 1.0) if len(p99) else 1.0
+        shifted = p99 + (len(self.profs) - sid) * big
+        runmin = np.minimum.accumulate(shifted)
+        first = np.ones(len(sid), dtype=bool)
+        first[1:] = sid[1:] != sid[:-1]
+        pareto = first.copy()
+        pareto[1:] |= shifted[1:] < runmin[:-1] - 1e-9
+        for i in np.flatnonzero(pareto):
+            s = int(sid[i])
+            out[s].append(
+                Choice(self.profs[s].key, int(self.u[rows[i]]), int(self.b[rows[i]]), int(n[i]), float(p99[i]))
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Merged:
+    """A pipeline's Pareto set of whole-pipeline choices: cost ascending, p99 descending."""
+
+    fronts: Sequence[Sequence[Choice]]
+    cost: np.ndarray
+    lat: np.ndarray
+    picks: list[np.ndarray]  # per stage, the chosen index for each combination
+    back: list[np.ndarray]  # per stage, the parent combination in the previous stage's set
+
+    def choose(self, k: int) -> list[Choice]:
+        chosen: list[Choice] = []
+        for s in range(len(self.fronts) - 1, -1, -1):
+            chosen.append(self.fronts[s][int(self.picks[s][k])])
+            k = int(self.back[s][k])
+        return chosen[::-1]
+
+    def cheapest_within(self, budget_ms: float) -> int | None:
+        """Index of the cheapest combination with p99 <= budget (lat is descending)."""
+        k = int(np.searchsorted(-self.lat, -budget_ms, side="left"))
+        return k if k < len(self.lat) else None
+
+
+def merge(fronts: Sequence[Sequence[Choice]], budget_ms: float) -> Merged | None:
+    """Exact multiple-choice knapsack: every Pareto (units, summed p99 <= budget) combination."""
+    cost = np.zeros(1)
+    lat = np.zeros(1)
+    picks: list[np.ndarray] = []
+    back: list[np.ndarray] = []
+    for front in fronts:
+        if not front:
+            return None
+        fc = np.array([c.cost for c in front], dtype=float)
+        fl = np.array([c.p99_ms for c in front])
+        c2 = (cost[:, None] + fc[None, :]).ravel()
+        l2 = (lat[:, None] + fl[None, :]).ravel()
+        parent = np.repeat(np.arange(len(cost)), len(front))
+        idx = np.tile(np.arange(len(front)), len(cost))
+        ok = l2 <= budget_ms
+        if not ok.any():
+            return None
+        c2, l2, parent, idx = c2[ok], l2[ok], parent[ok], idx[ok]
+        order = np.lexsort((l2, c2))
+        c2, l2, parent, idx = c2[order], l2[order], parent[order], idx[order]
+        runmin = np.minimum.accumulate(l2)
+        pareto = np.ones(len(l2), dtype=bool)
+        pareto[1:] = l2[1:] < runmin[:-1] - 1e-9
+        cost, lat = c2[pareto], l2[pareto]
+        picks.append(idx[pareto])
+        back.append(parent[pareto])
+    return Merged(fronts, cost, lat, picks, back)
+
+
+def cheapest(fronts: Sequence[Sequence[Choice]], budget_ms: float) -> list[Choice] | None:
+    """One choice per stage, least total units with summed p99 <= budget (exact)."""
+    m = merge(fronts, budget_ms)
+    return None if m is None else m.choose(0)
+
+
+@dataclass(frozen=True)
+class Item:
+    pipeline: int
+    stage: int
+    key: str
+    units: int
+    memory_bytes: int
+
+
+PACKINGS = ("adjacent", "spread", "isolate")
+
+
+def pack(
+    items: Sequence[Item], gpus: Sequence[Slot], grid: Grid, mode: str = "adjacent"
+) -> list[int] | None:
+    """A GPU index per item, or None. Items go in pipeline and stage order.
+
+    adjacent: onto the GPU of the pipeline's previous item where it fits, else best fit (fewest
+    GPUs, no copy between stages); spread: worst fit (least contention); isolate: best fit
+    among GPUs no other pipeline uses yet, where there is one (no cross-pipeline contention).
+    """
+    free = [min(grid.units_per_gpu, _units_of(g.gpu, grid)) for g in gpus]
+    mem = [g.gpu.memory_bytes for g in gpus]
+    owner: list[int | None] = [None] * len(gpus)
+    where: list[int] = [-1] * len(items)
+    last: dict[int, int] = {}
+    order = sorted(range(len(items)), key=lambda i: (items[i].pipeline, items[i].stage))
+    for i in order:
+        it = items[i]
+        fits = [g for g in range(len(gpus)) if free[g] >= it.units and mem[g] >= it.memory_bytes]
+        if not fits:
+            return None
+        prev = last.get(it.pipeline)
+        if mode == "spread":
+            g = max(fits, key=lambda g: (free[g], -g))
+        elif mode == "isolate":
+            own = [g for g in fits if owner[g] in (None, it.pipeline)]
+            g = min(own or fits, key=lambda g: (owner[g] is None, free[g] - it.units, g))
+        elif prev is not None and prev in fits:
+            g = prev
+        else:
+            g = min(fits, key=lambda g: (free[g] - it.units, g))
+        free[g] -= it.units
+        mem[g] -= it.memory_bytes
+        owner[g] = it.pipeline if owner[g] in (None, it.pipeline) else -1
+        where[i] = g
+        last[it.pipeline] = g
+    return where
+
+
+def _units_of(gpu: GpuInfo, grid: Grid) -> int:
+    return gpu.sm_groups if grid.green else grid.units_per_gpu
+
+
+def items_for(
+    world: PolicyInput, chosen: Mapping[str, Choice], profiles: Mapping[str, StageProfile]
+) -> list[Item]:
+    out = []
+    for pi, p in enumerate(world.pipelines):
+        for si, st in enumerate(p.stages):
+            key = f"{p.name}/{st.name}"
+            c = chosen[key]
+            mem = profiles[key].memory_bytes(c.batch)
+            out.extend(Item(pi, si, key, c.units, mem) for _ in range(c.replicas))
+    return out
+
+
+def assemble(
+    policy: str,
+    world: PolicyInput,
+    chosen: Mapping[str, Choice],
+    items: Sequence[Item],
+    where: Sequence[int],
+    grid: Grid,
+    *,
+    max_wait_us: int,
+    planned_qps: Mapping[str, float],
+    clamped: Sequence[str] = (),
+    reason: str = "",
+) -> PlanSpec:
+    gpus = slots(world)
+    next_group = [0] * len(gpus)
+    replicas: dict[str, list[ReplicaSpec]] = {}
+    for it, g in zip(items, where, strict=True):
+        c = chosen[it.key]
+        rid = f"{it.key.replace('/', '.')}.{len(replicas.get(it.key, []))}"
+        groups: tuple[int, ...] = ()
+        if grid.green:
+            groups = tuple(range(next_group[g], next_group[g] + it.units))
+            next_group[g] += it.units
+        spec = ReplicaSpec(
+            rid, gpus[g].node, gpus[g].gpu.index, grid.percent(it.units), c.batch, max_wait_us, groups
+        )
+        replicas.setdefault(it.key, []).append(spec)
+    stages = []
+    for p in world.pipelines:
+        for st in p.stages:
+            key = f"{p.name}/{st.name}"
+            stages.append(StageAssignment(p.name, st.name, tuple(replicas[key]), chosen[key].p99_ms))
+    return PlanSpec(policy, tuple(stages), dict(planned_qps), tuple(clamped), reason)
+
+
+def check_plan(world: PolicyInput, plan: PlanSpec, *, time_sliced_ok: bool = False) -> list[str]:
+    """Every constraint violated by `plan` (empty when it is valid)."""
+    problems: list[str] = []
+    profiles = as_profiles(world.profiles)
+    gpus = {(n.name, g.index): g for n in world.nodes for g in n.gpus}
+    share: dict[tuple[str, int], float] = {}
+    mem: dict[tuple[str, int], int] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
+    ids: set[str] = set()
+    seen: set[str] = set()
+    for a in plan.stages:
+        key = f"{a.pipeline}/{a.stage}"
+        seen.add(key)
+        if not a.replicas:
+            problems.append(f"{key}: no replica")
+        for r in a.replicas:
+            if r.replica_id in ids:
+                problems.append(f"{key}: duplicate replica id {r.replica_id}")
+            ids.add(r.replica_id)
+            g = (r.node, r.gpu)
+            if g not in gpus:
+                problems.append(f"{r.replica_id}: no GPU {g}")
+                continue
+            if not (0 < r.sm_percent <= 100 + 1e-9):
+                problems.append(f"{r.replica_id}: share {r.sm_percent} outside (0, 100]")
+            if r.max_batch < 1:
+                problems.append(f"{r.replica_id}: max_batch {r.max_batch} < 1")
+            share[g] = share.get(g, 0.0) + r.sm_percent
+            prof = profiles.get(key)
+            if prof is not None:
+                mem[g] = mem.get(g, 0) + prof.memory_bytes(r.max_batch)
+            groups.setdefault(g, []).extend(r.sm_groups)
+    for p in world.pipelines:
+        for st in p.stages:
+            if f"{p.name}/{st.name}" not in seen:
+                problems.append(f"{p.name}/{st.name}: missing from plan")
+    for g, total in share.items():
+        if total > 100 + 1e-6 and not time_sliced_ok:
+            problems.append(f"GPU {g}: shares sum to {total:.1f}% > 100%")
+        if mem.get(g, 0) > gpus[g].memory_bytes:
+            problems.append(f"GPU {g}: memory {mem[g]} > {gpus[g].memory_bytes}")
+        gl = groups.get(g, [])
+        if len(gl) != len(set(gl)):
+            problems.append(f"GPU {g}: SM groups overlap")
+        if gl and (max(gl) >= gpus[g].sm_groups or min(gl) < 0):
+            problems.append(f"GPU {g}: SM group index out of range")
+    return problems
+
+
+class Solver:
+    """Plans a world at given per-pipeline rates with the least units that meet every QoS.
+
+    Per-stage choices are made with a contention factor per stage; the plan is then packed and
+    checked by the full predictor, whose factors feed the next round (three at most). Factors
+    of the last feasible plan seed the next call, so a search over loads converges quickly.
+    """
+
+    def __init__(self, world: PolicyInput, policy: str) -> None:
+        from scheduler.predictor import HopCosts
+
+        self.world, self.policy = world, policy
+        self.profiles = stage_profiles(world)
+        self.gpus = slots(world)
+        self.opts = Options.parse(world.options, len(self.gpus))
+        if self.opts.transport not in ("ref", "wire"):
+            raise InvalidArgument(f"transport must be ref or wire, got {self.opts.transport!r}")
+        self.grid = Grid.for_world(world, self.opts.share_step)
+        self.wait_ms = self.opts.max_wait_us / 1000.0
+        self.factors: dict[str, float] = {}
+        self.rounds = 6
+        hops = HopCosts()
+        wire = self.opts.transport == "wire"
+        self.hop_ms: dict[str, float] = {}
+        self.qos: dict[str, float] = {}
+        self.clamped: list[str] = []
+        for p in world.pipelines:
+            keys = [f"{p.name}/{s.name}" for s in p.stages]
+            self.hop_ms[p.name] = sum(
+                hops.hop_ms(self.profiles[k].output_bytes_per_item, 1.0, True, wire) for k in keys
+            )
+            floor = sum(self.profiles[k].latency(100.0, 1) * self.profiles[k].bias for k in keys)
+            floor += self.hop_ms[p.name]
+            self.qos[p.name] = p.qos_p99_ms
+            if p.qos_p99_ms < 1.05 * floor:
+                # cannot be met by any plan: serve it best-effort at a reachable target
+                self.qos[p.name] = 1.5 * floor
+                self.clamped.append(p.name)
+
+        self.keys = [f"{p.name}/{s.name}" for p in world.pipelines for s in p.stages]
+        self.candidates = Candidates(
+            [self.profiles[k] for k in self.keys],
+            self.grid,
+            [self.batches(k) for k in self.keys],
+            self.wait_ms,
+            self.opts.max_replicas,
+        )
+
+    def batches(self, key: str) -> tuple[int, ...]:
+        return self.opts.batches or self.profiles[key].batches
+
+    def capacity_units(self) -> int:
+        return sum(min(self.grid.units_per_gpu, _units_of(g.gpu, self.grid)) for g in self.gpus)
+
+    def _slack(self, merged: Sequence[tuple[Merged, float]]) -> list[int] | None:
+        """Per pipeline, the combination to use when spare units are free: the smallest common
+        fraction θ of every pipeline's budget whose cheapest combinations still pack."""
+        thetas = np.unique(np.concatenate([m.lat / budget for m, budget in merged]))
+        cap = self.capacity_units()
+
+        def fit(theta: float) -> list[int] | None:
+            ks = [m.cheapest_within(theta * budget * (1 + 1e-12)) for m, budget in merged]
+            if any(k is None for k in ks):
+                return None
+            picked = [int(k) for k in ks if k is not None]
+            if sum(m.cost[k] for (m, _), k in zip(merged, picked, strict=True)) > cap:
+                return None
+            chosen: dict[str, Choice] = {}
+            for (m, _), k in zip(merged, picked, strict=True):
+                chosen.update((c.key, c) for c in m.choose(k))
+            items = items_for(self.world, chosen, self.profiles)
+            if all(pack(items, self.gpus, self.grid, m) is None for m in PACKINGS[:2]):
+                return None
+            return picked
+
+        lo, hi = 0, len(thetas) - 1  # thetas[hi] == 1 budget for the slowest: always within
+        best = fit(float(thetas[hi]))
+        if best is None:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            got = fit(float(thetas[mid]))
+            if got is None:
+                lo = mid + 1
+            else:
+                hi, best = mid, got
+        return best
+
+    def attempt(
+        self, rates: Mapping[str, float], reason: str = "", *, slack: bool = False
+    ) -> tuple[PlanSpec, Any] | None:
+        from dataclasses import replace
+
+        from scheduler.predictor import predict
+
+        factors = dict(self.factors)
+        keys = self.keys
+        previous = math.inf
+        for _ in range(self.rounds):
+            fronts = self.candidates.frontiers(
+                [float(rates.get(k.partition("/")[0], 0.0)) for k in keys],
+                [factors.get(k, 1.0) for k in keys],
+            )
+            by_key = dict(zip(keys, fronts, strict=True))
+            merged: list[tuple[Merged, float]] = []
+            for p in self.world.pipelines:
+                budget = self.qos[p.name] - self.hop_ms[p.name]
+                m = merge([by_key[f"{p.name}/{s.name}"] for s in p.stages], budget)
+                if m is None:
+                    return None
+                merged.append((m, budget))
+            picked = self._slack(merged) if slack else [0] * len(merged)
+            if picked is None:
+                return None
+            chosen: dict[str, Choice] = {}
+            for (m, _), k in zip(merged, picked, strict=True):
+                chosen.update((c.key, c) for c in m.choose(k))
+            items = items_for(self.world, chosen, self.profiles)
+            if sum(i.units for i in items) > self.capacity_units():
+                return None
+            tried = []
+            for mode in PACKINGS:
+                where = pack(items, self.gpus, self.grid, mode)
+                if where is None:
+                    continue
+                plan = assemble(
+                    self.policy,
+                    self.world,
+                    chosen,
+                    items,
+                    where,
+                    self.grid,
+                    max_wait_us=self.opts.max_wait_us,
+                    planned_qps=rates,
+                    clamped=self.clamped,
+                    reason=reason,
+                )
+                pred = predict(self.world, plan, rates, transport=self.opts.transport)
+                if pred.feasible:
+                    self.factors = _factors(pred)
+                    stages = tuple(
+                        replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms)
+                        for a in plan.stages
+                    )
+                    return replace(plan, stages=stages), pred
+                tried.append(pred)
+            if not tried:
+                return None
+            # price the next round's choices with the contention of the least bad packing
+            worst = min(self._overshoot(t) for t in tried)
+            if worst >= previous * 0.99:
+                return None  # contention is not converging toward a feasible plan
+            previous = worst
+            least = _factors(min(tried, key=self._overshoot))
+            # damped: jumping to the new factors makes choices and contention chase each other
+            factors = {k: math.sqrt(factors.get(k, 1.0) * f) for k, f in least.items()}
+        return None
+
+    def _overshoot(self, pred: Any) -> float:
+        return max(
+            (pp.p99_ms / self.qos[name] if pp.p99_ms < math.inf else math.inf)
+            for name, pp in pred.pipelines.items()
+        )
+
+
+def _factors(pred: Any) -> dict[str, float]:
+    return {
+        f"{s.pipeline}/{s.stage}": max(r.factor for r in s.replicas)
+        for pp in pred.pipelines.values()
+        for s in pp.stages
+    }
+
+
+def total_units(plan: PlanSpec) -> float:
+    return sum(r.sm_percent for a in plan.stages for r in a.replicas)

@@ -1,0 +1,77 @@
+"""The `even` baseline: one replica per stage, GPUs split into equal SM shares.
+
+Stages (every stage of every pipeline, in order) are dealt over the GPUs of all nodes in
+contiguous runs, so adjacent stages of a pipeline share a GPU when stages outnumber GPUs; each
+GPU's 100% is split equally among the stages on it. In green mode a GPU's SM groups are split
+the same way (contiguous, disjoint). On the host backend (no GPUs anywhere) stages are dealt
+over the host nodes with gpu -1 and sm_percent 100: there is nothing to share.
+"""
+
+from __future__ import annotations
+
+import math
+
+from common.errors import FailedPrecondition
+from scheduler.policy import (
+    GpuInfo,
+    NodeInfo,
+    PlanSpec,
+    PolicyInput,
+    ReplicaSpec,
+    StageAssignment,
+)
+
+
+class EvenPolicy:
+    name = "even"
+
+    def plan(self, world: PolicyInput) -> PlanSpec:
+        stages = [(p, s) for p in world.pipelines for s in p.stages]
+        gpus: list[tuple[NodeInfo, GpuInfo | None]] = [
+            (n, g) for n in world.nodes if n.backend == "cuda" for g in n.gpus
+        ]
+        if not gpus:
+            gpus = [(n, None) for n in world.nodes]
+        if not gpus:
+            raise FailedPrecondition("no nodes to place stages on (no agent has reported)")
+        if not stages:
+            return PlanSpec(policy=self.name, stages=(), planned_qps=dict(world.load_qps))
+        # stage i goes to slot floor(i * G / N): contiguous runs, every slot used when N >= G
+        slot_of = [i * len(gpus) // len(stages) if len(stages) >= len(gpus) else i
+                   for i in range(len(stages))]  # fmt: skip
+        on_slot: dict[int, list[int]] = {}
+        for i, slot in enumerate(slot_of):
+            on_slot.setdefault(slot, []).append(i)
+        out: list[StageAssignment] = []
+        for i, (p, s) in enumerate(stages):
+            node, gpu = gpus[slot_of[i]]
+            peers = on_slot[slot_of[i]]
+            k, j = len(peers), peers.index(i)
+            groups: tuple[int, ...] = ()
+            if gpu is None:
+                index, percent = -1, 100.0
+            elif gpu.sm_groups > 0:
+                per = gpu.sm_groups // k
+                if per == 0:
+                    raise FailedPrecondition(
+                        f"{node.name} GPU {gpu.index}: {k} stages but {gpu.sm_groups} SM groups"
+                    )
+                groups = tuple(range(j * per, (j + 1) * per))
+                index = gpu.index
+                sms = per * gpu.sms_per_group
+                percent = min(100.0, 100.0 * sms / gpu.sm_count) if gpu.sm_count else 100.0 / k
+            else:
+                index = gpu.index
+                # floor to 0.01% so the shares of one GPU never add past 100
+                percent = math.floor(10_000 / k) / 100
+            replica = ReplicaSpec(
+                replica_id=f"{p.name}.{s.name}.0",
+                node=node.name,
+                gpu=index,
+                sm_percent=percent,
+                max_batch=s.max_batch,
+                max_wait_us=s.max_wait_us,
+                sm_groups=groups,
+            )
+            out.append(StageAssignment(pipeline=p.name, stage=s.name, replicas=(replica,)))
+        return PlanSpec(policy=self.name, stages=tuple(out), planned_qps=dict(world.load_qps))

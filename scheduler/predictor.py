@@ -1,0 +1,345 @@
+"""The contention-aware predictor: what a plan will do before it is made.
+
+Per replica: solo batch latency from its stage profile at its SM share, times a factor for what
+shares its GPU. Spatial sharing (shares on a GPU sum to <= 100%): the factor is the stage's
+sensitivity at the summed pressure of the co-runners, each co-runner's pressure scaled by how
+busy it is and by the bandwidth its share lets it draw. Time slicing (shares sum above 100%, as
+when whole-GPU replicas share a GPU): replicas take turns on all SMs, so a replica's batch is
+stretched by the busy fraction of the others, and the GPU must not be busier than 100% in all.
+The two interact (busy fractions depend on the factors), so the per-GPU factors are iterated.
+
+Per stage: the load splits evenly over its replicas (the gateway routes to the least
+outstanding); a replica's p99 comes from `scheduler.queueing`; the stage's p99 is its worst
+replica's, times the stage's online bias. Per pipeline: stage p99s add (conservative), plus
+one hop per stage: a constant for refs, plus a peer copy of the item where adjacent stages sit
+on different GPUs, or a copy through the host and the wire on the `wire` transport.
+
+`BiasCorrector` keeps the online correction: a bounded EWMA (in log space) of measured over
+predicted p99, per pipeline and per stage, folded into the profiles' `bias` before a policy
+runs, so a model error becomes a re-plan rather than a silently missed target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import FailedPrecondition, InvalidArgument
+from scheduler import queueing
+from scheduler.policy import GpuInfo, Measured, PlanSpec, PolicyInput, ReplicaSpec
+from scheduler.profiles import StageProfile, as_profiles
+
+
+@dataclass(frozen=True)
+class HopCosts:
+    """Per-request cost of one stage hop (gateway -> stage -> gateway), ms and bytes/s."""
+
+    ref_ms: float = 0.25
+    peer_bytes_s: float = 40e9  # GPU to GPU on one node (NVLink/PCIe P2P)
+    node_bytes_s: float = 10e9  # between nodes
+    wire_ms: float = 0.5
+    host_bytes_s: float = 12e9  # device <-> host copies on the wire transport
+
+    def hop_ms(
+        self, item_bytes: int, same_gpu_fraction: float, same_node: bool, wire: bool
+    ) -> float:
+        if wire:
+            # device -> host -> wire -> host -> device, every hop
+            return self.wire_ms + item_bytes * (2 / self.host_bytes_s + 1 / self.node_bytes_s) * 1e3
+        cross = item_bytes / (self.peer_bytes_s if same_node else self.node_bytes_s) * 1e3
+        return self.ref_ms + (1.0 - same_gpu_fraction) * cross
+
+
+def share_percent(r: ReplicaSpec, gpu: GpuInfo | None) -> float:
+    """A replica's SM share in percent: its MPS percentage, or its green groups' SMs."""
+    if r.sm_groups and gpu is not None and gpu.sms_per_group and gpu.sm_count:
+        return 100.0 * len(r.sm_groups) * gpu.sms_per_group / gpu.sm_count
+    return r.sm_percent
+
+
+def stage_estimate(
+    profile: StageProfile,
+    rate_qps: float,
+    share: float,
+    batch: int,
+    max_wait_ms: float,
+    factor: float = 1.0,
+) -> queueing.Estimate:
+    """One replica of `profile` at `rate_qps`, share and batch, slowed by `factor` (>= 1)."""
+    return queueing.replica(
+        rate_qps, batch, max_wait_ms, lambda b: profile.latency(share, b) * factor
+    )
+
+
+def stage_p99_ms(
+    profile: StageProfile,
+    rate_qps: float,
+    replicas: int,
+    share: float,
+    batch: int,
+    max_wait_ms: float = 2.0,
+    factor: float = 1.0,
+) -> float:
+    """Stage p99 with `replicas` alike replicas sharing `rate_qps`; inf when unstable."""
+    est = stage_estimate(profile, rate_qps / replicas, share, batch, max_wait_ms, factor)
+    return est.p99_ms * profile.bias if est.stable else math.inf
+
+
+@dataclass(frozen=True)
+class ReplicaPrediction:
+    replica_id: str
+    node: str
+    gpu: int
+    share: float
+    factor: float  # contention slowdown or time-slice stretch, >= 1
+    time_sliced: bool
+    pressure: float  # what it exerts on its co-runners
+    estimate: queueing.Estimate
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    pipeline: str
+    stage: str
+    rate_qps: float
+    replicas: tuple[ReplicaPrediction, ...]
+    p99_ms: float
+    capacity_qps: float
+    stable: bool
+
+    def decomposition(self) -> dict[str, float]:
+        worst = max(self.replicas, key=lambda r: r.p99_ms).estimate
+        return {
+            "fill_ms": worst.fill_ms,
+            "residual_ms": worst.residual_ms,
+            "queue_p99_ms": worst.queue_p99_ms,
+            "service_ms": worst.service_ms,
+            "batch": worst.batch,
+            "factor": max(r.factor for r in self.replicas),
+            "p99_ms": self.p99_ms,
+        }
+
+
+@dataclass(frozen=True)
+class PipelinePrediction:
+    pipeline: str
+    rate_qps: float
+    qos_p99_ms: float
+    stages: tuple[StagePrediction, ...]
+    hops_ms: float
+    p99_ms: float
+
+    @property
+    def feasible(self) -> bool:
+        return all(s.stable for s in self.stages) and self.p99_ms <= self.qos_p99_ms
+
+    def decomposition(self) -> dict[str, Any]:
+        return {
+            "p99_ms": self.p99_ms,
+            "hops_ms": self.hops_ms,
+            "stages": {s.stage: s.decomposition() for s in self.stages},
+        }
+
+
+@dataclass(frozen=True)
+class PlanPrediction:
+    pipelines: dict[str, PipelinePrediction]
+    problems: tuple[str, ...] = ()  # GPU-level violations (time slices over 100% busy)
+    gpu_pressure: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems and all(p.feasible for p in self.pipelines.values())
+
+    def stage(self, pipeline: str, stage: str) -> StagePrediction:
+        for s in self.pipelines[pipeline].stages:
+            if s.stage == stage:
+                return s
+        raise KeyError(f"{pipeline}/{stage}")
+
+
+@dataclass
+class _Slot:
+    key: str
+    r: ReplicaSpec
+    prof: StageProfile
+    share: float
+    rate: float
+    wait_ms: float
+    factor: float = 1.0
+    pressure: float = 0.0
+    busy: float = 0.0
+    est: queueing.Estimate | None = None
+
+
+def _gpus(world: PolicyInput) -> dict[tuple[str, int], GpuInfo]:
+    return {(n.name, g.index): g for n in world.nodes for g in n.gpus}
+
+
+def predict(
+    world: PolicyInput,
+    plan: PlanSpec,
+    rates: Mapping[str, float] | None = None,
+    *,
+    transport: str = "ref",
+    hops: HopCosts | None = None,
+    rounds: int = 3,
+) -> PlanPrediction:
+    """Every pipeline's p99 (decomposed) under `plan` at `rates` (default: world.load_qps)."""
+    if transport not in ("ref", "wire"):
+        raise InvalidArgument(f"transport must be ref or wire, got {transport!r}")
+    hops = hops or HopCosts()
+    rates = world.load_qps if rates is None else rates
+    profiles = as_profiles(world.profiles)
+    gpus = _gpus(world)
+    by_stage: dict[str, list[_Slot]] = defaultdict(list)
+    by_gpu: dict[tuple[str, int], list[_Slot]] = defaultdict(list)
+    for a in plan.stages:
+        key = f"{a.pipeline}/{a.stage}"
+        prof = profiles.get(key)
+        if prof is None:
+            raise FailedPrecondition(f"no profile for stage {key}")
+        if not a.replicas:
+            raise InvalidArgument(f"stage {key} has no replica")
+        rate = float(rates.get(a.pipeline, 0.0)) / len(a.replicas)
+        for r in a.replicas:
+            slot = _Slot(
+                key, r, prof, share_percent(r, gpus.get((r.node, r.gpu))), rate, r.max_wait_us / 1e3
+            )
+            by_stage[key].append(slot)
+            by_gpu[(r.node, r.gpu)].append(slot)
+
+    problems: list[str] = []
+    gpu_pressure: dict[tuple[str, int], float] = {}
+    for gkey, slots in by_gpu.items():
+        sliced = sum(s.share for s in slots) > 100.0 + 1e-6
+        for _ in range(rounds):
+            for s in slots:
+                s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
+                s.busy = min(1.0, s.est.busy) if s.est.stable else 1.0
+                full = s.prof.throughput(100.0, s.r.max_batch)
+                s.pressure = (
+                    s.prof.pressure
+                    * s.busy
+                    * min(1.0, s.prof.throughput(s.share, s.r.max_batch) / full)
+                )
+            total_busy = sum(s.busy / s.factor for s in slots)  # solo busy fractions
+            total_pressure = sum(s.pressure for s in slots)
+            for s in slots:
+                if sliced:
+                    s.factor = 1.0 + total_busy - s.busy / s.factor
+                else:
+                    s.factor = s.prof.slowdown_at(total_pressure - s.pressure)
+        gpu_pressure[gkey] = 0.0 if sliced else sum(s.pressure for s in slots)
+        if sliced and sum(s.busy / s.factor for s in slots) > queueing.RHO_MAX:
+            problems.append(f"GPU {gkey[0]}:{gkey[1]} is time-sliced beyond capacity")
+        for s in slots:
+            s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
+
+    out: dict[str, PipelinePrediction] = {}
+    for p in world.pipelines:
+        stage_preds: list[StagePrediction] = []
+        for st in p.stages:
+            slots = by_stage.get(f"{p.name}/{st.name}")
+            if not slots:
+                raise InvalidArgument(f"plan has no replica for stage {p.name}/{st.name}")
+            reps = tuple(_replica_prediction(s) for s in slots)
+            stage_preds.append(
+                StagePrediction(
+                    p.name,
+                    st.name,
+                    float(rates.get(p.name, 0.0)),
+                    reps,
+                    max(r.p99_ms for r in reps),
+                    sum(_capacity(s) for s in slots),
+                    all(r.estimate.stable for r in reps),
+                )
+            )
+        hop_total = 0.0
+        for i, st in enumerate(p.stages):
+            cur = by_stage[f"{p.name}/{st.name}"]
+            nxt = by_stage[f"{p.name}/{p.stages[i + 1].name}"] if i + 1 < len(p.stages) else cur
+            same_gpu = sum((a.r.node, a.r.gpu) == (b.r.node, b.r.gpu) for a in cur for b in nxt) / (
+                len(cur) * len(nxt)
+            )
+            same_node = all(a.r.node == b.r.node for a in cur for b in nxt)
+            hop_total += hops.hop_ms(
+                cur[0].prof.output_bytes_per_item, same_gpu, same_node, transport == "wire"
+            )
+        total = sum(s.p99_ms for s in stage_preds) + hop_total
+        out[p.name] = PipelinePrediction(
+            p.name,
+            float(rates.get(p.name, 0.0)),
+            p.qos_p99_ms,
+            tuple(stage_preds),
+            hop_total,
+            total,
+        )
+    return PlanPrediction(out, tuple(problems), gpu_pressure)
+
+
+def _capacity(s: _Slot) -> float:
+    return 1000.0 * s.r.max_batch / (s.prof.latency(s.share, s.r.max_batch) * s.factor)
+
+
+def _replica_prediction(s: _Slot) -> ReplicaPrediction:
+    assert s.est is not None
+    sliced = s.factor > 1.0 and s.pressure == 0.0 and s.busy > 0.0
+    p99 = s.est.p99_ms * s.prof.bias if s.est.stable else math.inf
+    return ReplicaPrediction(
+        s.r.replica_id, s.r.node, s.r.gpu, s.share, s.factor, sliced, s.pressure, s.est, p99
+    )
+
+
+class BiasCorrector:
+    """Online multiplicative correction of predicted p99, per pipeline and per "pipeline/stage".
+
+    `update` takes a measured p99 and the p99 that was predicted *with the current factor
+    applied* (what the plan in force says), and moves the factor by the residual:
+    f <- clamp(f * (measured / predicted) ** alpha). At a fixed point measured == predicted.
+    """
+
+    def __init__(
+        self, *, alpha: float = 0.3, lo: float = 0.5, hi: float = 3.0, min_count: int = 50
+    ) -> None:
+        if not (0 < alpha <= 1 and 0 < lo <= 1 <= hi):
+            raise InvalidArgument("bias: need 0 < alpha <= 1 and 0 < lo <= 1 <= hi")
+        self.alpha, self.lo, self.hi, self.min_count = alpha, lo, hi, min_count
+        self._f: dict[str, float] = {}
+
+    def factor(self, key: str) -> float:
+        return self._f.get(key, 1.0)
+
+    def factors(self) -> dict[str, float]:
+        return dict(self._f)
+
+    def update(self, key: str, measured_p99_ms: float, predicted_p99_ms: float) -> float:
+        if measured_p99_ms > 0 and 0 < predicted_p99_ms < math.inf:
+            ratio = measured_p99_ms / predicted_p99_ms
+            f = self.factor(key) * math.exp(self.alpha * math.log(ratio))
+            self._f[key] = min(self.hi, max(self.lo, f))
+        return self.factor(key)
+
+    def observe(self, plan: PlanSpec, measured: Mapping[str, Measured]) -> None:
+        """Updates from the plan in force and the scheduler's windows (skips thin windows)."""
+        per_pipeline: dict[str, float] = defaultdict(float)
+        for a in plan.stages:
+            per_pipeline[a.pipeline] += a.predicted_p99_ms
+            m = measured.get(f"{a.pipeline}/{a.stage}")
+            if m is not None and m.count >= self.min_count:
+                self.update(f"{a.pipeline}/{a.stage}", m.p99_ms, a.predicted_p99_ms)
+        for name, predicted in per_pipeline.items():
+            m = measured.get(name)
+            if m is not None and m.count >= self.min_count:
+                self.update(name, m.p99_ms, predicted)
+
+    def apply(self, profiles: Mapping[str, Any]) -> dict[str, StageProfile]:
+        """Profiles with `bias` = stage factor x pipeline factor, for the next PolicyInput."""
+        out = {}
+        for key, p in as_profiles(profiles).items():
+            out[key] = p.with_bias(self.factor(key) * self.factor(p.pipeline))
+        return out

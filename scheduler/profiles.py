@@ -1,0 +1,373 @@
+"""Stage profiles: what one stage costs alone, and how it behaves beside others.
+
+A profile is measured once per device by `python -m services.profiler` (or generated from a
+roofline model, marked `synthetic`) and is the only thing the predictor knows about a stage:
+
+- `latency_ms[share%][batch]`: solo batch latency on that share of the SMs;
+- memory: weights plus activations per item (a replica needs `weights + batch * per_item`);
+- `sensitivity`: slowdown factor (>= 1) at each co-runner bandwidth-pressure level;
+- `pressure`: the pressure this stage exerts at full share and its largest batch, on the same
+  scale (achieved memory bandwidth over the device peak, so a co-runner at pressure 0.5 is a
+  stream that takes half the device bandwidth);
+- `output_bytes_per_item`: what one item hands to the next stage (for copy and wire costs).
+
+Interpolation is monotone: the measured table is first made non-increasing in share and
+non-decreasing in batch (measurement noise must not make more SMs look slower), then
+interpolated log-linearly in share and linearly in batch. Below the smallest measured share
+latency grows as 1/share (never optimistic); above the largest, it stays flat.
+
+JSON document (`FORMAT`): {"format", "device", "date", "synthetic", "note", "profiles":
+{"<pipeline>/<stage>": {...}}}. In Redis each profile is one string at
+`camelot:profile:<pipeline>/<stage>` holding the per-stage object plus device and date.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import InvalidArgument
+
+FORMAT = "camelot-profiles/1"
+REDIS_PREFIX = "camelot:profile:"
+DATA_DIR = Path(__file__).parent / "profiles_data"
+DEFAULT_PROFILES = DATA_DIR / "h100-synthetic.json"
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    pipeline: str
+    stage: str
+    shares: tuple[float, ...]  # SM percent, ascending
+    batches: tuple[int, ...]  # ascending
+    latency_ms: tuple[tuple[float, ...], ...]  # [share index][batch index], solo
+    weights_bytes: int
+    activation_bytes_per_item: int
+    pressure_levels: tuple[float, ...]  # ascending, starting at 0
+    slowdown: tuple[float, ...]  # factor >= 1 at each pressure level
+    pressure: float
+    output_bytes_per_item: int = 0
+    device: str = ""
+    date: str = ""
+    synthetic: bool = False
+    # online correction (measured p99 / predicted), set by predictor.BiasCorrector; not stored
+    bias: float = 1.0
+    _table: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
+    _memo: dict[tuple[float, float], float] = field(
+        default_factory=dict, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        object.__setattr__(self, "_table", _monotone(self.latency_ms))
+        object.__setattr__(self, "_memo", {})
+
+    @property
+    def key(self) -> str:
+        return f"{self.pipeline}/{self.stage}"
+
+    @property
+    def max_batch(self) -> int:
+        return self.batches[-1]
+
+    def memory_bytes(self, batch: int) -> int:
+        return self.weights_bytes + batch * self.activation_bytes_per_item
+
+    def latency(self, share: float, batch: float) -> float:
+        """Solo batch latency in ms at `share` percent of the SMs and `batch` items (>= 1)."""
+        memo = self._memo.get((share, batch))
+        if memo is not None:
+            return memo
+        if share <= 0:
+            raise InvalidArgument(f"{self.key}: share must be > 0, got {share}")
+        value = self._latency(share, batch)
+        if len(self._memo) < 100_000:
+            self._memo[(share, batch)] = value
+        return value
+
+    def _latency(self, share: float, batch: float) -> float:
+        shares = self.shares
+        if share <= shares[0]:
+            return self._at_batch(0, batch) * shares[0] / share
+        if share >= shares[-1]:
+            return self._at_batch(len(shares) - 1, batch)
+        j = bisect.bisect_right(shares, share) - 1
+        t = math.log(share / shares[j]) / math.log(shares[j + 1] / shares[j])
+        lo, hi = self._at_batch(j, batch), self._at_batch(j + 1, batch)
+        return math.exp((1 - t) * math.log(lo) + t * math.log(hi))
+
+    def latency_many(self, share: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """`latency` elementwise over arrays (batches within the measured range), same formula."""
+        return self.service_at(share)(batch)
+
+    def service_at(self, share: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """Batch -> latency for a fixed array of shares: the share part is worked out once."""
+        shares = np.asarray(self.shares)
+        bs = np.asarray(self.batches, dtype=float)
+        table = np.log(np.asarray(self._table))
+        share = np.asarray(share, dtype=float)
+        ns, nb = len(shares), len(bs)
+        log_scale = np.log(np.maximum(shares[0] / share, 1.0))
+        j = np.minimum(np.searchsorted(shares, share, side="right") - 1, max(ns - 2, 0))
+        j = np.maximum(j, 0)
+        j1 = np.minimum(j + 1, ns - 1)
+        t = np.zeros_like(share)
+        if ns > 1:
+            t = np.log(share / shares[j]) / np.log(shares[j1] / shares[j])
+            t = np.minimum(np.maximum(t, 0.0), 1.0)
+        lin = np.exp(table)
+        lo_row, hi_row = lin[j], lin[j1]  # (n, nb)
+        rows = np.arange(len(share))
+
+        def latency(batch: np.ndarray) -> np.ndarray:
+            batch = np.asarray(batch, dtype=float)
+            if nb == 1:
+                lo, hi = lo_row[:, 0], hi_row[:, 0]
+            else:
+                k = np.minimum(np.searchsorted(bs, batch, side="right") - 1, nb - 2)
+                k = np.maximum(k, 0)
+                w = np.minimum(np.maximum((batch - bs[k]) / (bs[k + 1] - bs[k]), 0.0), 1.0)
+                lo = lo_row[rows, k] * (1 - w) + lo_row[rows, k + 1] * w
+                hi = hi_row[rows, k] * (1 - w) + hi_row[rows, k + 1] * w
+            out = np.exp((1 - t) * np.log(lo) + t * np.log(hi) + log_scale)
+            return out  # type: ignore[no-any-return]
+
+        return latency
+
+    def _at_batch(self, i: int, batch: float) -> float:
+        bs, row = self.batches, self._table[i]
+        if batch <= bs[0]:
+            return row[0]
+        if batch >= bs[-1]:
+            if len(bs) == 1:
+                return row[0] * batch / bs[0]
+            slope = (row[-1] - row[-2]) / (bs[-1] - bs[-2])
+            return row[-1] + slope * (batch - bs[-1])
+        j = bisect.bisect_right(bs, batch) - 1
+        t = (batch - bs[j]) / (bs[j + 1] - bs[j])
+        return (1 - t) * row[j] + t * row[j + 1]
+
+    def throughput(self, share: float, batch: float) -> float:
+        """Solo items per second with back-to-back batches of `batch`."""
+        return 1000.0 * batch / self.latency(share, batch)
+
+    def slowdown_at(self, pressure: float) -> float:
+        """Slowdown factor (>= 1) beside co-runners whose pressures sum to `pressure`."""
+        lv, sd = self.pressure_levels, self.slowdown
+        if pressure <= lv[0]:
+            return sd[0]
+        if pressure >= lv[-1]:
+            slope = (sd[-1] - sd[-2]) / (lv[-1] - lv[-2]) if len(lv) > 1 else 0.0
+            return sd[-1] + slope * (pressure - lv[-1])
+        j = bisect.bisect_right(lv, pressure) - 1
+        t = (pressure - lv[j]) / (lv[j + 1] - lv[j])
+        return (1 - t) * sd[j] + t * sd[j + 1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shares": list(self.shares),
+            "batches": list(self.batches),
+            "latency_ms": {
+                _num(s): {str(b): round(v, 6) for b, v in zip(self.batches, row, strict=True)}
+                for s, row in zip(self.shares, self.latency_ms, strict=True)
+            },
+            "weights_bytes": self.weights_bytes,
+            "activation_bytes_per_item": self.activation_bytes_per_item,
+            "output_bytes_per_item": self.output_bytes_per_item,
+            "sensitivity": {
+                "pressure": list(self.pressure_levels),
+                "slowdown": [round(v, 6) for v in self.slowdown],
+            },
+            "pressure": round(self.pressure, 6),
+        }
+
+    @classmethod
+    def from_json(
+        cls, key: str, obj: Mapping[str, Any], *, device: str = "", date: str = ""
+    ) -> StageProfile:
+        pipeline, sep, stage = key.partition("/")
+        if not sep or not pipeline or not stage:
+            raise InvalidArgument(f"profile key {key!r} is not <pipeline>/<stage>")
+        try:
+            table = obj["latency_ms"]
+            shares = sorted(float(s) for s in table)
+            batches = sorted({int(b) for row in table.values() for b in row})
+            latency = tuple(
+                tuple(float(_lookup(table, s)[str(b)]) for b in batches) for s in shares
+            )
+            sens = obj["sensitivity"]
+            return cls(
+                pipeline=pipeline,
+                stage=stage,
+                shares=tuple(shares),
+                batches=tuple(batches),
+                latency_ms=latency,
+                weights_bytes=int(obj["weights_bytes"]),
+                activation_bytes_per_item=int(obj["activation_bytes_per_item"]),
+                output_bytes_per_item=int(obj.get("output_bytes_per_item", 0)),
+                pressure_levels=tuple(float(p) for p in sens["pressure"]),
+                slowdown=tuple(float(v) for v in sens["slowdown"]),
+                pressure=float(obj["pressure"]),
+                device=str(obj.get("device", device)),
+                date=str(obj.get("date", date)),
+                synthetic=bool(obj.get("synthetic", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidArgument(f"profile {key!r} is malformed: {e!r}") from e
+
+    def with_bias(self, bias: float) -> StageProfile:
+        return replace(self, bias=bias)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _lookup(table: Mapping[str, Any], share: float) -> Mapping[str, Any]:
+    for k, row in table.items():
+        if float(k) == share:
+            return row  # type: ignore[no-any-return]
+    raise KeyError(share)
+
+
+def _validate(p: StageProfile) -> None:
+    where = f"profile {p.pipeline}/{p.stage}"
+    if not p.shares or not p.batches:
+        raise InvalidArgument(f"{where}: needs at least one share and one batch")
+    if list(p.shares) != sorted(set(p.shares)) or p.shares[0] <= 0 or p.shares[-1] > 100:
+        raise InvalidArgument(f"{where}: shares must be ascending, distinct, in (0, 100]")
+    if list(p.batches) != sorted(set(p.batches)) or p.batches[0] < 1:
+        raise InvalidArgument(f"{where}: batches must be ascending, distinct, >= 1")
+    if len(p.latency_ms) != len(p.shares) or any(len(r) != len(p.batches) for r in p.latency_ms):
+        raise InvalidArgument(f"{where}: latency table is not shares x batches (missing points)")
+    if any(not (v > 0 and math.isfinite(v)) for r in p.latency_ms for v in r):
+        raise InvalidArgument(f"{where}: latencies must be finite and > 0")
+    lv = p.pressure_levels
+    if not lv or len(lv) != len(p.slowdown) or list(lv) != sorted(set(lv)) or lv[0] < 0:
+        raise InvalidArgument(f"{where}: sensitivity levels must be ascending, one slowdown each")
+    if any(not (s >= 1.0 and math.isfinite(s)) for s in p.slowdown):
+        raise InvalidArgument(f"{where}: slowdown factors must be finite and >= 1")
+    if any(b < a for a, b in zip(p.slowdown, p.slowdown[1:], strict=False)):
+        raise InvalidArgument(f"{where}: slowdown must not fall as pressure rises")
+    if not (p.pressure >= 0 and math.isfinite(p.pressure)):
+        raise InvalidArgument(f"{where}: pressure must be finite and >= 0")
+    if min(p.weights_bytes, p.activation_bytes_per_item, p.output_bytes_per_item) < 0:
+        raise InvalidArgument(f"{where}: byte counts must be >= 0")
+    if not (p.bias > 0 and math.isfinite(p.bias)):
+        raise InvalidArgument(f"{where}: bias must be finite and > 0")
+
+
+def _monotone(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+    """Non-decreasing along batch, then non-increasing along share (from the top share down)."""
+    rows = [list(r) for r in table]
+    for r in rows:
+        for j in range(1, len(r)):
+            r[j] = max(r[j], r[j - 1])
+    for i in range(len(rows) - 2, -1, -1):
+        rows[i] = [max(a, b) for a, b in zip(rows[i], rows[i + 1], strict=True)]
+    return tuple(tuple(r) for r in rows)
+
+
+def parse_document(doc: Mapping[str, Any]) -> dict[str, StageProfile]:
+    if doc.get("format") != FORMAT:
+        raise InvalidArgument(f"profiles document format is {doc.get('format')!r}, not {FORMAT}")
+    device, date = str(doc.get("device", "")), str(doc.get("date", ""))
+    synthetic = bool(doc.get("synthetic", False))
+    profiles = doc.get("profiles")
+    if not isinstance(profiles, Mapping) or not profiles:
+        raise InvalidArgument("profiles document has no profiles")
+    out = {}
+    for key, obj in profiles.items():
+        p = StageProfile.from_json(key, obj, device=device, date=date)
+        out[key] = replace(p, synthetic=synthetic or p.synthetic)
+    return out
+
+
+def to_document(
+    profiles: Iterable[StageProfile],
+    *,
+    device: str,
+    date: str,
+    synthetic: bool = False,
+    note: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "device": device,
+        "date": date,
+        "synthetic": synthetic,
+        "note": note,
+    }
+    doc.update(extra or {})
+    doc["profiles"] = {p.key: p.to_json() for p in profiles}
+    return doc
+
+
+def load(path: str | Path = DEFAULT_PROFILES) -> dict[str, StageProfile]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidArgument(f"cannot read profiles {path}: {e}") from e
+    return parse_document(doc)
+
+
+def save(
+    path: str | Path,
+    profiles: Iterable[StageProfile],
+    *,
+    device: str,
+    date: str,
+    synthetic: bool = False,
+    note: str = "",
+) -> None:
+    doc = to_document(profiles, device=device, date=date, synthetic=synthetic, note=note)
+    Path(path).write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def as_profiles(raw: Mapping[str, Any]) -> dict[str, StageProfile]:
+    """PolicyInput.profiles as StageProfiles (values may already be profiles, or JSON objects)."""
+    out = {}
+    for key, value in raw.items():
+        out[key] = value if isinstance(value, StageProfile) else StageProfile.from_json(key, value)
+    return out
+
+
+def redis_value(p: StageProfile) -> str:
+    obj = p.to_json()
+    obj.update(device=p.device, date=p.date, synthetic=p.synthetic)
+    return json.dumps(obj)
+
+
+async def store_redis(client: Any, profiles: Iterable[StageProfile]) -> int:
+    """Writes each profile to `camelot:profile:<pipeline>/<stage>` (redis.asyncio client)."""
+    items = {REDIS_PREFIX + p.key: redis_value(p) for p in profiles}
+    if items:
+        await client.mset(items)
+    return len(items)
+
+
+async def load_redis(client: Any) -> dict[str, StageProfile]:
+    """Every profile stored under `camelot:profile:*` (redis.asyncio client)."""
+    keys = sorted([k async for k in client.scan_iter(match=REDIS_PREFIX + "*", count=500)])
+    if not keys:
+        return {}
+    values = await client.mget(keys)
+    out = {}
+    for k, v in zip(keys, values, strict=True):
+        if v is None:
+            continue  # deleted between SCAN and MGET
+        name = (k.decode() if isinstance(k, bytes) else str(k))[len(REDIS_PREFIX) :]
+        try:
+            obj = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"profile {name!r} in Redis is not JSON: {e}") from e
+        out[name] = StageProfile.from_json(name, obj)
+    return out

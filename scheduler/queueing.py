@@ -1,0 +1,138 @@
+"""Latency of one dynamically batching replica under Poisson arrivals.
+
+A replica dispatches when its queue holds `max_batch` requests or the oldest has waited
+`max_wait`. So its mean batch `b` settles where either the wait fills it (`1 + λ·wait`) or the
+queue that built up during the previous batch does (`λ·S(b)`), capped at `max_batch`. A
+request's p99 is then
+
+    fill (first request waits for the batch to form, at most max_wait)
+  + residual (a batch is in service when it arrives with probability ρ = λ·S(b)/b)
+  + queueing beyond one batch: Kingman's G/G/1 wait for batches at the capacity utilisation
+    ρ_B = λ·S(B)/B, batch inter-arrivals Erlang-B (SCV 1/B), service nearly deterministic, and
+    its p99 from the exponential tail P(W > t) ≈ ρ·exp(-ρ t / E[W])
+  + service S(b).
+
+It is conservative (the residual and the queueing terms overlap near saturation), which is the
+right side to err on for a p99 target; the online bias factor corrects the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# above this capacity utilisation a replica is treated as unstable (tail not predictable)
+RHO_MAX = 0.92
+SERVICE_SCV = 0.05  # squared coefficient of variation of batch service time
+TAIL_Q = 0.01
+BATCH_TOL = 1e-6  # the batch fixed point is reached within this many items
+NEWTON_STEPS = 20
+SLOPE_H = 1e-3  # backward difference for the slope of S(b)
+
+Svc = Callable[[float], float]  # batch size -> batch service time, ms
+
+
+@dataclass(frozen=True)
+class Estimate:
+    batch: float  # mean batch the replica runs at this rate
+    fill_ms: float
+    residual_ms: float
+    queue_p99_ms: float
+    service_ms: float
+    busy: float  # fraction of time the replica computes (λ·S(b)/b, <= 1)
+    utilization: float  # λ over the replica's capacity at its largest batch
+    p99_ms: float
+
+    @property
+    def stable(self) -> bool:
+        return self.utilization <= RHO_MAX
+
+
+def mean_batch(rate_per_ms: float, max_batch: int, max_wait_ms: float, service: Svc) -> float:
+    """The least fixed point b = min(B, max(1 + λ·wait, λ·S(b))), by Newton steps from below.
+
+    g(b) = λ·S(b) - b; from a point where g > 0 a Newton step on the local slope moves right
+    and, S being convex in b, never past the root. A slope of λ·S' >= 1 means no root: B.
+    """
+    if rate_per_ms <= 0:
+        return 1.0
+    bmax = float(max_batch)
+    b = min(bmax, 1.0 + rate_per_ms * max_wait_ms)
+    for _ in range(NEWTON_STEPS):
+        s = service(b)
+        g = rate_per_ms * s - b
+        if g <= BATCH_TOL:
+            break
+        slope = (s - service(b - SLOPE_H)) / SLOPE_H
+        if rate_per_ms * slope >= 1.0:
+            return bmax
+        b = min(bmax, b + g / (1.0 - rate_per_ms * slope))
+        if b >= bmax:
+            break
+    return b
+
+
+def kingman_p99_ms(rho: float, ca2: float, cs2: float, service_ms: float) -> float:
+    if rho <= TAIL_Q:
+        return 0.0
+    if rho >= 1.0:
+        return math.inf
+    mean_wait = rho / (1.0 - rho) * (ca2 + cs2) / 2.0 * service_ms
+    return mean_wait / rho * math.log(rho / TAIL_Q)
+
+
+def replica(rate_qps: float, max_batch: int, max_wait_ms: float, service: Svc) -> Estimate:
+    """One replica at `rate_qps` whose batch of b items takes `service(b)` ms."""
+    lam = rate_qps / 1000.0
+    s_max = service(float(max_batch))
+    util = lam * s_max / max_batch
+    if lam <= 0:
+        s1 = service(1.0)
+        return Estimate(1.0, 0.0, 0.0, 0.0, s1, 0.0, 0.0, s1)
+    b = mean_batch(lam, max_batch, max_wait_ms, service)
+    s = service(b)
+    busy = min(1.0, lam * s / b)
+    fill = min(max_wait_ms, (b - 1.0) / lam) if lam * s <= 1.0 + lam * max_wait_ms else 0.0
+    residual = busy * s
+    queue = kingman_p99_ms(util, 1.0 / max_batch, SERVICE_SCV, s_max)
+    return Estimate(b, fill, residual, queue, s, busy, util, fill + residual + queue + s)
+
+
+def replica_many(
+    rate_qps: np.ndarray,
+    max_batch: np.ndarray,
+    max_wait_ms: float,
+    service: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`replica` elementwise over arrays (rates > 0): returns (p99_ms, utilization)."""
+    lam = np.asarray(rate_qps, dtype=float) / 1000.0
+    bmax = np.asarray(max_batch, dtype=float)
+    s_max = service(bmax)
+    util = lam * s_max / bmax
+    b = np.minimum(bmax, 1.0 + lam * max_wait_ms)
+    done = lam <= 0
+    for _ in range(NEWTON_STEPS):
+        s = service(b)
+        g = lam * s - b
+        done = done | (g <= BATCH_TOL) | (b >= bmax)
+        if bool(done.all()):
+            break
+        slope = (s - service(b - SLOPE_H)) / SLOPE_H
+        flat = lam * slope >= 1.0
+        step = np.where(flat, bmax, b + g / np.where(flat, 1.0, 1.0 - lam * slope))
+        b = np.where(done, b, np.minimum(bmax, step))
+    s = service(b)
+    busy = np.minimum(1.0, lam * s / b)
+    fill = np.where(
+        lam * s <= 1.0 + lam * max_wait_ms, np.minimum(max_wait_ms, (b - 1.0) / lam), 0.0
+    )
+    rho = np.clip(util, 0.0, 0.999999)
+    ca2 = 1.0 / bmax
+    mean_wait = rho / (1.0 - rho) * (ca2 + SERVICE_SCV) / 2.0 * s_max
+    tail = np.log(np.maximum(rho, TAIL_Q) / TAIL_Q)
+    queue = np.where(rho > TAIL_Q, mean_wait / np.maximum(rho, TAIL_Q) * tail, 0.0)
+    p99 = fill + busy * s + queue + s
+    return np.where(util < 1.0, p99, np.inf), util

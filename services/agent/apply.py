@@ -1,0 +1,350 @@
+"""The agent's core: the node's replicas, and applying assignments to them without dropping work.
+
+An apply, under one lock:
+
+    1. validate against the node (INVALID_ARGUMENT) and the applied epoch (FAILED_PRECONDITION)
+    2. diff by replica_id (diff.py)
+    3. start new replicas and shadow replacements together; wait until each is SERVING
+    4. resize green replicas in place (Stage.Resize)
+    5. publish routes: new instances READY, replaced and removed ones DRAINING
+    6. wait `shift_s` so gateways move traffic, then drain and stop the old instances
+    7. record the epoch, publish the final routes
+
+If a new replica fails to start, the old instance (if any) keeps serving, the epoch is not
+recorded and the apply fails with UNAVAILABLE; re-applying the same assignment retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common import metrics
+from common.backend import Backend
+from common.clock import mono_us
+from common.errors import CamelotError, Unavailable
+from protos import agent_pb2, plan_pb2
+from services.agent import diff, inventory
+from services.agent.diff import Action, NodeShape
+from services.agent.mps import MpsDaemon
+from services.agent.replicas import (
+    RPC_TIMEOUT_S,
+    Instance,
+    Launch,
+    StartError,
+    State,
+    mps_percentage,
+    render_command,
+    safe_name,
+    socket_path,
+)
+from services.agent.routes import RouteBoard
+from services.agent.settings import AgentSettings, python
+from services.agent.supervisor import RestartPolicy, supervise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the agent found at start."""
+
+    backend: Backend
+    gpus: tuple[inventory.StaticGpu, ...] = ()
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        node: NodeInfo,
+        mps: MpsDaemon,
+        base_env: Mapping[str, str],
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.mps = mps
+        self.mode = diff.MODE_BY_NAME[settings.share_mode]
+        self.shape = NodeShape(
+            node=settings.node,
+            mode=self.mode,
+            gpus={g.index: g.sm_groups for g in node.gpus},
+            host=node.backend is Backend.HOST,
+        )
+        self.base_env = dict(base_env)
+        self.epoch = 0
+        self.heartbeats = 0
+        self.board = RouteBoard()
+        # the instance that carries each replica_id now; shadows and draining ones are only in _all
+        self.primary: dict[str, Instance] = {}
+        self._all: list[Instance] = []
+        self._lock = asyncio.Lock()
+        self._generation = itertools.count(1)
+        self._pending: agent_pb2.Assignment | None = None
+        self._background: asyncio.Task[None] | None = None
+        self.policy = RestartPolicy(
+            backoff_s=settings.restart_backoff_s,
+            backoff_cap_s=settings.restart_backoff_cap_s,
+            ready_timeout_s=settings.ready_timeout_s,
+            kill_grace_s=settings.kill_grace_s,
+        )
+        self._sock_dir = os.path.join(settings.run_dir, "replicas")
+        self._log_dir = os.path.join(settings.run_dir, "logs")
+        # fail at start, not at the first apply, on a template with an unknown field
+        render_command(settings.replica_command, self._fields(_probe_target(), "", 0))
+
+    # -- views --------------------------------------------------------------------------------
+
+    def endpoints(self) -> list[plan_pb2.Endpoint]:
+        return [i.endpoint() for i in self._all]
+
+    def status(self) -> agent_pb2.AgentStatusResponse:
+        return agent_pb2.AgentStatusResponse(
+            node=self.settings.node,
+            epoch=self.epoch,
+            replicas=self.endpoints(),
+            heartbeats=self.heartbeats,
+        )
+
+    async def inventory(self) -> agent_pb2.InventoryResponse:
+        running = await self.mps.running()
+        return await asyncio.to_thread(
+            inventory.snapshot,
+            self.settings.node,
+            self.node.backend,
+            list(self.node.gpus),
+            self.mode,
+            running,
+        )
+
+    def instances(self, replica_id: str) -> list[Instance]:
+        """Every live instance of a replica (two during a shadow replacement)."""
+        return [i for i in self._all if i.replica_id == replica_id]
+
+    def publish(self) -> None:
+        self.board.publish(self.epoch, self.endpoints())
+
+    # -- apply --------------------------------------------------------------------------------
+
+    async def apply(self, assignment: agent_pb2.Assignment) -> agent_pb2.ApplyResponse:
+        async with self._lock:
+            return await self._apply(assignment)
+
+    def submit(self, assignment: agent_pb2.Assignment) -> None:
+        """Applies in the background (heartbeat answers); the newest pending assignment wins."""
+        if assignment.epoch <= self.epoch:
+            return
+        self._pending = assignment
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self._apply_pending())
+
+    async def _apply_pending(self) -> None:
+        while self._pending is not None:
+            assignment, self._pending = self._pending, None
+            if assignment.epoch <= self.epoch:
+                continue
+            try:
+                await self.apply(assignment)
+            except CamelotError as e:
+                log.warning("assignment epoch %d not applied: %s", assignment.epoch, e)
+            except Exception:
+                log.exception("assignment epoch %d: unexpected failure", assignment.epoch)
+
+    async def _apply(self, assignment: agent_pb2.Assignment) -> agent_pb2.ApplyResponse:
+        t0 = mono_us()
+        diff.validate(assignment, self.shape, self.epoch)
+        current = {rid: inst.target for rid, inst in self.primary.items()}
+        changes = diff.diff(current, assignment, self.mode)
+        starts = [c for c in changes if c.action in (Action.START, Action.REPLACE)]
+        for c in starts:
+            log.info("epoch %d: %s %s", assignment.epoch, c.action.value, c.replica_id)
+        results = await asyncio.gather(
+            *(self._start(c.target) for c in starts if c.target is not None),
+            return_exceptions=True,
+        )
+        failures: list[str] = []
+        retired: list[Instance] = []
+        started = 0
+        for change, result in zip(starts, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, StartError | OSError):
+                    raise result
+                failures.append(str(result))
+                continue
+            started += 1
+            old = self.primary.get(change.replica_id)
+            self.primary[change.replica_id] = result
+            if old is not None:
+                retired.append(old)
+        resized = 0
+        for change in changes:
+            assert change.action is Action.STOP or change.target is not None
+            if change.action is Action.RESIZE and change.target is not None:
+                try:
+                    await self._resize(self.primary[change.replica_id], change.target)
+                    resized += 1
+                except CamelotError as e:
+                    failures.append(f"resize of {change.replica_id} failed: {e.message}")
+            elif change.action is Action.KEEP and change.target is not None:
+                # fields no process depends on (e.g. groups in MPS mode) follow the plan
+                self.primary[change.replica_id].target = self._normalized(change.target)
+            elif change.action is Action.STOP:
+                retired.append(self.primary.pop(change.replica_id))
+        await self._retire(retired)
+        if failures:
+            self.publish()
+            self._update_metrics()
+            raise Unavailable(f"epoch {assignment.epoch} not applied: {'; '.join(failures)}")
+        self.epoch = assignment.epoch
+        self.publish()
+        self._update_metrics()
+        elapsed = mono_us() - t0
+        log.info("applied epoch %d: %d started, %d stopped, %d resized in %d ms",
+                 self.epoch, started, len(retired), resized, elapsed // 1000)  # fmt: skip
+        return agent_pb2.ApplyResponse(
+            epoch=self.epoch,
+            started=started,
+            stopped=len(retired),
+            resized=resized,
+            apply_us=elapsed,
+            endpoints=self.endpoints(),
+        )
+
+    async def _start(self, target: plan_pb2.Endpoint) -> Instance:
+        """A new instance, SERVING and supervised; StartError (and cleaned up) otherwise."""
+        target = self._normalized(target)
+        instance_id = f"{target.replica.replica_id}.{next(self._generation)}"
+        taken = {i.slot for i in self._all}
+        slot = next(s for s in itertools.count() if s not in taken)
+        inst = Instance(instance_id, target, socket_path(self._sock_dir, instance_id), slot)
+        self._all.append(inst)
+        try:
+            await inst.launch(self._launch(inst))
+            self.publish()
+            await inst.wait_ready(self.settings.ready_timeout_s)
+        except (StartError, OSError):
+            await inst.stop(drain_timeout_s=0.1, kill_grace_s=self.settings.kill_grace_s)
+            self._all.remove(inst)
+            raise
+        inst.watcher = asyncio.create_task(
+            supervise(inst, self._launch, self.policy, self._on_instance_change)
+        )
+        return inst
+
+    async def _resize(self, inst: Instance, target: plan_pb2.Endpoint) -> None:
+        reply = await inst.client.resize(list(target.replica.sm_groups), RPC_TIMEOUT_S)
+        inst.target = self._normalized(target)
+        log.info("replica %s: resized to groups %s in %d us (%d SMs)", inst.instance_id,
+                 list(target.replica.sm_groups), reply.apply_us, reply.multiprocessors)  # fmt: skip
+
+    async def _retire(self, retired: list[Instance]) -> None:
+        """Publishes them DRAINING, gives gateways `shift_s` to move away, drains and stops."""
+        if not retired:
+            return
+        for inst in retired:
+            if inst.state is State.READY:
+                inst.state = State.DRAINING
+        self.publish()
+        await asyncio.sleep(self.settings.shift_s)
+        await asyncio.gather(*(self._stop(inst) for inst in retired))
+
+    async def _stop(self, inst: Instance) -> None:
+        try:
+            await inst.stop(self.settings.drain_timeout_s, self.settings.kill_grace_s)
+        finally:
+            if inst in self._all:
+                self._all.remove(inst)
+        log.info("replica %s: stopped", inst.instance_id)
+
+    def _on_instance_change(self) -> None:
+        self.publish()
+        self._update_metrics()
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _normalized(self, target: plan_pb2.Endpoint) -> plan_pb2.Endpoint:
+        out = plan_pb2.Endpoint(
+            replica=target.replica, pipeline=target.pipeline, stage=target.stage
+        )
+        if not out.replica.node:
+            out.replica.node = self.settings.node
+        return out
+
+    def _fields(self, target: plan_pb2.Endpoint, unix_path: str, slot: int) -> dict[str, object]:
+        plan = target.replica
+        base = self.settings.replica_metrics_base
+        return {
+            "python": python(),
+            "pipeline": target.pipeline,
+            "stage": target.stage,
+            "size": self.settings.size,
+            "replica_id": plan.replica_id,
+            "unix": unix_path,
+            "broker": self.settings.broker_addr,
+            "redis": self.settings.redis_url,
+            "backend": self.node.backend.value,
+            "max_batch": plan.max_batch,
+            "max_wait_us": plan.max_wait_us,
+            "sm_percent": f"{diff.sm_percent(plan, self.mode):g}",
+            "sm_groups": ",".join(str(g) for g in plan.sm_groups)
+            if diff.effective_mode(plan, self.mode) == diff.GREEN
+            else "",
+            "device": max(plan.gpu, 0),
+            "metrics_port": base + slot if base > 0 else 0,
+            "node": self.settings.node,
+        }
+
+    def _launch(self, inst: Instance) -> Launch:
+        fields = self._fields(inst.target, inst.unix_path, inst.slot)
+        env = dict(self.base_env)
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        env.update(self.mps.env())
+        # never set a percentage outside MPS mode: with a green split it fails (error 915)
+        env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
+        if diff.effective_mode(inst.target.replica, self.mode) == diff.MPS:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = mps_percentage(
+                inst.target.replica.sm_percent
+            )
+        return Launch(
+            argv=render_command(self.settings.replica_command, fields),
+            env=env,
+            log_path=os.path.join(self._log_dir, safe_name(inst.instance_id) + ".log"),
+        )
+
+    def _update_metrics(self) -> None:
+        metrics.SM_SHARE.clear()
+        metrics.REPLICAS.clear()
+        counts: dict[tuple[str, str], int] = {}
+        gpus = {g.index: g for g in self.node.gpus}
+        for rid, inst in self.primary.items():
+            t = inst.target
+            counts[(t.pipeline, t.stage)] = counts.get((t.pipeline, t.stage), 0) + 1
+            share = diff.sm_percent(t.replica, self.mode)
+            gpu = gpus.get(t.replica.gpu)
+            if diff.effective_mode(t.replica, self.mode) == diff.GREEN and gpu and gpu.sm_count:
+                share = 100.0 * len(t.replica.sm_groups) * gpu.sms_per_group / gpu.sm_count
+            metrics.SM_SHARE.labels(t.pipeline, t.stage, rid).set(share)
+        for (pipeline, stage), n in counts.items():
+            metrics.REPLICAS.labels(pipeline, stage).set(n)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Drains and stops every replica (routes show them DRAINING first)."""
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
+        async with self._lock:
+            retired = list(self._all)
+            self.primary.clear()
+            await self._retire(retired)
+            self.publish()
+            self._update_metrics()
+
+
+def _probe_target() -> plan_pb2.Endpoint:
+    return plan_pb2.Endpoint(replica=plan_pb2.ReplicaPlan(replica_id="probe"))

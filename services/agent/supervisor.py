@@ -1,0 +1,66 @@
+"""Keeps a replica's process running: an unexpected exit is logged, reported and restarted.
+
+The plan holds across a restart (same replica_id, same share, same socket); the state goes
+FAILED -> STARTING -> READY and `restarts` counts up. Restarts back off exponentially so a
+replica that crashes at start does not spin; the loop ends only when the agent stops the
+instance (`stopping`) or cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.agent.replicas import Instance, Launch, StartError, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    backoff_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    ready_timeout_s: float = 180.0
+    kill_grace_s: float = 10.0
+
+    def delay_s(self, failures: int) -> float:
+        """Delay before the restart after `failures` consecutive failed runs (1, 2, ...)."""
+        return float(min(self.backoff_cap_s, self.backoff_s * 2 ** max(0, failures - 1)))
+
+
+async def supervise(
+    instance: Instance,
+    launch_for: Callable[[Instance], Launch],
+    policy: RestartPolicy,
+    changed: Callable[[], None],
+) -> None:
+    """Runs until the instance is stopped on purpose; restarts its process when it dies."""
+    failures = 0
+    while not instance.stopping:
+        assert instance.exited is not None
+        code = await asyncio.shield(instance.exited)
+        if instance.stopping:
+            return
+        failures += 1
+        instance.state = State.FAILED
+        log.error("replica %s (pid %s) exited with %s; restart %d in %.1f s",
+                  instance.instance_id, instance.pid, code, instance.restarts + 1,
+                  policy.delay_s(failures))  # fmt: skip
+        changed()
+        await asyncio.sleep(policy.delay_s(failures))
+        if instance.stopping:
+            return
+        instance.restarts += 1
+        try:
+            await instance.launch(launch_for(instance))
+            changed()
+            await instance.wait_ready(policy.ready_timeout_s)
+        except (StartError, OSError) as e:
+            log.error("replica %s: restart failed: %s", instance.instance_id, e)
+            # a hung start is killed; the loop then sees the exit and tries again
+            await instance.terminate(policy.kill_grace_s)
+            continue
+        failures = 0
+        changed()

@@ -1,0 +1,263 @@
+"""`python -m shmbroker.bench`: the cost of one hop between two stage processes, by size.
+
+Two transports, measured side by side in one run, alternating per repeat:
+
+    ref   the producer's tensor already lives in a broker buffer; one gRPC call carries its
+          TensorRef to the consumer process, which views it (no copy), reads a few elements on
+          the device and replies.
+    host  the naive microservice: device→host copy in the producer, the bytes in the same gRPC
+          call, host→device copy in the consumer, the same read, the reply. On the host
+          backend the copies are host copies (out of the array, out of the message).
+
+Also reported: `lease_ms`, what a query pays the broker per hop for its buffer (OpenLease +
+Allocate + Release, not counting the fill). Writes docs/results/transport.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import backend as backends
+from common.dtypes import wire_from_array
+from common.lifecycle import channel
+from protos import tensor_pb2
+from shmbroker.allocator import align_up
+from shmbroker.client import BrokerClient
+from shmbroker.harness import broker_process, hop_process
+from shmbroker.hop import hop_method
+from shmbroker.settings import parse_bytes
+
+KiB = 1 << 10
+MiB = 1 << 20
+DEFAULT_SIZES = [4 * KiB * 4**i for i in range(9)]  # 4 KiB ... 256 MiB
+SIZE_64MIB = 64 * MiB
+
+
+def size_label(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", KiB)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def device_name(backend: backends.Backend) -> str:
+    """NVML's name of GPU 0 on cuda, else the CPU model from /proc/cpuinfo."""
+    if backend is backends.Backend.CUDA:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            return name.decode() if isinstance(name, bytes) else str(name)
+        except Exception:
+            pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sync(xp: Any) -> None:
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+async def measure(
+    backend: backends.Backend, sizes: list[int], repeats: int, warmup: int
+) -> list[dict[str, Any]]:
+    xp = backends.xp_for(backend)
+    slab = max(align_up(max(sizes)), 64 * MiB)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="camelot-bench-") as tmp:
+        broker = broker_process(
+            os.path.join(tmp, "broker.sock"),
+            os.path.join(tmp, "broker.log"),
+            backend=backend.value,
+            extra=["--slab-bytes", str(slab), "--max-bytes", str(2 * slab)],
+        )
+        broker.start()
+        hop = None
+        try:
+            await broker.wait_serving()
+            hop = hop_process(broker.target, os.path.join(tmp, "hop.log"), backend=backend.value)
+            hop.start()
+            await hop.wait_serving()
+            client = await BrokerClient.connect(broker.target)
+            async with channel(hop.target) as ch:
+                call = hop_method(ch)
+                for size in sizes:
+                    row = await _measure_size(client, call, xp, size, repeats, warmup)
+                    rows.append(row)
+                    print(
+                        f"{row['size']:>8}  ref {row['ref_ms']:8.3f} ms  host "
+                        f"{row['host_ms']:8.3f} ms  x{row['host_over_ref']:.1f}",
+                        file=sys.stderr,
+                    )
+            await client.close()
+        finally:
+            if hop is not None:
+                hop.stop()
+            broker.stop()
+    return rows
+
+
+async def _measure_size(
+    client: BrokerClient, call: Any, xp: Any, size: int, repeats: int, warmup: int
+) -> dict[str, Any]:
+    n = size // 4
+    src = xp.arange(n, dtype=xp.float32)
+    sync(xp)
+    ref_ms: list[float] = []
+    host_ms: list[float] = []
+    lease_ms: list[float] = []
+    for i in range(warmup + repeats):
+        # ref: the producer's output is in a broker buffer before the hop starts
+        t0 = time.perf_counter()
+        lease = await client.open_lease("bench")
+        ref, out = await client.alloc_array(lease, np.float32, (n,))
+        t1 = time.perf_counter()
+        out[...] = src
+        sync(xp)
+        del out
+        t2 = time.perf_counter()
+        await call(tensor_pb2.Tensor(name="touch", ref=ref), timeout=60)
+        t3 = time.perf_counter()
+        await client.release([lease])
+        t4 = time.perf_counter()
+        # host: device→host, bytes over gRPC, host→device in the consumer
+        t5 = time.perf_counter()
+        wire = wire_from_array(backends.to_host(src))
+        await call(tensor_pb2.Tensor(name="touch", wire=wire), timeout=120)
+        t6 = time.perf_counter()
+        del wire
+        if i >= warmup:
+            ref_ms.append((t3 - t2) * 1e3)
+            lease_ms.append((t1 - t0 + t4 - t3) * 1e3)
+            host_ms.append((t6 - t5) * 1e3)
+    ref_med = statistics.median(ref_ms)
+    host = statistics.median(host_ms)
+    return {
+        "size_bytes": size,
+        "size": size_label(size),
+        "ref_ms": round(ref_med, 4),
+        "host_ms": round(host, 4),
+        "lease_ms": round(statistics.median(lease_ms), 4),
+        "host_over_ref": round(host / ref_med, 3),
+        "repeats": repeats,
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_size = {r["size_bytes"]: r for r in rows}
+    small, large = by_size[min(by_size)], by_size[max(by_size)]
+    summary: dict[str, Any] = {
+        "ref_flatness": round(large["ref_ms"] / small["ref_ms"], 3),
+        "largest": large["size"],
+        "smallest": small["size"],
+    }
+    if SIZE_64MIB in by_size:
+        summary["host_over_ref_64MiB"] = by_size[SIZE_64MIB]["host_over_ref"]
+    return summary
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    lines = [
+        "# transport: one hop, ref against host copy",
+        "",
+        f"`{result['command']}` on {result['device']} (backend `{result['backend']}`), "
+        f"{result['date']}, git `{result['git']}`. Medians of {result['rows'][0]['repeats']} "
+        "repeats.",
+        "",
+        f"- ref flatness ({s['largest']} over {s['smallest']}): **{s['ref_flatness']}**",
+    ]
+    if "host_over_ref_64MiB" in s:
+        lines.append(f"- host copy over ref at 64 MiB: **{s['host_over_ref_64MiB']}x**")
+    lines += [
+        "",
+        "| size | ref_ms | host_ms | host / ref | lease_ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['size']} | {r['ref_ms']:.3f} | {r['host_ms']:.3f} | {r['host_over_ref']:.1f} "
+            f"| {r['lease_ms']:.3f} |"
+        )
+    lines += [
+        "",
+        "`ref_ms`: the gRPC call carrying the TensorRef, the consumer's view and a read of "
+        "64 elements on the device, and the reply. `host_ms`: device→host copy, the bytes in "
+        "the same call, host→device copy in the consumer, the same read. `lease_ms`: OpenLease "
+        "+ Allocate + Release around one buffer.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m shmbroker.bench", description=__doc__)
+    p.add_argument("--out", default="docs/results/transport.json")
+    p.add_argument("--sizes", default="", help="comma-separated sizes (4KiB,64MiB,...)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="auto", choices=("auto", "host", "cuda"))
+    args = p.parse_args(argv)
+    sizes = (
+        sorted({parse_bytes("--sizes", s) for s in args.sizes.split(",") if s.strip()})
+        if args.sizes
+        else DEFAULT_SIZES
+    )
+    if not sizes or min(sizes) < 4 or any(s % 4 for s in sizes):
+        p.error("sizes must be positive multiples of 4 bytes")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    backend = backends.resolve(args.backend)
+    rows = asyncio.run(measure(backend, sizes, args.repeats, args.warmup))
+    result = {
+        "name": "transport",
+        "command": " ".join(["python -m shmbroker.bench", *argv]),
+        "device": device_name(backend),
+        "backend": backend.value,
+        "date": datetime.date.today().isoformat(),
+        "git": git_hash(),
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(json.dumps(result["summary"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

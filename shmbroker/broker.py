@@ -1,0 +1,257 @@
+"""The broker itself, without gRPC: slabs, leases, signed refs, the sweeper and statistics.
+
+Every method runs on the server's event loop thread, so the state needs no locks; nothing here
+awaits except the sweeper loop. The generation is the wall clock in nanoseconds at boot, so a
+later boot has a larger one and refs that outlive a restart are recognised as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from common import metrics
+from common.backend import Backend
+from common.dtypes import nbytes_of
+from common.errors import InvalidArgument, ResourceExhausted
+from protos import broker_pb2, tensor_pb2
+from shmbroker import refs
+from shmbroker.allocator import ALIGNMENT
+from shmbroker.leases import Buffer, EndReason, Lease, LeaseTable
+from shmbroker.slabs import HOST_DEVICE, Memory, Slabs, make_memory
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS = 1024  # buffers per Allocate call
+RATE_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """What the domain needs from the process settings."""
+
+    node: str
+    backend: Backend
+    slab_bytes: int
+    max_bytes: int
+    lease_ttl_s: float
+    quarantine_s: float
+    sweep_interval_s: float
+
+
+def cuda_device_count() -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        memory: Callable[[int, int], Memory] = make_memory,
+    ) -> None:
+        self.config = config
+        self.node = config.node
+        self.backend = config.backend
+        self.generation = time.time_ns()
+        self.ref_key = refs.new_key()
+        devices = cuda_device_count() if config.backend is Backend.CUDA else 0
+        self.slabs = Slabs(
+            self.generation,
+            slab_bytes=config.slab_bytes,
+            max_bytes=config.max_bytes,
+            quarantine_s=config.quarantine_s,
+            devices=devices,
+            clock=clock,
+            memory=memory,
+        )
+        self.leases = LeaseTable(config.lease_ttl_s, clock=clock)
+        self._clock = clock
+        self.allocations_total = 0
+        self.exhausted_total = 0
+        self.expired_total = 0
+        self.reclaimed_total = 0
+        self._rate: deque[tuple[float, int]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def default_device(self) -> int:
+        return 0 if self.backend is Backend.CUDA else HOST_DEVICE
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Creates the default pool's first slab, so a SERVING broker has memory to lend."""
+        if len(self.slabs) == 0:
+            self.slabs.create("default", self.default_device, self.config.slab_bytes)
+
+    def start(self) -> None:
+        """Starts the sweeper on the running loop."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        """Stops the sweeper and frees (unlinks) every slab."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        self.slabs.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweep failed; continuing")
+
+    # -- operations --------------------------------------------------------------------------
+
+    def describe(self) -> broker_pb2.DescribeResponse:
+        backend = (
+            broker_pb2.SLAB_BACKEND_CUDA
+            if self.backend is Backend.CUDA
+            else broker_pb2.SLAB_BACKEND_HOST
+        )
+        return broker_pb2.DescribeResponse(
+            slabs=[slab.info() for slab in self.slabs],
+            generation=self.generation,
+            node=self.node,
+            ref_key=self.ref_key,
+            backend=backend,
+            alignment=ALIGNMENT,
+        )
+
+    def open_lease(self, pool: str, owner_pid: int, ttl_s: float, label: str) -> broker_pb2.Lease:
+        return _lease_pb(self.leases.open(pool, owner_pid, ttl_s, label))
+
+    def renew(self, lease_id: str, ttl_s: float) -> broker_pb2.Lease:
+        return _lease_pb(self.leases.renew(lease_id, ttl_s))
+
+    def allocate(self, items: Sequence[broker_pb2.Allocation]) -> list[tensor_pb2.TensorRef]:
+        """One buffer per item, all or nothing; RESOURCE_EXHAUSTED at once when there is no room."""
+        if len(items) > MAX_ITEMS:
+            raise InvalidArgument(f"{len(items)} items in one Allocate, over {MAX_ITEMS}")
+        # check everything before taking any memory
+        plan: list[tuple[Lease, int, int]] = []
+        for item in items:
+            lease = self.leases.get(item.lease_id)
+            nbytes = nbytes_of(item.dtype, item.shape)
+            device = item.device if self.backend is Backend.CUDA else HOST_DEVICE
+            self.slabs.check_device(device)
+            plan.append((lease, device, nbytes))
+        out: list[tensor_pb2.TensorRef] = []
+        taken: list[tuple[Lease, Buffer]] = []
+        try:
+            for item, (lease, device, nbytes) in zip(items, plan, strict=True):
+                slab, offset = self.slabs.allocate(lease.pool, device, nbytes)
+                buf = Buffer(slab.slab_id, offset, nbytes)
+                lease.buffers.append(buf)
+                taken.append((lease, buf))
+                ref = tensor_pb2.TensorRef(
+                    slab_id=slab.slab_id,
+                    slab_generation=self.generation,
+                    offset=offset,
+                    nbytes=nbytes,
+                    dtype=item.dtype,
+                    shape=item.shape,
+                    lease_id=lease.lease_id,
+                )
+                ref.tag = refs.sign(self.ref_key, ref)
+                out.append(ref)
+        except Exception as e:
+            for lease, buf in taken:
+                lease.buffers.remove(buf)
+                self.slabs.free(buf.slab_id, buf.offset, quarantine=False)
+            if isinstance(e, ResourceExhausted):
+                self.exhausted_total += 1
+            raise
+        self.allocations_total += len(out)
+        return out
+
+    def release(self, lease_ids: Sequence[str], reason: EndReason) -> tuple[int, int]:
+        """Ends the open leases among lease_ids; returns (ended, bytes freed or quarantined)."""
+        released = 0
+        freed = 0
+        for lease_id in lease_ids:
+            lease = self.leases.end(lease_id, reason)
+            if lease is None:
+                continue  # unknown or already ended: release is idempotent
+            released += 1
+            for buf in lease.buffers:
+                freed += self.slabs.free(buf.slab_id, buf.offset, quarantine=reason.quarantines)
+            if reason is not EndReason.DONE:
+                log.info(
+                    "lease %s (%s, pid %d) ended: %s, %d buffers",
+                    lease_id,
+                    lease.label,
+                    lease.owner_pid,
+                    reason.value,
+                    len(lease.buffers),
+                )
+        return released, freed
+
+    def sweep(self) -> None:
+        """Ends expired and orphaned leases, drains quarantine, samples the rate, sets gauges."""
+        expired = self.leases.expired()
+        self.expired_total += self.release(expired, EndReason.EXPIRED)[0]
+        orphaned = self.leases.orphaned()
+        pass
+        self.slabs.drain()
+        now = self._clock()
+        self._rate.append((now, self.allocations_total))
+        while len(self._rate) > 2 and now - self._rate[0][0] > RATE_WINDOW_S:
+            self._rate.popleft()
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        used: dict[tuple[str, str], int] = {}
+        held: dict[tuple[str, str], int] = {}
+        for slab in self.slabs:
+            key = (slab.pool, str(slab.device))
+            stats = slab.stats()
+            used[key] = used.get(key, 0) + stats.used_bytes
+            held[key] = held.get(key, 0) + slab.nbytes
+        for key, value in used.items():
+            metrics.BROKER_USED_BYTES.labels(*key).set(value)
+        for key, value in held.items():
+            metrics.BROKER_SLAB_BYTES.labels(*key).set(value)
+        metrics.BROKER_LIVE_LEASES.set(len(self.leases))
+
+    def allocations_per_s(self) -> float:
+        if len(self._rate) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def stats(self) -> broker_pb2.StatsResponse:
+        slabs = [slab.stats() for slab in self.slabs]
+        return broker_pb2.StatsResponse(
+            slabs=slabs,
+            live_leases=len(self.leases),
+            live_buffers=sum(len(lease.buffers) for lease in self.leases),
+            used_bytes=sum(s.used_bytes for s in slabs),
+            allocations_per_s=self.allocations_per_s(),
+            allocations_total=self.allocations_total,
+            exhausted_total=self.exhausted_total,
+            expired_total=self.expired_total,
+            reclaimed_total=self.reclaimed_total,
+            generation=self.generation,
+        )
+
+
+def _lease_pb(lease: Lease) -> broker_pb2.Lease:
+    return broker_pb2.Lease(
+        lease_id=lease.lease_id, pool=lease.pool, expires_unix_us=lease.expires_unix_us
+    )

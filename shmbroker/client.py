@@ -1,0 +1,260 @@
+"""The broker's client library, used by stages and the gateway (asyncio, grpc.aio).
+
+    client = await BrokerClient.connect("unix:/tmp/camelot/broker.sock")
+    lease = await client.open_lease("resnet", label=query_id)
+    ref, out = await client.alloc_array(lease, np.float16, (32, 1000))   # writable view
+    ... send ref (a few hundred bytes) to the next stage, which does:
+    x = await client.view(ref)             # zero-copy NumPy or CuPy array, checked
+    await client.release([lease])          # when the query is done
+
+A process opens each slab once and keeps it; `view` checks a ref before touching memory: its
+slab is known (the table is fetched again once when it is not, or when the ref is of a newer
+generation, or when the channel to the broker dropped), its generation is the broker's current
+one (older: FAILED_PRECONDITION, "stale"), its tag verifies (else INVALID_ARGUMENT, "forged"),
+it lies inside the slab, and dtype × shape is its size. Every RPC carries a deadline, and a
+failed RPC is raised as the matching `common.errors` class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from common.backend import Backend
+from common.dtypes import from_numpy, nbytes_of, to_numpy
+from common.errors import BadRef, InvalidArgument, StaleRef, from_rpc_error
+from common.lifecycle import CHANNEL_OPTIONS
+from protos import broker_pb2, broker_pb2_grpc, tensor_pb2
+from shmbroker import refs
+from shmbroker.mapping import Mapping, open_slab
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEADLINE_S = 5.0
+T = TypeVar("T")
+DTypeLike = np.dtype[Any] | type
+
+
+class NeedsRefresh(BadRef):
+    """`view_cached` met a slab or generation this process has not loaded: await `view`."""
+
+
+class BrokerClient:
+    def __init__(self, channel: grpc.aio.Channel, *, pid: int, deadline_s: float) -> None:
+        self._channel = channel
+        self._stub = broker_pb2_grpc.BrokerStub(channel)
+        self.pid = pid
+        self.deadline_s = deadline_s
+        self.generation = 0
+        self.node = ""
+        self.backend = Backend.HOST
+        self._key = b""
+        self._infos: dict[str, broker_pb2.SlabInfo] = {}
+        self._open: dict[str, Mapping] = {}
+        self._dirty = False
+        self._refresh_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str,
+        *,
+        pid: int | None = None,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> BrokerClient:
+        """Connects and loads the slab table. pid owns the leases (default: this process; 0:
+        none, so they end only by release or TTL)."""
+        channel = grpc.aio.insecure_channel(
+            target, options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None
+        )
+        client = cls(channel, pid=os.getpid() if pid is None else pid, deadline_s=deadline_s)
+        try:
+            await client.refresh()
+        except BaseException:
+            await channel.close()
+            raise
+        client._watcher = asyncio.get_running_loop().create_task(client._watch_channel())
+        return client
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+            self._watcher = None
+        self._close_mappings()
+        await self._channel.close()
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        try:
+            return await method(request, timeout=self.deadline_s)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+
+    # -- slab table --------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Fetches the slab table (Describe); a new generation drops every opened slab."""
+        async with self._refresh_lock:
+            resp: broker_pb2.DescribeResponse = await self._call(
+                self._stub.Describe, broker_pb2.DescribeRequest()
+            )
+            self._dirty = False
+            if resp.generation != self.generation:
+                if self.generation:
+                    log.info("broker generation %d -> %d", self.generation, resp.generation)
+                self._close_mappings()
+            self.generation = resp.generation
+            self.node = resp.node
+            self._key = bytes(resp.ref_key)
+            self.backend = (
+                Backend.CUDA if resp.backend == broker_pb2.SLAB_BACKEND_CUDA else Backend.HOST
+            )
+            self._infos = {info.slab_id: info for info in resp.slabs}
+
+    def open_all(self) -> None:
+        """Opens every slab known now (a warm-up, so that no request pays for it)."""
+        for slab_id in self._infos:
+            self._mapping(slab_id)
+
+    def _mapping(self, slab_id: str) -> Mapping:
+        mapping = self._open.get(slab_id)
+        if mapping is None:
+            mapping = open_slab(self._infos[slab_id])
+            self._open[slab_id] = mapping
+        return mapping
+
+    def _close_mappings(self) -> None:
+        for mapping in self._open.values():
+            mapping.close()
+        self._open.clear()
+        self._infos = {}
+
+    async def _watch_channel(self) -> None:
+        # a dropped connection may mean a broker restart: check the table before the next view
+        state = self._channel.get_state(try_to_connect=False)
+        while True:
+            try:
+                await self._channel.wait_for_state_change(state)
+                new = self._channel.get_state(try_to_connect=False)
+            except Exception:
+                log.exception("broker channel watch stopped")
+                self._dirty = True
+                return
+            if state is grpc.ChannelConnectivity.READY and new is not state:
+                self._dirty = True
+            state = new
+
+    # -- leases and buffers ------------------------------------------------------------------
+
+    async def open_lease(self, pool: str = "default", ttl_s: float = 0.0, label: str = "") -> str:
+        lease: broker_pb2.Lease = await self._call(
+            self._stub.OpenLease,
+            broker_pb2.OpenLeaseRequest(pool=pool, owner_pid=self.pid, ttl_s=ttl_s, label=label),
+        )
+        return lease.lease_id
+
+    async def renew(self, lease_id: str, ttl_s: float = 0.0) -> broker_pb2.Lease:
+        return await self._call(
+            self._stub.Renew, broker_pb2.RenewRequest(lease_id=lease_id, ttl_s=ttl_s)
+        )
+
+    async def allocate(
+        self, items: Sequence[tuple[str, DTypeLike, tuple[int, ...]]], device: int = 0
+    ) -> list[tensor_pb2.TensorRef]:
+        """One buffer per (lease_id, dtype, shape), in one RPC; all or nothing."""
+        request = broker_pb2.AllocateRequest(
+            items=[
+                broker_pb2.Allocation(
+                    lease_id=lease_id,
+                    dtype=from_numpy(np.dtype(dtype)),
+                    shape=[int(d) for d in shape],
+                    device=device,
+                )
+                for lease_id, dtype, shape in items
+            ]
+        )
+        resp: broker_pb2.AllocateResponse = await self._call(self._stub.Allocate, request)
+        return list(resp.refs)
+
+    async def alloc_array(
+        self, lease_id: str, dtype: DTypeLike, shape: tuple[int, ...], device: int = 0
+    ) -> tuple[tensor_pb2.TensorRef, Any]:
+        """One buffer and a writable view of it."""
+        (ref,) = await self.allocate([(lease_id, dtype, shape)], device)
+        return ref, await self.view(ref)
+
+    async def release(
+        self, lease_ids: Sequence[str], *, aborted: bool = False
+    ) -> broker_pb2.ReleaseResponse:
+        """Ends leases (idempotent). aborted: a producer may still write, so the broker
+        quarantines the buffers for a grace period before reuse."""
+        reason = broker_pb2.RELEASE_REASON_ABORTED if aborted else broker_pb2.RELEASE_REASON_DONE
+        return await self._call(
+            self._stub.Release, broker_pb2.ReleaseRequest(lease_ids=list(lease_ids), reason=reason)
+        )
+
+    async def stats(self) -> broker_pb2.StatsResponse:
+        return await self._call(self._stub.Stats, broker_pb2.StatsRequest())
+
+    # -- views -------------------------------------------------------------------------------
+
+    async def view(self, ref: tensor_pb2.TensorRef) -> Any:
+        """A zero-copy array (NumPy on host slabs, CuPy on the slab's device) of the ref."""
+        if self._dirty or ref.slab_generation > self.generation or ref.slab_id not in self._infos:
+            await self.refresh()
+        return self._view(ref)
+
+    def view_cached(self, ref: tensor_pb2.TensorRef) -> Any:
+        """`view` without I/O; NeedsRefresh when the slab table must be fetched first."""
+        if self._dirty or ref.slab_generation > self.generation or ref.slab_id not in self._infos:
+            raise NeedsRefresh(f"slab {ref.slab_id!r} is not loaded in this process yet")
+        return self._view(ref)
+
+    def _view(self, ref: tensor_pb2.TensorRef) -> Any:
+        if ref.slab_generation < self.generation:
+            raise StaleRef(
+                f"stale ref: generation {ref.slab_generation} is older than the broker's "
+                f"{self.generation} (the broker restarted)"
+            )
+        if ref.slab_generation > self.generation:
+            raise BadRef(f"ref generation {ref.slab_generation} is newer than the broker's")
+        info = self._infos.get(ref.slab_id)
+        if info is None:
+            raise BadRef(f"unknown slab {ref.slab_id!r}")
+        if not refs.verify(self._key, ref):
+            raise BadRef("forged ref: its tag does not match")
+        if ref.offset + ref.nbytes > info.nbytes:
+            raise BadRef(
+                f"ref [{ref.offset}, {ref.offset + ref.nbytes}) lies outside slab "
+                f"{ref.slab_id} of {info.nbytes} bytes"
+            )
+        shape = tuple(int(d) for d in ref.shape)
+        try:
+            dtype = to_numpy(ref.dtype)
+            want = nbytes_of(ref.dtype, shape)
+        except InvalidArgument as e:
+            raise BadRef(f"bad ref: {e.message}") from None
+        if want != ref.nbytes:
+            raise BadRef(
+                f"ref nbytes {ref.nbytes} != {dtype} x {list(shape)} = "
+                f"{dtype.itemsize * math.prod(shape)} bytes"
+            )
+        return self._mapping(ref.slab_id).view(ref.offset, ref.nbytes, dtype, shape)

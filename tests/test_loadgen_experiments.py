@@ -1,0 +1,152 @@
+"""The experiment harness and the e2e bench, end to end against the fake gateway and Admin API.
+
+The fake's latency jumps above the QoS once the arrival rate it sees passes a per-policy
+threshold, so the peak search has a known answer to find; the rates are far apart from the
+thresholds so that the test does not hang on the machine's timing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.errors import Unauthenticated
+from loadgen import bench_e2e
+from loadgen.experiments import __main__ as experiments
+from loadgen.experiments.admin import AdminClient
+from tests.test_loadgen_gateway import TOKEN, serve_fake
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+async def run_experiment(argv: list[str]) -> dict:
+    args = experiments.build_parser().parse_args(argv)
+    json_path, md_path = await experiments.run(args, argv)
+    doc = json.loads(json_path.read_text())
+    assert md_path.read_text().startswith(f"# {doc['name']}")
+    for plot in Path(json_path).parent.glob("*.png"):
+        assert plot.read_bytes().startswith(PNG)
+    return doc
+
+
+# Gaps longer than the fake's idle reset (0.3 s), so each trial starts with a fresh rate estimate.
+FAST = ["--trial-s", "0.8", "--warmup-s", "0.3", "--gap-s", "0.4", "--arrivals", "uniform"]
+
+
+@pytest.mark.slow
+async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s, st.slow_s = 0.002, 0.2
+        st.rate_threshold = {"max-load": 70.0, "even": 35.0}
+        st.policy_sm = {"max-load": [50.0, 50.0], "even": [100.0]}
+        doc = await run_experiment(
+            ["peak-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
+             "--mix", "vision:img-to-text", "--policies", "max-load,even", "--start-qps", "10",
+             "--rel-tol", "0.3", "--out-dir", str(tmp_path), *FAST]
+        )  # fmt: skip
+        epoch = st.epoch
+    s = doc["summary"]
+    # Doubling from 10 then bisecting to 30%: 60 for max-load (70), 30 for even (35).
+    assert 40 <= s["vision.max-load_qps"] <= 70
+    assert 20 <= s["vision.even_qps"] <= 35
+    assert s["vision.camelot_over_best_baseline"] == pytest.approx(
+        s["vision.max-load_qps"] / s["vision.even_qps"]
+    )
+    assert epoch == 3  # two SetPolicy calls
+    rows = doc["rows"]
+    assert {r["policy"] for r in rows} == {"max-load", "even"}
+    assert {r["epoch"] for r in rows if r["policy"] == "even"} == {3}
+    assert all(r["met"] == (r["worst_p99_over_qos"] <= 1) for r in rows)
+    assert any(not r["met"] for r in rows) and all(r["errors"] == 0 for r in rows)
+    assert (tmp_path / "peak-load-vision.png").exists()
+    assert TOKEN not in json.dumps(doc) and TOKEN not in (tmp_path / "peak-load.md").read_text()
+
+
+@pytest.mark.slow
+async def test_low_load_integrates_sm_share_and_compares_to_the_best_baseline(tmp_path):
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.002
+        gw.state.policy_sm = {"min-resource": [30.0], "even": [50.0, 50.0], "exclusive": [100.0]}
+        doc = await run_experiment(
+            ["low-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
+             "--mix", "img-to-text=1,speech-to-text=1", "--rate", "8",
+             "--policies", "min-resource,even", "--sample-s", "0.2", "--out-dir", str(tmp_path),
+             *FAST]
+        )  # fmt: skip
+    s = doc["summary"]
+    label = "img-to-text+speech-to-text"
+    # Per pipeline: min-resource 30% against even's 100%, both for the whole trial.
+    assert s[f"{label}.min-resource_sm_gpu_s"] == pytest.approx(2 * 0.30 * 0.8)
+    assert s[f"{label}.even_sm_gpu_s"] == pytest.approx(2 * 1.0 * 0.8)
+    assert s[f"{label}.saving_vs_best_baseline"] == pytest.approx(0.7)
+    assert s[f"{label}.qos_met"] is True
+    by_policy = {r["policy"]: r for r in doc["rows"]}
+    assert by_policy["even"]["gpus"] == 2 and by_policy["min-resource"]["gpus"] == 1
+    assert by_policy["min-resource"]["sm_percent_mean"] == pytest.approx(60.0)
+    assert (tmp_path / "low-load-img-to-text_speech-to-text-sm.png").exists()
+    assert (tmp_path / "low-load-img-to-text_speech-to-text-cdf.png").exists()
+
+
+@pytest.mark.slow
+async def test_diurnal_without_admin_windows_the_day(tmp_path):
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.002
+        doc = await run_experiment(
+            ["diurnal", "--no-admin", "--target", gw.target, "--mix", "img-to-text",
+             "--min-qps", "5", "--max-qps", "40", "--duration-s", "3", "--window-s", "1",
+             "--out-dir", str(tmp_path), "--arrivals", "uniform", "--gap-s", "0",
+             "--warmup-s", "0"]
+        )  # fmt: skip
+        received = gw.state.received["img-to-text"]
+    rows = doc["rows"]
+    assert [r["t_s"] for r in rows] == [0, 1, 2]
+    assert sum(r["count"] for r in rows) == doc["summary"]["requests"] == received
+    # The compressed day: a quiet first third (night), a busier last third (afternoon).
+    assert rows[0]["count"] < rows[2]["count"]
+    assert doc["summary"]["policy"] == "current" and doc["summary"]["sm_gpu_s"] is None
+    assert doc["summary"]["qos_met"] is True
+    assert len(doc["trace"]) > 10
+    assert (tmp_path / "diurnal-current.png").exists()
+
+
+async def test_admin_client_sends_the_bearer_token():
+    async with serve_fake() as gw:
+        gw.state.policy_sm = {"even": [100.0]}
+        async with AdminClient(gw.target, "wrong") as admin:
+            with pytest.raises(Unauthenticated):
+                await admin.get_plan()
+        async with AdminClient(gw.target, TOKEN) as admin:
+            plan = await admin.set_policy("even")
+            assert plan.policy == "even" and plan.epoch == 2
+            assert (await admin.wait_for_epoch(2, timeout_s=1)).epoch == 2
+            with pytest.raises(Exception) as info:
+                await admin.wait_for_epoch(5, timeout_s=0.3, poll_s=0.05)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_bench_e2e_writes_ref_and_wire_side_by_side(tmp_path):
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.002
+        argv = ["--target", gw.target, "--pipelines", "img-to-text,speech-to-text", "--rate", "20",
+                "--duration", "0.5", "--warmup-s", "0", "--out-dir", str(tmp_path)]  # fmt: skip
+        json_path, md_path = await bench_e2e.run(bench_e2e.build_parser().parse_args(argv), argv)
+        transports = dict(gw.state.transports)
+    doc = json.loads(json_path.read_text())
+    assert doc["name"] == "e2e" and doc["command"].startswith("python -m loadgen.bench_e2e")
+    assert [(r["pipeline"], r["transport"]) for r in doc["rows"]] == [
+        ("img-to-text", "ref"), ("img-to-text", "wire"),
+        ("speech-to-text", "ref"), ("speech-to-text", "wire"),
+    ]  # fmt: skip
+    assert all(r["count"] > 0 and r["errors"] == 0 for r in doc["rows"])
+    for code, name in ((1, "ref"), (2, "wire")):
+        assert transports[code] == sum(r["count"] for r in doc["rows"] if r["transport"] == name)
+    assert set(doc["summary"]) == {
+        "img-to-text.wire_over_ref_p50",
+        "speech-to-text.wire_over_ref_p50",
+    }
+    assert all(v > 0 for v in doc["summary"].values())
+    assert "| pipeline | transport | p50_ms | p99_ms | count | errors |" in md_path.read_text()

@@ -1,0 +1,181 @@
+"""A small real Gateway (and Admin) gRPC server for the load-generator tests.
+
+It is the seam fake of the system under load: it implements protos/gateway.proto and
+protos/admin.proto for real (port 0, grpc.aio), checks every input against its pipeline's spec,
+and answers after a latency given by a model: a fixed sleep, an optional concurrency limit (so
+requests queue), or a latency that depends on the arrival rate it observes and the active policy.
+No tests live here; the other test_loadgen* modules import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.dtypes import array_from_wire
+from common.errors import InvalidArgument, NotFound, Unauthenticated, grpc_errors
+from protos import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, plan_pb2, tensor_pb2
+
+TOKEN = "test-token"
+
+
+def spec(name: str, dtype: int, shape: list[int]) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+PIPELINES = {
+    "img-to-text": (spec("image", tensor_pb2.DTYPE_UINT8, [3, 8, 8]), 50.0),
+    "speech-to-text": (spec("audio", tensor_pb2.DTYPE_FLOAT32, [160]), 50.0),
+    "bad-pipe": (spec("x", tensor_pb2.DTYPE_FLOAT16, [4]), 50.0),
+}
+
+
+@dataclass
+class State:
+    """What the fake does, and what it saw."""
+
+    sleep_s: float = 0.0
+    concurrency: int = 0  # 0: unlimited
+    fail: dict[str, grpc.StatusCode] = field(default_factory=dict)
+    # Rate model: the median arrival gap over recent requests gives a rate; above the threshold of
+    # the active policy, latency is `slow_s`. History is forgotten after `idle_reset_s` without
+    # requests, so each trial starts fresh.
+    rate_threshold: dict[str, float] = field(default_factory=dict)
+    slow_s: float = 0.2
+    idle_reset_s: float = 0.3
+    transport_extra_s: dict[int, float] = field(default_factory=dict)
+    policy: str = "initial"
+    epoch: int = 1
+    policy_sm: dict[str, list[float]] = field(default_factory=dict)
+    received: Counter[str] = field(default_factory=Counter)
+    transports: Counter[int] = field(default_factory=Counter)
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=16))
+    sem: asyncio.Semaphore | None = None
+
+    def latency_s(self) -> float:
+        now = time.monotonic()
+        if self.arrivals and now - self.arrivals[-1] > self.idle_reset_s:
+            self.arrivals.clear()
+        self.arrivals.append(now)
+        threshold = self.rate_threshold.get(self.policy)
+        if threshold is None or len(self.arrivals) < 4:
+            return self.sleep_s
+        pts = list(self.arrivals)
+        gap = statistics.median(b - a for a, b in zip(pts, pts[1:], strict=False))
+        return self.slow_s if gap <= 0 or 1 / gap > threshold else self.sleep_s
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    @grpc_errors
+    async def ListPipelines(self, request, context):
+        return gateway_pb2.ListPipelinesResponse(
+            pipelines=[
+                gateway_pb2.PipelineInfo(name=n, input=s, output=s, stages=[f"{n}.a"], qos_p99_ms=q)
+                for n, (s, q) in PIPELINES.items()
+            ]
+        )
+
+    @grpc_errors
+    async def Submit(self, request, context):
+        st = self.state
+        if request.pipeline not in PIPELINES:
+            raise NotFound(f"unknown pipeline {request.pipeline!r}")
+        want = PIPELINES[request.pipeline][0]
+        if request.input.dtype != want.dtype or list(request.input.shape) != list(want.shape):
+            raise InvalidArgument("input does not match the spec")
+        array_from_wire(request.input)  # checks the byte count
+        st.received[request.pipeline] += 1
+        st.transports[request.transport] += 1
+        delay = st.latency_s() + st.transport_extra_s.get(request.transport, 0.0)
+        if request.pipeline in st.fail:
+            await context.abort(st.fail[request.pipeline], "configured to fail")
+        if st.sem is not None:
+            async with st.sem:
+                await asyncio.sleep(delay)
+        else:
+            await asyncio.sleep(delay)
+        return gateway_pb2.SubmitResponse(
+            output=request.input, query_id=request.query_id, e2e_us=int(delay * 1e6),
+            plan_epoch=st.epoch,
+        )  # fmt: skip
+
+
+class FakeAdmin(admin_pb2_grpc.AdminServicer):
+    """SetPolicy makes a plan with the policy's replica shares and a new epoch."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def _check(self, context) -> None:
+        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
+            raise Unauthenticated("bad token")
+
+    def _plan(self) -> plan_pb2.Plan:
+        st = self.state
+        shares = st.policy_sm.get(st.policy, [100.0])
+        return plan_pb2.Plan(
+            epoch=st.epoch,
+            policy=st.policy,
+            stages=[
+                plan_pb2.StagePlan(
+                    pipeline=name, stage=f"{name}.a",
+                    replicas=[
+                        plan_pb2.ReplicaPlan(
+                            replica_id=f"{name}.a.{i}", node="n0", gpu=i, sm_percent=share
+                        )
+                        for i, share in enumerate(shares)
+                    ],
+                )
+                for name in PIPELINES
+            ],
+        )  # fmt: skip
+
+    @grpc_errors
+    async def SetPolicy(self, request, context):
+        self._check(context)
+        if request.policy not in self.state.policy_sm:
+            raise InvalidArgument(f"unknown policy {request.policy!r}")
+        self.state.policy = request.policy
+        self.state.epoch += 1
+        return self._plan()
+
+    @grpc_errors
+    async def GetPlan(self, request, context):
+        self._check(context)
+        return self._plan()
+
+
+@dataclass
+class Served:
+    target: str
+    state: State
+
+
+@contextlib.asynccontextmanager
+async def serve_fake(state: State | None = None) -> AsyncIterator[Served]:
+    """The fake gateway and admin on one port; tune `served.state` before loading it."""
+    state = state or State()
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(FakeGateway(state), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(FakeAdmin(state), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield Served(f"127.0.0.1:{port}", state)
+    finally:
+        await server.stop(0)
+
+
+def limit(state: State, concurrency: int) -> None:
+    state.concurrency = concurrency
+    state.sem = asyncio.Semaphore(concurrency)

@@ -1,0 +1,118 @@
+"""The open-loop generator against a real (fake-latency) gateway on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from common.errors import NotFound
+from loadgen import traces
+from loadgen.inputs import parse_mix
+from loadgen.openloop import build_parser, run_open_loop, schedule_from_args
+from tests.test_loadgen_gateway import limit, serve_fake
+
+
+async def test_queueing_shows_in_latency_from_intended_send():
+    # One request at a time, 20 ms each, offered at 100/s: the backlog grows by ~half the rate.
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.02
+        limit(gw.state, 1)
+        schedule = traces.schedule(
+            traces.constant(100.0, 0.5), np.random.default_rng(0), traces.Arrivals.UNIFORM
+        )
+        result = await run_open_loop(gw.target, schedule, parse_mix("img-to-text"), seed=1)
+    stats = result.stats()
+    assert stats["all"]["count"] == 50 == stats["all"]["ok"]
+    assert gw.state.received["img-to-text"] == 50
+    # 50 queued requests of 20 ms: the last ones wait for most of the others.
+    assert stats["all"]["p99_ms"] > 10 * 20
+    latencies = [r.latency_us for r in result.records]
+    assert np.mean(latencies[-10:]) > 3 * np.mean(latencies[:10])
+    for r in result.records:
+        assert r.intended_us <= r.sent_us <= r.done_us and r.latency_us >= r.done_us - r.sent_us
+
+
+async def test_client_lag_counts_in_latency():
+    # The event loop is blocked for 300 ms mid-run: requests due meanwhile leave late, and the
+    # lateness is part of their latency (a client timing from the actual send would hide it).
+    async with serve_fake() as gw:
+        schedule = traces.schedule(
+            traces.constant(100.0, 0.6), np.random.default_rng(0), traces.Arrivals.UNIFORM
+        )
+
+        async def block() -> None:
+            await asyncio.sleep(0.15)
+            time.sleep(0.3)  # noqa: ASYNC251 (the point: a stalled client)
+
+        blocker = asyncio.create_task(block())
+        result = await run_open_loop(gw.target, schedule, parse_mix("img-to-text"))
+        await blocker
+    lags = [r.sent_us - r.intended_us for r in result.records]
+    late = result.records[int(np.argmax(lags))]
+    assert max(lags) > 150_000
+    assert late.latency_us >= late.sent_us - late.intended_us + (late.done_us - late.sent_us)
+    assert result.stats()["all"]["p99_ms"] > 150
+
+
+async def test_mix_errors_and_status_codes():
+    async with serve_fake() as gw:
+        gw.state.fail["bad-pipe"] = grpc.StatusCode.RESOURCE_EXHAUSTED
+        schedule = traces.poisson(200.0, 0.5, np.random.default_rng(2))
+        mix = parse_mix("img-to-text=3,speech-to-text=1,bad-pipe=1")
+        result = await run_open_loop(gw.target, schedule, mix, seed=5)
+        with pytest.raises(NotFound):
+            await run_open_loop(gw.target, [0.0], parse_mix("no-such-pipeline"))
+    stats = result.stats()
+    assert stats["all"]["count"] == len(schedule)
+    assert stats["bad-pipe"]["errors"] == stats["bad-pipe"]["count"] > 0
+    assert stats["bad-pipe"]["error_codes"] == {"RESOURCE_EXHAUSTED": stats["bad-pipe"]["count"]}
+    assert stats["img-to-text"]["errors"] == 0 == stats["speech-to-text"]["errors"]
+    assert stats["img-to-text"]["count"] > stats["speech-to-text"]["count"]
+    # Every input matched its pipeline's spec (the gateway refuses others), and all were counted.
+    assert sum(gw.state.received.values()) == len(schedule)
+    assert stats["bad-pipe"]["p99_ms"] is None
+    windows = result.windows(0.1)
+    assert sum(w["count"] for w in windows) == len(schedule)
+
+
+async def test_cli_writes_stats_and_records(tmp_path):
+    out = tmp_path / "run.json"
+    async with serve_fake() as gw:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadgen.openloop", "--target", gw.target, "--rate", "40",
+            "--duration", "0.5", "--arrivals", "uniform", "--mix", "img-to-text=1,speech-to-text=1",
+            "--transport", "wire", "--out", str(out),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    doc = json.loads(out.read_text())
+    assert doc["stats"]["all"]["count"] == 20 == len(doc["records"])
+    assert set(doc["stats"]) == {"all", "img-to-text", "speech-to-text"}
+    assert {"p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"} <= set(doc["stats"]["all"])
+    assert doc["record_fields"][4] == "latency_us" and doc["records"][0][5] == "OK"
+    assert json.loads(stdout)["all"]["count"] == 20
+    assert set(gw.state.transports) == {2}  # TRANSPORT_WIRE
+
+
+def test_cli_schedules_from_rate_trace_file_and_diurnal(tmp_path):
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps([[0, 10.0], [4, 10.0], [4, 30.0], [6, 30.0]]))
+    rng = np.random.default_rng(0)
+
+    def sched(*argv):
+        args = build_parser().parse_args(["--target", "x:1", "--arrivals", "uniform", *argv])
+        return schedule_from_args(args, rng)
+
+    arrivals, duration = sched("--trace", str(trace))
+    assert duration == 6 and len(arrivals) == 100  # 4 s at 10/s, then 2 s at 30/s
+    arrivals, duration = sched("--rate", "20", "--duration", "3")
+    assert duration == 3 and len(arrivals) == 60
+    arrivals, duration = sched("--diurnal", "2,20")
+    assert duration == 10 and 20 < len(arrivals) < 200
