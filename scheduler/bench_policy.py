@@ -82,7 +82,9 @@ def random_instance(rng: random.Random, profiles: dict[str, StageProfile]) -> Po
         stages = pipes[name][start : start + n]
         floor = sum(s.latency(100.0, 1) for s in stages) + 0.25 * n
         qos = round(floor * rng.uniform(2.0, 8.0), 1)
-        infos.append(PipelineInfo(name, tuple(StageInfo(s.stage, s.max_batch) for s in stages), qos))
+        infos.append(
+            PipelineInfo(name, tuple(StageInfo(s.stage, s.max_batch) for s in stages), qos)
+        )
         chosen.update((s.key, s) for s in stages)
     opts = {"batches": "1,8,32", "share_step": "10", "max_replicas": "2", "tolerance": "0.002"}
     return PolicyInput(tuple(infos), gpus(rng.choice((1, 2))), {}, chosen, options=opts)
@@ -112,16 +114,22 @@ def big_world(profiles: dict[str, StageProfile]) -> PolicyInput:
         stages.append(replace(stages[0], stage="post"))
         for s in stages:
             chosen[s.key] = s
-        infos.append(PipelineInfo(name, tuple(StageInfo(s.stage, s.max_batch) for s in stages), 100.0))
+        infos.append(
+            PipelineInfo(name, tuple(StageInfo(s.stage, s.max_batch) for s in stages), 100.0)
+        )
     return PolicyInput(tuple(infos), gpus(8), {}, chosen)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--instances", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--profiles", default=None, help="profiles JSON (default: the synthetic set)")
+    parser.add_argument(
+        "--profiles", default=None, help="profiles JSON (default: the synthetic set)"
+    )
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     profiles = load(args.profiles) if args.profiles else load()
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     doc = {
         "name": "policy-optimality",
-        "command": "python -m scheduler.bench_policy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m scheduler.bench_policy "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": cpu_model(),
         "backend": "host",
         "date": dt.date.today().isoformat(),
@@ -223,7 +232,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         if r["kind"] != "optimality":
             continue
-        pipes = "; ".join(f"{k}: {'+'.join(v)} ({r['qos_p99_ms'][k]} ms)" for k, v in r["pipelines"].items())
+        pipes = "; ".join(
+            f"{k}: {'+'.join(v)} ({r['qos_p99_ms'][k]} ms)" for k, v in r["pipelines"].items()
+        )
         lines.append(
             f"| {r['instance']} | {pipes} | {r['gpus']} | {r['maxload_load']} | {r['brute_load']} "
             f"| {r['gap']:.2%} | {r['maxload_ms']} | {r['brute_s']} |"

@@ -77,7 +77,9 @@ def best_load(
     idx = [g.ravel() for g in grids]
     total_use = sum(use[s][idx[s]] for s in range(len(keys)))
     total_mem = sum(mem[s][idx[s]] for s in range(len(keys)))
-    gpu_units = np.array([min(grid.units_per_gpu, g.gpu.sm_groups or grid.units_per_gpu) for g in gpus])
+    gpu_units = np.array(
+        [min(grid.units_per_gpu, g.gpu.sm_groups or grid.units_per_gpu) for g in gpus]
+    )
     gpu_mem = np.array([g.gpu.memory_bytes for g in gpus])
     ok = np.all(total_use <= gpu_units, axis=1) & np.all(total_mem <= gpu_mem, axis=1)
     bound = np.min(np.stack([cap[s][idx[s]] for s in range(len(keys))]), axis=0)
@@ -92,7 +94,9 @@ def best_load(
         ub = float(bound[c])
         if ub <= best * (1 + tolerance):
             break
-        plan = _plan(world, keys, [options[s][idx[s][c]] for s in range(len(keys))], gpus, grid, max_wait_us)
+        plan = _plan(
+            world, keys, [options[s][idx[s][c]] for s in range(len(keys))], gpus, grid, max_wait_us
+        )
         target = max(best * (1 + tolerance), ub * 1e-4)
         if not feasible(plan, target):
             continue

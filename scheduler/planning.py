@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +47,10 @@ class Grid:
         if all(g.sm_groups > 0 and g.sms_per_group > 0 for g in gpus):
             g = min(gpus, key=lambda g: g.sm_groups)
             return cls(True, 100.0 * g.sms_per_group / g.sm_count, g.sm_groups)
-        if not (0 < step_percent <= 100) or abs(100 / step_percent - round(100 / step_percent)) > 1e-9:
+        if (
+            not (0 < step_percent <= 100)
+            or abs(100 / step_percent - round(100 / step_percent)) > 1e-9
+        ):
             raise InvalidArgument(f"share_step must divide 100, got {step_percent}")
         return cls(False, step_percent, round(100 / step_percent))
 
@@ -111,10 +114,13 @@ def stage_profiles(world: PolicyInput) -> dict[str, StageProfile]:
     return profiles
 
 
-def min_p99_ms(pipeline: PipelineInfo, profiles: Mapping[str, StageProfile], hop_ms: float) -> float:
+def min_p99_ms(
+    pipeline: PipelineInfo, profiles: Mapping[str, StageProfile], hop_ms: float
+) -> float:
     """The lowest p99 any plan can reach: every stage alone on a whole GPU, batch 1, no load."""
     return sum(
-        profiles[f"{pipeline.name}/{s.name}"].latency(100.0, 1) * profiles[f"{pipeline.name}/{s.name}"].bias
+        profiles[f"{pipeline.name}/{s.name}"].latency(100.0, 1)
+        * profiles[f"{pipeline.name}/{s.name}"].bias
         for s in pipeline.stages
     ) + hop_ms * len(pipeline.stages)
 
@@ -135,7 +141,12 @@ class Candidates:
         max_replicas: int,
         extra: int = 2,
     ) -> None:
-        self.profs, self.wait_ms, self.max_replicas, self.extra = profs, wait_ms, max_replicas, extra
+        self.profs, self.wait_ms, self.max_replicas, self.extra = (
+            profs,
+            wait_ms,
+            max_replicas,
+            extra,
+        )
         nbmax = max(len(p.batches) for p in profs)
         sid, us, bs_, lo_rows, hi_rows, grids, ts, scales = [], [], [], [], [], [], [], []
         for i, prof in enumerate(profs):
@@ -147,11 +158,18 @@ class Candidates:
             ptab = np.concatenate([table, np.repeat(table[:, -1:], pad, axis=1)], axis=1)
             for u in range(1, grid.units_per_gpu + 1):
                 share = grid.percent(u)
-                j = int(np.clip(np.searchsorted(shares, share, side="right") - 1, 0, max(len(shares) - 2, 0)))
+                j = int(
+                    np.clip(
+                        np.searchsorted(shares, share, side="right") - 1, 0, max(len(shares) - 2, 0)
+                    )
+                )
                 j1 = min(j + 1, len(shares) - 1)
                 t = 0.0
                 if j1 != j:
-                    t = min(1.0, max(0.0, math.log(share / shares[j]) / math.log(shares[j1] / shares[j])))
+                    t = min(
+                        1.0,
+                        max(0.0, math.log(share / shares[j]) / math.log(shares[j1] / shares[j])),
+                    )
                 scale = math.log(max(shares[0] / share, 1.0))
                 for b in usable:
                     sid.append(i)
@@ -223,7 +241,13 @@ class Candidates:
         for i in np.flatnonzero(pareto):
             s = int(sid[i])
             out[s].append(
-                Choice(self.profs[s].key, int(self.u[rows[i]]), int(self.b[rows[i]]), int(n[i]), float(p99[i]))
+                Choice(
+                    self.profs[s].key,
+                    int(self.u[rows[i]]),
+                    int(self.b[rows[i]]),
+                    int(n[i]),
+                    float(p99[i]),
+                )
             )
         return out
 
@@ -378,14 +402,22 @@ def assemble(
             groups = tuple(range(next_group[g], next_group[g] + it.units))
             next_group[g] += it.units
         spec = ReplicaSpec(
-            rid, gpus[g].node, gpus[g].gpu.index, grid.percent(it.units), c.batch, max_wait_us, groups
+            rid,
+            gpus[g].node,
+            gpus[g].gpu.index,
+            grid.percent(it.units),
+            c.batch,
+            max_wait_us,
+            groups,
         )
         replicas.setdefault(it.key, []).append(spec)
     stages = []
     for p in world.pipelines:
         for st in p.stages:
             key = f"{p.name}/{st.name}"
-            stages.append(StageAssignment(p.name, st.name, tuple(replicas[key]), chosen[key].p99_ms))
+            stages.append(
+                StageAssignment(p.name, st.name, tuple(replicas[key]), chosen[key].p99_ms)
+            )
     return PlanSpec(policy, tuple(stages), dict(planned_qps), tuple(clamped), reason)
 
 

@@ -19,10 +19,10 @@ right side to err on for a p99 target; the online bias factor corrects the rest.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 # above this capacity utilisation a replica is treated as unstable (tail not predictable)
 RHO_MAX = 0.92

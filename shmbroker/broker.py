@@ -207,7 +207,7 @@ class Broker:
         expired = self.leases.expired()
         self.expired_total += self.release(expired, EndReason.EXPIRED)[0]
         orphaned = self.leases.orphaned()
-        pass
+        self.reclaimed_total += self.release(orphaned, EndReason.OWNER_DIED)[0]
         self.slabs.drain()
         now = self._clock()
         self._rate.append((now, self.allocations_total))

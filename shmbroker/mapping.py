@@ -19,7 +19,7 @@ import numpy as np
 
 from common.errors import BadRef
 from protos import broker_pb2
-from shmbroker.slabs import CREATED_HERE
+from shmbroker.slabs import CREATED_HERE, LOCAL_CUDA
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,20 @@ class CudaMapping:
         self.info = info
         self.device = info.device
         runtime = cupy.cuda.runtime
-        with cupy.cuda.Device(info.device):
-            try:
-                self._ptr = int(
-                    runtime.ipcOpenMemHandle(
-                        info.ipc_handle, runtime.cudaIpcMemLazyEnablePeerAccess
+        local = LOCAL_CUDA.get(bytes(info.ipc_handle))
+        self._opened = local is None
+        if local is not None:
+            self._ptr = local  # the broker runs in this process
+        else:
+            with cupy.cuda.Device(info.device):
+                try:
+                    self._ptr = int(
+                        runtime.ipcOpenMemHandle(
+                            bytes(info.ipc_handle), runtime.cudaIpcMemLazyEnablePeerAccess
+                        )
                     )
-                )
-            except runtime.CUDARuntimeError as e:
-                raise BadRef(f"slab {info.slab_id}: cannot open its IPC handle: {e}") from e
+                except runtime.CUDARuntimeError as e:
+                    raise BadRef(f"slab {info.slab_id}: cannot open its IPC handle: {e}") from e
         self._mem: Any = cupy.cuda.UnownedMemory(self._ptr, info.nbytes, self, info.device)
 
     def view(self, offset: int, nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
@@ -111,6 +116,8 @@ class CudaMapping:
         if self._mem is None:
             return
         self._mem = None
+        if not self._opened:
+            return
         with cupy.cuda.Device(self.device):
             try:
                 cupy.cuda.runtime.ipcCloseMemHandle(self._ptr)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 HOST_DEVICE = -1
 SHM_DIR = "/dev/shm"
 CREATED_HERE: set[str] = set()
+# IPC handle -> device pointer of CUDA slabs allocated by this process: CUDA refuses to open a
+# handle in the process that exported it, so an in-process client uses the pointer directly
+LOCAL_CUDA: dict[bytes, int] = {}
 
 
 class Memory(Protocol):
@@ -84,12 +87,14 @@ class CudaMemory:
         with cupy.cuda.Device(device):
             try:
                 self._mem: Any = cupy.cuda.Memory(nbytes)
-            except cupy.cuda.memory.OutOfMemoryError as e:
+            except (cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError) as e:
                 raise ResourceExhausted(f"device {device} cannot hold a {nbytes}-byte slab") from e
             self.ipc_handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(self._mem.ptr))
         self.nbytes = nbytes
+        LOCAL_CUDA[self.ipc_handle] = int(self._mem.ptr)
 
     def close(self) -> None:
+        LOCAL_CUDA.pop(self.ipc_handle, None)
         self._mem = None
 
 

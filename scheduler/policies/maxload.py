@@ -105,6 +105,4 @@ class MaxLoad:
         reason = f"max load x{best_load:.4g} over weights"
         if solver.clamped:
             reason += f"; QoS unreachable, clamped: {', '.join(solver.clamped)}"
-        return PlanSpec(
-            plan.policy, plan.stages, at(best_load), tuple(solver.clamped), reason
-        )
+        return PlanSpec(plan.policy, plan.stages, at(best_load), tuple(solver.clamped), reason)

@@ -1,0 +1,109 @@
+"""`min-resource`: at the current load plus headroom, the least total SM share meeting the QoS.
+
+Target rate per pipeline: max(offered load, the scheduler's long-window arrival rate in
+`measured[pipeline].arrival_qps`) x (1 + headroom). Taking the larger of the two windows means
+growth follows a rise at once while a shrink waits until the load has been low for a while.
+`planning.Solver` picks each stage's cheapest (share, batch, replicas) within the pipeline's
+budget, packs with best fit (fewest GPUs), and checks the plan with the full predictor at the
+target: the load is spread over exactly the replicas the plan keeps, so a replica is only
+removed where the remaining ones are predicted to carry it. Replica counts live only in the
+plan (the number of ReplicaSpecs).
+
+Hysteresis: the plan in force (PolicyInput.current) is kept while it is predicted to meet the
+QoS at the target, unless a new plan saves more than `shrink_saving` (default 0.15) of its
+share *and* the target has fallen more than `shrink_margin` (default 0.15) below the load the
+current plan was made for. A target that no plan meets is clamped: the pipelines get the
+largest common fraction of their target that fits, are listed in `clamped`, and nothing grows
+past what the GPUs hold.
+
+Options: headroom (0.2), shrink_saving, shrink_margin, plus the Solver's (share_step, batches,
+max_wait_us, max_replicas, transport).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from common.errors import InvalidArgument, ResourceExhausted
+from scheduler.planning import Solver, total_units
+from scheduler.policy import PlanSpec, PolicyInput
+from scheduler.predictor import predict
+
+
+def _opt(world: PolicyInput, name: str, default: float) -> float:
+    try:
+        value = float(world.options.get(name, str(default)))
+    except ValueError:
+        raise InvalidArgument(f"option {name} must be a number") from None
+    if value < 0:
+        raise InvalidArgument(f"option {name} must be >= 0, got {value}")
+    return value
+
+
+def target_rates(world: PolicyInput, headroom: float) -> dict[str, float]:
+    out = {}
+    for p in world.pipelines:
+        now = float(world.load_qps.get(p.name, 0.0))
+        m = world.measured.get(p.name)
+        long = m.arrival_qps if m is not None else 0.0
+        out[p.name] = max(now, long) * (1.0 + headroom)
+    return out
+
+
+def _same_stages(world: PolicyInput, plan: PlanSpec) -> bool:
+    want = {(p.name, s.name) for p in world.pipelines for s in p.stages}
+    return {(a.pipeline, a.stage) for a in plan.stages} == want
+
+
+class MinResource:
+    name = "min-resource"
+
+    def plan(self, world: PolicyInput) -> PlanSpec:
+        if not world.pipelines:
+            return PlanSpec(self.name, ())
+        headroom = _opt(world, "headroom", 0.2)
+        saving = _opt(world, "shrink_saving", 0.15)
+        margin = _opt(world, "shrink_margin", 0.15)
+        target = target_rates(world, headroom)
+        solver = Solver(world, self.name)
+        fresh = solver.attempt(target, reason="min-resource at load + headroom")
+        cur = world.current
+        if cur is not None and cur.stages and _same_stages(world, cur):
+            try:
+                holds = predict(world, cur, target, transport=solver.opts.transport).feasible
+            except InvalidArgument:
+                holds = False  # the plan in force does not fit this world any more
+            if holds:
+                if fresh is None:
+                    return cur
+                new_units, cur_units = total_units(fresh[0]), total_units(cur)
+                fell = all(
+                    target[p] <= cur.planned_qps.get(p, 0.0) * (1.0 - margin) for p in target
+                )
+                if not (new_units < cur_units * (1.0 - saving) and fell):
+                    return cur
+        if fresh is not None:
+            return fresh[0]
+        return self._clamped(solver, target)
+
+    def _clamped(self, solver: Solver, target: Mapping[str, float]) -> PlanSpec:
+        """The largest common fraction of the target that fits; every short pipeline clamped."""
+        lo, hi, best = 0.0, 1.0, None
+        for _ in range(12):
+            mid = (lo + hi) / 2 if lo > 0 else hi / 16
+            got = solver.attempt({p: r * mid for p, r in target.items()})
+            if got is None:
+                hi = mid
+            else:
+                lo, best = mid, got
+        if best is None:
+            raise ResourceExhausted("no plan fits these GPUs even at a trickle of the load")
+        plan = best[0]
+        clamped = tuple(sorted(set(solver.clamped) | {p for p, r in target.items() if r > 0}))
+        return PlanSpec(
+            plan.policy,
+            plan.stages,
+            {p: r * lo for p, r in target.items()},
+            clamped,
+            f"target not reachable: clamped to {lo:.0%} of load + headroom",
+        )
