@@ -73,7 +73,8 @@ def random_instance(rng: random.Random, profiles: dict[str, StageProfile]) -> Po
     n_pipes = rng.choice((1, 1, 2))
     names = rng.sample(sorted(pipes), n_pipes)
     budget = 3
-    infos, chosen = [], {}
+    infos: list[PipelineInfo] = []
+    chosen: dict[str, StageProfile] = {}
     for i, name in enumerate(names):
         left = n_pipes - i - 1
         n = rng.randint(1, min(3, budget - left))
@@ -102,7 +103,7 @@ def max_supported(world: PolicyInput, plan: Any, weights: dict[str, float]) -> f
             lo = mid
         else:
             hi = mid
-    return lo
+    return float(lo)
 
 
 def big_world(profiles: dict[str, StageProfile]) -> PolicyInput:
@@ -215,8 +216,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# max-load against exhaustive search",
         "",
-        f"`{doc['command']}` on {doc['device']} ({doc['backend']}), {doc['date']}, git {doc['git']}; "
-        f"{doc['profiles']} profiles.",
+        f"`{doc['command']}` on {doc['device']} ({doc['backend']}), {doc['date']}, "
+        f"git {doc['git']}; {doc['profiles']} profiles.",
         "",
         f"- **max gap vs brute force: {s['max_gap_vs_bruteforce']:.2%}** (target <= 5%), "
         f"mean {s['mean_gap_vs_bruteforce']:.2%}",

@@ -69,20 +69,20 @@ def best_load(
                     rows.append((u, b, place, use, mem, cap * len(place)))
         options.append(rows)
     sizes = [len(o) for o in options]
-    use = [np.array([r[3] for r in o]) for o in options]
-    mem = [np.array([r[4] for r in o]) for o in options]
-    cap = [np.array([r[5] for r in o]) for o in options]
+    uses = [np.array([r[3] for r in o]) for o in options]
+    mems = [np.array([r[4] for r in o]) for o in options]
+    caps = [np.array([r[5] for r in o]) for o in options]
     # all combinations, as index grids (small instances only: <= 3 stages, <= 2 GPUs)
     grids = np.meshgrid(*[np.arange(n) for n in sizes], indexing="ij")
     idx = [g.ravel() for g in grids]
-    total_use = sum(use[s][idx[s]] for s in range(len(keys)))
-    total_mem = sum(mem[s][idx[s]] for s in range(len(keys)))
+    total_use = sum(uses[s][idx[s]] for s in range(len(keys)))
+    total_mem = sum(mems[s][idx[s]] for s in range(len(keys)))
     gpu_units = np.array(
         [min(grid.units_per_gpu, g.gpu.sm_groups or grid.units_per_gpu) for g in gpus]
     )
     gpu_mem = np.array([g.gpu.memory_bytes for g in gpus])
     ok = np.all(total_use <= gpu_units, axis=1) & np.all(total_mem <= gpu_mem, axis=1)
-    bound = np.min(np.stack([cap[s][idx[s]] for s in range(len(keys))]), axis=0)
+    bound = np.min(np.stack([caps[s][idx[s]] for s in range(len(keys))]), axis=0)
     cand = np.flatnonzero(ok)
     cand = cand[np.argsort(-bound[cand], kind="stable")]
     best, best_plan, scored = 0.0, None, 0

@@ -368,7 +368,7 @@ def _units_of(gpu: GpuInfo, grid: Grid) -> int:
 def items_for(
     world: PolicyInput, chosen: Mapping[str, Choice], profiles: Mapping[str, StageProfile]
 ) -> list[Item]:
-    out = []
+    out: list[Item] = []
     for pi, p in enumerate(world.pipelines):
         for si, st in enumerate(p.stages):
             key = f"{p.name}/{st.name}"

@@ -244,10 +244,10 @@ def predict(
     for p in world.pipelines:
         stage_preds: list[StagePrediction] = []
         for st in p.stages:
-            slots = by_stage.get(f"{p.name}/{st.name}")
-            if not slots:
+            mine = by_stage.get(f"{p.name}/{st.name}")
+            if not mine:
                 raise InvalidArgument(f"plan has no replica for stage {p.name}/{st.name}")
-            reps = tuple(_replica_prediction(s) for s in slots)
+            reps = tuple(_replica_prediction(s) for s in mine)
             stage_preds.append(
                 StagePrediction(
                     p.name,
@@ -255,7 +255,7 @@ def predict(
                     float(rates.get(p.name, 0.0)),
                     reps,
                     max(r.p99_ms for r in reps),
-                    sum(_capacity(s) for s in slots),
+                    sum(_capacity(s) for s in mine),
                     all(r.estimate.stable for r in reps),
                 )
             )

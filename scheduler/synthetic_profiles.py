@@ -8,7 +8,8 @@ Batch latency on n SMs (MPS maps a percentage to an even SM count rounded down: 
 `mem` is per-item time at full memory bandwidth, which a kernel only reaches with n_bw SMs or
 more; `compute` is per-item time on all 132 SMs; a batch cannot spread over more SMs than its
 items can fill. `launch`, `mem`, `compute` and `n_bw` are fitted (grid search, log error) to the
-ResNet-50 fp16 batch-32 MPS measurements; the reference stages are then ResNet multiples, named and batch-capped as in services/pipelines/*.yaml.
+ResNet-50 fp16 batch-32 MPS measurements; the reference stages are then ResNet multiples,
+named and batch-capped as in services/pipelines/*.yaml.
 Sensitivity follows the memory-bound fraction of the stage's time; pressure is its achieved
 bandwidth over the device peak. Run `python -m scheduler.synthetic_profiles` to regenerate.
 """

@@ -11,7 +11,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -152,17 +151,18 @@ asyncio.run(main())
 
 
 async def test_leases_of_a_killed_client_are_reclaimed(broker: Process):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, broker.target], stdout=subprocess.PIPE, text=True
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, broker.target, stdout=asyncio.subprocess.PIPE
     )
     client = await BrokerClient.connect(broker.target)
     try:
-        line = await asyncio.to_thread(holder.stdout.readline)
-        assert line.strip() == "ready"
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(holder.stdout.readline(), 30)
+        assert line.strip() == b"ready"
         stats = await client.stats()
         assert stats.live_leases == 3 and stats.live_buffers == 3
         holder.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(holder.wait)
+        await holder.wait()  # reaped: the broker must not mistake a zombie for a live owner
         for _ in range(100):
             stats = await client.stats()
             if stats.live_leases == 0:
@@ -172,14 +172,14 @@ async def test_leases_of_a_killed_client_are_reclaimed(broker: Process):
         holder_slab = next(s for s in stats.slabs if s.pool == "holder")
         assert holder_slab.used_bytes == 0  # in quarantine or free, never lent
     finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
         await client.close()
 
 
-def _shm_exists(name: str) -> bool:
-    return os.path.exists(f"/dev/shm/{name}")
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 async def test_ref_from_before_a_restart_is_stale_and_sigterm_unlinks(tmp: str):
@@ -195,10 +195,10 @@ async def test_ref_from_before_a_restart_is_stale_and_sigterm_unlinks(tmp: str):
         del x
         old_generation = client.generation
         names = [info.shm_name for info in client._infos.values()]
-        assert names and all(_shm_exists(n) for n in names)
+        assert names and all(_exists(f"/dev/shm/{n}") for n in names)
         assert first.stop() == 0  # SIGTERM: graceful
-        assert not any(_shm_exists(n) for n in names)
-        assert not os.path.exists(sock)
+        assert not any(_exists(f"/dev/shm/{n}") for n in names)
+        assert not _exists(sock)
 
         second = broker_process(sock, f"{tmp}/broker2.log", extra=BROKER_FLAGS)
         second.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -204,8 +205,6 @@ def test_owner_death_is_seen_for_exited_and_zombie_processes():
         assert table.orphaned() == []
         child.kill()
         # not reaped yet: a zombie, which os.kill(pid, 0) still reports as existing
-        import time
-
         deadline = time.monotonic() + 5
         while process_start(child.pid) is not None and time.monotonic() < deadline:
             time.sleep(0.01)

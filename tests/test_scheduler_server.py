@@ -49,13 +49,9 @@ async def running(settings: SchedulerSettings) -> AsyncIterator[tuple[int, Sched
     try:
         yield port, sched
     finally:
-        print("t1", flush=True)
         await sched.app.stop_watchers()
-        print("t2", flush=True)
         await server.stop(0)
-        print("t3", flush=True)
         await sched.aclose()
-        print("t4", flush=True)
 
 
 def host_heartbeat(node: str = "n1", address: str = "", seq: int = 1) -> admin_pb2.NodeHeartbeat:

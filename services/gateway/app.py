@@ -19,6 +19,8 @@ from common.retry import Backoff
 from protos import (
     admin_pb2,
     admin_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
     gateway_pb2_grpc,
     stage_pb2,
     stage_pb2_grpc,
@@ -93,8 +95,19 @@ def pipeline_entry(name: str, size: str, directory: str | None) -> PipelineEntry
     )
 
 
-async def watch_routes(target: str, routes: RouteTable, stop: asyncio.Event) -> None:
-    """Follows the scheduler's route stream; reconnects with backoff; never dies."""
+def route_stream(source: str, target: str, ch: grpc.aio.Channel, known_epoch: int) -> Any:
+    """The route stream of a scheduler (plans of the whole mesh) or of one node's agent."""
+    if source == "agent":
+        return agent_pb2_grpc.AgentStub(ch).WatchRoutes(agent_pb2.WatchAgentRoutesRequest())
+    return admin_pb2_grpc.ControlStub(ch).WatchRoutes(
+        admin_pb2.WatchRoutesRequest(known_epoch=known_epoch)
+    )
+
+
+async def watch_routes(
+    target: str, routes: RouteTable, stop: asyncio.Event, source: str = "scheduler"
+) -> None:
+    """Follows a route stream; reconnects with backoff; never dies."""
     backoff = Backoff(base_s=0.1, cap_s=5.0)
     attempt = 0
     while not stop.is_set():
@@ -167,9 +180,12 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             routes, channels, broker, backend, settings.device, describe=channels.describe
         )
         stack.callback(runner.close)
-        if settings.scheduler:
+        watch = (
+            ("scheduler", settings.scheduler) if settings.scheduler else ("agent", settings.agent)
+        )
+        if watch[1]:
             stop = asyncio.Event()
-            task = asyncio.create_task(watch_routes(settings.scheduler, routes, stop))
+            task = asyncio.create_task(watch_routes(watch[1], routes, stop, watch[0]))
 
             async def stop_watch() -> None:
                 stop.set()

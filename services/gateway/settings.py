@@ -19,6 +19,8 @@ class GatewaySettings:
     broker: str = "unix:/tmp/camelot/broker.sock"
     # where routes come from: a scheduler's Control.WatchRoutes, or none (set by a launcher)
     scheduler: str = ""
+    # or a single node's agent (Agent.WatchRoutes), when no scheduler runs
+    agent: str = ""
     redis_url: str = ""
     backend: str = "auto"
     size: str = "tiny"
@@ -49,6 +51,7 @@ def parse(
     p.add_argument("--unix", default="")
     p.add_argument("--broker", default=env.env_str("BROKER_ADDR", d.broker, e))
     p.add_argument("--scheduler", default=env.env_str("SCHEDULER_ADDR", d.scheduler, e))
+    p.add_argument("--agent", default=env.env_str("AGENT_ADDR", d.agent, e))
     p.add_argument("--redis", default=env.env_str("REDIS_URL", d.redis_url, e))
     p.add_argument(
         "--backend", default=env.env_choice("BACKEND", d.backend, ("auto", "host", "cuda"), e)
@@ -93,6 +96,7 @@ def parse(
         unix_path=a.unix,
         broker=a.broker,
         scheduler=a.scheduler,
+        agent=a.agent,
         redis_url=a.redis,
         backend=a.backend,
         size=a.size,

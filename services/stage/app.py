@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ import numpy as np
 
 from common import lifecycle
 from common.backend import Backend, resolve, xp_for
-from common.errors import NotFound
+from common.clock import mono_us
+from common.errors import InvalidArgument, NotFound
 from common.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
 from services.stage.plugin import ModelContext, build_model
@@ -52,6 +54,24 @@ def multiprocessors(backend: Backend, device: int) -> int:
 
     with cupy.cuda.Device(device):
         return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
+async def green_mode(replica: Replica, servicer: StageServicer, settings: StageSettings) -> int:
+    """Runs the replica's batches on a green context over its SM groups; Resize switches it."""
+    from services.green.context import GreenShare
+
+    share = await replica._on_gpu(GreenShare.create, settings.device, settings.sm_groups)
+    replica.switch = share.switch()
+
+    async def resize(groups: tuple[int, ...]) -> tuple[int, int]:
+        t0 = mono_us()
+        pending = await replica._on_gpu(share.prepare, groups)
+        installed = await replica._on_gpu(replica.switch.request, pending)
+        new = await asyncio.wrap_future(installed)
+        return mono_us() - t0, int(new.multiprocessors)
+
+    servicer.resizer = resize
+    return int(share.multiprocessors)
 
 
 async def create_server(settings: StageSettings) -> StageApp:
@@ -111,6 +131,10 @@ async def create_server(settings: StageSettings) -> StageApp:
         replica.start()
         stack.push_async_callback(replica.close)
         servicer = StageServicer(replica, stage.model, multiprocessors(backend, settings.device))
+        if settings.sm_groups:
+            if backend is not Backend.CUDA:
+                raise InvalidArgument("--sm-groups needs the cuda backend (green contexts)")
+            servicer.multiprocessors = await green_mode(replica, servicer, settings)
         server = lifecycle.new_server()
         stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
         health = lifecycle.Health(server, [SERVICE_NAME])

@@ -122,6 +122,9 @@ class Replica:
         self.buffers = buffers
         self.reports = reports
         self.stream = stream
+        # green-context mode: a ShareSwitch of slices; each batch runs whole on one slice
+        self.switch: Any = None
+        self._batch_stream: Any = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.batcher = Batcher(self._run_batch, max_batch, max_wait_us, max_queue)
         self._labels = (identity.pipeline, identity.stage, identity.replica_id)
@@ -136,7 +139,11 @@ class Replica:
         for n in sorted({1, self.batcher.max_batch}):
             batch = {s.name: self.xp.zeros((n, *s.shape), dtype=s.dtype) for s in self.model.inputs}
             for _ in range(rounds):
-                await self._on_gpu(self._infer_sync, batch)
+                await self._on_gpu(self._begin_batch)
+                try:
+                    await self._on_gpu(self._infer_sync, batch)
+                finally:
+                    await self._on_gpu(self._end_batch)
 
     async def drain(self) -> int:
         return await self.batcher.drain()
@@ -177,13 +184,28 @@ class Replica:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _stream_ctx(self) -> Any:
-        return self.stream if self.stream is not None else contextlib.nullcontext()
+        stream = self._batch_stream if self._batch_stream is not None else self.stream
+        return stream if stream is not None else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        """Waits for this thread's current stream: outputs are final before the answer leaves."""
+        if self.backend is Backend.CUDA:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def _begin_batch(self) -> None:
+        """On the GPU thread: the slice this batch runs on (green mode), fixed until it ends."""
+        if self.switch is not None:
+            self._batch_stream = self.switch.begin_batch().stream
+
+    def _end_batch(self) -> None:
+        if self.switch is not None:
+            self._batch_stream = None
+            self.switch.end_batch()
 
     def _infer_sync(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         with self._stream_ctx():
             out = self.model.infer(batch)
-            if self.stream is not None:
-                self.stream.synchronize()
+            self._sync()
         return out
 
     def _compute_sync(self, requests: list[Request]) -> dict[str, Any]:
@@ -214,10 +236,7 @@ class Replica:
             for row, row_views in zip(rows, views, strict=True):
                 for spec, view in zip(self.model.outputs, row_views, strict=True):
                     view[...] = out[spec.name][row]
-            if self.stream is not None:
-                self.stream.synchronize()
-            elif self.backend is Backend.CUDA:
-                self.xp.cuda.get_current_stream().synchronize()
+            self._sync()
 
     def _wire_sync(self, out: Mapping[str, Any], rows: list[int]) -> list[list[tensor_pb2.Tensor]]:
         host = {spec.name: to_host(out[spec.name]) for spec in self.model.outputs}
@@ -262,6 +281,13 @@ class Replica:
         return outs
 
     async def _run_batch(self, items: list[Item]) -> None:
+        await self._on_gpu(self._begin_batch)
+        try:
+            await self._run_batch_on_slice(items)
+        finally:
+            await self._on_gpu(self._end_batch)
+
+    async def _run_batch_on_slice(self, items: list[Item]) -> None:
         requests: list[Request] = [i.payload for i in items]
         # rows that need output buffers from the broker (ref transport, none given by the caller)
         need = [n for n, r in enumerate(requests) if not r.wire_out and r.out_refs is None]
