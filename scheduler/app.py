@@ -159,9 +159,7 @@ class SchedulerApp:
         for node in self.nodes.values():
             if node.pushing is not None:
                 node.pushing.cancel()
-        print("a1", flush=True)
         await self.reader.aclose()
-        print("a2", flush=True)
         await self.redis.aclose()  # type: ignore[attr-defined]  # stubs predate 5.0
 
     async def stop_watchers(self) -> None:

@@ -510,13 +510,18 @@ class Solver:
                 self.clamped.append(p.name)
 
         self.keys = [f"{p.name}/{s.name}" for p in world.pipelines for s in p.stages]
-        self.candidates = Candidates(
-            [self.profiles[k] for k in self.keys],
-            self.grid,
-            [self.batches(k) for k in self.keys],
-            self.wait_ms,
-            self.opts.max_replicas,
-        )
+        profs = [self.profiles[k] for k in self.keys]
+        full = [self.batches(k) for k in self.keys]
+        # small batches buy a little latency with a lot of busy time, hence bandwidth pressure
+        # on the co-runners; the lean set keeps each stage's larger half only
+        lean = [b[len(b) // 2 :] for b in full]
+        # and every extra replica runs at a smaller batch: consolidated sets keep the fewest
+        cap = self.opts.max_replicas
+        self.variants = [
+            Candidates(profs, self.grid, lean, self.wait_ms, cap, extra=0),
+            Candidates(profs, self.grid, full, self.wait_ms, cap, extra=0),
+            Candidates(profs, self.grid, full, self.wait_ms, cap),
+        ]
 
     def batches(self, key: str) -> tuple[int, ...]:
         return self.opts.batches or self.profiles[key].batches
@@ -561,6 +566,20 @@ class Solver:
     def attempt(
         self, rates: Mapping[str, float], reason: str = "", *, slack: bool = False
     ) -> tuple[PlanSpec, Any] | None:
+        """A plan at `rates` that the predictor says meets every QoS, or None.
+
+        `slack`: spend every unit that packs on latency headroom (max-load); otherwise use the
+        fewest units (min-resource). Large batches are tried first, then all batches.
+        """
+        for cands in self.variants:
+            got = self._attempt(cands, rates, reason, slack)
+            if got is not None:
+                return got
+        return None
+
+    def _attempt(
+        self, cands: Candidates, rates: Mapping[str, float], reason: str, slack: bool
+    ) -> tuple[PlanSpec, Any] | None:
         from dataclasses import replace
 
         from scheduler.predictor import predict
@@ -569,7 +588,7 @@ class Solver:
         keys = self.keys
         previous = math.inf
         for _ in range(self.rounds):
-            fronts = self.candidates.frontiers(
+            fronts = cands.frontiers(
                 [float(rates.get(k.partition("/")[0], 0.0)) for k in keys],
                 [factors.get(k, 1.0) for k in keys],
             )

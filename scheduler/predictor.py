@@ -170,9 +170,11 @@ class _Slot:
     share: float
     rate: float
     wait_ms: float
+    stage_rate: float = 0.0
     factor: float = 1.0
     pressure: float = 0.0
     busy: float = 0.0
+    sliced: bool = False
     est: queueing.Estimate | None = None
 
 
@@ -205,7 +207,8 @@ def predict(
             raise FailedPrecondition(f"no profile for stage {key}")
         if not a.replicas:
             raise InvalidArgument(f"stage {key} has no replica")
-        rate = float(rates.get(a.pipeline, 0.0)) / len(a.replicas)
+        stage_rate = float(rates.get(a.pipeline, 0.0))
+        rate = stage_rate / len(a.replicas)
         for r in a.replicas:
             slot = _Slot(
                 key, r, prof, share_percent(r, gpus.get((r.node, r.gpu))), rate, r.max_wait_us / 1e3
@@ -215,30 +218,28 @@ def predict(
 
     problems: list[str] = []
     gpu_pressure: dict[tuple[str, int], float] = {}
-    for gkey, slots in by_gpu.items():
+    for slots in by_gpu.values():
         sliced = sum(s.share for s in slots) > 100.0 + 1e-6
-        for _ in range(rounds):
-            for s in slots:
-                s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
-                s.busy = min(1.0, s.est.busy) if s.est.stable else 1.0
-                full = s.prof.throughput(100.0, s.r.max_batch)
-                s.pressure = (
-                    s.prof.pressure
-                    * s.busy
-                    * min(1.0, s.prof.throughput(s.share, s.r.max_batch) / full)
-                )
-            total_busy = sum(s.busy / s.factor for s in slots)  # solo busy fractions
-            total_pressure = sum(s.pressure for s in slots)
-            for s in slots:
-                if sliced:
-                    s.factor = 1.0 + total_busy - s.busy / s.factor
-                else:
-                    s.factor = s.prof.slowdown_at(total_pressure - s.pressure)
-        gpu_pressure[gkey] = 0.0 if sliced else sum(s.pressure for s in slots)
-        if sliced and sum(s.busy / s.factor for s in slots) > queueing.RHO_MAX:
-            problems.append(f"GPU {gkey[0]}:{gkey[1]} is time-sliced beyond capacity")
+        for s in slots:
+            s.sliced = sliced
+    for _ in range(rounds):
+        for slots in by_gpu.values():
+            _contention(slots)
+        # least-outstanding routing: a stage's load splits in proportion to replica capacity
+        for key, mine in by_stage.items():
+            if len(mine) > 1:
+                caps = [_capacity(s) for s in mine]
+                total = sum(mine[0].stage_rate for _ in (0,))
+                for s, c in zip(mine, caps, strict=True):
+                    s.rate = total * c / sum(caps)
+    for gkey, slots in by_gpu.items():
+        sliced = slots[0].sliced
+        gpu_pressure[gkey] = sum(s.pressure for s in slots)
         for s in slots:
             s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
+        # capacity: turns at full batches must fit in the GPU's time (small batches grow)
+        if sliced and sum(s.est.utilization / s.factor for s in slots if s.est) > queueing.RHO_MAX:
+            problems.append(f"GPU {gkey[0]}:{gkey[1]} is time-sliced beyond capacity")
 
     out: dict[str, PipelinePrediction] = {}
     for p in world.pipelines:
@@ -282,16 +283,35 @@ def predict(
     return PlanPrediction(out, tuple(problems), gpu_pressure)
 
 
+def _contention(slots: list[_Slot]) -> None:
+    """One round of the per-GPU factors from the co-runners' busy fractions and pressures."""
+    for s in slots:
+        s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
+        s.busy = min(1.0, s.est.busy) if s.est.stable else 1.0
+        if s.sliced:
+            s.pressure = 0.0  # taking turns, replicas never run together: no bandwidth fight
+        else:
+            full = s.prof.throughput(100.0, s.r.max_batch)
+            drawn = min(1.0, s.prof.throughput(s.share, s.r.max_batch) / full)
+            s.pressure = s.prof.pressure * s.busy * drawn
+    total_busy = sum(s.busy / s.factor for s in slots)  # solo busy fractions
+    total_pressure = sum(s.pressure for s in slots)
+    for s in slots:
+        if s.sliced:
+            s.factor = 1.0 + total_busy - s.busy / s.factor
+        else:
+            s.factor = s.prof.slowdown_at(total_pressure - s.pressure)
+
+
 def _capacity(s: _Slot) -> float:
     return 1000.0 * s.r.max_batch / (s.prof.latency(s.share, s.r.max_batch) * s.factor)
 
 
 def _replica_prediction(s: _Slot) -> ReplicaPrediction:
     assert s.est is not None
-    sliced = s.factor > 1.0 and s.pressure == 0.0 and s.busy > 0.0
     p99 = s.est.p99_ms * s.prof.bias if s.est.stable else math.inf
     return ReplicaPrediction(
-        s.r.replica_id, s.r.node, s.r.gpu, s.share, s.factor, sliced, s.pressure, s.est, p99
+        s.r.replica_id, s.r.node, s.r.gpu, s.share, s.factor, s.sliced, s.pressure, s.est, p99
     )
 
 

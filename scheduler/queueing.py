@@ -5,8 +5,8 @@ A replica dispatches when its queue holds `max_batch` requests or the oldest has
 queue that built up during the previous batch does (`λ·S(b)`), capped at `max_batch`. A
 request's p99 is then
 
-    fill (first request waits for the batch to form, at most max_wait)
-  + residual (a batch is in service when it arrives with probability ρ = λ·S(b)/b)
+    max(fill: the first request waits for the batch to form, at most max_wait;
+        residual: a batch is in service when it arrives, with probability ρ = λ·S(b)/b)
   + queueing beyond one batch: Kingman's G/G/1 wait for batches at the capacity utilisation
     ρ_B = λ·S(B)/B, batch inter-arrivals Erlang-B (SCV 1/B), service nearly deterministic, and
     its p99 from the exponential tail P(W > t) ≈ ρ·exp(-ρ t / E[W])
@@ -95,8 +95,9 @@ def replica(rate_qps: float, max_batch: int, max_wait_ms: float, service: Svc) -
     b = mean_batch(lam, max_batch, max_wait_ms, service)
     s = service(b)
     busy = min(1.0, lam * s / b)
-    fill = min(max_wait_ms, (b - 1.0) / lam) if lam * s <= 1.0 + lam * max_wait_ms else 0.0
     residual = busy * s
+    # a request waits for its batch to fill *while* the batch before it runs: the larger counts
+    fill = max(0.0, min(max_wait_ms, (b - 1.0) / lam) - residual)
     queue = kingman_p99_ms(util, 1.0 / max_batch, SERVICE_SCV, s_max)
     return Estimate(b, fill, residual, queue, s, busy, util, fill + residual + queue + s)
 
@@ -126,9 +127,7 @@ def replica_many(
         b = np.where(done, b, np.minimum(bmax, step))
     s = service(b)
     busy = np.minimum(1.0, lam * s / b)
-    fill = np.where(
-        lam * s <= 1.0 + lam * max_wait_ms, np.minimum(max_wait_ms, (b - 1.0) / lam), 0.0
-    )
+    fill = np.maximum(0.0, np.minimum(max_wait_ms, (b - 1.0) / lam) - busy * s)
     rho = np.clip(util, 0.0, 0.999999)
     ca2 = 1.0 / bmax
     mean_wait = rho / (1.0 - rho) * (ca2 + SERVICE_SCV) / 2.0 * s_max

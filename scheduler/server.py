@@ -31,13 +31,9 @@ class Scheduler:
 
     async def aclose(self) -> None:
         await self.app.stop_watchers()
-        print("s1", flush=True)
         await self.loop.aclose()
-        print("s2", flush=True)
         await self.app.aclose()
-        print("s3", flush=True)
         await self.agents.aclose()
-        print("s4", flush=True)
 
 
 async def create_server(settings: SchedulerSettings) -> tuple[grpc.aio.Server, int, Scheduler]:

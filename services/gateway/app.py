@@ -30,6 +30,7 @@ from services.gateway.query import PipelineRoute, QueryRunner, StageStep
 from services.gateway.routes import RouteTable
 from services.gateway.servicer import GatewayServicer, PipelineEntry
 from services.gateway.settings import GatewaySettings
+from services.stage.replica import open_pool
 from shmbroker.client import BrokerClient
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,7 @@ async def watch_routes(
     while not stop.is_set():
         try:
             async with lifecycle.channel(target) as ch:
-                stub = admin_pb2_grpc.ControlStub(ch)
-                async for update in stub.WatchRoutes(
-                    admin_pb2.WatchRoutesRequest(known_epoch=routes.epoch)
-                ):
+                async for update in route_stream(source, target, ch, routes.epoch):
                     attempt = 0
                     if routes.update(update):
                         log.info(
@@ -164,6 +162,8 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         if settings.transport == "ref" or settings.broker:
             broker = await BrokerClient.connect(settings.broker)
             stack.push_async_callback(broker.close)
+            for name in pipelines:
+                await open_pool(broker, name, settings.device)
         reports = None
         if settings.redis_url:
             from common.reports import ReportWriter
