@@ -113,7 +113,8 @@ class ReportWriter:
             self._task = None
         if self._buffer or self._pending_dropped:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush(), FLUSH_TIMEOUT_S)
+                async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                    await self.flush()
         await self._redis.aclose()  # type: ignore[attr-defined]  # stubs predate 5.0
 
     async def __aenter__(self) -> ReportWriter:

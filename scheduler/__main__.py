@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from common import logs
+from common.errors import CamelotError
 from common.settings import SettingsError
 from scheduler.server import serve
 from scheduler.settings import parse
@@ -18,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler: {e}", file=sys.stderr)
         return 2
     logs.setup("scheduler", node="-")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except CamelotError as e:  # bad configuration found at start (profiles, pipelines)
+        print(f"scheduler: {e.message}", file=sys.stderr)
+        return 2
     return 0
 
 

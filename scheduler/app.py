@@ -16,15 +16,16 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.errors import CamelotError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos import admin_pb2, agent_pb2, plan_pb2
-from scheduler import planstore
+from scheduler import planstore, profiles
 from scheduler.planstore import PlanStore, PolicyChoice
 from scheduler.policies import get_policy
 from scheduler.policy import (
@@ -96,6 +97,7 @@ class SchedulerApp:
         self.settings = settings
         self.pipelines: dict[str, PipelineInfo] = {p.name: p for p in pipelines}
         self.push = push
+        self.profiles = _load_profiles(settings.profiles_path)
         self.redis = aioredis.Redis.from_url(
             settings.redis_url,
             socket_timeout=2.0,
@@ -203,6 +205,7 @@ class SchedulerApp:
             ),
             nodes=tuple(n.info() for n in sorted(self.placeable_nodes(), key=lambda n: n.name)),
             load_qps=self.load_qps(),
+            profiles=self.profiles,
             measured=measured,
             current=planstore.from_proto(self.plan) if self.plan.epoch else None,
             options=dict(self.choice.options),
@@ -412,6 +415,17 @@ class SchedulerApp:
                 continue
             first = False
             yield routes
+
+
+def _load_profiles(path: str) -> Mapping[str, Any]:
+    """The given profiles (errors are fatal), else the bundled ones if they load, else none."""
+    if path:
+        return profiles.load(path)
+    try:
+        return profiles.load()
+    except CamelotError as e:
+        log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
+        return {}
 
 
 def _same_placement(spec: PlanSpec, plan: plan_pb2.Plan) -> bool:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.bruteforce import best_load
-from scheduler.planning import Solver
 from scheduler.policies.maxload import MaxLoad
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
 from scheduler.predictor import predict
 from scheduler.profiles import StageProfile, load
+from scheduler.solver import Solver
 
 OUT = Path("docs/results")
 H100 = GpuInfo(0, 132, 80 << 30)

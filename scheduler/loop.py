@@ -39,12 +39,17 @@ class ControlLoop:
         self._last_attempt = 0.0
         self._last_failed = False
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name="control-loop")
 
     async def aclose(self) -> None:
+        # the flag too: a cancellation swallowed inside a client library (seen with redis-py
+        # under Python 3.11) must not keep the loop alive
+        self._stopping = True
+        self.app.kick.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -52,7 +57,7 @@ class ControlLoop:
             self._task = None
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except asyncio.CancelledError:
@@ -60,8 +65,10 @@ class ControlLoop:
             except Exception:
                 self.errors += 1
                 log.exception("control loop iteration failed")
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.app.kick.wait(), self.settings.tick_s)
+                async with asyncio.timeout(self.settings.tick_s):
+                    await self.app.kick.wait()
             self.app.kick.clear()
 
     async def tick(self) -> None:

@@ -1,16 +1,15 @@
 """The pipelines the scheduler knows, as the policies see them (`PipelineInfo`).
 
 They come from the settings when given (tests, embedding), else from the shared pipeline config
-(`common.pipeline_config`: `list_pipelines()` and `load_pipeline(name, size)`).
+(`common.pipeline_config`: `list_pipelines(dir)` and `load_pipeline(name, size, dir)`).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from typing import Any
 
+from common import pipeline_config
 from scheduler.policy import PipelineInfo, StageInfo
 from scheduler.settings import SchedulerSettings
 
@@ -36,21 +35,10 @@ def from_config(obj: Any) -> PipelineInfo:
 def known_pipelines(settings: SchedulerSettings) -> tuple[PipelineInfo, ...]:
     if settings.pipelines:
         return settings.pipelines
-    try:
-        config = importlib.import_module("common.pipeline_config")
-    except ModuleNotFoundError:
-        log.warning("no pipelines given and common.pipeline_config is absent: none known")
-        return ()
-    kwargs: dict[str, Any] = {}
-    if (
-        settings.pipelines_dir
-        and "pipelines_dir" in inspect.signature(config.list_pipelines).parameters
-    ):
-        kwargs["pipelines_dir"] = settings.pipelines_dir
-    out = []
-    for name in config.list_pipelines(**kwargs):
-        load_kwargs = dict(kwargs)
-        if "pipelines_dir" not in inspect.signature(config.load_pipeline).parameters:
-            load_kwargs.pop("pipelines_dir", None)
-        out.append(from_config(config.load_pipeline(name, settings.size, **load_kwargs)))
-    return tuple(out)
+    directory = settings.pipelines_dir or None
+    names = pipeline_config.list_pipelines(directory)
+    if not names:
+        log.warning("no pipeline configs found in %s", directory or pipeline_config.pipelines_dir())
+    return tuple(
+        from_config(pipeline_config.load_pipeline(name, settings.size, directory)) for name in names
+    )

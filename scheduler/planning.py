@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -332,7 +331,7 @@ def pack(
     GPUs, no copy between stages); spread: worst fit (least contention); isolate: best fit
     among GPUs no other pipeline uses yet, where there is one (no cross-pipeline contention).
     """
-    free = [min(grid.units_per_gpu, _units_of(g.gpu, grid)) for g in gpus]
+    free = [min(grid.units_per_gpu, units_of(g.gpu, grid)) for g in gpus]
     mem = [g.gpu.memory_bytes for g in gpus]
     owner: list[int | None] = [None] * len(gpus)
     where: list[int] = [-1] * len(items)
@@ -361,7 +360,7 @@ def pack(
     return where
 
 
-def _units_of(gpu: GpuInfo, grid: Grid) -> int:
+def units_of(gpu: GpuInfo, grid: Grid) -> int:
     return gpu.sm_groups if grid.green else grid.units_per_gpu
 
 
@@ -468,198 +467,6 @@ def check_plan(world: PolicyInput, plan: PlanSpec, *, time_sliced_ok: bool = Fal
         if gl and (max(gl) >= gpus[g].sm_groups or min(gl) < 0):
             problems.append(f"GPU {g}: SM group index out of range")
     return problems
-
-
-class Solver:
-    """Plans a world at given per-pipeline rates with the least units that meet every QoS.
-
-    Per-stage choices are made with a contention factor per stage; the plan is then packed and
-    checked by the full predictor, whose factors feed the next round (three at most). Factors
-    of the last feasible plan seed the next call, so a search over loads converges quickly.
-    """
-
-    def __init__(self, world: PolicyInput, policy: str) -> None:
-        from scheduler.predictor import HopCosts
-
-        self.world, self.policy = world, policy
-        self.profiles = stage_profiles(world)
-        self.gpus = slots(world)
-        self.opts = Options.parse(world.options, len(self.gpus))
-        if self.opts.transport not in ("ref", "wire"):
-            raise InvalidArgument(f"transport must be ref or wire, got {self.opts.transport!r}")
-        self.grid = Grid.for_world(world, self.opts.share_step)
-        self.wait_ms = self.opts.max_wait_us / 1000.0
-        self.factors: dict[str, float] = {}
-        self.rounds = 6
-        hops = HopCosts()
-        wire = self.opts.transport == "wire"
-        self.hop_ms: dict[str, float] = {}
-        self.qos: dict[str, float] = {}
-        self.clamped: list[str] = []
-        for p in world.pipelines:
-            keys = [f"{p.name}/{s.name}" for s in p.stages]
-            self.hop_ms[p.name] = sum(
-                hops.hop_ms(self.profiles[k].output_bytes_per_item, 1.0, True, wire) for k in keys
-            )
-            floor = sum(self.profiles[k].latency(100.0, 1) * self.profiles[k].bias for k in keys)
-            floor += self.hop_ms[p.name]
-            self.qos[p.name] = p.qos_p99_ms
-            if p.qos_p99_ms < 1.05 * floor:
-                # cannot be met by any plan: serve it best-effort at a reachable target
-                self.qos[p.name] = 1.5 * floor
-                self.clamped.append(p.name)
-
-        self.keys = [f"{p.name}/{s.name}" for p in world.pipelines for s in p.stages]
-        profs = [self.profiles[k] for k in self.keys]
-        full = [self.batches(k) for k in self.keys]
-        # small batches buy a little latency with a lot of busy time, hence bandwidth pressure
-        # on the co-runners; the lean set keeps each stage's larger half only
-        lean = [b[len(b) // 2 :] for b in full]
-        # and every extra replica runs at a smaller batch: consolidated sets keep the fewest
-        cap = self.opts.max_replicas
-        self.variants = [
-            Candidates(profs, self.grid, lean, self.wait_ms, cap, extra=0),
-            Candidates(profs, self.grid, full, self.wait_ms, cap, extra=0),
-            Candidates(profs, self.grid, full, self.wait_ms, cap),
-        ]
-
-    def batches(self, key: str) -> tuple[int, ...]:
-        return self.opts.batches or self.profiles[key].batches
-
-    def capacity_units(self) -> int:
-        return sum(min(self.grid.units_per_gpu, _units_of(g.gpu, self.grid)) for g in self.gpus)
-
-    def _slack(self, merged: Sequence[tuple[Merged, float]]) -> list[int] | None:
-        """Per pipeline, the combination to use when spare units are free: the smallest common
-        fraction θ of every pipeline's budget whose cheapest combinations still pack."""
-        thetas = np.unique(np.concatenate([m.lat / budget for m, budget in merged]))
-        cap = self.capacity_units()
-
-        def fit(theta: float) -> list[int] | None:
-            ks = [m.cheapest_within(theta * budget * (1 + 1e-12)) for m, budget in merged]
-            if any(k is None for k in ks):
-                return None
-            picked = [int(k) for k in ks if k is not None]
-            if sum(m.cost[k] for (m, _), k in zip(merged, picked, strict=True)) > cap:
-                return None
-            chosen: dict[str, Choice] = {}
-            for (m, _), k in zip(merged, picked, strict=True):
-                chosen.update((c.key, c) for c in m.choose(k))
-            items = items_for(self.world, chosen, self.profiles)
-            if all(pack(items, self.gpus, self.grid, m) is None for m in PACKINGS[:2]):
-                return None
-            return picked
-
-        lo, hi = 0, len(thetas) - 1  # thetas[hi] == 1 budget for the slowest: always within
-        best = fit(float(thetas[hi]))
-        if best is None:
-            return None
-        while lo < hi:
-            mid = (lo + hi) // 2
-            got = fit(float(thetas[mid]))
-            if got is None:
-                lo = mid + 1
-            else:
-                hi, best = mid, got
-        return best
-
-    def attempt(
-        self, rates: Mapping[str, float], reason: str = "", *, slack: bool = False
-    ) -> tuple[PlanSpec, Any] | None:
-        """A plan at `rates` that the predictor says meets every QoS, or None.
-
-        `slack`: spend every unit that packs on latency headroom (max-load); otherwise use the
-        fewest units (min-resource). Large batches are tried first, then all batches.
-        """
-        for cands in self.variants:
-            got = self._attempt(cands, rates, reason, slack)
-            if got is not None:
-                return got
-        return None
-
-    def _attempt(
-        self, cands: Candidates, rates: Mapping[str, float], reason: str, slack: bool
-    ) -> tuple[PlanSpec, Any] | None:
-        from dataclasses import replace
-
-        from scheduler.predictor import predict
-
-        factors = dict(self.factors)
-        keys = self.keys
-        previous = math.inf
-        for _ in range(self.rounds):
-            fronts = cands.frontiers(
-                [float(rates.get(k.partition("/")[0], 0.0)) for k in keys],
-                [factors.get(k, 1.0) for k in keys],
-            )
-            by_key = dict(zip(keys, fronts, strict=True))
-            merged: list[tuple[Merged, float]] = []
-            for p in self.world.pipelines:
-                budget = self.qos[p.name] - self.hop_ms[p.name]
-                m = merge([by_key[f"{p.name}/{s.name}"] for s in p.stages], budget)
-                if m is None:
-                    return None
-                merged.append((m, budget))
-            picked = self._slack(merged) if slack else [0] * len(merged)
-            if picked is None:
-                return None
-            chosen: dict[str, Choice] = {}
-            for (m, _), k in zip(merged, picked, strict=True):
-                chosen.update((c.key, c) for c in m.choose(k))
-            items = items_for(self.world, chosen, self.profiles)
-            if sum(i.units for i in items) > self.capacity_units():
-                return None
-            tried = []
-            for mode in PACKINGS:
-                where = pack(items, self.gpus, self.grid, mode)
-                if where is None:
-                    continue
-                plan = assemble(
-                    self.policy,
-                    self.world,
-                    chosen,
-                    items,
-                    where,
-                    self.grid,
-                    max_wait_us=self.opts.max_wait_us,
-                    planned_qps=rates,
-                    clamped=self.clamped,
-                    reason=reason,
-                )
-                pred = predict(self.world, plan, rates, transport=self.opts.transport)
-                if pred.feasible:
-                    self.factors = _factors(pred)
-                    stages = tuple(
-                        replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms)
-                        for a in plan.stages
-                    )
-                    return replace(plan, stages=stages), pred
-                tried.append(pred)
-            if not tried:
-                return None
-            # price the next round's choices with the contention of the least bad packing
-            worst = min(self._overshoot(t) for t in tried)
-            if worst >= previous * 0.99:
-                return None  # contention is not converging toward a feasible plan
-            previous = worst
-            least = _factors(min(tried, key=self._overshoot))
-            # damped: jumping to the new factors makes choices and contention chase each other
-            factors = {k: math.sqrt(factors.get(k, 1.0) * f) for k, f in least.items()}
-        return None
-
-    def _overshoot(self, pred: Any) -> float:
-        return max(
-            (pp.p99_ms / self.qos[name] if pp.p99_ms < math.inf else math.inf)
-            for name, pp in pred.pipelines.items()
-        )
-
-
-def _factors(pred: Any) -> dict[str, float]:
-    return {
-        f"{s.pipeline}/{s.stage}": max(r.factor for r in s.replicas)
-        for pp in pred.pipelines.values()
-        for s in pp.stages
-    }
 
 
 def total_units(plan: PlanSpec) -> float:

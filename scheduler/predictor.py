@@ -8,9 +8,10 @@ when whole-GPU replicas share a GPU): replicas take turns on all SMs, so a repli
 stretched by the busy fraction of the others, and the GPU must not be busier than 100% in all.
 The two interact (busy fractions depend on the factors), so the per-GPU factors are iterated.
 
-Per stage: the load splits evenly over its replicas (the gateway routes to the least
-outstanding); a replica's p99 comes from `scheduler.queueing`; the stage's p99 is its worst
-replica's, times the stage's online bias. Per pipeline: stage p99s add (conservative), plus
+Per stage: the load splits over its replicas in proportion to their capacity (the gateway
+routes to the least outstanding work, so a replica slowed by co-runners gets less); a
+replica's p99 comes from `scheduler.queueing`; the stage's p99 is its worst replica's,
+times the stage's online bias. Per pipeline: stage p99s add (conservative), plus
 one hop per stage: a constant for refs, plus a peer copy of the item where adjacent stages sit
 on different GPUs, or a copy through the host and the wire on the `wire` transport.
 
@@ -210,9 +211,8 @@ def predict(
         stage_rate = float(rates.get(a.pipeline, 0.0))
         rate = stage_rate / len(a.replicas)
         for r in a.replicas:
-            slot = _Slot(
-                key, r, prof, share_percent(r, gpus.get((r.node, r.gpu))), rate, r.max_wait_us / 1e3
-            )
+            share = share_percent(r, gpus.get((r.node, r.gpu)))
+            slot = _Slot(key, r, prof, share, rate, r.max_wait_us / 1e3, stage_rate)
             by_stage[key].append(slot)
             by_gpu[(r.node, r.gpu)].append(slot)
 
@@ -226,12 +226,11 @@ def predict(
         for slots in by_gpu.values():
             _contention(slots)
         # least-outstanding routing: a stage's load splits in proportion to replica capacity
-        for key, mine in by_stage.items():
-            if len(mine) > 1:
-                caps = [_capacity(s) for s in mine]
-                total = sum(mine[0].stage_rate for _ in (0,))
-                for s, c in zip(mine, caps, strict=True):
-                    s.rate = total * c / sum(caps)
+        for group in by_stage.values():
+            if len(group) > 1:
+                caps = [_capacity(s) for s in group]
+                for s, c in zip(group, caps, strict=True):
+                    s.rate = s.stage_rate * c / sum(caps)
     for gkey, slots in by_gpu.items():
         sliced = slots[0].sliced
         gpu_pressure[gkey] = sum(s.pressure for s in slots)
@@ -245,7 +244,7 @@ def predict(
     for p in world.pipelines:
         stage_preds: list[StagePrediction] = []
         for st in p.stages:
-            mine = by_stage.get(f"{p.name}/{st.name}")
+            mine = by_stage.get(f"{p.name}/{st.name}", [])
             if not mine:
                 raise InvalidArgument(f"plan has no replica for stage {p.name}/{st.name}")
             reps = tuple(_replica_prediction(s) for s in mine)

@@ -56,6 +56,7 @@ class ReportReader:
             retry=RedisRetry(NoBackoff(), 0),
         )
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._group_ready = False
         self._failures = 0
         # counters, for status and tests
@@ -74,6 +75,7 @@ class ReportReader:
             self._task = asyncio.create_task(self.run(), name="report-reader")
 
     async def aclose(self) -> None:
+        self._stopping = True  # as well as cancel: see ControlLoop.aclose
         if self._task is not None:
             self._task.cancel()
             try:
@@ -84,7 +86,7 @@ class ReportReader:
         await self._redis.aclose()  # type: ignore[attr-defined]  # stubs predate 5.0
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.read_once()
                 self._failures = 0

@@ -25,6 +25,8 @@ class SchedulerSettings:
     # pipelines the scheduler knows; empty: read from the pipeline config (common.pipeline_config)
     pipelines: tuple[PipelineInfo, ...] = ()
     metrics_port: int = 0
+    # stage profiles for the predictive policies (scheduler.profiles); empty: the bundled ones
+    profiles_path: str = ""
     # the bearer token Admin calls must carry; empty refuses every Admin call
     admin_token: str = field(default="", repr=False)
     stream: str = STREAM
@@ -79,6 +81,7 @@ def parse(
     p.add_argument("--size", default=env.env_choice("SIZE", d.size, ("tiny", "full"), e),
                    choices=("tiny", "full"))  # fmt: skip
     p.add_argument("--pipelines-dir", default=env.env_str("PIPELINES_DIR", "", e))
+    p.add_argument("--profiles", default=env.env_str("PROFILES", "", e))
     p.add_argument("--metrics-port", type=int, default=env.env_int("METRICS_PORT", 0, e))
     p.add_argument("--window-s", type=float, default=env.env_float("WINDOW_S", d.window_s, e))
     p.add_argument("--tick-s", type=float, default=env.env_float("TICK_S", d.tick_s, e))
@@ -107,6 +110,7 @@ def parse(
         size=a.size,
         pipelines_dir=a.pipelines_dir,
         metrics_port=a.metrics_port,
+        profiles_path=a.profiles,
         admin_token=token,
         window_s=a.window_s,
         tick_s=a.tick_s,

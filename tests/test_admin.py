@@ -28,9 +28,13 @@ async def test_admin_needs_the_token(redis_server) -> None:
             req = admin_pb2.GetPlanRequest()
             assert await code_of(admin.GetPlan(req)) == grpc.StatusCode.UNAUTHENTICATED
             wrong = (("authorization", "Bearer nope"),)
-            assert await code_of(admin.GetPlan(req, metadata=wrong)) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                await code_of(admin.GetPlan(req, metadata=wrong)) == grpc.StatusCode.UNAUTHENTICATED
+            )
             basic = (("authorization", f"Basic {TOKEN}"),)
-            assert await code_of(admin.GetPlan(req, metadata=basic)) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                await code_of(admin.GetPlan(req, metadata=basic)) == grpc.StatusCode.UNAUTHENTICATED
+            )
             plan = await admin.GetPlan(req, metadata=auth())
             assert plan.epoch == 0
             # Control stays open to the mesh
@@ -52,15 +56,23 @@ async def test_precise_errors(redis_server) -> None:
         async with channel(f"127.0.0.1:{port}") as ch:
             admin = admin_pb2_grpc.AdminStub(ch)
             bad = admin_pb2.SetPolicyRequest(policy="no-such-policy")
-            assert await code_of(admin.SetPolicy(bad, metadata=auth())) == grpc.StatusCode.INVALID_ARGUMENT
+            assert (
+                await code_of(admin.SetPolicy(bad, metadata=auth()))
+                == grpc.StatusCode.INVALID_ARGUMENT
+            )
             unknown = admin_pb2.SetQosRequest(pipeline="nope", qos_p99_ms=10)
-            assert await code_of(admin.SetQos(unknown, metadata=auth())) == grpc.StatusCode.NOT_FOUND
+            assert (
+                await code_of(admin.SetQos(unknown, metadata=auth())) == grpc.StatusCode.NOT_FOUND
+            )
             for ms in (0.0, -5.0, float("nan")):
                 zero = admin_pb2.SetQosRequest(pipeline="p", qos_p99_ms=ms)
                 code = await code_of(admin.SetQos(zero, metadata=auth()))
                 assert code == grpc.StatusCode.INVALID_ARGUMENT
             both = admin_pb2.DrainTargetRequest(node="n1", replica_id="x")
-            assert await code_of(admin.Drain(both, metadata=auth())) == grpc.StatusCode.INVALID_ARGUMENT
+            assert (
+                await code_of(admin.Drain(both, metadata=auth()))
+                == grpc.StatusCode.INVALID_ARGUMENT
+            )
             ghost = admin_pb2.DrainTargetRequest(replica_id="ghost")
             assert await code_of(admin.Drain(ghost, metadata=auth())) == grpc.StatusCode.NOT_FOUND
 
@@ -74,11 +86,14 @@ async def test_watch_routes_delivers_plan_after_set_policy(redis_server, tmp_pat
             epoch = sched.app.plan.epoch
             stream = control.WatchRoutes(admin_pb2.WatchRoutesRequest(known_epoch=epoch))
             f = tmp_path / "plan.json"
-            f.write_text('{"stages": [{"pipeline": "q", "stage": "c", "replicas": [{"node": "n1"}]}]}')
+            f.write_text(
+                '{"stages": [{"pipeline": "q", "stage": "c", "replicas": [{"node": "n1"}]}]}'
+            )
             req = admin_pb2.SetPolicyRequest(policy="static", options={"file": str(f)})
             plan = await admin_pb2_grpc.AdminStub(ch).SetPolicy(req, metadata=auth())
             assert plan.epoch > epoch and plan.policy == "static"
-            routes = await asyncio.wait_for(stream.read(), 5)
+            async with asyncio.timeout(5):
+                routes = await stream.read()
             assert routes.epoch == plan.epoch
             stream.cancel()
 
@@ -89,14 +104,20 @@ async def test_drain_replica_and_node(redis_server) -> None:
             control = admin_pb2_grpc.ControlStub(ch)
             await control.Heartbeat(host_heartbeat("n1"), timeout=5)
             await control.Heartbeat(host_heartbeat("n2"), timeout=5)
-            await until(lambda: len({r.node for s in sched.app.plan.stages for r in s.replicas}) == 2)
+            await until(
+                lambda: len({r.node for s in sched.app.plan.stages for r in s.replicas}) == 2
+            )
             admin = admin_pb2_grpc.AdminStub(ch)
             plan = await admin.Drain(admin_pb2.DrainTargetRequest(node="n2"), metadata=auth())
             assert {r.node for s in plan.stages for r in s.replicas} == {"n1"}
             only = plan.stages[0].replicas[0].replica_id
-            code = await code_of(admin.Drain(admin_pb2.DrainTargetRequest(replica_id=only), metadata=auth()))
+            code = await code_of(
+                admin.Drain(admin_pb2.DrainTargetRequest(replica_id=only), metadata=auth())
+            )
             assert code == grpc.StatusCode.FAILED_PRECONDITION
-            code = await code_of(admin.Drain(admin_pb2.DrainTargetRequest(node="n1"), metadata=auth()))
+            code = await code_of(
+                admin.Drain(admin_pb2.DrainTargetRequest(node="n1"), metadata=auth())
+            )
             assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -44,7 +44,9 @@ def world_of(pipes: dict[str, list[str]], gpus: int = 1, qos: float = 100.0) -> 
     return PolicyInput(infos, (node,), {p: 100.0 for p in pipes}, PROFILES)
 
 
-def one_stage_plan(pipe: str, stage: str, share: float, batch: int, gpu: int = 0) -> StageAssignment:
+def one_stage_plan(
+    pipe: str, stage: str, share: float, batch: int, gpu: int = 0
+) -> StageAssignment:
     rep = ReplicaSpec(f"{pipe}.{stage}.0", "n0", gpu, share, batch)
     return StageAssignment(pipe, stage, (rep,))
 
@@ -313,7 +315,9 @@ def test_bias_moves_predictions_toward_measurements() -> None:
         bias.observe(
             replace(plan, stages=(assigned,)),
             {
-                "img-to-text/encode": Measured(p99_ms=measured - now.pipelines["img-to-text"].hops_ms, count=100),
+                "img-to-text/encode": Measured(
+                    p99_ms=measured - now.pipelines["img-to-text"].hops_ms, count=100
+                ),
             },
         )
     assert errors == sorted(errors, reverse=True)

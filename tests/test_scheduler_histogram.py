@@ -62,7 +62,9 @@ class Clock:
         return self.now_us
 
 
-def report(end_us: int, total_us: int, stage: str = "", status: int = 0) -> report_pb2.LatencyReport:
+def report(
+    end_us: int, total_us: int, stage: str = "", status: int = 0
+) -> report_pb2.LatencyReport:
     kind = report_pb2.REPORT_KIND_STAGE if stage else report_pb2.REPORT_KIND_QUERY
     return report_pb2.LatencyReport(
         kind=kind, pipeline="p", stage=stage, end_unix_us=end_us, total_us=total_us,

@@ -81,7 +81,9 @@ async def test_epochs_grow_across_scheduler_restart(redis_server) -> None:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
             await until(lambda: sched.app.plan.epoch >= 1)
             admin = admin_pb2_grpc.AdminStub(ch)
-            await admin.SetQos(admin_pb2.SetQosRequest(pipeline="q", qos_p99_ms=33), metadata=auth())
+            await admin.SetQos(
+                admin_pb2.SetQosRequest(pipeline="q", qos_p99_ms=33), metadata=auth()
+            )
             p = await admin.SetPolicy(admin_pb2.SetPolicyRequest(policy="even"), metadata=auth())
         first = p.epoch
         assert first >= 3

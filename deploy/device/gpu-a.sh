@@ -2,6 +2,7 @@
 # On the lent GPU machine: gpu tests, the transport and green-context benchmarks, and the local
 # mesh at full size. Results land in $OUT. Run from the repo root after `source .devcarry/setup.sh`.
 set -u
+source .devcarry/setup.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto

@@ -2,9 +2,9 @@
 
 Load is one multiplier L over the pipelines' relative weights (option `weights`:
 "name=w,..."; `from-load` takes the mix of the offered load; default equal). For a trial L,
-`planning.Solver` gives each stage its cheapest (share, batch, replicas) so the pipeline's p99
-budget is met with the least SM units in all (so stages get share in proportion to their
-work and none is a bottleneck), packs the replicas onto GPUs with adjacent stages together,
+`solver.Solver` gives each stage Pareto (share, batch, replicas) choices that carry its rate
+(share in proportion to its work, so none is a bottleneck), picks per pipeline the combination
+with the most latency headroom that still packs onto the GPUs (adjacent stages together),
 and checks the packed plan with the full contention-aware predictor. L itself is found by a
 geometric bisection between an upper bound (every stage at its best throughput per SM on all
 GPUs) and the largest load found feasible, to `tolerance` (default 1%).
@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from common.errors import InvalidArgument, ResourceExhausted
-from scheduler.planning import Solver
 from scheduler.policy import PlanSpec, PolicyInput
+from scheduler.solver import Solver
 
 
 def weights(world: PolicyInput) -> dict[str, float]:

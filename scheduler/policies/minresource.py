@@ -3,7 +3,7 @@
 Target rate per pipeline: max(offered load, the scheduler's long-window arrival rate in
 `measured[pipeline].arrival_qps`) x (1 + headroom). Taking the larger of the two windows means
 growth follows a rise at once while a shrink waits until the load has been low for a while.
-`planning.Solver` picks each stage's cheapest (share, batch, replicas) within the pipeline's
+`solver.Solver` picks each stage's cheapest (share, batch, replicas) within the pipeline's
 budget, packs with best fit (fewest GPUs), and checks the plan with the full predictor at the
 target: the load is spread over exactly the replicas the plan keeps, so a replica is only
 removed where the remaining ones are predicted to carry it. Replica counts live only in the
@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from common.errors import InvalidArgument, ResourceExhausted
-from scheduler.planning import Solver, total_units
+from scheduler.planning import total_units
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.predictor import predict
+from scheduler.solver import Solver
 
 
 def _opt(world: PolicyInput, name: str, default: float) -> float:
@@ -66,7 +67,14 @@ class MinResource:
         margin = _opt(world, "shrink_margin", 0.15)
         target = target_rates(world, headroom)
         solver = Solver(world, self.name)
-        fresh = solver.attempt(target, reason="min-resource at load + headroom")
+        fresh = None
+        # tighter budgets (more units) first where contention defeats the cheapest plan
+        for tighten in (1.0, 0.8, 0.6):
+            fresh = solver.attempt(target, "min-resource at load + headroom", tighten=tighten)
+            if fresh is not None:
+                break
+        else:
+            fresh = solver.attempt(target, "min-resource at load + headroom", slack=True)
         cur = world.current
         if cur is not None and cur.stages and _same_stages(world, cur):
             try:
@@ -91,7 +99,7 @@ class MinResource:
         lo, hi, best = 0.0, 1.0, None
         for _ in range(12):
             mid = (lo + hi) / 2 if lo > 0 else hi / 16
-            got = solver.attempt({p: r * mid for p, r in target.items()})
+            got = solver.attempt({p: r * mid for p, r in target.items()}, slack=True)
             if got is None:
                 hi = mid
             else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +62,11 @@ class GreenSlice:
         self._cu_stream = cu_stream
         self.handle = int(cu_stream)
         # CuPy's view of the same stream: `with slice.stream:` sends CuPy work to these SMs
-        self.stream = cupy.cuda.ExternalStream(self.handle, device_id=device)
+        with warnings.catch_warnings():
+            # CuPy 14 deprecates ExternalStream in favour of Stream.from_external, which wants an
+            # object with __cuda_stream__; a raw CUstream handle is what the driver gives us.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.stream = cupy.cuda.ExternalStream(self.handle, device_id=device)
         self._closed = False
         self._lock = threading.Lock()
 

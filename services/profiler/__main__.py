@@ -1,0 +1,89 @@
+"""`python -m services.profiler img-to-text speech-to-text --out profiles.json [--redis URL]`.
+
+Runs on a node with a GPU and the MPS daemon up (shares need MPS). See profile.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+from common.errors import InvalidArgument
+from services.profiler.profile import Settings, document, profile_stage, redis_items
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in _floats(text))
+
+
+def device_name() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as e:  # NVML is the only source of the name; say why it is missing
+        raise InvalidArgument(f"cannot read the GPU name from NVML: {e}") from e
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.profiler", description=__doc__)
+    parser.add_argument("pipelines", nargs="+", help="pipeline names or config paths")
+    parser.add_argument("--size", default="full")
+    parser.add_argument("--stages", default="", help="only these stages (comma-separated)")
+    parser.add_argument("--shares", type=_floats, default=Settings.shares)
+    parser.add_argument("--batches", type=_ints, default=Settings.batches)
+    parser.add_argument("--pressure-shares", type=_floats, default=Settings.pressure_shares)
+    parser.add_argument("--contention-share", type=float, default=Settings.contention_share)
+    parser.add_argument("--repeats", type=int, default=Settings.repeats)
+    parser.add_argument("--out", default="profiles.json")
+    parser.add_argument("--redis", default="", help="also store each profile in this Redis")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("services.profiler")
+
+    from common.pipeline_config import load_pipeline
+
+    settings = Settings(
+        tuple(args.pipelines),
+        size=args.size,
+        shares=args.shares,
+        batches=args.batches,
+        pressure_shares=args.pressure_shares,
+        contention_share=args.contention_share,
+        repeats=args.repeats,
+    )
+    only = {s for s in args.stages.split(",") if s}
+    results = []
+    for name in settings.pipelines:
+        pipe = load_pipeline(name, settings.size)
+        for stage in pipe.stages:
+            if only and stage.name not in only:
+                continue
+            results.append(
+                profile_stage(settings, pipe.name, stage.name, stage.max_batch, log.info)
+            )
+    doc = document(results, device_name(), dt.date.today().isoformat())
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    log.info("wrote %d profiles to %s", len(results), args.out)
+    if args.redis:
+        import redis
+
+        client = redis.Redis.from_url(args.redis)
+        client.mset(dict(redis_items(doc)))  # type: ignore[arg-type]
+        log.info("stored %d profiles in %s", len(results), args.redis)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The profiler's output is what the scheduler reads: format, sensitivity, pressure, Redis keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.errors import InvalidArgument
+from scheduler import profiles as prof_mod
+from services.profiler import profile as prof
+
+
+def measured() -> prof.StageResult:
+    r = prof.StageResult("img-to-text", "encode")
+    r.latency_ms = {50.0: {1: 2.0, 8: 5.0}, 100.0: {1: 1.5, 8: 3.0}, 12.5: {1: 6.0, 8: 20.0}}
+    r.weights_bytes, r.activation_bytes_per_item, r.output_bytes_per_item = 1 << 20, 4096, 512
+    r.pressure_levels, r.slowdown = prof.sensitivity(3.0, {0.2: 3.3, 0.45: 3.9, 0.8: 3.7})
+    r.pressure = prof.pressure_of(solo_gbs=1500.0, beside_gbs=1100.0, peak_gbs=2000.0)
+    return r
+
+
+def test_batches_include_the_stage_max() -> None:
+    assert prof.batches_for(12, (1, 2, 4, 8, 16, 32)) == [1, 2, 4, 8, 12]
+    assert prof.batches_for(1, (4, 8)) == [1]
+    with pytest.raises(InvalidArgument):
+        prof.batches_for(0, (1,))
+
+
+def test_sensitivity_starts_at_one_and_never_falls() -> None:
+    levels, slow = prof.sensitivity(3.0, {0.2: 3.3, 0.45: 3.9, 0.8: 3.7})
+    assert levels == [0.0, 0.2, 0.45, 0.8]
+    assert slow[0] == 1.0 and slow == sorted(slow)
+    assert slow[1] == pytest.approx(1.1) and slow[3] == pytest.approx(1.3)  # 3.7 < 3.9: noise
+
+
+def test_pressure_is_the_bandwidth_lost_over_the_peak() -> None:
+    assert prof.pressure_of(1500, 1100, 2000) == pytest.approx(0.2)
+    assert prof.pressure_of(1000, 1100, 2000) == 0.0  # faster beside it: noise, not negative
+    with pytest.raises(InvalidArgument):
+        prof.pressure_of(1, 1, 0)
+
+
+def test_document_is_read_by_the_scheduler() -> None:
+    doc = prof.document([measured()], device="NVIDIA H100 80GB HBM3", date="2026-02-03")
+    got = prof_mod.parse_document(json.loads(json.dumps(doc)))
+    p = got["img-to-text/encode"]
+    assert not p.synthetic and p.device == "NVIDIA H100 80GB HBM3"
+    assert p.shares == (12.5, 50.0, 100.0) and p.batches == (1, 8)
+    assert p.latency(100, 8) == pytest.approx(3.0)
+    assert p.memory_bytes(8) == (1 << 20) + 8 * 4096
+    assert p.slowdown_at(0.45) == pytest.approx(1.3)
+    assert p.pressure == pytest.approx(0.2)
+
+
+def test_redis_items_use_the_scheduler_keys() -> None:
+    doc = prof.document([measured()], device="dev", date="2026-02-03")
+    items = prof.redis_items(doc)
+    assert list(items) == [prof_mod.REDIS_PREFIX + "img-to-text/encode"]
+    value = json.loads(items[prof_mod.REDIS_PREFIX + "img-to-text/encode"])
+    p = prof_mod.StageProfile.from_json("img-to-text/encode", value)
+    assert p.device == "dev" and p.latency(50, 1) == pytest.approx(2.0)
+
+
+@pytest.mark.gpu
+def test_profile_one_stage_on_the_gpu() -> None:
+    settings = prof.Settings(
+        ("video-analytics",),
+        size="tiny",
+        shares=(50, 100),
+        batches=(1, 4),
+        pressure_shares=(25,),
+        repeats=5,
+        corunner_mib=256,
+        window_s=0.5,
+    )
+    r = prof.profile_stage(settings, "video-analytics", "classify", 4, log=lambda _: None)
+    doc = prof.document([r], device="gpu", date="2026-02-03")
+    p = prof_mod.parse_document(doc)["video-analytics/classify"]
+    assert p.batches == (1, 4) and p.shares == (50.0, 100.0)
+    assert p.latency(100, 4) > 0 and p.weights_bytes > 0
+    assert p.slowdown[0] == 1.0 and len(p.slowdown) == 2
