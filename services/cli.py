@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from common import lifecycle
 from common.backend import resolve
-from common.dtypes import wire_from_array
+from common.dtypes import to_numpy, wire_from_array
 from common.pipeline_config import list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.launcher import Mesh, free_port, wait_healthy
@@ -31,13 +32,22 @@ from services.launcher import Mesh, free_port, wait_healthy
 DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
 
 
-async def start_mesh(mesh: Mesh, backend: str, size: str, pipelines: list[str]) -> dict[str, Any]:
-    """Starts redis (unless CAMELOT_REDIS_URL is set), broker, one replica per stage, gateway."""
+async def start_mesh(
+    mesh: Mesh, backend: str, size: str, policy: str = "even", share_mode: str = ""
+) -> dict[str, Any]:
+    """Starts the whole mesh on this node: redis (unless CAMELOT_REDIS_URL is set), broker,
+    scheduler, agent (which starts the replicas the scheduler's plan asks for) and gateway
+    (which follows the scheduler's routes); returns once every pipeline has a ready replica."""
     redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
     if not redis_url:
         port = free_port()
         mesh.redis(port)
         redis_url = f"redis://127.0.0.1:{port}/0"
+    token_file = mesh.run_dir / "admin.token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_hex(16))
+        token_file.chmod(0o600)
+    env = {"CAMELOT_ADMIN_TOKEN_FILE": str(token_file), "CAMELOT_REDIS_URL": redis_url}
     sock = str(mesh.run_dir / "broker.sock")
     broker_port = free_port()
     broker = mesh.python(
@@ -45,33 +55,84 @@ async def start_mesh(mesh: Mesh, backend: str, size: str, pipelines: list[str]) 
     )
     await wait_healthy(f"127.0.0.1:{broker_port}", 60, broker)
     broker_addr = f"unix:{sock}"
-    replicas = []
-    for name in pipelines:
-        cfg = load_pipeline(name, size)
-        for stage in cfg.stages:
-            rid = f"{name}.{stage.name}.0"
-            rsock = str(mesh.run_dir / f"{rid}.sock")
-            proc = mesh.python(
-                rid,
-                "services.stage",
-                ["--pipeline", name, "--stage", stage.name, "--size", size, "--replica-id", rid,
-                 "--unix", rsock, "--broker", broker_addr, "--redis", redis_url,
-                 "--backend", backend],
-            )  # fmt: skip
-            proc.target = f"unix:{rsock}"
-            replicas.append((name, stage.name, rid, proc))
-    for _, _, _, proc in replicas:
-        await wait_healthy(proc.target, 300, proc)
+    sched_port = free_port()
+    scheduler = mesh.python(
+        "scheduler",
+        "scheduler",
+        ["--port", str(sched_port), "--redis", redis_url, "--policy", policy, "--size", size],
+        env,
+    )
+    sched_addr = f"127.0.0.1:{sched_port}"
+    await wait_healthy(sched_addr, 60, scheduler)
+    mode = share_mode or ("mps" if backend == "cuda" else "none")
+    mps = os.environ.get("CAMELOT_MPS", "manage" if mode != "none" else "off")
+    agent_port = free_port()
+    agent = mesh.python(
+        "agent",
+        "services.agent",
+        ["--node", "local", "--port", str(agent_port), "--broker", broker_addr,
+         "--scheduler", sched_addr, "--redis", redis_url, "--backend", backend,
+         "--share-mode", mode, "--mps", mps,
+         "--run-dir", str(mesh.run_dir), "--size", size],
+        env,
+    )  # fmt: skip
+    await wait_healthy(f"127.0.0.1:{agent_port}", 120, agent)
     gw_port = int(os.environ.get("CAMELOT_GATEWAY_PORT", "0")) or free_port()
-    routes = [f"{p}/{s}={rid}@{proc.target}" for p, s, rid, proc in replicas]
     gateway = mesh.python(
         "gateway",
         "services.gateway",
         ["--port", str(gw_port), "--broker", broker_addr, "--redis", redis_url,
-         "--backend", backend, "--size", size, "--routes", ",".join(routes)],
+         "--scheduler", sched_addr, "--backend", backend, "--size", size],
+        env,
     )  # fmt: skip
-    await wait_healthy(f"127.0.0.1:{gw_port}", 120, gateway)
-    return {"gateway": f"127.0.0.1:{gw_port}", "redis": redis_url, "broker": broker_addr}
+    gw = f"127.0.0.1:{gw_port}"
+    await wait_healthy(gw, 120, gateway)
+    await wait_routed(gw, list_pipelines(), timeout_s=600, procs=mesh.procs)
+    return {"gateway": gw, "scheduler": sched_addr, "redis": redis_url, "broker": broker_addr,
+            "token_file": str(token_file)}  # fmt: skip
+
+
+async def wait_routed(
+    target: str, pipelines: list[str], timeout_s: float, procs: list[Any]
+) -> None:
+    """Sends a probe query to each pipeline until all answer (the plan is applied and routed)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(pipelines)
+    async with lifecycle.channel(target) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        while pending:
+            for p in procs:
+                if not p.alive():
+                    raise RuntimeError(f"{p.name} exited while the plan was applied:\n{p.tail()}")
+            name = pending[0]
+            listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
+            spec = next(p for p in listing.pipelines if p.name == name).input
+            data = np.zeros(tuple(spec.shape), dtype=to_numpy(spec.dtype))
+            item = wire_from_array(data)
+            try:
+                await stub.Submit(gateway_pb2.SubmitRequest(pipeline=name, input=item), timeout=30)
+                pending.pop(0)
+            except grpc.aio.AioRpcError as e:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"pipeline {name} not served after {timeout_s:.0f} s: {e.details()}"
+                    ) from e
+                await asyncio.sleep(0.5)
+
+
+async def admin_report(info: dict[str, Any]) -> str:
+    """The scheduler's plan and windowed latency, as `camelotctl` prints them (a separate process:
+    services never import the scheduler)."""
+    out = []
+    for cmd in ("get-plan", "status"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "scheduler.ctl", "--target", info["scheduler"],
+            "--token-file", info["token_file"], cmd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        stdout, _ = await proc.communicate()
+        out.append(stdout.decode(errors="replace").rstrip())
+    return "\n\n".join(out)
 
 
 async def burst_one(
@@ -155,10 +216,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}")
     print(f"camelot: logs in {mesh.run_dir}/logs")
     try:
-        info = await start_mesh(mesh, backend, args.size, pipelines)
-        print(f"camelot: gateway on {info['gateway']}, redis {info['redis']}")
+        info = await start_mesh(mesh, backend, args.size, args.policy)
+        print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}")
         rows = await burst(info["gateway"], pipelines, args.size, args.queries, args.concurrency)
         print_table(rows)
+        await asyncio.sleep(1.5)  # one report flush and a scheduler tick
+        print()
+        print(await admin_report(info))
         if args.serve:
             print("camelot: serving; Ctrl-C to stop")
             stop = asyncio.Event()
@@ -260,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--concurrency", type=int, default=4)
         s.add_argument("--pipeline", action="append", help="only these pipelines (repeatable)")
         s.add_argument("--serve", action="store_true", help="keep the mesh up after the burst")
+        s.add_argument("--policy", default=os.environ.get("CAMELOT_POLICY", "even"))
     d = sub.add_parser("down")
     d.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     for name in ("status", "query"):
