@@ -194,6 +194,30 @@ class BrokerClient:
         resp: broker_pb2.AllocateResponse = await self._call(self._stub.Allocate, request)
         return list(resp.refs)
 
+    async def open_and_allocate(
+        self,
+        items: Sequence[tuple[DTypeLike, tuple[int, ...]]],
+        *,
+        pool: str = "default",
+        ttl_s: float = 0.0,
+        label: str = "",
+        device: int = 0,
+    ) -> tuple[str, list[tensor_pb2.TensorRef]]:
+        """Opens a lease and allocates (dtype, shape) buffers under it, in one RPC."""
+        request = broker_pb2.AllocateRequest(
+            items=[
+                broker_pb2.Allocation(
+                    dtype=from_numpy(np.dtype(dtype)), shape=[int(d) for d in shape], device=device
+                )
+                for dtype, shape in items
+            ],
+            open=broker_pb2.OpenLeaseRequest(
+                pool=pool, owner_pid=self.pid, ttl_s=ttl_s, label=label
+            ),
+        )
+        resp: broker_pb2.AllocateResponse = await self._call(self._stub.Allocate, request)
+        return resp.lease.lease_id, list(resp.refs)
+
     async def alloc_array(
         self, lease_id: str, dtype: DTypeLike, shape: tuple[int, ...], device: int = 0
     ) -> tuple[tensor_pb2.TensorRef, Any]:

@@ -278,3 +278,21 @@ async def test_eight_concurrent_clients_never_share_live_bytes(running: Running)
     stats = running.broker.stats()
     assert stats.live_leases == 0 and stats.used_bytes == 0
     assert stats.allocations_total > 100
+
+
+async def test_open_and_allocate_is_one_lease_with_every_buffer(client: BrokerClient):
+    lease, got = await client.open_and_allocate(
+        [(np.uint8, (100,)), (np.float32, (4, 4))], pool="p1", ttl_s=5
+    )
+    assert [r.lease_id for r in got] == [lease, lease]
+    assert (await client.view(got[1])).shape == (4, 4)
+    assert (await client.stats()).live_leases == 1
+    await client.release([lease])
+    assert (await client.stats()).live_leases == 0
+
+
+async def test_open_and_allocate_that_does_not_fit_leaves_no_lease(client: BrokerClient):
+    with pytest.raises(CamelotError) as e:
+        await client.open_and_allocate([(np.uint8, (1,)), (np.uint8, (64 * MiB,))], pool="p2")
+    assert e.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await client.stats()).live_leases == 0

@@ -180,6 +180,7 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             routes, channels, broker, backend, settings.device, describe=channels.describe
         )
         stack.callback(runner.close)
+        stack.push_async_callback(runner.flush_releases)
         watch = (
             ("scheduler", settings.scheduler) if settings.scheduler else ("agent", settings.agent)
         )

@@ -52,21 +52,19 @@ class Describer(Protocol):
 class Buffers(Protocol):
     """What the gateway needs of the broker client."""
 
-    async def open_lease(
-        self, pool: str = "default", ttl_s: float = 0.0, label: str = ""
-    ) -> str: ...
-
-    async def allocate(
-        self, items: list[tuple[str, Any, tuple[int, ...]]], device: int = 0
-    ) -> list[tensor_pb2.TensorRef]: ...
-
-    async def alloc_array(
-        self, lease_id: str, dtype: Any, shape: tuple[int, ...], device: int = 0
-    ) -> tuple[tensor_pb2.TensorRef, Any]: ...
+    async def open_and_allocate(
+        self,
+        items: Sequence[tuple[Any, tuple[int, ...]]],
+        *,
+        pool: str = "default",
+        ttl_s: float = 0.0,
+        label: str = "",
+        device: int = 0,
+    ) -> tuple[str, list[tensor_pb2.TensorRef]]: ...
 
     async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
 
-    async def release(self, lease_ids: list[str], *, aborted: bool = False) -> None: ...
+    async def release(self, lease_ids: list[str], *, aborted: bool = False) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -104,6 +102,7 @@ class QueryRunner:
         self.routes = routes
         self.call = call
         self.describe = describe
+        self._releases: set[asyncio.Future[Any]] = set()
         # (pipeline, stage) -> output specs (name, dtype, shape), learned from a replica
         self.output_specs: dict[
             tuple[str, str], list[tuple[str, np.dtype[Any], tuple[int, ...]]]
@@ -156,19 +155,52 @@ class QueryRunner:
         if self.buffers is None:
             raise InvalidArgument("transport ref needs a broker; this gateway has none")
         ttl_s = max(1.0, (deadline_us - mono_us()) / 1e6 + 5.0)
-        lease = await self.buffers.open_lease(pool=pipeline.name, ttl_s=ttl_s, label=query_id)
+        specs = await self._specs(pipeline)
+        wanted: list[tuple[Any, tuple[int, ...]]] = [(item.dtype, tuple(item.shape))]
+        if specs is not None:
+            wanted += [(dt, shape) for step in pipeline.steps for _, dt, shape in specs[step.name]]
+        # the lease and every buffer of the query in one round trip
+        lease, refs = await self.buffers.open_and_allocate(
+            wanted, pool=pipeline.name, ttl_s=ttl_s, label=query_id, device=self.device
+        )
         ok = False
         try:
-            ref, view = await self.buffers.alloc_array(
-                lease, item.dtype, tuple(item.shape), self.device
-            )
+            outputs: dict[str, list[tensor_pb2.Tensor]] = {}
+            if specs is not None:
+                it = iter(refs[1:])
+                for step in pipeline.steps:
+                    outputs[step.name] = [
+                        tensor_pb2.Tensor(name=name, ref=next(it))
+                        for name, _, _ in specs[step.name]
+                    ]
+            view = await self.buffers.view(refs[0])
             await self._copy(_fill, view, item)
-            result = await self._drive(pipeline, ref, lease, transport, query_id, deadline_us)
+            result = await self._drive(
+                pipeline, refs[0], lease, transport, query_id, deadline_us, outputs
+            )
             ok = True
             return result
         finally:
-            # Shielded: a cancelled or failed query must still give its buffers back.
-            await asyncio.shield(self.buffers.release([lease], aborted=not ok))
+            # Off the query's path, but never skipped: a failed or cancelled query gives its
+            # buffers back too (ABORTED: they are quarantined while a stage may still write).
+            self._release_later(lease, aborted=not ok)
+
+    def _release_later(self, lease: str, aborted: bool) -> None:
+        assert self.buffers is not None
+        task = asyncio.ensure_future(self.buffers.release([lease], aborted=aborted))
+        self._releases.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[Any]) -> None:
+        self._releases.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # the broker's TTL ends the lease anyway; say why it lived longer
+            log.warning("lease release failed: %s", task.exception())
+
+    async def flush_releases(self) -> None:
+        """Waits for releases still in flight (at shutdown)."""
+        while self._releases:
+            await asyncio.gather(*list(self._releases), return_exceptions=True)
 
     async def _drive(
         self,
