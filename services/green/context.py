@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
