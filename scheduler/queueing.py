@@ -105,16 +105,28 @@ def replica(rate_qps: float, max_batch: int, max_wait_ms: float, service: Svc) -
 def replica_many(
     rate_qps: np.ndarray,
     max_batch: np.ndarray,
-    max_wait_ms: float,
+    max_wait_ms: float | np.ndarray,
     service: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`replica` elementwise over arrays (rates > 0): returns (p99_ms, utilization)."""
+    """`replica` elementwise over arrays: returns (p99_ms, utilization)."""
+    p99, util, _ = replica_arrays(rate_qps, max_batch, max_wait_ms, service)
+    return p99, util
+
+
+def replica_arrays(
+    rate_qps: np.ndarray,
+    max_batch: np.ndarray,
+    max_wait_ms: float | np.ndarray,
+    service: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`replica` elementwise over arrays: (p99_ms, utilization, busy); p99 is inf at util >= 1."""
     lam = np.asarray(rate_qps, dtype=float) / 1000.0
     bmax = np.asarray(max_batch, dtype=float)
+    idle = lam <= 0
     s_max = service(bmax)
-    util = lam * s_max / bmax
-    b = np.minimum(bmax, 1.0 + lam * max_wait_ms)
-    done = lam <= 0
+    util = np.where(idle, 0.0, lam * s_max / bmax)
+    b = np.minimum(bmax, 1.0 + np.maximum(lam, 0.0) * max_wait_ms)
+    done = idle
     for _ in range(NEWTON_STEPS):
         s = service(b)
         g = lam * s - b
@@ -126,12 +138,14 @@ def replica_many(
         step = np.where(flat, bmax, b + g / np.where(flat, 1.0, 1.0 - lam * slope))
         b = np.where(done, b, np.minimum(bmax, step))
     s = service(b)
-    busy = np.minimum(1.0, lam * s / b)
-    fill = np.maximum(0.0, np.minimum(max_wait_ms, (b - 1.0) / lam) - busy * s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        busy = np.minimum(1.0, lam * s / b)
+        fill = np.maximum(0.0, np.minimum(max_wait_ms, (b - 1.0) / lam) - busy * s)
     rho = np.clip(util, 0.0, 0.999999)
     ca2 = 1.0 / bmax
     mean_wait = rho / (1.0 - rho) * (ca2 + SERVICE_SCV) / 2.0 * s_max
     tail = np.log(np.maximum(rho, TAIL_Q) / TAIL_Q)
     queue = np.where(rho > TAIL_Q, mean_wait / np.maximum(rho, TAIL_Q) * tail, 0.0)
-    p99 = fill + busy * s + queue + s
-    return np.where(util < 1.0, p99, np.inf), util
+    p99 = np.where(idle, s, fill + busy * s + queue + s)
+    busy = np.where(idle, 0.0, busy)
+    return np.where(util < 1.0, p99, np.inf), util, busy
