@@ -17,7 +17,7 @@ step green-probe 100 python3 -m services.green.bench --out "$OUT/green-probe.jso
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 64 --serve --run-dir /tmp/cam > "$OUT/run-full.log" 2>&1 &
 mesh=$!
 for _ in $(seq 240); do grep -q "serving; Ctrl-C" "$OUT/run-full.log" && break; sleep 1; done
-step e2e 120 python3 -m loadgen.bench_e2e --target 127.0.0.1:50052 --out "$OUT" --rate 20 --duration 8 --rounds 2
+step e2e 150 python3 -m loadgen.bench_e2e --target 127.0.0.1:50052 --out-dir "$OUT" --rate 20 --duration 6 --rounds 2
 kill -INT $mesh; wait $mesh
 step reconfigure 170 python3 -m loadgen.bench_reconfigure --backend cuda --size full --rate 60 --duration-s 24 --settle-s 4 --out "$OUT" --run-dir /tmp/rec
 tar czf "$OUT/logs.tgz" -C /tmp cam/logs rec 2>/dev/null
