@@ -50,6 +50,12 @@ bench-transport: codegen ## one-hop cost, ref against host copy -> docs/results/
 bench-e2e: codegen ## end-to-end p50/p99, ref against wire -> docs/results/e2e.json
 	$(BIN)/python -m loadgen.bench_e2e $(ARGS)
 
+faults: codegen ## kill -9 each process of a live mesh under load -> docs/results/faults.json
+	$(BIN)/python -m loadgen.faults $(ARGS)
+
+soak: codegen ## 10 minutes at 80% of the measured peak: RSS, leases -> docs/results/soak.json
+	$(BIN)/python -m loadgen.soak --duration-s 600 $(ARGS)
+
 load: codegen ## Locust headless against a running gateway (ARGS: --host, -t)
 	$(BIN)/locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s $(ARGS)
 
@@ -57,4 +63,4 @@ clean: ## remove generated code and caches
 	rm -f protos/*_pb2*.py protos/*_pb2*.pyi
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e load clean
+.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e faults soak load clean

@@ -17,7 +17,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,15 +51,69 @@ class Health:
             await self.servicer.set(name, status)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for mutual TLS on a hop that crosses nodes: this process's certificate chain and
+    key, and the CA that signs its peers. Servers built with it require a client certificate
+    signed by `ca`; channels built with it present `cert` and check the server against `ca`."""
+
+    cert: str
+    key: str
+    ca: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TlsFiles | None:
+        """CAMELOT_TLS_CERT, CAMELOT_TLS_KEY, CAMELOT_TLS_CA: all three, or none (plain TCP)."""
+        e = os.environ if env is None else env
+        names = ("CAMELOT_TLS_CERT", "CAMELOT_TLS_KEY", "CAMELOT_TLS_CA")
+        values = [e.get(n, "") for n in names]
+        if not any(values):
+            return None
+        missing = [n for n, v in zip(names, values, strict=True) if not v]
+        if missing:
+            from common.settings import SettingsError
+
+            raise SettingsError(f"mutual TLS needs all of {', '.join(names)}; {missing} unset")
+        return cls(*values)
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        cert, key, ca = self._read()
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        cert, key, ca = self._read()
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     return grpc.aio.server(interceptors=list(interceptors), options=CHANNEL_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, unix_path: str = "") -> int:
-    """Listens on host:port (port 0 picks one) and a Unix socket if given; returns the TCP port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    unix_path: str = "",
+    tls: TlsFiles | None = None,
+) -> int:
+    """Listens on host:port (port 0 picks one) and a Unix socket if given; returns the TCP port.
+
+    With `tls` the TCP port speaks mutual TLS (a client certificate is required); the Unix
+    socket, reachable only on this node, stays plain."""
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     if unix_path:
@@ -69,8 +125,11 @@ def bind(server: grpc.aio.Server, host: str, port: int, unix_path: str = "") -> 
     return int(bound)
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel to a node-local or loopback target with Camelot's message limits."""
+def channel(target: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel with Camelot's message limits: plain to a node-local or loopback target, mutual
+    TLS with `tls` (a Unix-socket target is always plain)."""
+    if tls is not None and not target.startswith("unix:"):
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 

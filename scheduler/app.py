@@ -38,6 +38,7 @@ from scheduler.policy import (
     PolicyInput,
     StageAssignment,
 )
+from scheduler.predictor import BiasCorrector, predict
 from scheduler.reader import ReportReader
 from scheduler.settings import SchedulerSettings
 from scheduler.windows import Windows, WindowStat
@@ -46,6 +47,11 @@ log = logging.getLogger(__name__)
 
 AgentPush = Callable[[str, agent_pb2.Assignment, float], Awaitable[agent_pb2.ApplyResponse]]
 _GONE = (plan_pb2.REPLICA_STATE_STOPPED, plan_pb2.REPLICA_STATE_FAILED)
+# arrivals over this window (capped by the windows' horizon) are the long-window rate that
+# min-resource's hysteresis reads in PolicyInput.measured[pipeline].arrival_qps
+LONG_WINDOW_S = 60.0
+# a bias factor that moved by more than this ratio since the plan was made calls a re-plan
+BIAS_REPLAN_RATIO = 1.15
 
 
 @dataclass
@@ -122,6 +128,11 @@ class SchedulerApp:
         self.planned_nodes: frozenset[str] = frozenset()
         self.last_plan_at = 0.0
         self.last_snapshot: dict[tuple[str, str], WindowStat] = {}
+        # online correction of the predictor: measured over predicted p99 of the plan in force
+        self.bias = BiasCorrector(min_count=settings.min_samples)
+        self.planned_bias: dict[str, float] = {}  # the factors the plan in force was made with
+        self.plan_since = 0.0  # monotonic time the plan in force was stored
+        self._bias_at = 0.0
         self._lock = asyncio.Lock()
         self._routes = plan_pb2.Routes()
         self._routes_version = 0
@@ -146,6 +157,7 @@ class SchedulerApp:
         if plan is not None and plan.epoch > self.plan.epoch:
             self.plan = plan
             self.planned_load = dict(plan.planned_qps)
+            self.plan_since = time.monotonic()
         self.restored = True
         log.info("restored: policy %s, plan epoch %d", self.choice.name, self.plan.epoch)
         await self.publish_routes()
@@ -193,11 +205,23 @@ class SchedulerApp:
             out[name] = stat.arrival_qps if stat is not None else 0.0
         return out
 
-    def world(self) -> PolicyInput:
+    def measured(self, long_window: bool = True) -> dict[str, Measured]:
+        """The windows as policies see them; a pipeline's arrival rate from the long window."""
+        long: dict[tuple[str, str], WindowStat] = {}
+        if long_window:
+            horizon_s = self.windows.horizon_us / 1e6
+            long = self.windows.snapshot(min(horizon_s, max(LONG_WINDOW_S, self.settings.window_s)))
         measured: dict[str, Measured] = {}
         for (pipeline, stage), s in self.last_snapshot.items():
             key = pipeline if not stage else f"{pipeline}/{stage}"
-            measured[key] = Measured(s.p99_ms, s.arrival_qps, s.service_qps, s.count)
+            arrival = s.arrival_qps
+            if not stage and (pipeline, "") in long:
+                arrival = long[(pipeline, "")].arrival_qps
+            measured[key] = Measured(s.p99_ms, arrival, s.service_qps, s.count)
+        return measured
+
+    def world(self, measured: Mapping[str, Measured] | None = None) -> PolicyInput:
+        measured = self.measured() if measured is None else measured
         return PolicyInput(
             pipelines=tuple(
                 dataclasses.replace(p, qos_p99_ms=self.qos_of(p.name))
@@ -205,11 +229,50 @@ class SchedulerApp:
             ),
             nodes=tuple(n.info() for n in sorted(self.placeable_nodes(), key=lambda n: n.name)),
             load_qps=self.load_qps(),
-            profiles=self.profiles,
+            profiles=self.bias.apply(self.profiles) if self.profiles else self.profiles,
             measured=measured,
             current=planstore.from_proto(self.plan) if self.plan.epoch else None,
             options=dict(self.choice.options),
         )
+
+    def observe_bias(self) -> None:
+        """Folds the short windows of the plan in force into the bias, at most once a window.
+
+        The plan is predicted again at the measured load with the factors in force, so the
+        residual is the model's error, not a difference in load (a plan made for a higher load
+        predicts more). Windows younger than the plan still hold the previous plan: skipped.
+        """
+        now = time.monotonic()
+        if not self.plan.epoch or not self.profiles:
+            return
+        if now - max(self.plan_since, self._bias_at) < self.settings.window_s:
+            return
+        self._bias_at = now
+        measured = self.measured(long_window=False)
+        world = self.world(measured)
+        spec = planstore.from_proto(self.plan)
+        known = {p.name for p in world.pipelines}
+        spec = dataclasses.replace(
+            spec, stages=tuple(a for a in spec.stages if a.pipeline in known)
+        )
+        try:
+            pred = predict(world, spec, world.load_qps)
+            stages = tuple(
+                dataclasses.replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms)
+                for a in spec.stages
+            )
+        except (CamelotError, KeyError) as e:
+            log.debug("no bias update: the plan in force does not fit the pipelines: %s", e)
+            return
+        self.bias.observe(dataclasses.replace(spec, stages=stages), measured)
+
+    def bias_moved(self) -> str:
+        """The key whose bias factor moved past BIAS_REPLAN_RATIO since the plan ("" if none)."""
+        for key, f in sorted(self.bias.factors().items()):
+            ratio = f / self.planned_bias.get(key, 1.0)
+            if max(ratio, 1.0 / ratio) > BIAS_REPLAN_RATIO:
+                return key
+        return ""
 
     def policy(self) -> Policy:
         if self._policy is None:
@@ -239,6 +302,7 @@ class SchedulerApp:
             spec = dataclasses.replace(self._without_drained(spec), reason=reason)
             planstore.validate(spec)
             self.planned_load = dict(world.load_qps)
+            self.planned_bias = self.bias.factors()
             self.planned_nodes = frozenset(n.name for n in world.nodes)
             self.last_plan_at = time.monotonic()
             if not force and self.plan.epoch and _same_placement(spec, self.plan):
@@ -246,6 +310,7 @@ class SchedulerApp:
             with redis_unavailable():
                 plan = await self.store.save(spec)
             self.plan = plan
+            self.plan_since = time.monotonic()
             log.info("plan epoch %d by %s: %s", plan.epoch, plan.policy, reason)
         await self.publish_routes()
         self.kick.set()

@@ -6,6 +6,7 @@ the gauges, and re-plans when
     - there is no plan yet, or the set of nodes changed           (at once)
     - a pipeline's windowed p99 passes p99_trigger_fraction × QoS  (at most every
     - a pipeline's load moved by more than load_change_fraction     min_replan_interval_s)
+    - the predictor's bias for a pipeline or stage moved (the model was wrong)
 
 then sends each node whose agent has not applied the newest epoch its assignment, in the
 background, so an agent that is slow or down holds up nobody. The loop never dies: every
@@ -77,6 +78,7 @@ class ControlLoop:
         if not app.restored:
             await app.restore()
         app.last_snapshot = app.windows.snapshot(self.settings.window_s)
+        app.observe_bias()
         self.export_gauges()
         reason, urgent = self.trigger()
         now = time.monotonic()
@@ -120,6 +122,9 @@ class ControlLoop:
                 continue
             if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
                 return f"load moved: {name} {before:.1f} -> {qps:.1f} qps", False
+        moved = app.bias_moved()
+        if moved:
+            return f"model error: bias of {moved} now x{app.bias.factor(moved):.2f}", False
         return "", False
 
     def push_agents(self) -> None:

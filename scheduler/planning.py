@@ -11,7 +11,6 @@ and `check_plan` states every constraint a plan must meet.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -147,7 +146,9 @@ class Candidates:
             extra,
         )
         nbmax = max(len(p.batches) for p in profs)
-        sid, us, bs_, lo_rows, hi_rows, grids, ts, scales = [], [], [], [], [], [], [], []
+        units = np.arange(1, grid.units_per_gpu + 1)
+        share = np.asarray([grid.percent(int(u)) for u in units])
+        parts: list[list[np.ndarray]] = [[] for _ in range(8)]
         for i, prof in enumerate(profs):
             usable = [b for b in batches[i] if b <= prof.max_batch] or [prof.batches[0]]
             shares = np.asarray(prof.shares)
@@ -155,38 +156,34 @@ class Candidates:
             pad = nbmax - len(prof.batches)
             pbs = np.concatenate([prof.batches, prof.batches[-1] + 1.0 + np.arange(pad)])
             ptab = np.concatenate([table, np.repeat(table[:, -1:], pad, axis=1)], axis=1)
-            for u in range(1, grid.units_per_gpu + 1):
-                share = grid.percent(u)
-                j = int(
-                    np.clip(
-                        np.searchsorted(shares, share, side="right") - 1, 0, max(len(shares) - 2, 0)
-                    )
-                )
-                j1 = min(j + 1, len(shares) - 1)
-                t = 0.0
-                if j1 != j:
-                    t = min(
-                        1.0,
-                        max(0.0, math.log(share / shares[j]) / math.log(shares[j1] / shares[j])),
-                    )
-                scale = math.log(max(shares[0] / share, 1.0))
-                for b in usable:
-                    sid.append(i)
-                    us.append(u)
-                    bs_.append(b)
-                    lo_rows.append(ptab[j])
-                    hi_rows.append(ptab[j1])
-                    grids.append(pbs)
-                    ts.append(t)
-                    scales.append(scale)
-        self.sid = np.asarray(sid)
-        self.u = np.asarray(us)
-        self.b = np.asarray(bs_, dtype=float)
-        self.lo = np.asarray(lo_rows)
-        self.hi = np.asarray(hi_rows)
-        self.grid = np.asarray(grids)
-        self.t = np.asarray(ts)
-        self.scale = np.asarray(scales)
+            # per share unit: the measured shares around it and the log-linear weight
+            j = np.clip(
+                np.searchsorted(shares, share, side="right") - 1, 0, max(len(shares) - 2, 0)
+            )
+            j1 = np.minimum(j + 1, len(shares) - 1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = np.where(j1 != j, np.log(share / shares[j]) / np.log(shares[j1] / shares[j]), 0)
+            t = np.clip(t, 0.0, 1.0)
+            scale = np.log(np.maximum(shares[0] / share, 1.0))
+            nb = len(usable)
+            for part, value in zip(
+                parts,
+                (
+                    np.full(len(units) * nb, i),
+                    np.repeat(units, nb),
+                    np.tile(np.asarray(usable, dtype=float), len(units)),
+                    np.repeat(ptab[j], nb, axis=0),
+                    np.repeat(ptab[j1], nb, axis=0),
+                    np.repeat(pbs[None, :], len(units) * nb, axis=0),
+                    np.repeat(t, nb),
+                    np.repeat(scale, nb),
+                ),
+                strict=True,
+            ):
+                part.append(value)
+        (self.sid, self.u, self.b, self.lo, self.hi, self.grid, self.t, self.scale) = (
+            np.concatenate(p) for p in parts
+        )
         self.bias = np.asarray([p.bias for p in profs])
         self.solo = self._latency(np.arange(len(self.u)), self.b)
 

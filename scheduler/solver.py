@@ -43,7 +43,9 @@ class Solver:
     of the last feasible plan seed the next call, so a search over loads converges quickly.
     """
 
-    def __init__(self, world: PolicyInput, policy: str) -> None:
+    def __init__(
+        self, world: PolicyInput, policy: str, *, large_batches_first: bool = False
+    ) -> None:
         self.world, self.policy = world, policy
         self.profiles = stage_profiles(world)
         self.gpus = slots(world)
@@ -80,11 +82,15 @@ class Solver:
         lean = [b[len(b) // 2 :] for b in full]
         # and every extra replica runs at a smaller batch: consolidated sets keep the fewest
         cap = self.opts.max_replicas
-        self.variants = [
-            Candidates(profs, self.grid, lean, self.wait_ms, cap, extra=0),
-            Candidates(profs, self.grid, full, self.wait_ms, cap, extra=0),
-            Candidates(profs, self.grid, full, self.wait_ms, cap),
-        ]
+        # candidate sets, tried in order and built on first use
+        self._specs: list[tuple[list[tuple[int, ...]], int]] = [(lean, 0), (full, 0), (full, 2)]
+        if large_batches_first:
+            # the largest batch only: the fewest busy cycles per item, so the least pressure
+            self._specs.insert(0, ([b[-1:] for b in full], 0))
+        self._built: dict[int, Candidates] = {}
+        self._profs, self._cap = profs, cap
+        self.pinned: int | None = None  # only this candidate set (see `pin`)
+        self.last_variant = 0
         if self.clamped:
             self._relax_clamped()
 
@@ -152,11 +158,22 @@ class Solver:
         fewest units whose p99 fits `tighten` x the budget (min-resource; a tighter budget
         leaves headroom for contention). Large batches are tried first, then all batches.
         """
-        for cands in self.variants:
+        order = range(len(self._specs)) if self.pinned is None else [self.pinned]
+        for i in order:
+            cands = self._built.get(i)
+            if cands is None:
+                sets, extra = self._specs[i]
+                cands = Candidates(self._profs, self.grid, sets, self.wait_ms, self._cap, extra)
+                self._built[i] = cands
             got = self._attempt(cands, rates, reason, slack, tighten)
             if got is not None:
+                self.last_variant = i
                 return got
         return None
+
+    def pin(self) -> None:
+        """From now on, try only the candidate set of the last plan found (fewer fallbacks)."""
+        self.pinned = self.last_variant
 
     def _attempt(
         self,

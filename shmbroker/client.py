@@ -129,6 +129,11 @@ class BrokerClient:
             )
             self._infos = {info.slab_id: info for info in resp.slabs}
 
+    def pool_of(self, slab_id: str) -> str:
+        """The pool a slab of the loaded table serves; "" for a slab not in it."""
+        info = self._infos.get(slab_id)
+        return info.pool if info is not None else ""
+
     def open_all(self) -> None:
         """Opens every slab known now (a warm-up, so that no request pays for it)."""
         for slab_id in self._infos:

@@ -17,9 +17,11 @@ recorded and the apply fails with UNAVAILABLE; re-applying the same assignment r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,6 +49,53 @@ from services.agent.settings import AgentSettings, python
 from services.agent.supervisor import RestartPolicy, supervise
 
 log = logging.getLogger(__name__)
+
+# After a restarted agent's first apply, replicas left by its killed predecessor keep serving
+# this long (routes move to the new instances) before they are stopped.
+ORPHAN_GRACE_S = 3.0
+
+
+def find_orphans(sock_dir: str) -> dict[int, list[str]]:
+    """Stage processes (pid -> argv) listening under sock_dir that no agent of this boot started:
+    the replicas of an agent that was killed (they run in sessions of their own and outlive it)."""
+    out: dict[int, list[str]] = {}
+    prefix = os.path.join(sock_dir, "")
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                words = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--unix" in words and words.index("--unix") + 1 < len(words):
+            if words[words.index("--unix") + 1].startswith(prefix):
+                out[int(name)] = words
+    return out
+
+
+def orphan_endpoint(argv: list[str]) -> plan_pb2.Endpoint | None:
+    """The route of an earlier agent's replica, read from its command line."""
+
+    def arg(flag: str) -> str:
+        return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
+
+    rid, pipeline, stage, unix = (
+        arg(f) for f in ("--replica-id", "--pipeline", "--stage", "--unix")
+    )
+    if not (rid and pipeline and stage and unix):
+        return None
+    return plan_pb2.Endpoint(
+        replica=plan_pb2.ReplicaPlan(replica_id=rid),
+        pipeline=pipeline,
+        stage=stage,
+        address=f"unix:{unix}",
+        state=plan_pb2.REPLICA_STATE_READY,
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +142,14 @@ class Agent:
             kill_grace_s=settings.kill_grace_s,
         )
         self._sock_dir = os.path.join(settings.run_dir, "replicas")
+        # replicas of a killed predecessor: routed to until this agent's own serve, then stopped
+        found = find_orphans(self._sock_dir)
+        self._orphans = sorted(found)
+        self._orphan_routes = [e for e in map(orphan_endpoint, found.values()) if e is not None]
+        self._reaper: asyncio.Task[None] | None = None
+        if self._orphans:
+            log.warning("replicas of an earlier agent still run (pids %s); they serve until "
+                        "this agent's own do", self._orphans)  # fmt: skip
         self._log_dir = os.path.join(settings.run_dir, "logs")
         # fail at start, not at the first apply, on a template with an unknown field
         render_command(settings.replica_command, self._fields(_probe_target(), "", 0))
@@ -100,7 +157,7 @@ class Agent:
     # -- views --------------------------------------------------------------------------------
 
     def endpoints(self) -> list[plan_pb2.Endpoint]:
-        return [i.endpoint() for i in self._all]
+        return [i.endpoint() for i in self._all] + list(self._orphan_routes)
 
     def status(self) -> agent_pb2.AgentStatusResponse:
         return agent_pb2.AgentStatusResponse(
@@ -200,8 +257,11 @@ class Agent:
             self._update_metrics()
             raise Unavailable(f"epoch {assignment.epoch} not applied: {'; '.join(failures)}")
         self.epoch = assignment.epoch
+        self._orphan_routes = []
         self.publish()
         self._update_metrics()
+        if self._orphans and self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_orphans(ORPHAN_GRACE_S))
         elapsed = mono_us() - t0
         log.info("applied epoch %d: %d started, %d stopped, %d resized in %d ms",
                  self.epoch, started, len(retired), resized, elapsed // 1000)  # fmt: skip
@@ -217,7 +277,7 @@ class Agent:
     async def _start(self, target: plan_pb2.Endpoint) -> Instance:
         """A new instance, SERVING and supervised; StartError (and cleaned up) otherwise."""
         target = self._normalized(target)
-        instance_id = f"{target.replica.replica_id}.{next(self._generation)}"
+        instance_id = self._instance_id(target.replica.replica_id)
         taken = {i.slot for i in self._all}
         slot = next(s for s in itertools.count() if s not in taken)
         inst = Instance(instance_id, target, socket_path(self._sock_dir, instance_id), slot)
@@ -234,6 +294,14 @@ class Agent:
             supervise(inst, self._launch, self.policy, self._on_instance_change)
         )
         return inst
+
+    def _instance_id(self, replica_id: str) -> str:
+        """The next instance id whose socket is free: an earlier agent's replica may still serve
+        on an existing one, and is never taken over."""
+        while True:
+            instance_id = f"{replica_id}.{next(self._generation)}"
+            if not os.path.exists(socket_path(self._sock_dir, instance_id)):
+                return instance_id
 
     async def _resize(self, inst: Instance, target: plan_pb2.Endpoint) -> None:
         reply = await inst.client.resize(list(target.replica.sm_groups), RPC_TIMEOUT_S)
@@ -333,8 +401,33 @@ class Agent:
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    async def _reap_orphans(self, grace_s: float) -> None:
+        """SIGTERM (they drain), then SIGKILL, the replicas of an earlier agent still running."""
+        await asyncio.sleep(grace_s)
+        self._orphan_routes = []
+        live = set(find_orphans(self._sock_dir)) - {i.pid for i in self._all}
+        orphans = [pid for pid in self._orphans if pid in live]
+        self._orphans = []
+        for pid in orphans:
+            log.info("stopping pid %d, a replica of an earlier agent", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for _ in range(int(self.settings.kill_grace_s / 0.1)):
+            if not set(orphans) & set(find_orphans(self._sock_dir)):
+                return
+            await asyncio.sleep(0.1)
+        for pid in set(orphans) & set(find_orphans(self._sock_dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     async def close(self) -> None:
         """Drains and stops every replica (routes show them DRAINING first)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        if self._orphans:
+            self._reaper = asyncio.create_task(self._reap_orphans(0.0))
+            await self._reaper
         if self._background is not None:
             self._background.cancel()
             await asyncio.gather(self._background, return_exceptions=True)

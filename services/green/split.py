@@ -154,10 +154,13 @@ def verify_split(
                 ids.append(observed_sm_ids(piece.stream, device))
             finally:
                 piece.close()
-        seen = [i for group in ids for i in group]
-        if len(seen) != len(set(seen)):
-            raise FailedPrecondition(f"device {device}: split groups share SMs: {ids}")
-        out["group_sm_ids"] = ids
+        # Under MPS, %smid inside a green context is numbered within that context (every group
+        # reports 0..7, seen on an H100), so it proves confinement to the group's size, not
+        # physical identity: check the count, keep the ids only as a record.
+        wrong = [g for g, group in enumerate(ids) if len(set(group)) != split.info.group_sms[g]]
+        if wrong:
+            raise FailedPrecondition(f"device {device}: groups {wrong} ran on the wrong SM count")
+        out["group_sm_counts"] = [len(set(group)) for group in ids]
     return out
 
 

@@ -31,7 +31,16 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             buffers = self.replica.buffers
             if buffers is None:
                 raise InvalidArgument("this replica has no broker; send inputs by value")
-            return await buffers.view(t.ref)
+            view = await buffers.view(t.ref)
+            # slabs are per pipeline: a replica works only on its own pipeline's memory, even
+            # under a lease the caller holds (pool_of is read after `view` loaded the table)
+            pool_of = getattr(buffers, "pool_of", None)
+            pipeline = self.replica.identity.pipeline
+            if pool_of is not None and pool_of(t.ref.slab_id) != pipeline:
+                raise PermissionDenied(
+                    f"input {t.name!r} lies in pool {pool_of(t.ref.slab_id)!r}, not {pipeline!r}"
+                )
+            return view
         if body == "wire":
             host = array_from_wire(t.wire)
             if self.replica.backend is Backend.CUDA:

@@ -55,9 +55,14 @@ async def test_mps_share_limits_the_replica_multiprocessors(tmp_path):
             inv = await stub.Inventory(agent_pb2.InventoryRequest(), timeout=30)
             assert inv.backend == "cuda" and inv.mps_running
             sm_count = inv.gpus[0].sm_count
-            reply = await stub.Apply(
-                assignment(1, stage_replica("itt.preprocess.0", 50, gpu=0)), timeout=240
-            )
+            try:
+                reply = await stub.Apply(
+                    assignment(1, stage_replica("itt.preprocess.0", 50, gpu=0)), timeout=240
+                )
+            except Exception:
+                for log in sorted(tmp_path.rglob("*.log")):  # the replica's own account
+                    print(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}")
+                raise
             [ep] = reply.endpoints
             described = await describe(ep.address)
             assert described.backend == "cuda" and described.sm_percent == 50
