@@ -93,62 +93,69 @@ class MaxLoad:
     def plan(self, world: PolicyInput) -> PlanSpec:
         if not world.pipelines:
             return PlanSpec(self.name, ())
-        solver = Solver(world, self.name, large_batches_first=True)
         w = weights(world)
-        tol = _number(world, "tolerance", 0.01)
-        budget = int(_number(world, "polish_budget", POLISH_BUDGET))
-        polish = Polish(solver, w, budget)
-        hi = upper_bound(solver, w) * 1.0001
-        lo = hi / 16
-
-        def at(load: float) -> dict[str, float]:
-            return {n: load * w[n] for n in w}
-
-        best = solver.attempt(at(lo), slack=True)
-        while best is None and lo > hi * 1e-5:
-            hi, lo = lo, lo / 16
-            best = solver.attempt(at(lo), slack=True)
-        if best is None:
-            raise ResourceExhausted(
-                "no plan meets the QoS targets on these GPUs even at a trickle of load "
-                "(too little GPU memory or share for the stages)"
-            )
-        # the candidate set that worked goes on (the local search mixes batches later), and a
-        # plan found at one load carries more: the bisection goes on from the most it carries
-        solver.pin()
-        plan = best[0]
-        state = polish.state_of(plan)
-        best_load = polish.max_load(state, lo, 1.0, hi)
-        failed = hi
-        while failed / best_load > 1 + max(tol, COARSE):
-            mid = (best_load * failed) ** 0.5
-            got = solver.attempt(at(mid), slack=True)
-            if got is None:
-                failed = mid
-                continue
-            mine = polish.state_of(got[0])
-            load = polish.max_load(mine, mid, 1.0, failed)
-            if load > best_load:
-                plan, state, best_load = got[0], mine, load
-        best_load = polish.max_load(state, best_load, tol, best_load * (1 + 2 * COARSE))
-        if budget > 0:
-            # two starts: the load search's plan, and the same stages data-parallel
-            starts = [(state, best_load)]
-            alt = polish.replicated(state)
-            if alt is not None:
-                carried = polish.carried(alt, best_load, tol)
-                if carried > 0:
-                    starts.append((alt, carried))
-            for start, load in starts:
-                polish.spent = 0
-                found, load = polish.run(start, load, tol)
-                if load > best_load:
-                    plan, best_load = polish.plan_of(found, at(load), ""), load
-        plan, best_load = _verified(solver, plan, at, best_load, tol)
+        solver = Solver(world, self.name, large_batches_first=True)
+        plan, best_load = search(solver, w)
         reason = f"max load x{best_load:.4g} over weights"
         if solver.clamped:
             reason += f"; QoS unreachable, clamped: {', '.join(solver.clamped)}"
-        return PlanSpec(plan.policy, plan.stages, at(best_load), tuple(solver.clamped), reason)
+        at = {n: best_load * w[n] for n in w}
+        return PlanSpec(plan.policy, plan.stages, at, tuple(solver.clamped), reason)
+
+
+def search(solver: Solver, w: Mapping[str, float]) -> tuple[PlanSpec, float]:
+    """The plan that carries the highest multiple of the rates `w`, and that multiple."""
+    world = solver.world
+    tol = _number(world, "tolerance", 0.01)
+    budget = int(_number(world, "polish_budget", POLISH_BUDGET))
+    polish = Polish(solver, w, budget)
+    hi = upper_bound(solver, w) * 1.0001
+    lo = hi / 16
+
+    def at(load: float) -> dict[str, float]:
+        return {n: load * w[n] for n in w}
+
+    best = solver.attempt(at(lo), slack=True)
+    while best is None and lo > hi * 1e-5:
+        hi, lo = lo, lo / 16
+        best = solver.attempt(at(lo), slack=True)
+    if best is None:
+        raise ResourceExhausted(
+            "no plan meets the QoS targets on these GPUs even at a trickle of load "
+            "(too little GPU memory or share for the stages)"
+        )
+    # the candidate set that worked goes on (the local search mixes batches later), and a
+    # plan found at one load carries more: the bisection goes on from the most it carries
+    solver.pin()
+    plan = best[0]
+    state = polish.state_of(plan)
+    best_load = polish.max_load(state, lo, 1.0, hi)
+    failed = hi
+    while failed / best_load > 1 + max(tol, COARSE):
+        mid = (best_load * failed) ** 0.5
+        got = solver.attempt(at(mid), slack=True)
+        if got is None:
+            failed = mid
+            continue
+        mine = polish.state_of(got[0])
+        load = polish.max_load(mine, mid, 1.0, failed)
+        if load > best_load:
+            plan, state, best_load = got[0], mine, load
+    best_load = polish.max_load(state, best_load, tol, best_load * (1 + 2 * COARSE))
+    if budget > 0:
+        # two starts: the load search's plan, and the same stages data-parallel
+        starts = [(state, best_load)]
+        alt = polish.replicated(state)
+        if alt is not None:
+            carried = polish.carried(alt, best_load, tol)
+            if carried > 0:
+                starts.append((alt, carried))
+        for start, load in starts:
+            polish.spent = 0
+            found, load = polish.run(start, load, tol)
+            if load > best_load:
+                plan, best_load = polish.plan_of(found, at(load), ""), load
+    return _verified(solver, plan, at, best_load, tol)
 
 
 def _verified(

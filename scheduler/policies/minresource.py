@@ -12,9 +12,10 @@ plan (the number of ReplicaSpecs).
 Hysteresis: the plan in force (PolicyInput.current) is kept while it is predicted to meet the
 QoS at the target, unless a new plan saves more than `shrink_saving` (default 0.15) of its
 share *and* the target has fallen more than `shrink_margin` (default 0.15) below the load the
-current plan was made for. A target that no plan meets is clamped: the pipelines get the
-largest common fraction of their target that fits, are listed in `clamped`, and nothing grows
-past what the GPUs hold.
+current plan was made for. Where the cheapest-plan search finds nothing, max-load's search
+(load search plus local search, `maxload.search`) with the target as weights finds the most of
+the target the GPUs carry: all of it, or a fraction, and then the pipelines are clamped to
+that fraction, listed in `clamped`, and nothing grows past what the GPUs hold.
 
 Options: headroom (0.2), shrink_saving, shrink_margin, plus the Solver's (share_step, batches,
 max_wait_us, max_replicas, transport).
@@ -22,10 +23,11 @@ max_wait_us, max_replicas, transport).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import replace
 
 from common.errors import InvalidArgument, ResourceExhausted
 from scheduler.planning import total_units
+from scheduler.policies.maxload import search
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.predictor import predict
 from scheduler.solver import Solver
@@ -75,6 +77,13 @@ class MinResource:
                 break
         else:
             fresh = solver.attempt(target, "min-resource at load + headroom", slack=True)
+        most: tuple[PlanSpec, float] | None = None
+        if fresh is None and any(r > 0 for r in target.values()):
+            # the cheapest-plan search found nothing: max-load's (with its local search)
+            # finds the most of the target these GPUs carry, which may be all of it
+            most = search(Solver(world, self.name, large_batches_first=True), target)
+            if most[1] >= 1.0:
+                fresh = (replace(most[0], planned_qps=dict(target)), None)
         cur = world.current
         if cur is not None and cur.stages and _same_stages(world, cur):
             try:
@@ -91,27 +100,16 @@ class MinResource:
                 if not (new_units < cur_units * (1.0 - saving) and fell):
                     return cur
         if fresh is not None:
-            return fresh[0]
-        return self._clamped(solver, target)
-
-    def _clamped(self, solver: Solver, target: Mapping[str, float]) -> PlanSpec:
-        """The largest common fraction of the target that fits; every short pipeline clamped."""
-        lo, hi, best = 0.0, 1.0, None
-        for _ in range(12):
-            mid = (lo + hi) / 2 if lo > 0 else hi / 16
-            got = solver.attempt({p: r * mid for p, r in target.items()}, slack=True)
-            if got is None:
-                hi = mid
-            else:
-                lo, best = mid, got
-        if best is None:
+            return replace(fresh[0], reason="min-resource at load + headroom")
+        if most is None:
             raise ResourceExhausted("no plan fits these GPUs even at a trickle of the load")
-        plan = best[0]
+        # the largest common fraction of the target that fits; every short pipeline clamped
+        plan, frac = most
         clamped = tuple(sorted(set(solver.clamped) | {p for p, r in target.items() if r > 0}))
         return PlanSpec(
-            plan.policy,
+            self.name,
             plan.stages,
-            {p: r * lo for p, r in target.items()},
+            {p: r * frac for p, r in target.items()},
             clamped,
-            f"target not reachable: clamped to {lo:.0%} of load + headroom",
+            f"target not reachable: clamped to {frac:.0%} of load + headroom",
         )

@@ -22,6 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -35,12 +36,12 @@ NAME = "green-probe"
 BARRIER_TIMEOUT_S = 300.0
 
 
-def _operands(n: int) -> tuple[Any, Any, Any]:
+def _operands(n: int, dtype: str = "float16") -> tuple[Any, Any, Any]:
     import cupy
 
-    a = cupy.random.random((n, n), dtype=cupy.float32).astype(cupy.float16)
-    b = cupy.random.random((n, n), dtype=cupy.float32).astype(cupy.float16)
-    out = cupy.empty((n, n), dtype=cupy.float16)
+    a = cupy.random.random((n, n), dtype=cupy.float32).astype(dtype)
+    b = cupy.random.random((n, n), dtype=cupy.float32).astype(dtype)
+    out = cupy.empty((n, n), dtype=dtype)
     cupy.cuda.Device().synchronize()
     return a, b, out
 
@@ -147,12 +148,13 @@ def _pair_worker(
     repeats: int,
     barrier: Any,
     results: Any,
+    dtype: str = "float16",
 ) -> None:  # pragma: no cover - GPU child
     try:
         from .context import GreenShare
 
         share = GreenShare.create(device, groups, sms_per_group=sms_per_group)
-        a, b, out = _operands(n)
+        a, b, out = _operands(n, dtype)
         _tflops(share.stream, a, b, out, 0.2)
         barrier.wait(BARRIER_TIMEOUT_S)
         alone: list[float] = []
@@ -180,6 +182,7 @@ def _pair(
     n: int,
     seconds: float,
     repeats: int,
+    dtype: str = "float16",
 ) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -188,15 +191,18 @@ def _pair(
         ctx.Process(
             target=_pair_worker,
             args=(rank, device, sms_per_group, list(sets[rank]), n, seconds, repeats, barrier),
-            kwargs={"results": results},
+            kwargs={"results": results, "dtype": dtype},
         )
         for rank in (0, 1)
     ]
+    clocks = _ClockSampler(device)
     for p in procs:
         p.start()
     try:
+        clocks.start()
         got = dict(results.get(timeout=BARRIER_TIMEOUT_S) for _ in procs)
     finally:
+        clocks.stop()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
@@ -212,17 +218,58 @@ def _pair(
         rows.append(
             {
                 "kind": kind,
+                "dtype": dtype,
                 "rank": rank,
                 "groups": ",".join(map(str, sets[rank])),
                 "sms": v["sms"],
                 "alone_tflops": alone,
                 "beside_tflops": beside,
                 "fraction_of_solo": beside / alone,
+                # SM clock over the whole pair run (alone and beside turns): tensor-core loads
+                # on twice the SMs hit the power limit and the clock drops for both
+                "sm_clock_mhz_min": clocks.min_mhz,
+                "sm_clock_mhz_max": clocks.max_mhz,
                 "alone_runs": v["alone"],
                 "beside_runs": v["beside"],
             }
         )
     return rows
+
+
+class _ClockSampler:
+    """Samples the SM clock through NVML every 50 ms on a thread (best effort)."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(self.device)
+            while not self._stop.wait(0.05):
+                self.samples.append(int(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)))
+        except Exception:  # no NVML: the rows say None
+            return
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    @property
+    def min_mhz(self) -> int | None:
+        return min(self.samples) if self.samples else None
+
+    @property
+    def max_mhz(self) -> int | None:
+        return max(self.samples) if self.samples else None
 
 
 def _device_name(uuid: str) -> str:
@@ -299,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     overlap = (range(0, k), range(k // 2, k // 2 + k))
     rows = list(solo["rows"])
     common = (args.device, args.sms_per_group)
-    rows += _pair("pair-disjoint", *common, disjoint, args.n, args.seconds, args.repeats)
+    for dtype in ("float32", "float16"):
+        rows += _pair("pair-disjoint", *common, disjoint, args.n, args.seconds, args.repeats, dtype)
     rows += _pair("pair-overlap", *common, overlap, args.n, args.seconds, args.repeats)
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
         sizes = [min(s, n_groups) for s in resize_sizes]
@@ -310,8 +358,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     applies = [ms for r in rows if r["kind"] == "resize" for ms in r["apply_ms"]]
     summary = {
         "green_apply_ms_p50": statistics.median(applies),
+        # fp32 SIMT matmul: compute-bound without reaching the power limit (the DESIGN probe's
+        # workload); the fp16 tensor-core figure is kept beside it with its clocks
         "green_disjoint_min_solo_fraction": min(
-            r["fraction_of_solo"] for r in rows if r["kind"] == "pair-disjoint"
+            r["fraction_of_solo"]
+            for r in rows
+            if r["kind"] == "pair-disjoint" and r["dtype"] == "float32"
+        ),
+        "green_disjoint_min_solo_fraction_fp16": min(
+            r["fraction_of_solo"]
+            for r in rows
+            if r["kind"] == "pair-disjoint" and r["dtype"] == "float16"
         ),
         "green_overlap_min_solo_fraction": min(
             r["fraction_of_solo"] for r in rows if r["kind"] == "pair-overlap"
