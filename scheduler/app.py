@@ -81,7 +81,16 @@ class NodeState:
             )
             for g in inv.gpus
         )
+        if not gpus and (inv.backend or "host") == "host":
+            # The host backend has no SMs to share: the node counts as one device (-1) of
+            # HOST_SHARE_UNITS so every policy plans there too; the agent runs its replicas
+            # unrestricted (share mode none), which docs/DESIGN says of the host backend.
+            gpus = (GpuInfo(index=-1, sm_count=HOST_SHARE_UNITS, memory_bytes=HOST_MEMORY_BYTES),)
         return NodeInfo(name=self.name, gpus=gpus, backend=inv.backend or "host")
+
+
+HOST_SHARE_UNITS = 100
+HOST_MEMORY_BYTES = 16 << 30
 
 
 @contextlib.contextmanager

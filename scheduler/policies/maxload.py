@@ -79,7 +79,7 @@ def upper_bound(solver: Solver, w: Mapping[str, float]) -> float:
 
 # bisection on the load stops at this bracket; the local search takes it from there
 COARSE = 0.03
-POINTS = 24  # loads tried at once when finding how much one plan carries
+POINTS = 12  # loads tried at once when finding how much one plan carries
 CHUNK = 256  # neighbours predicted at once by the local search
 LOOK = 0.05  # how far above the target the local search looks to rank its moves
 # replica predictions the local search may spend (option polish_budget): a small world

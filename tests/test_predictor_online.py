@@ -1,0 +1,154 @@
+"""The predictor's online correction in the running scheduler (real Redis, in-process server).
+
+The scheduler measures a pipeline whose p99 stays well above what the model predicts for the
+plan in force; the loop folds that into the bias, and the next plan gives the pipeline more
+share than the uncorrected model would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from common.lifecycle import channel
+from common.reports import ReportWriter
+from protos import admin_pb2, admin_pb2_grpc, agent_pb2, report_pb2
+from scheduler import planstore
+from scheduler.planning import total_units
+from scheduler.policies.minresource import MinResource
+from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
+from scheduler.predictor import predict
+from scheduler.profiles import load
+from scheduler.server import Scheduler, create_server
+from scheduler.settings import SchedulerSettings
+
+PIPE = "img-to-text"
+STAGES = ("preprocess", "encode", "decode")
+INFO = PipelineInfo(PIPE, tuple(StageInfo(s, 32) for s in STAGES), 60.0)
+RATE = 300.0  # queries/s the fake gateway reports
+SLOWER = 2.5  # how much slower than predicted the "real" system runs
+PROFILES = load()
+
+
+@asynccontextmanager
+async def running(settings: SchedulerSettings) -> AsyncIterator[tuple[int, Scheduler]]:
+    server, port, sched = await create_server(settings)
+    await server.start()
+    try:
+        yield port, sched
+    finally:
+        await sched.app.stop_watchers()
+        await server.stop(0)
+        await sched.aclose()
+
+
+def gpu_heartbeat() -> admin_pb2.NodeHeartbeat:
+    gpu = agent_pb2.GpuInfo(index=0, sm_count=132, memory_bytes=80 << 30)
+    inv = agent_pb2.InventoryResponse(node="n1", backend="cuda", gpus=[gpu])
+    return admin_pb2.NodeHeartbeat(node="n1", inventory=inv, sequence=1)
+
+
+async def report_slowly(url: str, stage_ms: dict[str, float], stop: asyncio.Event) -> None:
+    """Streams query and stage records at RATE, each stage at its fixed (too slow) latency."""
+    writer = ReportWriter(url, "gw@n1")
+    step_s, n = 0.05, 0
+    async with writer:
+        while not stop.is_set():
+            now = int(time.time() * 1e6)
+            for _ in range(int(RATE * step_s)):
+                n += 1
+                total = sum(stage_ms.values()) + 1.0
+                writer.add(
+                    report_pb2.LatencyReport(
+                        kind=report_pb2.REPORT_KIND_QUERY, pipeline=PIPE, query_id=str(n),
+                        end_unix_us=now, total_us=int(total * 1000),
+                    )
+                )  # fmt: skip
+                for stage, ms in stage_ms.items():
+                    writer.add(
+                        report_pb2.LatencyReport(
+                            kind=report_pb2.REPORT_KIND_STAGE, pipeline=PIPE, stage=stage,
+                            query_id=str(n), end_unix_us=now, total_us=int(ms * 1000),
+                        )
+                    )  # fmt: skip
+            await asyncio.sleep(step_s)
+
+
+async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server) -> None:
+    settings = SchedulerSettings(
+        redis_url=redis_server.url,
+        port=0,
+        admin_token="t",
+        pipelines=(INFO,),
+        policy="min-resource",
+        tick_s=0.05,
+        min_replan_interval_s=0.2,
+        window_s=1.0,
+        min_samples=50,
+    )
+    async with running(settings) as (port, sched):
+        app = sched.app
+        async with channel(f"127.0.0.1:{port}") as ch:
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
+        deadline = time.monotonic() + 10
+        while app.plan.epoch < 1:
+            assert time.monotonic() < deadline, "no first plan"
+            await asyncio.sleep(0.02)
+        # what the model says the plan in force does at RATE; the system runs SLOWER than that
+        world = app.world()
+        first = planstore.from_proto(app.plan)
+        pred = predict(world, first, {PIPE: RATE})
+        stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
+        stop = asyncio.Event()
+        feeder = asyncio.create_task(report_slowly(redis_server.url, stage_ms, stop))
+        try:
+            # an uncorrected plan for the load the scheduler planned for
+            while True:
+                assert time.monotonic() < deadline + 20, "no corrected plan"
+                await asyncio.sleep(0.1)
+                plan = planstore.from_proto(app.plan)
+                if app.bias.factor(PIPE) <= 1.0 or not plan.planned_qps.get(PIPE):
+                    continue
+                load = plan.planned_qps[PIPE] / 1.2  # min-resource's default headroom
+                plain = MinResource().plan(
+                    PolicyInput((INFO,), world.nodes, {PIPE: load}, PROFILES)
+                )
+                if total_units(plan) > total_units(plain):
+                    break
+            # min-resource's hysteresis reads the long window: seconds of data in a minute
+            assert 0 < app.measured()[PIPE].arrival_qps < 0.5 * app.load_qps()[PIPE]
+        finally:
+            stop.set()
+            await feeder
+        assert app.bias.factor(PIPE) > 1.0
+        assert all(app.bias.factor(f"{PIPE}/{s}") > 1.0 for s in STAGES)
+        # the plan in force was made with the bias: it predicts the measured latency better
+        assert app.planned_bias and app.planned_bias.get(PIPE, 1.0) > 1.0
+
+
+async def test_a_moved_bias_is_a_reason_to_replan(redis_server) -> None:
+    settings = SchedulerSettings(
+        redis_url=redis_server.url,
+        port=0,
+        admin_token="t",
+        pipelines=(INFO,),
+        policy="min-resource",
+        tick_s=0.05,
+        min_replan_interval_s=60.0,
+        window_s=1.0,
+    )
+    async with running(settings) as (port, sched):
+        async with channel(f"127.0.0.1:{port}") as ch:
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
+        deadline = time.monotonic() + 10
+        while sched.app.plan.epoch < 1:
+            assert time.monotonic() < deadline, "no first plan"
+            await asyncio.sleep(0.02)
+        assert sched.loop.trigger() == ("", False)
+        sched.app.bias.update(f"{PIPE}/encode", 2.0, 1.0)  # measured twice the prediction
+        reason, urgent = sched.loop.trigger()
+        assert reason.startswith(f"model error: bias of {PIPE}/encode") and not urgent
+        await sched.app.replan("test")
+        assert sched.loop.trigger() == ("", False)  # the new plan was made with it
