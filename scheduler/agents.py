@@ -5,14 +5,15 @@ from __future__ import annotations
 import grpc
 
 from common.errors import from_rpc_error
-from common.lifecycle import channel
+from common.lifecycle import TlsFiles, channel
 from protos import agent_pb2, agent_pb2_grpc
 
 
 class AgentClients:
     """Callable as `push(address, assignment, timeout_s) -> ApplyResponse`; errors are Camelot's."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def __call__(
@@ -20,7 +21,7 @@ class AgentClients:
     ) -> agent_pb2.ApplyResponse:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = channel(address)
+            ch = self._channels[address] = channel(address, self.tls)
         try:
             resp: agent_pb2.ApplyResponse = await agent_pb2_grpc.AgentStub(ch).Apply(
                 assignment, timeout=timeout_s

@@ -6,7 +6,8 @@
    random QoS; 1-2 H100s): max-load restricted to the brute-force space (batches 1,8,32,
    10% share steps, <= 2 replicas a stage) against `scheduler.bruteforce`, both scored by the
    same predictor. gap = 1 - maxload_load / brute_load.
-2. Decision time of max-load for 4 pipelines x 4 stages on 8 H100s (median over repeats).
+2. Decision time of max-load for 4 pipelines x 4 stages on 8 H100s (median over repeats, wall
+   and CPU: on a shared machine the wall time also holds other processes' turns).
 
 Writes docs/results/policy-optimality.json and .md (format in RESULTS.md). Runs on the CPU.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import random
 import statistics
@@ -167,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
 
     world = big_world(profiles)
     Solver(world, "max-load")  # import and first-touch costs out of the timing
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         plan = MaxLoad().plan(world)
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
     p50 = statistics.median(times)
     rows.append(
         {
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "decision_ms_p50": round(p50, 2),
             "decision_ms_max": round(max(times), 2),
+            # CPU time of the (single-threaded) decision: wall time less other processes' turns
+            "decision_cpu_ms_p50": round(statistics.median(cpu), 2),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
             "load": round(next(iter(plan.planned_qps.values())), 2),
         }
     )
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_gap_vs_bruteforce": round(max(gaps), 4) if gaps else None,
         "mean_gap_vs_bruteforce": round(statistics.fmean(gaps), 4) if gaps else None,
         "decision_ms_p50": round(p50, 2),
+        "decision_cpu_ms_p50": round(statistics.median(cpu), 2),
         "targets": {"max_gap_vs_bruteforce": 0.05, "decision_ms_p50": 50},
     }
     doc = {
@@ -213,16 +220,19 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["summary"]
+    big = next(r for r in doc["rows"] if r["kind"] == "decision_time")
     lines = [
         "# max-load against exhaustive search",
         "",
         f"`{doc['command']}` on {doc['device']} ({doc['backend']}), {doc['date']}, "
         f"git {doc['git']}; {doc['profiles']} profiles.",
         "",
-        f"- **max gap vs brute force: {s['max_gap_vs_bruteforce']:.2%}** (target <= 5%), "
-        f"mean {s['mean_gap_vs_bruteforce']:.2%}",
+        f"- **max gap vs brute force: {s['max_gap_vs_bruteforce'] or 0:.2%}** (target <= 5%), "
+        f"mean {s['mean_gap_vs_bruteforce'] or 0:.2%}",
         f"- **decision time, 4 pipelines x 4 stages on 8 GPUs: {s['decision_ms_p50']} ms** "
-        "median (target <= 50 ms)",
+        f"median wall, {s['decision_cpu_ms_p50']} ms CPU (target <= 50 ms); load "
+        f"x{big['load']} per pipeline; 1-minute load average {big['load_avg_1m']} on "
+        f"{os.cpu_count()} cores",
         "",
         "Load is the common multiplier (queries/s of each pipeline) at which the predicted p99 "
         "of every pipeline stays within its QoS. Both searches are scored by the same predictor.",

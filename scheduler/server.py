@@ -42,13 +42,13 @@ async def create_server(settings: SchedulerSettings) -> tuple[grpc.aio.Server, i
     Tests: `server, port, sched = await create_server(s); await server.start()`, and at the end
     `await sched.app.stop_watchers(); await server.stop(0); await sched.aclose()`.
     """
-    agents = AgentClients()
+    agents = AgentClients(settings.tls)
     app = SchedulerApp(settings, known_pipelines(settings), push=agents)
     server = new_server(interceptors=[AdminAuth(settings.admin_token)])
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(app), server)
     admin_pb2_grpc.add_ControlServicer_to_server(ControlServicer(app), server)
     health = Health(server, SERVICES)
-    port = bind(server, settings.host, settings.port)
+    port = bind(server, settings.host, settings.port, tls=settings.tls)
     await app.start()
     loop = ControlLoop(app)
     await loop.start()

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from common import settings as env
+from common.lifecycle import TlsFiles
 from common.reports import STREAM
 from scheduler.policy import PipelineInfo
 
@@ -47,6 +48,8 @@ class SchedulerSettings:
     node_timeout_s: float = 15.0
     apply_timeout_s: float = 60.0
     grace_s: float = 5.0
+    # mutual TLS on the TCP port and to agents (CAMELOT_TLS_CERT/KEY/CA)
+    tls: TlsFiles | None = None
 
 
 def read_token(token_file: str, token: str) -> str:
@@ -102,6 +105,7 @@ def parse(
         env.require_positive(name, value)
     token = read_token(env.env_str("ADMIN_TOKEN_FILE", "", e), env.env_str("ADMIN_TOKEN", "", e))
     return SchedulerSettings(
+        tls=TlsFiles.from_env(e),
         redis_url=a.redis,
         host=a.host,
         port=a.port,

@@ -25,6 +25,7 @@ default max(4, 2 x GPUs)), transport (ref|wire).
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -79,12 +80,13 @@ def upper_bound(solver: Solver, w: Mapping[str, float]) -> float:
 
 # bisection on the load stops at this bracket; the local search takes it from there
 COARSE = 0.03
-POINTS = 12  # loads tried at once when finding how much one plan carries
+POINTS = 24  # loads tried at once when finding how much one plan carries
 CHUNK = 256  # neighbours predicted at once by the local search
 LOOK = 0.05  # how far above the target the local search looks to rank its moves
 # replica predictions the local search may spend (option polish_budget): a small world
 # (<= 3 stages on 2 GPUs) converges within it; 4 x 4 stages on 8 GPUs does not start a round
 POLISH_BUDGET = 8000
+KICKS = 6  # restarts of the local search from a random two-move perturbation of the best
 
 
 class MaxLoad:
@@ -150,11 +152,30 @@ def search(solver: Solver, w: Mapping[str, float]) -> tuple[PlanSpec, float]:
             carried = polish.carried(alt, best_load, tol)
             if carried > 0:
                 starts.append((alt, carried))
+        best_state = state
         for start, load in starts:
             polish.spent = 0
             found, load = polish.run(start, load, tol)
             if load > best_load:
-                plan, best_load = polish.plan_of(found, at(load), ""), load
+                best_state, best_load = found, load
+        # kicks: two random moves away from the best, climbed again; the budget bounds them
+        rng = random.Random(0)
+        for _ in range(KICKS):
+            polish.spent = 0
+            kicked = best_state
+            for _ in range(2):
+                moves = polish.neighbours(kicked, set(range(len(kicked))))
+                if not moves:
+                    break
+                kicked = moves[rng.randrange(len(moves))]
+            carried = polish.carried(kicked, best_load, tol)
+            if carried <= 0 or polish.spent > budget:
+                continue
+            found, load = polish.run(kicked, carried, tol)
+            if load > best_load:
+                best_state, best_load = found, load
+        if best_state is not state:
+            plan = polish.plan_of(best_state, at(best_load), "")
     return _verified(solver, plan, at, best_load, tol)
 
 

@@ -16,7 +16,7 @@ import random
 
 import grpc
 
-from common.lifecycle import channel
+from common.lifecycle import TlsFiles, channel
 from protos import admin_pb2, admin_pb2_grpc
 from services.agent.apply import Agent
 
@@ -36,7 +36,9 @@ class Heartbeat:
         agent_address: str,
         interval_s: float,
         timeout_s: float,
+        tls: TlsFiles | None = None,
     ) -> None:
+        self.tls = tls
         self.agent = agent
         self.scheduler_addr = scheduler_addr
         self.agent_address = agent_address
@@ -69,7 +71,7 @@ class Heartbeat:
             self.agent.submit(assignment)
 
     async def run(self) -> None:
-        async with channel(self.scheduler_addr) as ch:
+        async with channel(self.scheduler_addr, self.tls) as ch:
             stub = admin_pb2_grpc.ControlStub(ch)
             while True:
                 try:

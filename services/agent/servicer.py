@@ -78,6 +78,7 @@ class AgentApp:
             f"{self.settings.host}:{self.port}",
             self.settings.heartbeat_s,
             self.settings.heartbeat_timeout_s,
+            tls=self.settings.tls,
         )
         task = asyncio.create_task(beat.run())
         self.stack.push_async_callback(_cancel, task)
@@ -115,7 +116,7 @@ async def create_server(
         server = lifecycle.new_server()
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
         health = lifecycle.Health(server, [SERVICE_NAME])
-        port = lifecycle.bind(server, settings.host, settings.port)
+        port = lifecycle.bind(server, settings.host, settings.port, tls=settings.tls)
         log.info("agent for node %s: backend %s, share mode %s, MPS %s, %d GPUs", settings.node,
                  backend.value, settings.share_mode, mps_mode, len(gpus))  # fmt: skip
         return AgentApp(settings, server, port, agent, health, stack)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common import settings as env
+from common.lifecycle import TlsFiles
 
 # The replica process; `{name}` fields are filled per replica (see `replicas.render_command`).
 DEFAULT_REPLICA_COMMAND: tuple[str, ...] = (
@@ -69,6 +70,9 @@ class AgentSettings:
     @property
     def mps_log_path(self) -> str:
         return self.mps_log_dir or os.path.join(self.run_dir, "mps-log")
+
+    # mutual TLS on the TCP port and to the scheduler (CAMELOT_TLS_CERT/KEY/CA)
+    tls: TlsFiles | None = None
 
 
 def parse(
@@ -130,6 +134,7 @@ def parse(
         tuple(shlex.split(a.replica_command)) if a.replica_command else DEFAULT_REPLICA_COMMAND
     )
     return AgentSettings(
+        tls=TlsFiles.from_env(e),
         node=a.node,
         host=a.host,
         port=a.port,

@@ -41,13 +41,14 @@ SERVICE_NAME = "camelot.v1.Gateway"
 class StageChannels:
     """One channel per replica address, reused; calls map errors to Camelot's."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: lifecycle.TlsFiles | None = None) -> None:
+        self.tls = tls
         self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub]] = {}
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
         entry = self._stubs.get(address)
         if entry is None:
-            ch = lifecycle.channel(address)
+            ch = lifecycle.channel(address, self.tls)
             entry = (ch, stage_pb2_grpc.StageStub(ch))
             self._stubs[address] = entry
         return entry[1]
@@ -106,14 +107,18 @@ def route_stream(source: str, target: str, ch: grpc.aio.Channel, known_epoch: in
 
 
 async def watch_routes(
-    target: str, routes: RouteTable, stop: asyncio.Event, source: str = "scheduler"
+    target: str,
+    routes: RouteTable,
+    stop: asyncio.Event,
+    source: str = "scheduler",
+    tls: lifecycle.TlsFiles | None = None,
 ) -> None:
     """Follows a route stream; reconnects with backoff; never dies."""
     backoff = Backoff(base_s=0.1, cap_s=5.0)
     attempt = 0
     while not stop.is_set():
         try:
-            async with lifecycle.channel(target) as ch:
+            async with lifecycle.channel(target, tls) as ch:
                 async for update in route_stream(source, target, ch, routes.epoch):
                     attempt = 0
                     if routes.update(update):
@@ -174,7 +179,7 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         routes = RouteTable()
         if settings.static_routes:
             routes.set_static(settings.static_routes)
-        channels = StageChannels()
+        channels = StageChannels(settings.tls)
         stack.push_async_callback(channels.close)
         runner = QueryRunner(
             routes, channels, broker, backend, settings.device, describe=channels.describe
@@ -186,7 +191,7 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         )
         if watch[1]:
             stop = asyncio.Event()
-            task = asyncio.create_task(watch_routes(watch[1], routes, stop, watch[0]))
+            task = asyncio.create_task(watch_routes(watch[1], routes, stop, watch[0], settings.tls))
 
             async def stop_watch() -> None:
                 stop.set()

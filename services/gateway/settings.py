@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common import settings as env
+from common.lifecycle import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class GatewaySettings:
     grace_s: float = 10.0
     # fixed routes, for launchers without a scheduler: (pipeline, stage, replica_id, address)
     static_routes: tuple[tuple[str, str, str, str], ...] = ()
+    # mutual TLS for hops that leave the node (CAMELOT_TLS_CERT/KEY/CA); Unix sockets stay plain
+    tls: TlsFiles | None = None
 
 
 def parse(
@@ -108,6 +111,7 @@ def parse(
         device=a.device,
         metrics_port=a.metrics_port,
         static_routes=static,
+        tls=TlsFiles.from_env(e),
     )
 
 

@@ -138,7 +138,9 @@ async def create_server(settings: StageSettings) -> StageApp:
         server = lifecycle.new_server()
         stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
         health = lifecycle.Health(server, [SERVICE_NAME])
-        port = lifecycle.bind(server, settings.host, settings.port, settings.unix_path)
+        port = lifecycle.bind(
+            server, settings.host, settings.port, settings.unix_path, tls=settings.tls
+        )
         return StageApp(settings, server, port, replica, servicer, health, stack)
     except BaseException:
         await stack.aclose()

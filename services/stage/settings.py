@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common import settings as env
+from common.lifecycle import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class StageSettings:
     grace_s: float = 10.0
     pipelines_dir: str = ""
     seed: int = 0
+    # mutual TLS on the TCP port (CAMELOT_TLS_CERT/KEY/CA), for gateways on other nodes
+    tls: TlsFiles | None = None
 
     @property
     def name(self) -> str:
@@ -99,4 +102,5 @@ def parse(
         max_queue=a.max_queue,
         pipelines_dir=a.pipelines_dir,
         seed=a.seed,
+        tls=TlsFiles.from_env(e),
     )
