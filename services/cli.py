@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -25,15 +26,31 @@ import numpy as np
 from common import lifecycle
 from common.backend import resolve
 from common.dtypes import to_numpy, wire_from_array
-from common.pipeline_config import list_pipelines, load_pipeline
+from common.pipeline_config import config_path, list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.launcher import Mesh, free_port, wait_healthy
 
 DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
 
 
+def pipelines_subset(run_dir: Path, names: list[str]) -> str:
+    """A pipelines folder holding only `names` (the whole mesh then serves just those)."""
+    folder = run_dir / "pipelines"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.yaml"):
+        old.unlink()
+    for name in names:
+        shutil.copy(config_path(name), folder / f"{name}.yaml")
+    return str(folder)
+
+
 async def start_mesh(
-    mesh: Mesh, backend: str, size: str, policy: str = "even", share_mode: str = ""
+    mesh: Mesh,
+    backend: str,
+    size: str,
+    policy: str = "even",
+    share_mode: str = "",
+    pipelines: list[str] | None = None,
 ) -> dict[str, Any]:
     """Starts the whole mesh on this node: redis (unless CAMELOT_REDIS_URL is set), broker,
     scheduler, agent (which starts the replicas the scheduler's plan asks for) and gateway
@@ -48,6 +65,8 @@ async def start_mesh(
         token_file.write_text(secrets.token_hex(16))
         token_file.chmod(0o600)
     env = {"CAMELOT_ADMIN_TOKEN_FILE": str(token_file), "CAMELOT_REDIS_URL": redis_url}
+    if pipelines:
+        env["CAMELOT_PIPELINES_DIR"] = pipelines_subset(mesh.run_dir, pipelines)
     sock = str(mesh.run_dir / "broker.sock")
     broker_port = free_port()
     broker = mesh.python(
@@ -87,7 +106,7 @@ async def start_mesh(
     )  # fmt: skip
     gw = f"127.0.0.1:{gw_port}"
     await wait_healthy(gw, 120, gateway)
-    await wait_routed(gw, list_pipelines(), timeout_s=600, procs=mesh.procs)
+    await wait_routed(gw, pipelines or list_pipelines(), timeout_s=600, procs=mesh.procs)
     return {"gateway": gw, "scheduler": sched_addr, "redis": redis_url, "broker": broker_addr,
             "token_file": str(token_file)}  # fmt: skip
 
@@ -216,7 +235,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}")
     print(f"camelot: logs in {mesh.run_dir}/logs")
     try:
-        info = await start_mesh(mesh, backend, args.size, args.policy)
+        info = await start_mesh(mesh, backend, args.size, args.policy, pipelines=args.pipeline)
         print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}")
         rows = await burst(info["gateway"], pipelines, args.size, args.queries, args.concurrency)
         print_table(rows)

@@ -160,7 +160,9 @@ def search(solver: Solver, w: Mapping[str, float]) -> tuple[PlanSpec, float]:
                 best_state, best_load = found, load
         # kicks: two random moves away from the best, climbed again; the budget bounds them
         rng = random.Random(0)
-        for _ in range(KICKS):
+        rows = sum(len(gs) for _, _, gs in best_state)
+        polish.spent = 0
+        for _ in range(KICKS if polish.affords(rows) else 0):
             polish.spent = 0
             kicked = best_state
             for _ in range(2):
@@ -466,13 +468,17 @@ class Polish:
         last = int(np.argmin(ok)) - 1 if not ok.all() else POINTS - 1
         return self.max_load(state, float(loads[last]), tol)
 
+    def affords(self, rows: int) -> bool:
+        """Whether the budget left holds one round of moves of a plan of `rows` replicas."""
+        return self.spent + 2 * rows * (CHUNK + 1) <= self.budget
+
     def run(self, state: State, load: float, tol: float) -> tuple[State, float]:
         """The best plan found from `state` (feasible at `load`) and the load it carries."""
         best, best_load = state, load
         cur, target = best, best_load * (1 + tol)
         score, score_hi = self.scores([cur, cur], [target, target * (1 + LOOK)])
         rows = sum(len(gs) for _, _, gs in cur)
-        while self.spent + 2 * rows * (CHUNK + 1) <= self.budget:
+        while self.affords(rows):
             nbrs = self.neighbours(cur, self._focus(cur, target))
             moved = False
             # first improving chunk: on a large world most moves are never looked at
