@@ -342,21 +342,21 @@ def measure(
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_member_main, args=(child, stop, m, size, seed))
             proc.start()
+            child.close()  # the parent keeps only its end: a dead child reads as EOF
             conns.append(parent)
             procs.append(proc)
-        for m, conn in zip(c.members, conns, strict=True):
-            _expect(conn, "ready", m, READY_TIMEOUT_S)
+        members = list(zip(c.members, conns, procs, strict=True))
+        for m, conn, proc in members:
+            _expect(conn, "ready", m, READY_TIMEOUT_S, proc)
         solo = []
-        for m, conn in zip(c.members, conns, strict=True):  # one at a time: the others idle
+        for m, conn, proc in members:  # one at a time: the others idle
             conn.send(("solo", solo_repeats))
-            solo.append(statistics.median(_expect(conn, "solo", m, 120.0)))
+            solo.append(statistics.median(_expect(conn, "solo", m, 120.0, proc)))
         for conn in conns:  # all start within microseconds of each other
             conn.send(("together", None))
         time.sleep(window_s)
         stop.set()
-        samples = [
-            _expect(conn, "together", m, 120.0) for m, conn in zip(c.members, conns, strict=True)
-        ]
+        samples = [_expect(conn, "together", m, 120.0, proc) for m, conn, proc in members]
         kept = overlap(samples)
         together = [(*summarize(k, m.batch), len(k)) for m, k in zip(c.members, kept, strict=True)]
         return together, solo
@@ -371,12 +371,21 @@ def measure(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        for conn in conns:
+            conn.close()
 
 
-def _expect(conn: Connection, what: str, m: Member, timeout_s: float) -> Any:
-    if not conn.poll(timeout_s):
-        raise Unavailable(f"{m.key}@{m.share:g}%: no {what!r} within {timeout_s:.0f} s")
-    kind, value = conn.recv()
+def _expect(conn: Connection, what: str, m: Member, timeout_s: float, proc: Any) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(1.0):
+        if not proc.is_alive():  # died without a word (a crash in CUDA, killed for memory)
+            raise Unavailable(f"{m.key}@{m.share:g}%: process exited with {proc.exitcode}")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"{m.key}@{m.share:g}%: no {what!r} within {timeout_s:.0f} s")
+    try:
+        kind, value = conn.recv()
+    except EOFError:
+        raise Unavailable(f"{m.key}@{m.share:g}%: process exited before {what!r}") from None
     if kind == "error":
         raise Unavailable(f"{m.key}@{m.share:g}%: {value}")
     if kind != what:

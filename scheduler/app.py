@@ -496,7 +496,7 @@ def _load_profiles(path: str) -> Mapping[str, Any]:
     if path:
         return profiles.load(path)
     try:
-        return profiles.load()
+        return profiles.load_default()
     except CamelotError as e:
         log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
         return {}

@@ -75,9 +75,9 @@ def gelu(x: Array) -> Array:
 def softmax(x: Array, axis: int = -1) -> Array:
     """Softmax computed in fp32 whatever the input dtype; returns the input dtype."""
     xp = namespace(x)
-    x32 = x.astype(np.float32)
+    x32 = x.astype(np.float32, copy=False)  # no copy (no kernel) when already fp32
     e = xp.exp(x32 - x32.max(axis=axis, keepdims=True))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype, copy=False)
 
 
 # ---- dense layers ---------------------------------------------------------------------------
@@ -91,11 +91,11 @@ def linear(x: Array, w: Array, b: Array | None = None) -> Array:
 
 def layer_norm(x: Array, gain: Array, bias: Array, eps: float = 1e-5) -> Array:
     xp = namespace(x)
-    x32 = x.astype(np.float32)
-    mean = x32.mean(axis=-1, keepdims=True)
-    var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
-    y = (x32 - mean) / xp.sqrt(var + np.float32(eps)) * gain + bias
-    return y.astype(x.dtype)
+    x32 = x.astype(np.float32, copy=False)
+    centred = x32 - x32.mean(axis=-1, keepdims=True)
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    y = centred / xp.sqrt(var + np.float32(eps)) * gain + bias
+    return y.astype(x.dtype, copy=False)
 
 
 def embedding(ids: Array, table: Array) -> Array:
@@ -109,24 +109,38 @@ def attention(q: Array, k: Array, v: Array, heads: int, causal: bool = False) ->
 
     With `causal`, query i sees keys j <= i + (lk - lq) (the last lq positions of the keys).
     """
-    xp = namespace(q)
     n, lq, d = q.shape
     lk = k.shape[1]
     if d % heads:
         raise ValueError(f"width {d} is not divisible by {heads} heads")
     dh = d // heads
+    qh = split_heads(q * q.dtype.type(1.0 / math.sqrt(dh)), heads)
+    kt = split_heads(k, heads).transpose(0, 1, 3, 2)
+    return merge_heads(attend(qh, kt, split_heads(v, heads), causal))
 
-    def split(t: Array, length: int) -> Array:
-        return t.reshape(n, length, heads, dh).transpose(0, 2, 1, 3)
 
-    qh = split(q * q.dtype.type(1.0 / math.sqrt(dh)), lq)
-    scores = qh @ split(k, lk).transpose(0, 1, 3, 2)  # (n, h, lq, lk)
+def split_heads(t: Array, heads: int) -> Array:
+    """(n, l, d) -> (n, heads, l, d / heads), a view."""
+    n, length, d = t.shape
+    return t.reshape(n, length, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(t: Array) -> Array:
+    """(n, heads, l, dh) -> (n, l, heads * dh); a view when l == 1 (one decoding step)."""
+    n, h, length, dh = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(n, length, h * dh)
+
+
+def attend(qh: Array, kt: Array, vh: Array, causal: bool = False) -> Array:
+    """The attention core on split heads: qh (n, h, lq, dh) already scaled, kt (n, h, dh, lk)
+    (keys transposed), vh (n, h, lk, dh) -> (n, h, lq, dh). `causal` as in `attention`."""
+    scores = qh @ kt  # (n, h, lq, lk)
     if causal:
+        xp = namespace(qh)
+        lq, lk = scores.shape[-2:]
         allowed = xp.arange(lk)[None, :] <= xp.arange(lq)[:, None] + (lk - lq)
         scores = xp.where(allowed, scores, scores.dtype.type(-np.inf))
-    p = softmax(scores, axis=-1)
-    out = p @ split(v, lk)  # (n, h, lq, dh)
-    return out.transpose(0, 2, 1, 3).reshape(n, lq, d)
+    return softmax(scores, axis=-1) @ vh
 
 
 # ---- convolution and pooling (NCHW) --------------------------------------------------------
