@@ -57,7 +57,9 @@ def settings(run_dir: Path, **overrides: object) -> AgentSettings:
 
 
 def environ(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    # keep what the environment already puts on the path (site dirs of a carried install)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def replica(

@@ -166,3 +166,61 @@ def test_torch_adapter_on_cpu_matches_the_module():
     with torch.no_grad():
         want = model.module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_cached_decoder_matches_recomputing_the_prefix():
+    """The KV-cached greedy loop gives the tokens that re-running every block on the whole
+    prefix (causal self-attention, no cache) gives: the old, obviously correct algorithm."""
+    from services.models import layers as L
+
+    opts = {"context_tokens": 6, "d_model": 32, "heads": 2, "layers": 2, "vocab": 50, "max_len": 7}
+    model = build_model("services.models.img_to_text:decoder", FP32, opts)
+    features = np.random.default_rng(3).standard_normal((3, 6, 32), dtype=np.float32)
+    got = model.infer({"features": features})["tokens"]
+    contexts = [b.context(features) for b in model.blocks]
+    seq = np.full((3, 8), 1, dtype=np.int64)
+    for t in range(7):
+        x = L.embedding(seq[:, : t + 1], model.embed) + model.pos[: t + 1]
+        for block, context in zip(model.blocks, contexts, strict=True):
+            x = block(x, causal=True, context=context)
+        seq[:, t + 1] = model.head(model.norm(x[:, -1])).argmax(axis=-1)
+    np.testing.assert_array_equal(got, seq[:, 1:].astype(np.int32))
+    assert len({tuple(r) for r in got}) > 1  # the features matter
+
+
+def test_attention_step_is_the_last_row_of_causal_attention():
+    from services.models.blocks import Attention
+    from services.models.layers import Init
+
+    attn = Attention(Init(FP32, "t"), 32, 4)
+    x = np.random.default_rng(0).standard_normal((2, 5, 32), dtype=np.float32)
+    cache = attn.cache(2, 5, np.dtype(np.float32))
+    steps = [attn.step(x[:, t : t + 1], cache, t) for t in range(5)]
+    np.testing.assert_allclose(
+        np.concatenate(steps, axis=1), attn(x, causal=True), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_detector_works_at_its_work_size_and_boxes_are_in_frame_pixels():
+    frames = np.zeros((2, 90, 200, 3), dtype=np.uint8)
+    frames[0, 10:40, 150:190] = 255  # a bright object on the far right of the wide frame
+    frames[1, 50:85, 5:40] = 255
+    opts = {"frame_size": [90, 200], "work_size": [32, 32], "proposals": 4, "min_box": 20,
+            "max_box": 60}  # fmt: skip
+    model = build_model("services.models.video_analytics:detector", FP32, opts)
+    assert model.inputs[0].shape == (90, 200, 3)
+    boxes = model.infer({"frame": frames})["boxes"]
+    x0, y0, x1, y1 = np.moveaxis(boxes, -1, 0)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 200).all() and (y1 <= 90).all()
+    assert (x1 > x0).all() and (y1 > y0).all()
+    assert x1.max() > 32 and y1.max() > 32  # not the 32×32 work coordinates
+    # the default work size is the frame itself: no resize
+    same = {"frame_size": [64, 64], "proposals": 4}
+    small = np.stack([make_input(load_pipeline("video-analytics", "tiny"), 0)])
+    a = build_model("services.models.video_analytics:detector", FP32, same)
+    b = build_model(
+        "services.models.video_analytics:detector", FP32, {**same, "work_size": [64, 64]}
+    )
+    np.testing.assert_array_equal(
+        a.infer({"frame": small})["boxes"], b.infer({"frame": small})["boxes"]
+    )

@@ -100,7 +100,7 @@ def test_sizes_apply_options_and_targets():
     tiny, full = load_pipeline("img-to-text", "tiny"), load_pipeline("img-to-text", "full")
     assert tiny.stage("encode").options["image_size"] == 32
     assert full.stage("encode").options["image_size"] == 224
-    assert tiny.input.shape == (40, 40, 3) and full.input.shape == (256, 256, 3)
+    assert tiny.input.shape == (40, 40, 3) and full.input.shape == (768, 768, 3)
     assert tiny.size == "tiny" and full.size == "full"
     with pytest.raises(NotFound):
         tiny.stage("nope")

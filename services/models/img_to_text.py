@@ -73,8 +73,11 @@ class Encoder(ReferenceModel):
 class Decoder(ReferenceModel):
     """Greedy decoding of max_len tokens from BOS, cross-attending to the image features.
 
-    The prefix grows by one token per step (no KV cache for self-attention); the image's keys and
-    values are computed once per layer."""
+    Built to launch few kernels per step (on a GPU each step is launch-bound, not FLOP-bound):
+    the features' cross-attention keys and values are computed once per query batch, each
+    self-attention layer keeps a key/value cache and computes only the new position, q/k/v come
+    from one GEMM, and the argmax stays on the device (written straight into the token buffer),
+    so the loop never waits on the host."""
 
     def __init__(
         self,
@@ -88,7 +91,7 @@ class Decoder(ReferenceModel):
     ) -> None:
         super().__init__(ctx, "img-to-text/decoder")
         divisible(d_model, heads)
-        self.max_len = max_len
+        self.max_len, self.bos = max_len, min(BOS, vocab - 1)
         self.embed = self.init.normal((vocab, d_model), 1.0)
         self.pos = self.init.host(L.sinusoidal_positions(max_len + 1, d_model))
         self.blocks = [
@@ -102,15 +105,18 @@ class Decoder(ReferenceModel):
         xp = self.xp
         features = batch["features"]
         n = features.shape[0]
-        kvs = [block.cross[1].kv(block.cross[0](features)) for block in self.blocks if block.cross]
-        seq = xp.full((n, self.max_len + 1), BOS, dtype=np.int32)
+        contexts = [block.context(features) for block in self.blocks]
+        caches = [block.attn.cache(n, self.max_len, self.dtype) for block in self.blocks]
+        # row t holds every query's token at position t; int64 so argmax can write it in place
+        seq = xp.empty((self.max_len + 1, n), dtype=np.int64)
+        seq[0] = self.bos
         for t in range(self.max_len):
-            x = L.embedding(seq[:, : t + 1], self.embed) + self.pos[: t + 1]
-            for block, kv in zip(self.blocks, kvs, strict=True):
-                x = block(x, causal=True, context_kv=kv)
-            logits = self.head(self.norm(x[:, -1]))
-            seq[:, t + 1] = xp.argmax(logits, axis=-1).astype(np.int32)
-        return {"tokens": seq[:, 1:].copy()}
+            x = (self.embed[seq[t]] + self.pos[t])[:, None]  # (n, 1, d)
+            for block, cache, context in zip(self.blocks, caches, contexts, strict=True):
+                x = block.step(x, cache, t, context)
+            logits = self.head(self.norm(x[:, 0]))
+            xp.argmax(logits, axis=-1, out=seq[t + 1])
+        return {"tokens": xp.ascontiguousarray(seq[1:].T).astype(np.int32)}
 
 
 def preprocess(

@@ -109,8 +109,7 @@ def attention(q: Array, k: Array, v: Array, heads: int, causal: bool = False) ->
 
     With `causal`, query i sees keys j <= i + (lk - lq) (the last lq positions of the keys).
     """
-    n, lq, d = q.shape
-    lk = k.shape[1]
+    d = q.shape[2]
     if d % heads:
         raise ValueError(f"width {d} is not divisible by {heads} heads")
     dh = d // heads
@@ -256,16 +255,18 @@ def _bilinear_weights(xp: ModuleType, out: int, size: int) -> tuple[Array, Array
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def resize_bilinear(x: Array, out_h: int, out_w: int) -> Array:
-    """(n, c, h, w) -> (n, c, out_h, out_w), half-pixel centres, computed in fp32."""
+def resize_bilinear(x: Array, out_h: int, out_w: int, dtype: Any = None) -> Array:
+    """(n, c, h, w) -> (n, c, out_h, out_w), half-pixel centres, computed in fp32; returned in
+    `dtype` (default x's). Rows are gathered before the cast to fp32, so a large uint8 frame is
+    never converted whole."""
     xp = namespace(x)
-    x32 = x.astype(np.float32)
     y0, y1, fy = _bilinear_weights(xp, out_h, x.shape[2])
     x0, x1, fx = _bilinear_weights(xp, out_w, x.shape[3])
     fy = fy[:, None]
-    rows = x32[:, :, y0, :] * (1 - fy) + x32[:, :, y1, :] * fy
+    f32 = np.float32
+    rows = x[:, :, y0, :].astype(f32) * (1 - fy) + x[:, :, y1, :].astype(f32) * fy
     out = rows[:, :, :, x0] * (1 - fx) + rows[:, :, :, x1] * fx
-    return out.astype(x.dtype)
+    return out.astype(dtype or x.dtype, copy=False)
 
 
 def sinusoidal_positions(length: int, d: int) -> np.ndarray:

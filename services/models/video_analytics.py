@@ -1,6 +1,7 @@
 """video-analytics: detector -> crop/resize of its boxes from the original frame -> classifier.
 
-frame uint8 (H, W, 3) -> detector -> boxes int32 (K, 4) [x0, y0, x1, y1), scores (K,)
+frame uint8 (H, W, 3) -> detector (resizes to its work size) -> boxes int32 (K, 4)
+                         [x0, y0, x1, y1) in FULL-frame pixels, scores (K,)
 (frame, boxes) -> crop -> crops (K, 3, S, S)          <- a DAG: crop reads the query input
 crops -> classifier -> classes int32 (K,), scores float32 (K,)
 """
@@ -28,12 +29,16 @@ def _size(name: str, value: Any) -> tuple[int, int]:
 
 
 class Detector(ReferenceModel):
-    """Backbone feature map -> objectness per cell -> top-K cells -> one box regressed per cell."""
+    """Backbone feature map -> objectness per cell -> top-K cells -> one box regressed per cell.
+
+    The backbone runs on the frame resized (bilinear) to `work_size`; cell centres and box sizes
+    are in full-frame pixels, so crop can cut the boxes out of the original frame."""
 
     def __init__(
         self,
         ctx: ModelContext,
         frame_size: tuple[int, int],
+        work_size: tuple[int, int],
         widths: list[int],
         blocks: int,
         stem_kernel: int,
@@ -48,7 +53,8 @@ class Detector(ReferenceModel):
         self.score = Conv(self.init, self.net.out_channels, 1, 1, gain=1.0)
         self.regress = Conv(self.init, self.net.out_channels, 4, 1, gain=1.0)
         self.h, self.w = frame_size
-        self.fh, self.fw = self.net.out_size(self.h), self.net.out_size(self.w)
+        self.work = work_size
+        self.fh, self.fw = self.net.out_size(work_size[0]), self.net.out_size(work_size[1])
         if proposals > self.fh * self.fw:
             raise InvalidArgument(
                 f"option proposals={proposals} exceeds the {self.fh}×{self.fw} feature cells"
@@ -62,7 +68,7 @@ class Detector(ReferenceModel):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         xp = self.xp
-        fmap = self.net(image_to_float(batch["frame"], self.dtype))
+        fmap = self.net(self._prepare(batch["frame"]))
         n = fmap.shape[0]
         logits = self.score(fmap).reshape(n, -1).astype(np.float32)
         order = xp.argsort(-logits, axis=1, kind="stable")[:, : self.k]  # ties: lower cell first
@@ -83,6 +89,21 @@ class Detector(ReferenceModel):
         y1 = xp.minimum(xp.maximum(xp.ceil(cy + bh / 2), y0 + 1), self.h)
         boxes = xp.stack([x0, y0, x1, y1], axis=-1).astype(np.int32)
         return {"boxes": boxes, "scores": _sigmoid(xp, top)}
+
+    def _prepare(self, frames: Array) -> Array:
+        """uint8 (n, H, W, 3) -> normalised (n, 3, work_h, work_w) in the compute dtype."""
+        if self.work == (self.h, self.w):
+            return image_to_float(frames, self.dtype)
+        small = L.resize_bilinear(frames.transpose(0, 3, 1, 2), *self.work, dtype=np.float32)
+        return normalise(small, self.dtype)
+
+
+def normalise(x: Array, dtype: np.dtype[np.generic]) -> Array:
+    """fp32 NCHW pixels in 0..255 -> ImageNet-normalised, in `dtype`."""
+    xp = L.namespace(x)
+    mean = xp.asarray(np.array([0.485, 0.456, 0.406], dtype=np.float32)).reshape(1, 3, 1, 1)
+    std = xp.asarray(np.array([0.229, 0.224, 0.225], dtype=np.float32)).reshape(1, 3, 1, 1)
+    return ((x / np.float32(255.0) - mean) / std).astype(dtype)
 
 
 def _sigmoid(xp: Any, x: Array) -> Array:
@@ -177,6 +198,7 @@ class Classifier(ReferenceModel):
 def detector(
     ctx: ModelContext,
     frame_size: Sequence[int] = (64, 64),
+    work_size: Sequence[int] | None = None,
     channels: Sequence[int] = (8, 16),
     blocks: int = 1,
     stem_kernel: int = 3,
@@ -186,8 +208,11 @@ def detector(
     min_box: int = 8,
     max_box: int = 32,
 ) -> Detector:
+    """`work_size` [height, width]: the backbone's input (default: the frame size, no resize)."""
+    frame = _size("frame_size", frame_size)
+    work = frame if work_size is None else _size("work_size", work_size)
     return Detector(
-        ctx, _size("frame_size", frame_size), channel_list("channels", channels),
+        ctx, frame, work, channel_list("channels", channels),
         positive("blocks", blocks), positive("stem_kernel", stem_kernel),
         positive("stem_stride", stem_stride), bool(stem_pool), positive("proposals", proposals),
         positive("min_box", min_box), positive("max_box", max_box),

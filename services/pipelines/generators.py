@@ -13,10 +13,10 @@ import numpy as np
 
 from common.errors import InvalidArgument
 
-IMAGE = {"tiny": (40, 40, 3), "full": (256, 256, 3)}
+IMAGE = {"tiny": (40, 40, 3), "full": (768, 768, 3)}
 TOKENS = {"tiny": (8, 128), "full": (32, 8192)}  # (length, vocab)
 SAMPLES = {"tiny": 4096, "full": 32000}
-FRAME = {"tiny": (64, 64, 3), "full": (256, 256, 3)}
+FRAME = {"tiny": (64, 64, 3), "full": (720, 1280, 3)}  # full: a 720p camera frame
 SAMPLE_RATE = 16000
 
 
