@@ -130,13 +130,20 @@ def replica_sm_percent(replica: plan_pb2.ReplicaPlan) -> float:
 
 
 def plan_sm_percent(plan: plan_pb2.Plan, pipelines: Sequence[str] | None = None) -> float:
-    """Total SM share of a plan's replicas (percent of one GPU), optionally for some pipelines."""
-    return sum(
-        replica_sm_percent(r)
-        for s in plan.stages
-        if pipelines is None or s.pipeline in pipelines
-        for r in s.replicas
-    )
+    """SM share a plan holds, in percent of one GPU, optionally for some pipelines.
+
+    Per GPU the replicas' shares add up, but never past 100: replicas whose caps sum over
+    100% (whole-GPU replicas time-sharing one GPU, as `exclusive` places them) hold the whole
+    GPU, not several.
+    """
+    per_gpu: dict[tuple[str, int], float] = {}
+    for s in plan.stages:
+        if pipelines is not None and s.pipeline not in pipelines:
+            continue
+        for r in s.replicas:
+            key = (r.node, r.gpu)
+            per_gpu[key] = per_gpu.get(key, 0.0) + replica_sm_percent(r)
+    return sum(min(100.0, v) for v in per_gpu.values())
 
 
 def plan_gpus(plan: plan_pb2.Plan) -> int:

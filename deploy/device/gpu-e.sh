@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
+# EXP is the experiments to run ("peak-load low-load"); everything lands in $OUT/e.tgz.
+set -u
+source .devcarry/setup.sh
+OUT=${OUT:-/tmp/out}
+MIX=${MIX:-va+t2i:video-analytics=1,text-to-img=1}
+EXP=${EXP:-peak-load low-load}
+R=/tmp/res; rm -rf $R; mkdir -p "$R" "$OUT"
+python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
+mps_start
+export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
+pipes=$(echo "${MIX#*:}" | tr ',' '\n' | cut -d= -f1 | sed 's/^/--pipeline /' | tr '\n' ' ')
+CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
+mesh=$!
+for _ in $(seq 200); do grep -q "serving; Ctrl-C" "$R/mesh.log" && break; sleep 1; done
+SCHED=$(grep -o "scheduler [0-9.:]*" "$R/mesh.log" | cut -d' ' -f2)
+TOKEN=$(cat /tmp/cam/admin.token)
+for e in $EXP; do
+  case $e in
+    peak-load) args="--policies ${POLICIES:-max-load,even,exclusive,feedback} --trial-s ${TRIAL_S:-6} --max-trials ${TRIALS:-6} --start-qps ${START:-20} --rel-tol 0.1" ;;
+    low-load) args="--policies ${LOW_POLICIES:-min-resource,even,exclusive,feedback} --rate ${RATE:-10} --trial-s ${LOW_TRIAL_S:-15}" ;;
+    diurnal) args="--policy min-resource --min-qps ${DMIN:-4} --max-qps ${DMAX:-40} --duration-s ${DUR:-150} --window-s 10" ;;
+  esac
+  echo "== $e"; s=$SECONDS
+  timeout ${EXP_TIMEOUT:-420} python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
+    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args > "$R/$e.log" 2>&1
+  echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
+done
+python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
+kill -INT $mesh; wait $mesh
+mps_stop
+tar czf "$OUT/e.tgz" -C /tmp res cam/logs 2>/dev/null
+cat "$R/steps.txt"; for e in $EXP; do python3 -c "import json; print('$e', json.load(open('$R/$e.json'))['summary'])" 2>&1 | tail -1; grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
