@@ -240,3 +240,12 @@ def test_feedback_grows_hot_stages_and_shrinks_cold_ones() -> None:
     assert after["encode"] > shares["encode"]
     assert after["decode"] == shares["decode"]
     assert check_plan(w, nxt) == []
+
+
+def test_min_resource_right_after_a_switch_is_not_anchored_to_the_old_policys_plan() -> None:
+    pipes = {"video-analytics": PIPES["video-analytics"]}
+    w = world(pipes)
+    big = Exclusive().plan(w)  # a whole GPU per stage, made by another policy
+    mr = _step(w, 2.0, big)
+    assert mr.policy == "min-resource"
+    assert total_units(mr) < total_units(big)

@@ -85,7 +85,9 @@ class MinResource:
             if most[1] >= 1.0:
                 fresh = (replace(most[0], planned_qps=dict(target)), None)
         cur = world.current
-        if cur is not None and cur.stages and _same_stages(world, cur):
+        # hysteresis keeps min-resource's own plan; a plan another policy made (the one in force
+        # when the policy was switched) is no anchor: its planned load says nothing of ours
+        if cur is not None and cur.policy == self.name and cur.stages and _same_stages(world, cur):
             try:
                 holds = predict(world, cur, target, transport=solver.opts.transport).feasible
             except InvalidArgument:
