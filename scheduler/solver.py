@@ -49,7 +49,13 @@ class Solver:
         self.world, self.policy = world, policy
         self.profiles = stage_profiles(world)
         self.gpus = slots(world)
-        self.opts = Options.parse(world.options, len(self.gpus))
+        opts = dict(world.options)
+        n_stages = sum(len(p.stages) for p in world.pipelines)
+        if "share_step" not in opts and n_stages > 10 * max(1, len(self.gpus)):
+            # 10% steps cannot give every stage a unit on these GPUs; MPS takes any whole
+            # percentage, so a 5% grid (20 stages a GPU) is the next one that divides 100
+            opts["share_step"] = "5"
+        self.opts = Options.parse(opts, len(self.gpus))
         if self.opts.transport not in ("ref", "wire"):
             raise InvalidArgument(f"transport must be ref or wire, got {self.opts.transport!r}")
         self.grid = Grid.for_world(world, self.opts.share_step)

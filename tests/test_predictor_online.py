@@ -20,7 +20,7 @@ from scheduler.planning import total_units
 from scheduler.policies.minresource import MinResource
 from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
 from scheduler.predictor import predict
-from scheduler.profiles import load
+from scheduler.profiles import DEFAULT_PROFILES, load
 from scheduler.server import Scheduler, create_server
 from scheduler.settings import SchedulerSettings
 
@@ -87,6 +87,8 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
         min_replan_interval_s=0.2,
         window_s=1.0,
         min_samples=50,
+        # the same profile set the test predicts with, whatever the bundled default is
+        profiles_path=str(DEFAULT_PROFILES),
     )
     async with running(settings) as (port, sched):
         app = sched.app
