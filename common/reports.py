@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from types import TracebackType
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
@@ -35,6 +36,12 @@ FIELD = b"b"
 # how long a flush (or the final one in aclose) may take before it counts as failed
 FLUSH_TIMEOUT_S = 2.0
 REDIS_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
+
+
+class ReportSink(Protocol):
+    """What a service needs of a report writer (tests pass a list-backed one)."""
+
+    def add(self, report: report_pb2.LatencyReport) -> None: ...
 
 
 class ReportWriter:

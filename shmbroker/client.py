@@ -223,6 +223,17 @@ class BrokerClient:
         resp: broker_pb2.AllocateResponse = await self._call(self._stub.Allocate, request)
         return resp.lease.lease_id, list(resp.refs)
 
+    async def warm_pool(self, pool: str, device: int = 0) -> None:
+        """Makes sure `pool` has a slab on `device` and this process has it open (a one-byte
+        lease), so a first query pays no slab open (0.1-0.2 s on CUDA)."""
+        lease, _ = await self.open_and_allocate(
+            [(np.uint8, (1,))], pool=pool, ttl_s=10.0, label="warm-up", device=device
+        )
+        try:
+            self.open_all()
+        finally:
+            await self.release([lease])
+
     async def alloc_array(
         self, lease_id: str, dtype: DTypeLike, shape: tuple[int, ...], device: int = 0
     ) -> tuple[tensor_pb2.TensorRef, Any]:

@@ -30,7 +30,6 @@ from services.gateway.query import PipelineRoute, QueryRunner, StageStep
 from services.gateway.routes import RouteTable
 from services.gateway.servicer import GatewayServicer, PipelineEntry
 from services.gateway.settings import GatewaySettings
-from services.stage.replica import open_pool
 from shmbroker.client import BrokerClient
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             broker = await BrokerClient.connect(settings.broker)
             stack.push_async_callback(broker.close)
             for name in pipelines:
-                await open_pool(broker, name, settings.device)
+                await broker.warm_pool(name, settings.device)
         reports = None
         if settings.redis_url:
             from common.reports import ReportWriter

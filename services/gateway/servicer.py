@@ -20,9 +20,9 @@ from common.errors import (
     ResourceExhausted,
     grpc_errors,
 )
+from common.reports import ReportSink
 from protos import gateway_pb2, gateway_pb2_grpc, report_pb2, tensor_pb2
 from services.gateway.query import PipelineRoute, QueryRunner
-from services.stage.replica import ReportSink
 
 RETRY_AFTER_MS = 50
 

@@ -23,6 +23,7 @@ from common.backend import Backend, to_host
 from common.clock import mono_us, wall_us
 from common.dtypes import wire_from_array
 from common.errors import CamelotError, InvalidArgument
+from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
 from services.stage.plugin import Model, Spec
@@ -39,19 +40,7 @@ class BufferSource(Protocol):
 
     async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
 
-
-async def open_pool(buffers: Any, pool: str, device: int) -> None:
-    """Makes sure the pool has a slab and this process has it open: a one-byte lease."""
-    lease = await buffers.open_lease(pool=pool, ttl_s=10.0, label="warm-up")
-    try:
-        await buffers.alloc_array(lease, np.uint8, (1,), device)
-        buffers.open_all()
-    finally:
-        await buffers.release([lease])
-
-
-class ReportSink(Protocol):
-    def add(self, report: report_pb2.LatencyReport) -> None: ...
+    async def warm_pool(self, pool: str, device: int = 0) -> None: ...
 
 
 @dataclass
@@ -148,7 +137,7 @@ class Replica:
         """Opens the pipeline's slabs and runs the model at batch 1 and max batch, so the first
         query pays neither a slab open (0.1-0.2 s on CUDA) nor a kernel compile."""
         if self.buffers is not None:
-            await open_pool(self.buffers, self.identity.pipeline, self.identity.device)
+            await self.buffers.warm_pool(self.identity.pipeline, self.identity.device)
         for n in sorted({1, self.batcher.max_batch}):
             batch = {s.name: self.xp.zeros((n, *s.shape), dtype=s.dtype) for s in self.model.inputs}
             for _ in range(rounds):
