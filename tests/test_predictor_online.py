@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from common.lifecycle import channel
 from common.reports import ReportWriter
-from protos import admin_pb2, admin_pb2_grpc, agent_pb2, report_pb2
+from protos import admin_pb2, admin_pb2_grpc, agent_pb2, plan_pb2, report_pb2
 from scheduler import planstore
 from scheduler.planning import total_units
 from scheduler.policies.minresource import MinResource
@@ -154,3 +154,19 @@ async def test_a_moved_bias_is_a_reason_to_replan(redis_server) -> None:
         assert reason.startswith(f"model error: bias of {PIPE}/encode") and not urgent
         await sched.app.replan("test")
         assert sched.loop.trigger() == ("", False)  # the new plan was made with it
+
+
+async def test_green_nodes_shorten_the_replan_interval(redis_server) -> None:
+    settings = SchedulerSettings(
+        redis_url=redis_server.url, port=0, admin_token="t", pipelines=(INFO,),
+        min_replan_interval_s=5.0,
+    )  # fmt: skip
+    async with running(settings) as (port, sched):
+        hb = gpu_heartbeat()
+        async with channel(f"127.0.0.1:{port}") as ch:
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(hb, timeout=5)
+            assert sched.loop.replan_interval_s() == 5.0  # MPS: a share change is a new process
+            hb.inventory.mode = plan_pb2.SHARE_MODE_GREEN
+            hb.sequence = 2
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(hb, timeout=5)
+        assert sched.loop.replan_interval_s() < 1.0
