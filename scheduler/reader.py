@@ -139,6 +139,9 @@ class ReportReader:
                 n += self._ingest(entry_id, fields)
         if ids:
             await self._redis.xack(self.stream, self.group, *ids)  # type: ignore[no-untyped-call]
+            # Read and acknowledged: the entries are in the windows now, so the stream keeps only
+            # what is unread (the writers' MAXLEN still bounds it while no scheduler reads).
+            await self._redis.xtrim(self.stream, minid=ids[-1], approximate=True)
         return n
 
     def _ingest(self, entry_id: Any, fields: Any) -> int:

@@ -116,3 +116,22 @@ async def test_redis_restart_writer_and_reader_survive(redis_server) -> None:
     announced = sum(b.dropped for b in await batches(redis_server.url))
     assert announced > 0 and announced <= writer.dropped_total
     assert windows.snapshot(60)[("p", "")].count == reader.reports_total
+
+
+async def test_the_scheduler_trims_what_it_has_read(redis_server) -> None:
+    writer = ReportWriter(redis_server.url, "t@n", flush_interval_s=0.01)
+    async with writer:
+        for i in range(400):
+            writer.add(rep(i))
+            if i % 20 == 0:
+                await asyncio.sleep(0.02)
+    r = aioredis.from_url(redis_server.url)
+    before = await r.xlen(STREAM)
+    reader = ReportReader(redis_server.url, Windows(), block_ms=50, count=8)
+    await reader.ensure_group()
+    while await reader.read_once():
+        pass
+    after = await r.xlen(STREAM)
+    await r.aclose()
+    await reader.aclose()
+    assert before > 10 and after < before // 2  # trimming is approximate (whole nodes)
