@@ -99,7 +99,9 @@ class LeaseTable:
         self._clock = clock
         self._alive = alive
         self._open: dict[str, Lease] = {}
-        self._ended: OrderedDict[str, EndReason] = OrderedDict()
+        # ended lease -> (why, when): remembered for one default TTL, the time a ref of it can
+        # still be on its way, and never more than ENDED_REMEMBERED of them
+        self._ended: OrderedDict[str, tuple[EndReason, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -145,7 +147,8 @@ class LeaseTable:
         lease = self._open.get(lease_id)
         if lease is not None:
             return lease
-        reason = self._ended.get(lease_id)
+        ended = self._ended.get(lease_id)
+        reason = ended[0] if ended is not None else None
         if reason is not None:
             raise LeaseEnded(f"lease {lease_id} has ended ({reason.value})")
         raise NotFound(f"unknown lease {lease_id!r}")
@@ -162,8 +165,12 @@ class LeaseTable:
         lease = self._open.pop(lease_id, None)
         if lease is None:
             return None
-        self._ended[lease_id] = reason
-        while len(self._ended) > ENDED_REMEMBERED:
+        now = self._clock()
+        self._ended[lease_id] = (reason, now)
+        horizon = now - self.default_ttl_s
+        while self._ended and (
+            len(self._ended) > ENDED_REMEMBERED or next(iter(self._ended.values()))[1] < horizon
+        ):
             self._ended.popitem(last=False)
         return lease
 

@@ -183,6 +183,20 @@ def test_lease_ttl_expiry_renew_and_end_states():
     assert ended.value.code == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(NotFound):
         table.get("nope")
+
+
+def test_ended_leases_are_remembered_for_one_ttl_then_forgotten():
+    clock = Clock()
+    table = LeaseTable(30.0, clock=clock)
+    old = table.open("p", 0, 0.0, "q1")
+    table.end(old.lease_id, EndReason.DONE)
+    clock.now += 29.0
+    with pytest.raises(LeaseEnded):  # a late ref still gets the precise answer
+        table.get(old.lease_id)
+    clock.now += 2.0
+    table.end(table.open("p", 0, 0.0, "q2").lease_id, EndReason.DONE)
+    with pytest.raises(NotFound):  # past the TTL its memory is gone: the table stays bounded
+        table.get(old.lease_id)
     assert len(table) == 1
 
 
