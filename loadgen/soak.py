@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0, help="skip the peak search; this qps")
     p.add_argument("--load-fraction", type=float, default=0.8, help="of the measured peak")
     p.add_argument("--sample-s", type=float, default=10.0)
-    p.add_argument("--warmup-s", type=float, default=60.0, help="left out of the growth")
+    # the scheduler keeps 120 s of windows: its memory is full only after that horizon
+    p.add_argument("--warmup-s", type=float, default=120.0, help="left out of the growth")
     p.add_argument("--deadline-s", type=float, default=5.0)
     p.add_argument("--run-dir", default="")
     p.add_argument("--out-dir", default="docs/results")
