@@ -119,15 +119,17 @@ async def wait_routed(
     pending = list(pipelines)
     async with lifecycle.channel(target) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
+        listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
+        probes = {
+            p.name: wire_from_array(np.zeros(tuple(p.input.shape), dtype=to_numpy(p.input.dtype)))
+            for p in listing.pipelines
+        }
         while pending:
             for p in procs:
                 if not p.alive():
                     raise RuntimeError(f"{p.name} exited while the plan was applied:\n{p.tail()}")
             name = pending[0]
-            listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
-            spec = next(p for p in listing.pipelines if p.name == name).input
-            data = np.zeros(tuple(spec.shape), dtype=to_numpy(spec.dtype))
-            item = wire_from_array(data)
+            item = probes[name]
             try:
                 await stub.Submit(gateway_pb2.SubmitRequest(pipeline=name, input=item), timeout=30)
                 pending.pop(0)

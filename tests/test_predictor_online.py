@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from common.lifecycle import channel
 from common.reports import ReportWriter
@@ -21,8 +19,8 @@ from scheduler.policies.minresource import MinResource
 from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
 from scheduler.predictor import predict
 from scheduler.profiles import DEFAULT_PROFILES, load
-from scheduler.server import Scheduler, create_server
 from scheduler.settings import SchedulerSettings
+from tests.test_scheduler_server import running
 
 PIPE = "img-to-text"
 STAGES = ("preprocess", "encode", "decode")
@@ -30,18 +28,6 @@ INFO = PipelineInfo(PIPE, tuple(StageInfo(s, 32) for s in STAGES), 60.0)
 RATE = 300.0  # queries/s the fake gateway reports
 SLOWER = 2.5  # how much slower than predicted the "real" system runs
 PROFILES = load()
-
-
-@asynccontextmanager
-async def running(settings: SchedulerSettings) -> AsyncIterator[tuple[int, Scheduler]]:
-    server, port, sched = await create_server(settings)
-    await server.start()
-    try:
-        yield port, sched
-    finally:
-        await sched.app.stop_watchers()
-        await server.stop(0)
-        await sched.aclose()
 
 
 def gpu_heartbeat() -> admin_pb2.NodeHeartbeat:
