@@ -379,6 +379,10 @@ async def test_heartbeat_applies_the_scheduler_assignment_and_survives_outages(t
         try:
             await eventually(lambda: app.agent.epoch == 3, what="the heartbeat's assignment")
             await eventually(lambda: app.agent.heartbeats >= 3, what="more heartbeats")
+            # the apply runs beside the heartbeat loop: wait for a beat sent after it finished
+            await eventually(
+                lambda: scheduler.beats[-1].applied_epoch == 3, what="a beat after the apply"
+            )
             last = scheduler.beats[-1]
             assert last.node == "n1" and last.applied_epoch == 3
             assert last.inventory.backend == "host"
