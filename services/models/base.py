@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from common.backend import Backend
 from common.errors import InvalidArgument
+from services.models.graphs import GraphedForward
 from services.models.layers import Init
 from services.stage.plugin import ModelContext, Spec
 
@@ -36,19 +38,36 @@ def divisible(d: int, heads: int) -> None:
 
 class ReferenceModel:
     """Base of the reference plug-ins: per-item specs, an initialiser named after the model, and
-    `infer` = `forward` with C-contiguous outputs (stages copy them into buffers as they are)."""
+    `infer` = `forward` with C-contiguous outputs (stages copy them into buffers as they are).
+
+    A model whose `forward` never waits on the host (no `.get()`, no host-built arrays, no
+    data-dependent shapes) sets `graph_safe`; on CUDA with `ctx.cuda_graphs` its `forward` then
+    runs as a CUDA graph per batch bucket (services/models/graphs.py)."""
 
     inputs: list[Spec]
     outputs: list[Spec]
+    graph_safe = False
 
     def __init__(self, ctx: ModelContext, name: str) -> None:
         self.ctx = ctx
+        self.name = name
         self.xp = ctx.xp
         self.dtype = np.dtype(ctx.compute_dtype)
         self.init = Init(ctx, name)
+        self.graphed: GraphedForward | None = None
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def uses_graphs(self) -> bool:
+        return self.graph_safe and self.ctx.cuda_graphs and self.ctx.backend is Backend.CUDA
+
     def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: self.xp.ascontiguousarray(v) for k, v in self.forward(batch).items()}
+        if self.uses_graphs:
+            if self.graphed is None:
+                self.graphed = GraphedForward(self.name, self.xp, self.forward, self.inputs)
+            out = self.graphed(batch)
+        else:
+            out = self.forward(batch)
+        return {k: self.xp.ascontiguousarray(v) for k, v in out.items()}

@@ -39,6 +39,8 @@ class Preprocess(ReferenceModel):
 class Encoder(ReferenceModel):
     """ResNet-ish backbone; the final feature map's cells become tokens projected to d_model."""
 
+    graph_safe = True
+
     def __init__(
         self,
         ctx: ModelContext,
@@ -77,7 +79,10 @@ class Decoder(ReferenceModel):
     the features' cross-attention keys and values are computed once per query batch, each
     self-attention layer keeps a key/value cache and computes only the new position, q/k/v come
     from one GEMM, and the argmax stays on the device (written straight into the token buffer),
-    so the loop never waits on the host."""
+    so the loop never waits on the host. That makes it graph-safe: on CUDA the whole decode of a
+    batch is one CUDA graph launch instead of ~2,700 kernel launches from Python."""
+
+    graph_safe = True
 
     def __init__(
         self,

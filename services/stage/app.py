@@ -93,7 +93,12 @@ async def create_server(settings: StageSettings) -> StageApp:
             )
         compute = np.dtype(np.float16 if backend is Backend.CUDA else np.float32)
         ctx = ModelContext(
-            backend=backend, xp=xp, size=settings.size, seed=settings.seed, compute_dtype=compute
+            backend=backend,
+            xp=xp,
+            size=settings.size,
+            seed=settings.seed,
+            compute_dtype=compute,
+            cuda_graphs=settings.cuda_graphs and not settings.sm_groups,
         )
         model = build_model(stage.model, ctx, stage.options)
         stream: Any = None

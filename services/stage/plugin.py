@@ -45,6 +45,8 @@ class ModelContext:
     seed: int = 0
     # fp16 on the GPU, fp32 on the CPU (the reference models follow this)
     compute_dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.float32))
+    # replay graph-safe models' forward passes as CUDA graphs (CUDA only; see models/graphs.py)
+    cuda_graphs: bool = False
 
 
 class Model(Protocol):

@@ -35,6 +35,9 @@ class StageSettings:
     grace_s: float = 10.0
     pipelines_dir: str = ""
     seed: int = 0
+    # CUDA graphs for graph-safe models (off in green mode: a graph is captured per stream, and a
+    # resize would pay a capture per batch size on the new slice's stream)
+    cuda_graphs: bool = True
     # mutual TLS on the TCP port (CAMELOT_TLS_CERT/KEY/CA), for gateways on other nodes
     tls: TlsFiles | None = None
 
@@ -72,6 +75,12 @@ def parse(
     p.add_argument("--max-queue", type=int, default=env.env_int("MAX_QUEUE", 1024, e))
     p.add_argument("--pipelines-dir", default=env.env_str("PIPELINES_DIR", "", e))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cuda-graphs",
+        default=env.env_str("CUDA_GRAPHS", "on", e),
+        choices=("on", "off"),
+        help="replay graph-safe models as CUDA graphs (cuda backend, MPS mode)",
+    )
     a = p.parse_args(argv)
     try:
         groups = tuple(int(g) for g in a.sm_groups.split(",") if g.strip())
@@ -102,5 +111,6 @@ def parse(
         max_queue=a.max_queue,
         pipelines_dir=a.pipelines_dir,
         seed=a.seed,
+        cuda_graphs=a.cuda_graphs == "on",
         tls=TlsFiles.from_env(e),
     )
