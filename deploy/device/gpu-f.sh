@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: CUDA graphs for the graph-safe stages (gpu tests, eager against graph
-# replay) and the end-to-end ref/wire benchmark of img-to-text and video-analytics with graphs on.
+# replay) and the end-to-end ref/wire benchmark of the four pipelines with graphs on.
 # Results go straight to $OUT (a run cut short still returns what finished).
 set -u
 source .devcarry/setup.sh
@@ -11,13 +11,13 @@ mps_start
 export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
 step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$OUT/steps.txt"; }
-step gpu-tests 90 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py -q -p no:cacheprovider -o addopts="" --timeout 80 -rfE
+step gpu-tests 100 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py -q -p no:cacheprovider -o addopts="" --timeout 80 -rfE
 step graphs 80 python3 -m services.models.bench --out "$OUT" --batches 1,8,32 --repeats 10
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy exclusive \
-  --pipeline img-to-text --pipeline video-analytics --serve --run-dir /tmp/cam > "$OUT/mesh.log" 2>&1 &
+  --serve --run-dir /tmp/cam > "$OUT/mesh.log" 2>&1 &
 mesh=$!
 for _ in $(seq 150); do grep -q "serving; Ctrl-C" "$OUT/mesh.log" && break; sleep 1; done
-step e2e 90 python3 -m loadgen.bench_e2e --target 127.0.0.1:50052 --out-dir "$OUT" --rate 5 --duration 6 --rounds 2
+step e2e 170 python3 -m loadgen.bench_e2e --target 127.0.0.1:50052 --out-dir "$OUT" --rate 5 --duration 6 --rounds 2
 kill -INT $mesh; wait $mesh
 grep -h "graph" /tmp/cam/logs/*.log 2>/dev/null | sort | uniq -c | sort -rn | head -20 > "$OUT/graph-lines.txt"
 mps_stop

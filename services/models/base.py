@@ -61,6 +61,10 @@ class ReferenceModel:
 
     @property
     def uses_graphs(self) -> bool:
+        """Whether `infer` replays CUDA graphs; False again once a capture failed (the model then
+        runs eagerly, as it would with graphs off)."""
+        if self.graphed is not None and self.graphed.disabled is not None:
+            return False
         return self.graph_safe and self.ctx.cuda_graphs and self.ctx.backend is Backend.CUDA
 
     def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]:

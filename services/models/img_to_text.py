@@ -37,9 +37,9 @@ class Preprocess(ReferenceModel):
 
 
 class Encoder(ReferenceModel):
-    """ResNet-ish backbone; the final feature map's cells become tokens projected to d_model."""
-
-    graph_safe = True
+    """ResNet-ish backbone; the final feature map's cells become tokens projected to d_model.
+    Not graph-safe: its convolutions are large GEMMs that belong on cuBLAS, which CuPy will not
+    call under capture; it launches ~320 kernels, not thousands."""
 
     def __init__(
         self,
@@ -80,7 +80,8 @@ class Decoder(ReferenceModel):
     self-attention layer keeps a key/value cache and computes only the new position, q/k/v come
     from one GEMM, and the argmax stays on the device (written straight into the token buffer),
     so the loop never waits on the host. That makes it graph-safe: on CUDA the whole decode of a
-    batch is one CUDA graph launch instead of ~2,700 kernel launches from Python."""
+    batch is one CUDA graph launch instead of ~2,700 kernel launches from Python (its matrix
+    multiplies then run on services/models/kernels.py, which capture accepts, not cuBLAS)."""
 
     graph_safe = True
 
@@ -107,8 +108,15 @@ class Decoder(ReferenceModel):
         self.outputs = [spec("tokens", np.int32, (max_len,))]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if not self.uses_graphs:
+            return self._decode(batch["features"])
+        from services.models.kernels import bmm
+
+        with L.matmul_with(bmm):
+            return self._decode(batch["features"])
+
+    def _decode(self, features: Any) -> dict[str, Any]:
         xp = self.xp
-        features = batch["features"]
         n = features.shape[0]
         contexts = [block.context(features) for block in self.blocks]
         caches = [block.attn.cache(n, self.max_len, self.dtype) for block in self.blocks]

@@ -10,9 +10,11 @@ then moved to the backend in the compute dtype, so both backends see identical w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
 
@@ -82,10 +84,29 @@ def softmax(x: Array, axis: int = -1) -> Array:
 
 # ---- dense layers ---------------------------------------------------------------------------
 
+# The matrix multiply `linear` and `attend` use: `@` unless a graph-safe model's forward installs
+# a kernel that CUDA graph capture accepts (services/models/kernels.py).
+_MATMUL: ContextVar[Callable[[Array, Array], Array] | None] = ContextVar("matmul", default=None)
+
+
+def matmul(a: Array, b: Array) -> Array:
+    mm = _MATMUL.get()
+    return a @ b if mm is None else mm(a, b)
+
+
+@contextlib.contextmanager
+def matmul_with(mm: Callable[[Array, Array], Array] | None) -> Iterator[None]:
+    """Within the block (on this thread), `matmul` is `mm` (None: `@`)."""
+    token = _MATMUL.set(mm)
+    try:
+        yield
+    finally:
+        _MATMUL.reset(token)
+
 
 def linear(x: Array, w: Array, b: Array | None = None) -> Array:
     """x (..., din) @ w (din, dout) + b."""
-    y = x @ w
+    y = matmul(x, w)
     return y if b is None else y + b
 
 
@@ -133,13 +154,13 @@ def merge_heads(t: Array) -> Array:
 def attend(qh: Array, kt: Array, vh: Array, causal: bool = False) -> Array:
     """The attention core on split heads: qh (n, h, lq, dh) already scaled, kt (n, h, dh, lk)
     (keys transposed), vh (n, h, lk, dh) -> (n, h, lq, dh). `causal` as in `attention`."""
-    scores = qh @ kt  # (n, h, lq, lk)
+    scores = matmul(qh, kt)  # (n, h, lq, lk)
     if causal:
         xp = namespace(qh)
         lq, lk = scores.shape[-2:]
         allowed = xp.arange(lk)[None, :] <= xp.arange(lq)[:, None] + (lk - lq)
         scores = xp.where(allowed, scores, scores.dtype.type(-np.inf))
-    return softmax(scores, axis=-1) @ vh
+    return matmul(softmax(scores, axis=-1), vh)
 
 
 # ---- convolution and pooling (NCHW) --------------------------------------------------------
