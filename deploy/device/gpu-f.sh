@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/cam
 python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
 mps_start
-export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
+export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY CAMELOT_CUDA_GRAPHS=on
 step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$OUT/steps.txt"; }
 step gpu-tests 100 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py -q -p no:cacheprovider -o addopts="" --timeout 80 -rfE
