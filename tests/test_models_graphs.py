@@ -11,6 +11,7 @@ import pytest
 from common.backend import Backend
 from common.pipeline_config import load_pipeline
 from services.models.graphs import bucket
+from services.models.kernels import THREADS, plan
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import warm_sizes
 from services.stage.settings import parse
@@ -62,3 +63,51 @@ def test_host_backend_never_captures() -> None:
     out = model.infer({"features": features})
     assert out["tokens"].shape == (3, *model.outputs[0].shape)
     assert model.graphed is None  # type: ignore[attr-defined]
+
+
+def run_plan(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What the kernel computes from a plan: every thread's reads, as the strides address them
+    from each operand's first element (the pointer the kernel gets), summed in fp32."""
+    p = plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    b0 = p.grid[2] // p.b1
+    size = a.itemsize
+    av = np.lib.stride_tricks.as_strided(
+        a, (b0, p.b1, p.m, p.k), [s * size for s in p.a_strides], writeable=False
+    )
+    bv = np.lib.stride_tricks.as_strided(
+        b, (b0, p.b1, p.k, p.n), [s * size for s in p.b_strides], writeable=False
+    )
+    out = np.matmul(av.astype(np.float32), bv.astype(np.float32)).astype(a.dtype)
+    assert p.grid[0] * THREADS >= p.n and p.grid[1] == p.m
+    return out.reshape(p.out_shape)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (np.ones((5, 64)), np.ones((64, 300))),
+        (np.ones((4, 1, 512)), np.ones((512, 96))),  # batch against shared weights
+        (np.ones((3, 8, 1, 64)), np.ones((3, 8, 7, 64)).swapaxes(-1, -2)),  # transposed keys
+        (np.ones((3, 8, 1, 7)), np.ones((3, 8, 7, 64))),
+        (np.ones((2, 1, 3, 4)), np.ones((5, 4, 6))),  # broadcast on both sides
+        (np.ones((6, 10))[::2, 1:9], np.ones((4, 8, 3))[1]),  # strided views
+    ],
+)
+def test_kernel_plan_computes_matmul(a: np.ndarray, b: np.ndarray) -> None:
+    rng = np.random.default_rng(1)
+    a = a * rng.standard_normal(a.shape)
+    b = b * rng.standard_normal(b.shape)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    np.testing.assert_allclose(run_plan(a, b), np.matmul(a, b), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_plan_refuses_what_it_cannot_run() -> None:
+    f = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="align"):
+        plan((2, 3), f.strides, (4, 5), (20, 4), 4)
+    with pytest.raises(ValueError, match="two batch"):
+        plan((2, 2, 2, 2, 3), (0, 0, 0, 12, 4), (3, 4), (16, 4), 4)
+    with pytest.raises(ValueError, match="negative"):
+        plan((2, 3), (12, -4), (3, 4), (16, 4), 4)
+    with pytest.raises(ValueError, match="grid"):
+        plan((70000, 3), (12, 4), (3, 4), (16, 4), 4)

@@ -12,6 +12,7 @@ cuBLAS and runs eagerly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,59 +71,84 @@ def _kernel(dtype: np.dtype[Any]) -> Any:
     return _module.get_function("bmm_f16" if dtype == np.float16 else "bmm_f32")
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How `bmm` launches for two operands: the output shape, the grid and every argument after
+    the three pointers, exactly as the kernel reads them (strides in elements)."""
+
+    out_shape: tuple[int, ...]
+    grid: tuple[int, int, int]
+    m: int
+    n: int
+    k: int
+    b1: int
+    a_strides: tuple[int, int, int, int]  # batch 0, batch 1, row, column
+    b_strides: tuple[int, int, int, int]
+
+
+def _batch_strides(
+    shape: tuple[int, ...], strides: tuple[int, ...], batch: tuple[int, ...], itemsize: int
+) -> list[int]:
+    """Element strides of an operand's batch dimensions against the broadcast `batch` (0 where it
+    is broadcast), left-padded to two dimensions."""
+    dims = list(shape[:-2])
+    steps = [s // itemsize for s in strides[:-2]]
+    pad = len(batch) - len(dims)
+    dims, steps = [1] * pad + dims, [0] * pad + steps
+    out = [0 if d == 1 else st for d, st in zip(dims, steps, strict=True)]
+    return [0] * (2 - len(out)) + out
+
+
+def plan(
+    a_shape: tuple[int, ...],
+    a_strides: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    b_strides: tuple[int, ...],
+    itemsize: int,
+) -> Plan:
+    """The launch for `a @ b` (numpy matmul rules, at most two batch dimensions after
+    broadcasting); strides in bytes as numpy and CuPy give them. ValueError if it cannot run."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise ValueError(f"bmm needs matrices, got shapes {a_shape} and {b_shape}")
+    m, k = a_shape[-2:]
+    k2, n = b_shape[-2:]
+    if k != k2:
+        raise ValueError(f"bmm shapes {a_shape} and {b_shape} do not align")
+    batch = tuple(int(d) for d in np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    if len(batch) > 2:
+        raise ValueError(f"bmm supports at most two batch dimensions, got {batch}")
+    if min(*a_strides, *b_strides) < 0:
+        raise ValueError("bmm does not take negative strides")
+    b0, b1 = (1,) * (2 - len(batch)) + batch
+    if m > 65535 or b0 * b1 > 65535:
+        raise ValueError(f"bmm grid too large for shapes {a_shape} @ {b_shape}")
+    sa = _batch_strides(a_shape, a_strides, batch, itemsize)
+    sb = _batch_strides(b_shape, b_strides, batch, itemsize)
+    return Plan(
+        out_shape=(*batch, m, n),
+        grid=(math.ceil(n / THREADS), m, b0 * b1),
+        m=m,
+        n=n,
+        k=k,
+        b1=b1,
+        a_strides=(sa[0], sa[1], a_strides[-2] // itemsize, a_strides[-1] // itemsize),
+        b_strides=(sb[0], sb[1], b_strides[-2] // itemsize, b_strides[-1] // itemsize),
+    )
+
+
 def bmm(a: Any, b: Any) -> Any:
     """`a @ b` for CuPy arrays of float16 or float32 (numpy matmul rules for 2-D and batched
     operands, at most two batch dimensions after broadcasting); no cuBLAS."""
     import cupy
 
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"bmm needs matrices, got shapes {a.shape} and {b.shape}")
     if a.dtype != b.dtype or a.dtype not in (np.float16, np.float32):
         raise TypeError(f"bmm needs two float16 or two float32 operands, got {a.dtype}, {b.dtype}")
-    m, k = a.shape[-2:]
-    k2, n = b.shape[-2:]
-    if k != k2:
-        raise ValueError(f"bmm shapes {a.shape} and {b.shape} do not align")
-    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    if len(batch) > 2:
-        raise ValueError(f"bmm supports at most two batch dimensions, got {batch}")
-    a = cupy.broadcast_to(a, (*batch, m, k))
-    b = cupy.broadcast_to(b, (*batch, k, n))
-    out = cupy.empty((*batch, m, n), dtype=a.dtype)
+    p = plan(a.shape, a.strides, b.shape, b.strides, a.dtype.itemsize)
+    out = cupy.empty(p.out_shape, dtype=a.dtype)
     if out.size == 0:
         return out
-    size = a.dtype.itemsize
-    sa = [s // size for s in a.strides]
-    sb = [s // size for s in b.strides]
-    if min(*sa, *sb) < 0:
-        raise ValueError("bmm does not take negative strides")
-    if m > 65535 or math.prod(batch) > 65535:
-        raise ValueError(f"bmm grid too large for shapes {a.shape} @ {b.shape}")
-    pad = 2 - len(batch)
-    b0, b1 = (1,) * pad + batch
-    sa0, sa1 = [0] * pad + sa[:-2]
-    sb0, sb1 = [0] * pad + sb[:-2]
-    grid = (math.ceil(n / THREADS), m, b0 * b1)
     i32, i64 = np.int32, np.int64
-    _kernel(a.dtype)(
-        grid,
-        (THREADS,),
-        (
-            a,
-            b,
-            out,
-            i32(m),
-            i32(n),
-            i32(k),
-            i32(b1),
-            i64(sa0),
-            i64(sa1),
-            i64(sa[-2]),
-            i64(sa[-1]),
-            i64(sb0),
-            i64(sb1),
-            i64(sb[-2]),
-            i64(sb[-1]),
-        ),
-    )
+    args = (i32(p.m), i32(p.n), i32(p.k), i32(p.b1))
+    strides = tuple(i64(s) for s in (*p.a_strides, *p.b_strides))
+    _kernel(a.dtype)(p.grid, (THREADS,), (a, b, out, *args, *strides))
     return out
