@@ -142,6 +142,16 @@ async def test_forged_stale_foreign_and_ended_refs_are_refused(tm):
             got = await infer(stage, request)
             assert got in allowed, f"{what}: {got.name}, expected one of {allowed}"
 
+        # a caller-given output buffer of the wrong dtype is refused, and named as an output
+        (wrong,) = await client.allocate([(lease_a, dtype, shape)])
+        bad_out = request_for(A, name, ref, lease_a)
+        bad_out.outputs.append(tensor_pb2.Tensor(name="image", ref=wrong))
+        async with lifecycle.channel(target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stage_pb2_grpc.StageStub(ch).Infer(bad_out, timeout=10)
+        assert err.value.code() == C.INVALID_ARGUMENT
+        assert "output buffer 'image' has dtype uint8" in (err.value.details() or "")
+
         # a ref whose lease has ended can no longer get outputs written under it
         await client.release([lease_a])
         assert await infer(target, request_for(A, name, ref, lease_a)) in {

@@ -79,24 +79,27 @@ class ReplicaIdentity:
 
 
 def check_inputs(
-    specs: Sequence[Spec], given: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]]
+    specs: Sequence[Spec],
+    given: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]],
+    what: str = "input",
 ) -> None:
-    """INVALID_ARGUMENT unless the inputs are exactly the declared ones, in dtype and shape."""
+    """INVALID_ARGUMENT unless the tensors are exactly the declared ones, in dtype and shape;
+    `what` names them in the message ("input", or "output buffer" for caller-given outputs)."""
     want = {s.name: s for s in specs}
     extra = sorted(set(given) - set(want))
     if extra:
-        raise InvalidArgument(f"unexpected inputs {extra}; the model takes {sorted(want)}")
+        raise InvalidArgument(f"unexpected {what}s {extra}; the model takes {sorted(want)}")
     for name, spec in want.items():
         if name not in given:
-            raise InvalidArgument(f"missing input {name!r}")
+            raise InvalidArgument(f"missing {what} {name!r}")
         dtype, shape = given[name]
         if np.dtype(dtype) != spec.dtype:
             raise InvalidArgument(
-                f"input {name!r} has dtype {np.dtype(dtype)}, expected {spec.dtype}"
+                f"{what} {name!r} has dtype {np.dtype(dtype)}, expected {spec.dtype}"
             )
         if tuple(shape) != tuple(spec.shape):
             raise InvalidArgument(
-                f"input {name!r} has shape {list(shape)}, expected {list(spec.shape)}"
+                f"{what} {name!r} has shape {list(shape)}, expected {list(spec.shape)}"
             )
 
 

@@ -67,7 +67,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             t = given[spec.name]
             if t.WhichOneof("body") != "ref":
                 raise InvalidArgument(f"output buffer {spec.name!r} is not a ref")
-            check_inputs([spec], {spec.name: (to_numpy(t.ref.dtype), tuple(t.ref.shape))})
+            check_inputs(
+                [spec],
+                {spec.name: (to_numpy(t.ref.dtype), tuple(t.ref.shape))},
+                what="output buffer",
+            )
             refs.append(t.ref)
             views.append(await self._input(t, request.lease_id))
         return refs, views
