@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from common.errors import CamelotError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos import admin_pb2, agent_pb2, plan_pb2
 from scheduler import planstore, profiles
+from scheduler.bias import BiasCorrector
 from scheduler.planstore import PlanStore, PolicyChoice
 from scheduler.policies import get_policy
 from scheduler.policy import (
@@ -38,7 +39,7 @@ from scheduler.policy import (
     PolicyInput,
     StageAssignment,
 )
-from scheduler.predictor import BiasCorrector, predict
+from scheduler.predictor import predict
 from scheduler.reader import ReportReader
 from scheduler.settings import SchedulerSettings
 from scheduler.windows import Windows, WindowStat

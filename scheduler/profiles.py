@@ -68,7 +68,7 @@ class StageProfile:
     device: str = ""
     date: str = ""
     synthetic: bool = False
-    # online correction (measured p99 / predicted), set by predictor.BiasCorrector; not stored
+    # online correction (measured p99 / predicted), set by bias.BiasCorrector; not stored
     bias: float = 1.0
     _table: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
     _memo: dict[tuple[float, float], float] = field(

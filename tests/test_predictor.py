@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from common.errors import FailedPrecondition, InvalidArgument
 from scheduler import profiles as prof_mod
 from scheduler import queueing
+from scheduler.bias import BiasCorrector
 from scheduler.policy import (
     GpuInfo,
     Measured,
@@ -28,7 +29,7 @@ from scheduler.policy import (
     StageAssignment,
     StageInfo,
 )
-from scheduler.predictor import BiasCorrector, predict, stage_p99_ms
+from scheduler.predictor import predict, stage_p99_ms
 from scheduler.profiles import StageProfile, load
 
 PROFILES = load()

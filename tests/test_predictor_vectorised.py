@@ -20,8 +20,9 @@ from scheduler.policy import (
     StageAssignment,
     StageInfo,
 )
-from scheduler.predictor import Vectorised, predict
+from scheduler.predictor import predict
 from scheduler.profiles import load
+from scheduler.vectorised import Vectorised
 
 PROFILES = load()
 PIPES: dict[str, list[str]] = {}

@@ -35,8 +35,9 @@ import numpy as np
 from common.errors import InvalidArgument, ResourceExhausted
 from scheduler.planning import Choice, assemble, items_for, units_of
 from scheduler.policy import PlanSpec, PolicyInput
-from scheduler.predictor import Vectorised, predict
+from scheduler.predictor import predict
 from scheduler.solver import Solver
+from scheduler.vectorised import Vectorised
 
 
 def weights(world: PolicyInput) -> dict[str, float]:
