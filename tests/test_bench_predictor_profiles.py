@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidArgument
+from scheduler import profile_merge
 from scheduler import profiles as P
 
 SYN = json.loads(P.SYNTHETIC_PROFILES.read_text())
@@ -97,13 +98,13 @@ def measured_doc(device: str = "GPU X") -> dict[str, object]:
 
 
 def test_log_and_merge(tmp_path: Path) -> None:
-    logged = P.parse_profiler_log(LOG)
+    logged = profile_merge.parse_profiler_log(LOG)
     assert logged["img-to-text/preprocess"].latency_ms == {
         10.0: {1: 2.0, 4: 3.0},
         100.0: {1: 1.0, 4: 1.5},
     }
     assert logged["img-to-text/preprocess"].beside == {10.0: 0.9, 25.0: 1.2, 50.0: 1.1}
-    doc = P.merge([measured_doc()], SYN, logged, note="how")
+    doc = profile_merge.merge([measured_doc()], SYN, logged, note="how")
     assert doc["device"] == "GPU X" and doc["synthetic"] is False and doc["note"].startswith("how")
     profs = P.parse_document(doc)
     pre = doc["profiles"]["img-to-text/preprocess"]
@@ -123,9 +124,9 @@ def test_log_and_merge(tmp_path: Path) -> None:
     assert profs["video-analytics/crop"].synthetic
     assert profs["video-analytics/crop"].device == SYN["device"]
     with pytest.raises(InvalidArgument):
-        P.merge([measured_doc("GPU X"), measured_doc("GPU Y")], SYN)
+        profile_merge.merge([measured_doc("GPU X"), measured_doc("GPU Y")], SYN)
     with pytest.raises(InvalidArgument):
-        P.merge([], SYN)
+        profile_merge.merge([], SYN)
 
 
 def test_merge_command_writes_a_loadable_set(tmp_path: Path) -> None:
@@ -134,6 +135,6 @@ def test_merge_command_writes_a_loadable_set(tmp_path: Path) -> None:
     log = tmp_path / "i.log"
     log.write_text(LOG)
     out = tmp_path / "out.json"
-    P.main(["merge", str(m), "--log", str(log), "--out", str(out), "--note", "n"])
+    profile_merge.main(["merge", str(m), "--log", str(log), "--out", str(out), "--note", "n"])
     got = P.load(out)
     assert set(got) == set(SYN["profiles"]) and not got["text-to-img/encode"].synthetic
