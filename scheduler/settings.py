@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,52 +71,28 @@ def parse(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> SchedulerSettings:
     e = os.environ if environ is None else environ
-    d = SchedulerSettings()
-    p = argparse.ArgumentParser(prog="python -m scheduler", description="The Camelot scheduler.")
-    p.add_argument("--redis", default=env.env_str("REDIS_URL", d.redis_url, e))
-    p.add_argument("--host", default=env.env_str("SCHEDULER_HOST", d.host, e))
-    p.add_argument("--port", type=int, default=env.env_int("SCHEDULER_PORT", d.port, e))
-    p.add_argument("--policy", default=env.env_str("POLICY", d.policy, e))
-    p.add_argument(
+    f = env.Flags(SchedulerSettings, "python -m scheduler", "The Camelot scheduler.", e)
+    f.add("--redis", field="redis_url", env="REDIS_URL")
+    f.add("--host", env="SCHEDULER_HOST")
+    f.add("--port", env="SCHEDULER_PORT")
+    f.add("--policy", env="POLICY")
+    f.parser.add_argument(
         "--option", action="append", default=[], metavar="K=V", help="policy option (repeatable)"
     )
-    p.add_argument("--size", default=env.env_choice("SIZE", d.size, ("tiny", "full"), e),
-                   choices=("tiny", "full"))  # fmt: skip
-    p.add_argument("--pipelines-dir", default=env.env_str("PIPELINES_DIR", "", e))
-    p.add_argument("--profiles", default=env.env_str("PROFILES", "", e))
-    p.add_argument("--metrics-port", type=int, default=env.env_int("METRICS_PORT", 0, e))
-    p.add_argument("--window-s", type=float, default=env.env_float("WINDOW_S", d.window_s, e))
-    p.add_argument("--tick-s", type=float, default=env.env_float("TICK_S", d.tick_s, e))
-    p.add_argument(
-        "--min-replan-interval-s",
-        type=float,
-        default=env.env_float("MIN_REPLAN_INTERVAL_S", d.min_replan_interval_s, e),
-    )
-    p.add_argument("--consumer", default=env.env_str("SCHEDULER_CONSUMER", d.consumer, e))
-    a = p.parse_args(argv)
+    f.add("--size", env="SIZE", choices=("tiny", "full"))
+    f.add("--pipelines-dir", env="PIPELINES_DIR")
+    f.add("--profiles", field="profiles_path", env="PROFILES")
+    f.add("--metrics-port", env="METRICS_PORT")
+    f.add("--window-s", env="WINDOW_S", check="positive")
+    f.add("--tick-s", env="TICK_S", check="positive")
+    f.add("--min-replan-interval-s", env="MIN_REPLAN_INTERVAL_S")
+    f.add("--consumer", env="SCHEDULER_CONSUMER")
+    a = f.parse(argv)
     options: dict[str, str] = {}
     for kv in a.option:
         key, sep, value = kv.partition("=")
         if not sep or not key:
-            p.error(f"--option {kv!r} is not KEY=VALUE")
+            f.parser.error(f"--option {kv!r} is not KEY=VALUE")
         options[key] = value
-    for name, value in (("--window-s", a.window_s), ("--tick-s", a.tick_s)):
-        env.require_positive(name, value)
     token = read_token(env.env_str("ADMIN_TOKEN_FILE", "", e), env.env_str("ADMIN_TOKEN", "", e))
-    return SchedulerSettings(
-        tls=TlsFiles.from_env(e),
-        redis_url=a.redis,
-        host=a.host,
-        port=a.port,
-        policy=a.policy,
-        policy_options=options,
-        size=a.size,
-        pipelines_dir=a.pipelines_dir,
-        metrics_port=a.metrics_port,
-        profiles_path=a.profiles,
-        admin_token=token,
-        window_s=a.window_s,
-        tick_s=a.tick_s,
-        min_replan_interval_s=a.min_replan_interval_s,
-        consumer=a.consumer,
-    )
+    return f.settings(a, policy_options=options, admin_token=token, tls=TlsFiles.from_env(e))

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from common.settings import SettingsError
+from common.settings import Flags, SettingsError
 from scheduler import settings as scheduler_settings
 from services.agent import settings as agent_settings
 from services.gateway import settings as gateway_settings
@@ -47,7 +47,7 @@ def test_scheduler_defaults_env_and_flags() -> None:
     }
     with pytest.raises(SettingsError, match="CAMELOT_SIZE"):
         scheduler_settings.parse([], {"CAMELOT_SIZE": "huge"})
-    with pytest.raises(SettingsError, match="window-s"):
+    with pytest.raises(SystemExit):
         scheduler_settings.parse(["--window-s", "0"], {})
     with pytest.raises(SystemExit):
         scheduler_settings.parse(["--option", "novalue"], {})
@@ -112,3 +112,59 @@ def test_stage_defaults_env_and_flags() -> None:
     for bad in (["--sm-percent", "0"], ["--sm-groups", "a"], ["--max-queue", "0"]):
         with pytest.raises(SystemExit):
             stage_settings.parse(["--pipeline", "p", "--stage", "s", *bad], {})
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    name: str = "x"
+    count: int = 3
+    rate_s: float = 0.5
+    mode: str = "a"
+    extra: tuple[int, ...] = ()
+
+
+def toy_flags(environ: dict[str, str]) -> Flags[Toy]:
+    f = Flags(Toy, "toy", "A toy.", environ)
+    f.add("--name", env="NAME")
+    f.add("--count", env="COUNT", check="positive")
+    f.add("--rate-s", env="RATE_S", check="nonnegative")
+    f.add("--mode", env="MODE", choices=("a", "b"))
+    f.add("--extra", field=None, default="")
+    return f
+
+
+def test_flags_precedence_is_flag_then_variable_then_dataclass() -> None:
+    f = toy_flags({})
+    assert f.settings(f.parse([])) == Toy()
+    f = toy_flags({"CAMELOT_COUNT": "5", "CAMELOT_NAME": "env", "CAMELOT_RATE_S": "2"})
+    got = f.settings(f.parse(["--name", "flag"]))
+    assert got == Toy(name="flag", count=5, rate_s=2.0)
+    assert type(got.count) is int and type(got.rate_s) is float
+
+
+def test_flags_refuse_bad_values_naming_them(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SettingsError, match="CAMELOT_COUNT='many' is not an integer"):
+        toy_flags({"CAMELOT_COUNT": "many"})
+    with pytest.raises(SettingsError, match="CAMELOT_MODE='c' is not one of a, b"):
+        toy_flags({"CAMELOT_MODE": "c"})
+    for argv, said in (
+        (["--count", "0"], "--count must be > 0"),
+        (["--rate-s", "-1"], "--rate-s must be >= 0"),
+        (["--mode", "c"], "invalid choice"),
+        (["--count", "1.5"], "invalid int value"),
+    ):
+        with pytest.raises(SystemExit):
+            toy_flags({}).parse(argv)
+        assert said in capsys.readouterr().err
+
+
+def test_flags_without_a_field_are_parsed_and_passed_by_the_caller() -> None:
+    f = toy_flags({})
+    args = f.parse(["--extra", "1,2"])
+    assert args.extra == "1,2"
+    got = f.settings(args, extra=tuple(int(x) for x in args.extra.split(",")))
+    assert got.extra == (1, 2)
+    with pytest.raises(TypeError, match="no default"):
+        Flags(Toy, "toy", "A toy.", {}).add("--nope")
+    with pytest.raises(TypeError, match="str, int or float"):
+        Flags(Toy, "toy", "A toy.", {}).add("--extra")

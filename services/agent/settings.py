@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import socket
@@ -79,83 +78,38 @@ def parse(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> AgentSettings:
     e = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="python -m services.agent", description="The node agent.")
-    p.add_argument("--node", default=env.env_str("NODE", socket.gethostname(), e))
-    p.add_argument("--host", default=env.env_str("AGENT_HOST", "127.0.0.1", e))
-    p.add_argument("--port", type=int, default=env.env_int("AGENT_PORT", 50054, e))
-    p.add_argument(
-        "--broker", default=env.env_str("BROKER_ADDR", "unix:/tmp/camelot/broker.sock", e)
-    )
-    p.add_argument("--scheduler", default=env.env_str("SCHEDULER_ADDR", "", e))
-    p.add_argument("--redis", default=env.env_str("REDIS_URL", "", e))
-    p.add_argument(
-        "--backend",
-        default=env.env_choice("BACKEND", "auto", ("auto", "host", "cuda"), e),
-        choices=("auto", "host", "cuda"),
-    )
-    p.add_argument(
-        "--share-mode",
-        default=env.env_choice("SHARE_MODE", "mps", SHARE_MODES, e),
-        choices=SHARE_MODES,
-    )
-    p.add_argument(
-        "--mps", default=env.env_choice("MPS", "manage", MPS_MODES, e), choices=MPS_MODES
-    )
-    p.add_argument("--mps-pipe-dir", default=env.env_str("MPS_PIPE_DIR", "/tmp/nvidia-mps", e))
-    p.add_argument("--mps-log-dir", default=env.env_str("MPS_LOG_DIR", "", e))
-    p.add_argument("--run-dir", default=env.env_str("RUN_DIR", "/tmp/camelot", e))
-    p.add_argument(
-        "--size",
-        default=env.env_choice("SIZE", "tiny", ("tiny", "full"), e),
-        choices=("tiny", "full"),
-    )
-    p.add_argument("--metrics-port", type=int, default=env.env_int("METRICS_PORT", 0, e))
-    p.add_argument(
-        "--replica-metrics-base", type=int, default=env.env_int("REPLICA_METRICS_BASE", 0, e)
-    )
-    p.add_argument(
+    f = env.Flags(AgentSettings, "python -m services.agent", "The node agent.", e)
+    f.add("--node", env="NODE", default=socket.gethostname())
+    f.add("--host", env="AGENT_HOST")
+    f.add("--port", env="AGENT_PORT")
+    f.add("--broker", field="broker_addr", env="BROKER_ADDR")
+    f.add("--scheduler", field="scheduler_addr", env="SCHEDULER_ADDR")
+    f.add("--redis", field="redis_url", env="REDIS_URL")
+    f.add("--backend", env="BACKEND", choices=("auto", "host", "cuda"))
+    f.add("--share-mode", env="SHARE_MODE", choices=SHARE_MODES)
+    f.add("--mps", env="MPS", choices=MPS_MODES)
+    f.add("--mps-pipe-dir", env="MPS_PIPE_DIR")
+    f.add("--mps-log-dir", env="MPS_LOG_DIR")
+    f.add("--run-dir", env="RUN_DIR")
+    f.add("--size", env="SIZE", choices=("tiny", "full"))
+    f.add("--metrics-port", env="METRICS_PORT")
+    f.add("--replica-metrics-base", env="REPLICA_METRICS_BASE")
+    f.add(
         "--replica-command",
-        default=env.env_str("REPLICA_COMMAND", "", e),
+        field=None,
+        env="REPLICA_COMMAND",
+        default="",
         help="replica command line template (shell words with {fields}); default: services.stage",
     )
-    p.add_argument("--heartbeat-s", type=float, default=env.env_float("HEARTBEAT_S", 1.0, e))
-    p.add_argument(
-        "--ready-timeout-s", type=float, default=env.env_float("READY_TIMEOUT_S", 180, e)
-    )
-    p.add_argument("--shift-s", type=float, default=env.env_float("SHIFT_S", 0.5, e))
-    p.add_argument("--drain-timeout-s", type=float, default=env.env_float("DRAIN_TIMEOUT_S", 30, e))
-    a = p.parse_args(argv)
-    for name in ("heartbeat_s", "ready_timeout_s", "drain_timeout_s"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.shift_s < 0:
-        p.error(f"--shift-s must be >= 0, got {a.shift_s}")
+    f.add("--heartbeat-s", env="HEARTBEAT_S", check="positive")
+    f.add("--ready-timeout-s", env="READY_TIMEOUT_S", check="positive")
+    f.add("--shift-s", env="SHIFT_S", check="nonnegative")
+    f.add("--drain-timeout-s", env="DRAIN_TIMEOUT_S", check="positive")
+    a = f.parse(argv)
     command = (
         tuple(shlex.split(a.replica_command)) if a.replica_command else DEFAULT_REPLICA_COMMAND
     )
-    return AgentSettings(
-        tls=TlsFiles.from_env(e),
-        node=a.node,
-        host=a.host,
-        port=a.port,
-        broker_addr=a.broker,
-        scheduler_addr=a.scheduler,
-        redis_url=a.redis,
-        backend=a.backend,
-        share_mode=a.share_mode,
-        mps=a.mps,
-        mps_pipe_dir=a.mps_pipe_dir,
-        mps_log_dir=a.mps_log_dir,
-        run_dir=a.run_dir,
-        size=a.size,
-        metrics_port=a.metrics_port,
-        replica_metrics_base=a.replica_metrics_base,
-        replica_command=command,
-        heartbeat_s=a.heartbeat_s,
-        ready_timeout_s=a.ready_timeout_s,
-        shift_s=a.shift_s,
-        drain_timeout_s=a.drain_timeout_s,
-    )
+    return f.settings(a, replica_command=command, tls=TlsFiles.from_env(e))
 
 
 def python() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,75 +43,36 @@ def parse(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> GatewaySettings:
     e = os.environ if environ is None else environ
-    d = GatewaySettings()
-    p = argparse.ArgumentParser(
-        prog="python -m services.gateway", description="The Camelot gateway."
-    )
-    p.add_argument("--node", default=env.env_str("NODE", d.node, e))
-    p.add_argument("--host", default=env.env_str("GATEWAY_HOST", d.host, e))
-    p.add_argument("--port", type=int, default=env.env_int("GATEWAY_PORT", d.port, e))
-    p.add_argument("--unix", default="")
-    p.add_argument("--broker", default=env.env_str("BROKER_ADDR", d.broker, e))
-    p.add_argument("--scheduler", default=env.env_str("SCHEDULER_ADDR", d.scheduler, e))
-    p.add_argument("--agent", default=env.env_str("AGENT_ADDR", d.agent, e))
-    p.add_argument("--redis", default=env.env_str("REDIS_URL", d.redis_url, e))
-    p.add_argument(
-        "--backend", default=env.env_choice("BACKEND", d.backend, ("auto", "host", "cuda"), e)
-    )
-    p.add_argument("--size", default=env.env_choice("SIZE", d.size, ("tiny", "full"), e))
-    p.add_argument(
-        "--transport", default=env.env_choice("TRANSPORT", d.transport, ("ref", "wire"), e)
-    )
-    p.add_argument("--pipelines-dir", default=env.env_str("PIPELINES_DIR", "", e))
-    p.add_argument(
-        "--deadline-qos-multiple",
-        type=float,
-        default=env.env_float("DEADLINE_QOS_MULTIPLE", d.deadline_qos_multiple, e),
-    )
-    p.add_argument(
-        "--max-payload-bytes",
-        type=int,
-        default=env.env_int("MAX_PAYLOAD_BYTES", d.max_payload_bytes, e),
-    )
-    p.add_argument(
-        "--max-inflight", type=int, default=env.env_int("MAX_INFLIGHT", d.max_inflight, e)
-    )
-    p.add_argument("--device", type=int, default=0)
-    p.add_argument("--metrics-port", type=int, default=env.env_int("METRICS_PORT", 0, e))
-    p.add_argument(
+    f = env.Flags(GatewaySettings, "python -m services.gateway", "The Camelot gateway.", e)
+    f.add("--node", env="NODE")
+    f.add("--host", env="GATEWAY_HOST")
+    f.add("--port", env="GATEWAY_PORT")
+    f.add("--unix", field="unix_path")
+    f.add("--broker", env="BROKER_ADDR")
+    f.add("--scheduler", env="SCHEDULER_ADDR")
+    f.add("--agent", env="AGENT_ADDR")
+    f.add("--redis", field="redis_url", env="REDIS_URL")
+    f.add("--backend", env="BACKEND", choices=("auto", "host", "cuda"))
+    f.add("--size", env="SIZE", choices=("tiny", "full"))
+    f.add("--transport", env="TRANSPORT", choices=("ref", "wire"))
+    f.add("--pipelines-dir", env="PIPELINES_DIR")
+    f.add("--deadline-qos-multiple", env="DEADLINE_QOS_MULTIPLE", check="positive")
+    f.add("--max-payload-bytes", env="MAX_PAYLOAD_BYTES", check="positive")
+    f.add("--max-inflight", env="MAX_INFLIGHT", check="positive")
+    f.add("--device")
+    f.add("--metrics-port", env="METRICS_PORT")
+    f.add(
         "--routes",
+        field=None,
         default="",
         help="fixed routes without a scheduler: pipeline/stage=replica@address,...",
     )
-    a = p.parse_args(argv)
+    a = f.parse(argv)
     try:
         static = parse_routes(a.routes)
     except ValueError as err:
-        p.error(str(err))
-    for name in ("deadline_qos_multiple", "max_payload_bytes", "max_inflight"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    return GatewaySettings(
-        node=a.node,
-        host=a.host,
-        port=a.port,
-        unix_path=a.unix,
-        broker=a.broker,
-        scheduler=a.scheduler,
-        agent=a.agent,
-        redis_url=a.redis,
-        backend=a.backend,
-        size=a.size,
-        transport=a.transport,
-        pipelines_dir=a.pipelines_dir,
-        deadline_qos_multiple=a.deadline_qos_multiple,
-        max_payload_bytes=a.max_payload_bytes,
-        max_inflight=a.max_inflight,
-        device=a.device,
-        metrics_port=a.metrics_port,
-        static_routes=static,
-        tls=TlsFiles.from_env(e),
-    )
+        f.parser.error(str(err))
+    return f.settings(a, static_routes=static, tls=TlsFiles.from_env(e))
 
 
 def parse_routes(spec: str) -> tuple[tuple[str, str, str, str], ...]:
