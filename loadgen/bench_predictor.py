@@ -266,11 +266,15 @@ def _r(x: float) -> float:
 # --- the GPU part ------------------------------------------------------------------------------
 
 
-def _member_main(conn: Connection, stop: Any, m: Member, size: str, seed: int) -> None:
+def _member_main(
+    conn: Connection, stop: Any, m: Member, size: str, seed: int, graphs: bool = False
+) -> None:
     """Child process: build the stage at its share, then answer "solo" and "together"."""
     os.environ[SHARE_ENV] = f"{m.share:g}"  # before CUDA starts in this process
     try:
-        model, batch, cp = _build(m, size, seed)
+        model, batch, cp = _build(m, size, seed, graphs)
+        stream = cp.cuda.Stream(non_blocking=True)  # a replica's kind of stream
+        stream.use()
         start, end = cp.cuda.Event(), cp.cuda.Event()
 
         def one() -> Sample:
@@ -299,7 +303,9 @@ def _member_main(conn: Connection, stop: Any, m: Member, size: str, seed: int) -
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _build(m: Member, size: str, seed: int) -> tuple[Any, dict[str, Any], Any]:
+def _build(
+    m: Member, size: str, seed: int, graphs: bool = False
+) -> tuple[Any, dict[str, Any], Any]:
     import cupy as cp
     import numpy as np
 
@@ -309,7 +315,7 @@ def _build(m: Member, size: str, seed: int) -> tuple[Any, dict[str, Any], Any]:
     from services.stage.plugin import ModelContext, build_model
 
     pipe = load_pipeline(m.pipeline, size)
-    ctx = ModelContext(Backend.CUDA, cp, size, seed, np.dtype(np.float16))
+    ctx = ModelContext(Backend.CUDA, cp, size, seed, np.dtype(np.float16), graphs)
     items = np.stack([runner.make_input(pipe, seed + i) for i in range(m.batch)])
     models = runner.build_models(pipe, ctx)
     values: dict[str, Any] = {"input": cp.asarray(items)}
@@ -331,7 +337,12 @@ def _build(m: Member, size: str, seed: int) -> tuple[Any, dict[str, Any], Any]:
 
 
 def measure(
-    c: Colocation, size: str, seed: int, window_s: float, solo_repeats: int
+    c: Colocation,
+    size: str,
+    seed: int,
+    window_s: float,
+    solo_repeats: int,
+    graphs: bool = False,
 ) -> tuple[list[tuple[float, float, int]], list[float]]:
     """Runs on the GPU: (per member median ms, items/s, samples side by side), solo medians."""
     import multiprocessing as mp
@@ -342,7 +353,7 @@ def measure(
     try:
         for m in c.members:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_member_main, args=(child, stop, m, size, seed))
+            proc = ctx.Process(target=_member_main, args=(child, stop, m, size, seed, graphs))
             proc.start()
             child.close()  # the parent keeps only its end: a dead child reads as EOF
             conns.append(parent)
@@ -411,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--solo-repeats", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--cuda-graphs",
+        choices=("on", "off"),
+        default="off",
+        help="run graph-safe models as CUDA graphs, as stages with --cuda-graphs on do",
+    )
+    parser.add_argument(
         "--colocation",
         action="append",
         default=[],
@@ -423,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for c in cases:
         preds = predict(c, profiles)
-        together, solo = measure(c, args.size, args.seed, args.window_s, args.solo_repeats)
+        together, solo = measure(
+            c, args.size, args.seed, args.window_s, args.solo_repeats, args.cuda_graphs == "on"
+        )
         got = rows_for(c, preds, together, solo)
         rows += got
         for r in got:

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pressure-shares", type=_floats, default=Settings.pressure_shares)
     parser.add_argument("--contention-share", type=float, default=Settings.contention_share)
     parser.add_argument("--repeats", type=int, default=Settings.repeats)
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=("on", "off"),
+        default="off",
+        help="profile graph-safe models as CUDA graphs, as stages run with --cuda-graphs on",
+    )
     parser.add_argument("--out", default="profiles.json")
     parser.add_argument("--redis", default="", help="also store each profile in this Redis")
     args = parser.parse_args(argv)
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         pressure_shares=args.pressure_shares,
         contention_share=args.contention_share,
         repeats=args.repeats,
+        cuda_graphs=args.cuda_graphs == "on",
     )
     only = {s for s in args.stages.split(",") if s}
     results = []

@@ -47,6 +47,8 @@ class Settings:
     corunner_mib: int = 1024
     window_s: float = 1.0
     seed: int = 0
+    # as a stage with --cuda-graphs on: graph-safe models replay CUDA graphs
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -194,7 +196,15 @@ def profile_stage(
     """Runs on the GPU: every share x batch alone, then beside the co-runner levels."""
     res = StageResult(pipeline, stage)
     batches = batches_for(max_batch, settings.batches)
-    args = ["stage", pipeline, settings.size, stage, str(max(batches)), str(settings.seed)]
+    args = [
+        "stage",
+        pipeline,
+        settings.size,
+        stage,
+        str(max(batches)),
+        str(settings.seed),
+        "on" if settings.cuda_graphs else "off",
+    ]
     for share in settings.shares:
         with Child(args, share) as w:
             row = {}

@@ -31,7 +31,9 @@ def _commands() -> Any:
             yield json.loads(line)
 
 
-def stage_main(pipeline: str, size: str, stage: str, max_batch: int, seed: int) -> None:
+def stage_main(
+    pipeline: str, size: str, stage: str, max_batch: int, seed: int, graphs: bool = False
+) -> None:
     import cupy as cp
     import numpy as np
 
@@ -41,7 +43,10 @@ def stage_main(pipeline: str, size: str, stage: str, max_batch: int, seed: int) 
     from services.stage.plugin import ModelContext, build_model
 
     pipe = load_pipeline(pipeline, size)
-    ctx = ModelContext(Backend.CUDA, cp, size, seed, np.dtype(np.float16))
+    ctx = ModelContext(Backend.CUDA, cp, size, seed, np.dtype(np.float16), graphs)
+    # the stage's own kind of stream (a replica never runs on the legacy default stream)
+    stream = cp.cuda.Stream(non_blocking=True)
+    stream.use()
     items = np.stack([runner.make_input(pipe, seed + i) for i in range(max_batch)])
     models = runner.build_models(pipe, ctx)
     values: dict[str, Any] = {"input": cp.asarray(items)}
@@ -135,7 +140,8 @@ def corunner_main(mib: int) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[0] == "stage":
-        stage_main(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]))
+        graphs = len(argv) > 6 and argv[6] == "on"
+        stage_main(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), graphs)
     elif argv[0] == "corunner":
         corunner_main(int(argv[1]))
     else:
