@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, in two calls (each fits the 600 s limit):
+#   PART=profile: profiles of PIPES (default all four) as stages run them (non-blocking stream,
+#                 CUDA graphs on for graph-safe models) ($OUT/g-profile.tgz); merge them here with
+#                 python -m scheduler.profile_merge merge <outputs> --note "..." (CPU);
+#   PART=predictor: the predictor's held-out accuracy against the profiles in the tree (commit the
+#                 merged set first) with graphs on ($OUT/g-predictor.tgz).
+set -u
+source .devcarry/setup.sh
+OUT=${OUT:-/tmp/out}
+PART=${PART:-profile}
+R=/tmp/res; rm -rf $R; mkdir -p "$R" "$OUT"
+python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
+mps_start
+step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
+  timeout "$t" "$@" > "$R/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$R/steps.txt"; }
+case $PART in
+  profile)
+    for p in ${PIPES:-img-to-text video-analytics speech-to-text text-to-img}; do
+      step "profile-$p" 140 python3 -m services.profiler $p --size full --shares 10,30,50,100 \
+        --batches 1,8,32 --repeats 12 --cuda-graphs on --out "$R/$p.json"
+    done
+    ;;
+  predictor)
+    step predictor 520 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json \
+      --out "$R" --window-s 2 --solo-repeats 15 --cuda-graphs on
+    ;;
+esac
+mps_stop
+tar czf "$OUT/g-$PART.tgz" -C /tmp res 2>/dev/null
+cat "$R/steps.txt"
+python3 -c "import json; print(json.load(open('$R/predictor.json'))['summary'])" 2>/dev/null
