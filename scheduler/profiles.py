@@ -74,7 +74,7 @@ class StageProfile:
 
     def __post_init__(self) -> None:
         _validate(self)
-        object.__setattr__(self, "_table", _monotone(self.latency_ms))
+        object.__setattr__(self, "_table", monotone_table(self.latency_ms))
         object.__setattr__(self, "_memo", {})
 
     @property
@@ -273,7 +273,7 @@ def _validate(p: StageProfile) -> None:
         raise InvalidArgument(f"{where}: bias must be finite and > 0")
 
 
-def _monotone(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+def monotone_table(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
     """Non-decreasing along batch, then non-increasing along share (from the top share down)."""
     rows = [list(r) for r in table]
     for r in rows:
