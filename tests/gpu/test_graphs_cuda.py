@@ -88,9 +88,9 @@ def test_replay_matches_eager_row_for_row() -> None:
     np.testing.assert_array_equal(got_a, cupy.asnumpy(ref_a["tokens"][:3]))
     np.testing.assert_array_equal(got_b, cupy.asnumpy(ref_b["tokens"][:3]))
     assert not np.array_equal(got_a, got_b)
-    # the kernel matmul and cuBLAS sum in different orders; greedy tokens agree all but rarely
-    agree = float((got_a == cupy.asnumpy(base_a["tokens"][:3])).mean())
-    assert agree >= 0.9, agree
+    # the kernel matmul and cuBLAS sum in different orders, and one flipped near-tie changes
+    # every later greedy token of its row; the first token of each row must agree
+    np.testing.assert_array_equal(got_a[:, 0], cupy.asnumpy(base_a["tokens"][:3, 0]))
 
 
 class HostSyncing(ReferenceModel):
