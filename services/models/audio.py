@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.models.layers import Array, namespace
+from services.models.layers import Array, matmul, namespace
 
 LOG_FLOOR = 1e-6
 
@@ -59,7 +59,7 @@ def log_mel(wave: Array, n_fft: int, hop: int, window: Array, filters: Array) ->
     xp = namespace(wave)
     spec = xp.fft.rfft(frames(wave.astype(np.float32), n_fft, hop) * window, axis=-1)
     power = (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32)
-    return xp.log(power @ filters.T + np.float32(LOG_FLOOR))
+    return xp.log(matmul(power, filters.T) + np.float32(LOG_FLOOR))
 
 
 def normalize(features: Array, eps: float = 1e-5) -> Array:

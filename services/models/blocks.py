@@ -221,10 +221,19 @@ class ResNet:
         return s
 
 
-def image_to_float(frames: Array, dtype: np.dtype[np.generic]) -> Array:
+class ImageStats:
+    """ImageNet mean and std per channel, shaped (3, 1, 1) so they broadcast over (..., 3, h, w);
+    made once per model on its device, so a forward copies nothing from the host."""
+
+    def __init__(self, init: Init) -> None:
+        self.mean = init.host(np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1), np.float32)
+        self.std = init.host(np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1), np.float32)
+
+    def normalise(self, pixels: Array, dtype: np.dtype[np.generic]) -> Array:
+        """fp32 pixels in 0..255, channels third from last -> normalised, in `dtype`."""
+        return ((pixels / np.float32(255.0) - self.mean) / self.std).astype(dtype)
+
+
+def image_to_float(frames: Array, dtype: np.dtype[np.generic], stats: ImageStats) -> Array:
     """uint8 (n, h, w, 3) -> normalised float (n, 3, h, w) with ImageNet mean and std."""
-    xp = L.namespace(frames)
-    mean = xp.asarray(np.array([0.485, 0.456, 0.406], dtype=np.float32)).reshape(1, 3, 1, 1)
-    std = xp.asarray(np.array([0.229, 0.224, 0.225], dtype=np.float32)).reshape(1, 3, 1, 1)
-    x = frames.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    return ((x - mean) / std).astype(dtype)
+    return stats.normalise(frames.transpose(0, 3, 1, 2).astype(np.float32), dtype)

@@ -16,6 +16,9 @@ that into one `cudaGraphLaunch`. How it is kept correct:
 - A capture that fails (a model that synchronizes with the host, say) disables graphs for the
   model with one warning, and every call runs eagerly from then on; nothing is lost.
 - The legacy default stream cannot be captured: calls on it run eagerly.
+- CuPy refuses cuBLAS under capture, so a captured forward multiplies through
+  `capturable_matmul()`: cuBLAS called directly (services/models/cublas.py) where its library
+  loads, else a plain CUDA kernel (services/models/kernels.py, fine for small GEMMs only).
 """
 
 from __future__ import annotations
@@ -31,6 +34,24 @@ from services.stage.plugin import Spec
 log = logging.getLogger(__name__)
 
 Forward = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+_matmul: Callable[[Any, Any], Any] | None = None
+
+
+def capturable_matmul() -> Callable[[Any, Any], Any]:
+    """The matrix multiply a captured forward uses (chosen once per process)."""
+    global _matmul
+    if _matmul is None:
+        from services.models import cublas, kernels
+
+        try:
+            cublas.load_library()
+            _matmul = cublas.gemm
+        except (OSError, RuntimeError, AttributeError) as e:
+            log.warning("cuBLAS cannot be called directly (%s); graphs multiply with a kernel", e)
+            _matmul = kernels.bmm
+    return _matmul
 
 
 def bucket(n: int) -> int:

@@ -14,7 +14,14 @@ import numpy as np
 from services.models import layers as L
 from services.models.base import ReferenceModel, divisible, positive, spec
 from services.models.base import channels as channel_list
-from services.models.blocks import Dense, Norm, ResNet, TransformerBlock, image_to_float
+from services.models.blocks import (
+    Dense,
+    ImageStats,
+    Norm,
+    ResNet,
+    TransformerBlock,
+    image_to_float,
+)
 from services.stage.plugin import ModelContext
 
 BOS = 1
@@ -23,23 +30,27 @@ BOS = 1
 class Preprocess(ReferenceModel):
     """uint8 HWC image -> normalised float CHW, bilinear resize to out_size × out_size."""
 
+    graph_safe = True
+
     def __init__(self, ctx: ModelContext, in_size: Sequence[int], out_size: int) -> None:
         super().__init__(ctx, "img-to-text/preprocess")
         h, w = (positive("in_size", v) for v in in_size)
         self.out_size = positive("out_size", out_size)
+        self.stats = ImageStats(self.init)
         self.inputs = [spec("image", np.uint8, (h, w, 3))]
         self.outputs = [spec("image", self.dtype, (3, out_size, out_size))]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        x = image_to_float(batch["image"], np.dtype(np.float32))
+        x = image_to_float(batch["image"], np.dtype(np.float32), self.stats)
         x = L.resize_bilinear(x, self.out_size, self.out_size)
         return {"image": x.astype(self.dtype)}
 
 
 class Encoder(ReferenceModel):
     """ResNet-ish backbone; the final feature map's cells become tokens projected to d_model.
-    Not graph-safe: its convolutions are large GEMMs that belong on cuBLAS, which CuPy will not
-    call under capture; it launches ~320 kernels, not thousands."""
+    Graph-safe: im2col copies, GEMMs and elementwise kernels, no host reads."""
+
+    graph_safe = True
 
     def __init__(
         self,
@@ -80,8 +91,7 @@ class Decoder(ReferenceModel):
     self-attention layer keeps a key/value cache and computes only the new position, q/k/v come
     from one GEMM, and the argmax stays on the device (written straight into the token buffer),
     so the loop never waits on the host. That makes it graph-safe: on CUDA the whole decode of a
-    batch is one CUDA graph launch instead of ~2,700 kernel launches from Python (its matrix
-    multiplies then run on services/models/kernels.py, which capture accepts, not cuBLAS)."""
+    batch is one CUDA graph launch instead of ~2,700 kernel launches from Python."""
 
     graph_safe = True
 
@@ -108,15 +118,8 @@ class Decoder(ReferenceModel):
         self.outputs = [spec("tokens", np.int32, (max_len,))]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if not self.uses_graphs:
-            return self._decode(batch["features"])
-        from services.models.kernels import bmm
-
-        with L.matmul_with(bmm):
-            return self._decode(batch["features"])
-
-    def _decode(self, features: Any) -> dict[str, Any]:
         xp = self.xp
+        features = batch["features"]
         n = features.shape[0]
         contexts = [block.context(features) for block in self.blocks]
         caches = [block.attn.cache(n, self.max_len, self.dtype) for block in self.blocks]

@@ -84,8 +84,8 @@ def softmax(x: Array, axis: int = -1) -> Array:
 
 # ---- dense layers ---------------------------------------------------------------------------
 
-# The matrix multiply `linear` and `attend` use: `@` unless a graph-safe model's forward installs
-# a kernel that CUDA graph capture accepts (services/models/kernels.py).
+# The matrix multiply every layer uses: `@` unless a graph-safe model's forward installs one that
+# CUDA graph capture accepts (services/models/graphs.py: capturable_matmul).
 _MATMUL: ContextVar[Callable[[Array, Array], Array] | None] = ContextVar("matmul", default=None)
 
 
@@ -193,11 +193,13 @@ def conv2d(x: Array, w: Array, b: Array | None = None, stride: int = 1, pad: int
     wmat = w.reshape(cout, cin * kh * kw)
     if kh == kw == 1 and pad == 0:
         xs = x[:, :, ::stride, ::stride] if stride > 1 else x
-        y = wmat @ xs.reshape(n, cin, ho * wo)
+        y = matmul(wmat, xs.reshape(n, cin, ho * wo))
     else:
         per_item = cin * kh * kw * ho * wo * x.dtype.itemsize
         chunk = max(1, MAX_COLS_BYTES // max(per_item, 1))
-        parts = [wmat @ im2col(x[s : s + chunk], kh, kw, stride, pad) for s in range(0, n, chunk)]
+        parts = [
+            matmul(wmat, im2col(x[s : s + chunk], kh, kw, stride, pad)) for s in range(0, n, chunk)
+        ]
         y = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
     y = y.reshape(n, cout, ho, wo)
     return y if b is None else y + b.reshape(1, cout, 1, 1)

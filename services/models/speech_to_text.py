@@ -24,6 +24,9 @@ PAD = -1
 
 
 class Features(ReferenceModel):
+    """Waveform -> log-mel features (cuFFT on the GPU). Not marked graph-safe: whether CuPy's
+    FFT plans can be made and run under capture is not yet tried on a GPU."""
+
     def __init__(
         self, ctx: ModelContext, samples: int, sample_rate: int, n_fft: int, hop: int, n_mels: int
     ) -> None:
@@ -42,6 +45,8 @@ class Features(ReferenceModel):
 
 class Acoustic(ReferenceModel):
     """Two 3×3/2 convs over (time, mel) -> per-frame projection -> transformer -> vocab logits."""
+
+    graph_safe = True
 
     def __init__(
         self,
@@ -81,6 +86,8 @@ class Acoustic(ReferenceModel):
 
 class CtcDecode(ReferenceModel):
     """Greedy CTC: argmax per frame, collapse repeats, drop blanks, left-align, pad with -1."""
+
+    graph_safe = True
 
     def __init__(self, ctx: ModelContext, frames: int, vocab: int) -> None:
         super().__init__(ctx, "speech-to-text/ctc")

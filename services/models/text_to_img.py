@@ -21,6 +21,8 @@ from services.stage.plugin import ModelContext
 class TextEncoder(ReferenceModel):
     """Token embeddings + positions -> bidirectional transformer -> final layer norm."""
 
+    graph_safe = True
+
     def __init__(
         self, ctx: ModelContext, length: int, vocab: int, d_model: int, heads: int, layers: int
     ) -> None:
@@ -44,6 +46,8 @@ class Generator(ReferenceModel):
     """Pooled text -> latent grid -> [nearest ×2, conv 3×3, ReLU] per width -> RGB via tanh.
 
     Each up-block also gets a per-channel bias projected from the pooled text (conditioning)."""
+
+    graph_safe = True
 
     def __init__(
         self,
@@ -77,6 +81,8 @@ class Generator(ReferenceModel):
 class SuperResolution(ReferenceModel):
     """conv -> bilinear ×2 -> conv -> conv to RGB, added to the bilinear ×2 of the input;
     quantised to uint8 HWC."""
+
+    graph_safe = True
 
     def __init__(self, ctx: ModelContext, size: int, width: int) -> None:
         super().__init__(ctx, "text-to-img/super-resolution")

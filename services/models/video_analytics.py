@@ -17,7 +17,7 @@ from common.errors import InvalidArgument
 from services.models import layers as L
 from services.models.base import ReferenceModel, positive, spec
 from services.models.base import channels as channel_list
-from services.models.blocks import Conv, Dense, Norm, ResNet, image_to_float
+from services.models.blocks import Conv, Dense, ImageStats, Norm, ResNet, image_to_float
 from services.models.layers import Array
 from services.stage.plugin import ModelContext
 
@@ -32,7 +32,8 @@ class Detector(ReferenceModel):
     """Backbone feature map -> objectness per cell -> top-K cells -> one box regressed per cell.
 
     The backbone runs on the frame resized (bilinear) to `work_size`; cell centres and box sizes
-    are in full-frame pixels, so crop can cut the boxes out of the original frame."""
+    are in full-frame pixels, so crop can cut the boxes out of the original frame. Not
+    graph-safe: CuPy's argsort (the top-K) runs on Thrust, which synchronizes with the host."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Detector(ReferenceModel):
         max_box: int,
     ) -> None:
         super().__init__(ctx, "video-analytics/detector")
+        self.stats = ImageStats(self.init)
         self.net = ResNet(self.init, 3, widths, blocks, stem_kernel, stem_stride, stem_pool)
         self.score = Conv(self.init, self.net.out_channels, 1, 1, gain=1.0)
         self.regress = Conv(self.init, self.net.out_channels, 4, 1, gain=1.0)
@@ -93,17 +95,9 @@ class Detector(ReferenceModel):
     def _prepare(self, frames: Array) -> Array:
         """uint8 (n, H, W, 3) -> normalised (n, 3, work_h, work_w) in the compute dtype."""
         if self.work == (self.h, self.w):
-            return image_to_float(frames, self.dtype)
+            return image_to_float(frames, self.dtype, self.stats)
         small = L.resize_bilinear(frames.transpose(0, 3, 1, 2), *self.work, dtype=np.float32)
-        return normalise(small, self.dtype)
-
-
-def normalise(x: Array, dtype: np.dtype[np.generic]) -> Array:
-    """fp32 NCHW pixels in 0..255 -> ImageNet-normalised, in `dtype`."""
-    xp = L.namespace(x)
-    mean = xp.asarray(np.array([0.485, 0.456, 0.406], dtype=np.float32)).reshape(1, 3, 1, 1)
-    std = xp.asarray(np.array([0.229, 0.224, 0.225], dtype=np.float32)).reshape(1, 3, 1, 1)
-    return ((x / np.float32(255.0) - mean) / std).astype(dtype)
+        return self.stats.normalise(small, self.dtype)
 
 
 def _sigmoid(xp: Any, x: Array) -> Array:
@@ -135,12 +129,16 @@ def crop_resize(frames: Array, boxes: Array, size: int) -> Array:
 
 
 class Crop(ReferenceModel):
-    """The ORIGINAL frame's pixels inside each box, resized to crop_size², normalised."""
+    """The ORIGINAL frame's pixels inside each box, resized to crop_size², normalised.
+    Graph-safe: the boxes are read on the device (a gather), never on the host."""
+
+    graph_safe = True
 
     def __init__(
         self, ctx: ModelContext, frame_size: tuple[int, int], proposals: int, crop_size: int
     ) -> None:
         super().__init__(ctx, "video-analytics/crop")
+        self.stats = ImageStats(self.init)
         self.size = crop_size
         self.inputs = [
             spec("frame", np.uint8, (*frame_size, 3)),
@@ -149,15 +147,14 @@ class Crop(ReferenceModel):
         self.outputs = [spec("crops", self.dtype, (proposals, 3, crop_size, crop_size))]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        xp = self.xp
         crops = crop_resize(batch["frame"], batch["boxes"], self.size)  # (n, K, 3, s, s) 0..255
-        mean = xp.asarray(np.array([0.485, 0.456, 0.406], dtype=np.float32)).reshape(3, 1, 1)
-        std = xp.asarray(np.array([0.229, 0.224, 0.225], dtype=np.float32)).reshape(3, 1, 1)
-        return {"crops": ((crops / np.float32(255.0) - mean) / std).astype(self.dtype)}
+        return {"crops": self.stats.normalise(crops, self.dtype)}
 
 
 class Classifier(ReferenceModel):
     """Small ResNet over every crop -> global average pool -> class logits -> argmax, max prob."""
+
+    graph_safe = True
 
     def __init__(
         self,

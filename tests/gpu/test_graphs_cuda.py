@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
-from common.pipeline_config import load_pipeline
+from common.pipeline_config import list_pipelines, load_pipeline
 from services.models.base import ReferenceModel, spec
-from services.models.graphs import bucket
+from services.models.cublas import gemm
+from services.models.graphs import bucket, capturable_matmul
 from services.models.kernels import bmm
 from services.pipelines.runner import make_input
 from services.stage.plugin import ModelContext, build_model
@@ -54,17 +55,36 @@ def features(n: int, seed: int) -> object:
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_kernel_matmul_agrees_with_cublas(a_shape, b_shape, transpose_b, dtype) -> None:
+@pytest.mark.parametrize("mm", [bmm, gemm], ids=["kernel", "cublas-direct"])
+def test_capturable_matmuls_agree_with_cupy(mm, a_shape, b_shape, transpose_b, dtype) -> None:
     rng = np.random.default_rng(0)
     a = cupy.asarray(rng.standard_normal(a_shape).astype(dtype))
     b = cupy.asarray(rng.standard_normal(b_shape).astype(dtype))
     if transpose_b:
         b = b.swapaxes(-1, -2)  # a strided view, as attention passes it
-    got = bmm(a, b)
+    got = mm(a, b)
     want = (a.astype(np.float32) @ b.astype(np.float32)).astype(dtype)
     assert got.shape == want.shape and got.dtype == dtype
     tol = 2e-2 if dtype == np.float16 else 1e-4
     np.testing.assert_allclose(cupy.asnumpy(got), cupy.asnumpy(want), rtol=tol, atol=tol)
+
+
+def test_direct_cublas_is_captured_and_replayed() -> None:
+    assert capturable_matmul() is gemm  # the library CuPy loaded can be called directly
+    a = cupy.asarray(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float16))
+    w = cupy.asarray(np.random.default_rng(2).standard_normal((64, 32)).astype(np.float16))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        gemm(a, w)  # warm: handle, workspace
+        stream.synchronize()
+        stream.begin_capture()
+        out = gemm(a, w)
+        graph = stream.end_capture()
+        a[...] = a * 2
+        graph.launch(stream)
+        stream.synchronize()
+    want = (a.astype(np.float32) @ w.astype(np.float32)).astype(np.float16)
+    np.testing.assert_allclose(cupy.asnumpy(out), cupy.asnumpy(want), rtol=2e-2, atol=2e-2)
 
 
 def test_replay_matches_eager_row_for_row() -> None:
@@ -76,8 +96,9 @@ def test_replay_matches_eager_row_for_row() -> None:
         # 3 rows run in the bucket of 4: the same kernels as an eager batch of 4 with those rows
         out_a = graphed.infer({"features": a[:3]})
         out_b = graphed.infer({"features": b[:3]})  # the replay re-reads its inputs
-        ref_a = graphed.forward({"features": a})  # the same model, eagerly, same kernels
-        ref_b = graphed.forward({"features": b})
+        # the same model eagerly, with the kernels its graph recorded
+        ref_a = graphed.forward_capturable({"features": a})
+        ref_b = graphed.forward_capturable({"features": b})
         base_a = cublas.infer({"features": a})
         stream.synchronize()
     assert graphed.graphed is not None and graphed.graphed.disabled is None
@@ -91,6 +112,30 @@ def test_replay_matches_eager_row_for_row() -> None:
     # the kernel matmul and cuBLAS sum in different orders, and one flipped near-tie changes
     # every later greedy token of its row; the first token of each row must agree
     np.testing.assert_array_equal(got_a[:, 0], cupy.asnumpy(base_a["tokens"][:3, 0]))
+
+
+def test_encoder_replay_matches_its_eager_run() -> None:
+    pipeline = load_pipeline("img-to-text", "full")
+    pre = build_model(pipeline.stages[0].model, ctx(False), pipeline.stages[0].options)
+    s = pipeline.stages[1]
+    graphed = build_model(s.model, ctx(True), s.options)
+    eager = build_model(s.model, ctx(False), s.options)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        images = cupy.asarray(np.stack([make_input(pipeline, i) for i in range(2)]))
+        x = pre.infer({"image": images})["image"]
+        got = graphed.infer({"image": x})["features"]
+        same = graphed.forward_capturable({"image": x})["features"]
+        cublas_eager = eager.infer({"image": x})["features"]
+        stream.synchronize()
+    assert graphed.graphed is not None and graphed.graphed.disabled is None
+    np.testing.assert_array_equal(cupy.asnumpy(got), cupy.asnumpy(same))
+    np.testing.assert_allclose(
+        cupy.asnumpy(got).astype(np.float32),
+        cupy.asnumpy(cublas_eager).astype(np.float32),
+        rtol=5e-2,
+        atol=5e-2,
+    )
 
 
 class HostSyncing(ReferenceModel):
@@ -136,3 +181,41 @@ def test_legacy_stream_runs_eagerly() -> None:
         and not graphed.graphed.graphs
         and graphed.graphed.disabled is None
     )
+
+
+def graph_safe_stages() -> list[tuple[str, str]]:
+    out = []
+    for name in list_pipelines():
+        pipeline = load_pipeline(name, "full")
+        for s in pipeline.stages:
+            model = build_model(s.model, ModelContext(Backend.HOST, np, size="tiny"), {})
+            if getattr(model, "graph_safe", False):
+                out.append((name, s.name))
+    return out
+
+
+@pytest.mark.parametrize(("pipeline_name", "stage_name"), graph_safe_stages())
+def test_every_graph_safe_stage_captures_and_replays_exactly(pipeline_name, stage_name) -> None:
+    """A stage marked graph-safe must capture (no fallback) and its replay must equal its
+    capturable forward run eagerly, row for row, at a batch padded into its bucket."""
+    pipeline = load_pipeline(pipeline_name, "full")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        values = {"input": cupy.asarray(np.stack([make_input(pipeline, i) for i in range(4)]))}
+        graphed = None
+        for s in pipeline.stages:
+            eager = build_model(s.model, ctx(False), s.options)
+            feeds = {n: values[src] for n, src in s.inputs.items()}
+            if s.name == stage_name:
+                graphed = build_model(s.model, ctx(True), s.options)
+                got = graphed.infer({k: v[:3] for k, v in feeds.items()})
+                same = graphed.forward_capturable(feeds)
+                break
+            out = eager.infer(feeds)
+            for spec_ in eager.outputs:
+                values[f"{s.name}.{spec_.name}"] = out[spec_.name]
+        stream.synchronize()
+    assert graphed is not None and graphed.graphed is not None
+    assert graphed.graphed.disabled is None, graphed.graphed.disabled
+    for key, arr in got.items():
+        np.testing.assert_array_equal(cupy.asnumpy(arr), cupy.asnumpy(same[key][:3]))
