@@ -11,8 +11,9 @@ mps_start
 export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY CAMELOT_CUDA_GRAPHS=on
 step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$OUT/steps.txt"; }
-step gpu-tests 100 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py -q -p no:cacheprovider -o addopts="" --timeout 80 -rfE
-step graphs 80 python3 -m services.models.bench --out "$OUT" --batches 1,8,32 --repeats 10
+step gpu-tests 180 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py tests/gpu/test_models_cuda.py -q -p no:cacheprovider -o addopts="" --timeout 120 -rfE
+step graphs 150 python3 -m services.models.bench --out "$OUT" --batches 1,8,32 --repeats 10 \
+  --pipelines img-to-text,text-to-img,speech-to-text,video-analytics
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy exclusive \
   --serve --run-dir /tmp/cam > "$OUT/mesh.log" 2>&1 &
 mesh=$!
