@@ -78,7 +78,7 @@ class ReferenceModel:
         if self.uses_graphs:
             if self.graphed is None:
                 self.graphed = GraphedForward(
-                    self.name, self.xp, self.forward_capturable, self.inputs
+                    self.name, self.xp, self.forward_capturable, self.forward, self.inputs
                 )
             out = self.graphed(batch)
         else:

@@ -72,10 +72,15 @@ class Captured:
 class GraphedForward:
     """`forward` behind CUDA graphs on CuPy; see the module docstring."""
 
-    def __init__(self, name: str, xp: Any, forward: Forward, inputs: Sequence[Spec]) -> None:
+    def __init__(
+        self, name: str, xp: Any, forward: Forward, eager: Forward, inputs: Sequence[Spec]
+    ) -> None:
+        """`forward` is what a graph records (its matmuls capturable); `eager` answers wherever
+        no graph runs (the legacy stream, or after a capture failed, whatever its cause)."""
         self.name = name
         self.xp = xp
         self.forward = forward
+        self.eager = eager
         self.specs = list(inputs)
         self.graphs: dict[tuple[int, int], Captured] = {}
         self.disabled: str | None = None  # why graphs are off for this model, once they are
@@ -83,10 +88,10 @@ class GraphedForward:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         if self.disabled is not None:
-            return self.forward(batch)
+            return self.eager(batch)
         stream = self.xp.cuda.get_current_stream()
         if stream.ptr in (0, getattr(self.xp.cuda.runtime, "streamLegacy", 1)):
-            return self.forward(batch)
+            return self.eager(batch)
         n = int(next(iter(batch.values())).shape[0])
         key = (int(stream.ptr), bucket(n))
         captured = self.graphs.get(key)
@@ -97,7 +102,7 @@ class GraphedForward:
                 self.disabled = f"{type(e).__name__}: {e}"
                 self.graphs.clear()
                 log.warning("%s: CUDA graph capture failed, running eagerly: %s", self.name, e)
-                return self.forward(batch)
+                return self.eager(batch)
             self.graphs[key] = captured
         for spec in self.specs:
             captured.inputs[spec.name][:n] = batch[spec.name]
