@@ -35,6 +35,7 @@ from loadgen.experiments.search import (
 )
 from loadgen.inputs import Mix, make_input
 from loadgen.openloop import Result, list_pipelines, run_open_loop
+from loadgen.utilization import UtilizationSampler
 from protos import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Harness:
     transport: str = "default"
     pipelines: dict[str, gateway_pb2.PipelineInfo] = field(default_factory=dict)
     _trials: int = 0
+    last_utilization: dict[str, float | None] = field(default_factory=dict)
 
     async def connect(self) -> None:
         self.pipelines = await list_pipelines(self.target, self.deadline_s)
@@ -105,17 +107,20 @@ class Harness:
         log.warning("gateway still routes under epoch %d, wanted %d; going on", seen, epoch)
 
     async def run(self, mix: Mix, schedule: Sequence[float], duration_s: float) -> Result:
+        """One open-loop run; `last_utilization` then holds how busy host and GPUs were."""
         self._trials += 1
-        result = await run_open_loop(
-            self.target,
-            schedule,
-            mix,
-            self.seed + self._trials,
-            self.deadline_s,
-            transport=self.transport,
-            pipelines=self.pipelines,
-            duration_s=duration_s,
-        )
+        async with UtilizationSampler() as util:
+            result = await run_open_loop(
+                self.target,
+                schedule,
+                mix,
+                self.seed + self._trials,
+                self.deadline_s,
+                transport=self.transport,
+                pipelines=self.pipelines,
+                duration_s=duration_s,
+            )
+        self.last_utilization = util.summary()
         await asyncio.sleep(self.gap_s)  # let queues drain before the next trial
         return result
 
@@ -128,7 +133,7 @@ class Harness:
         log.info(
             "%s at %.3g qps: p99 %s ms, met=%s", mix.name, rate_qps, stats["all"]["p99_ms"], met
         )
-        return Trial(rate_qps, met, stats), result
+        return Trial(rate_qps, met, stats, dict(self.last_utilization)), result
 
 
 class ShareSampler:
@@ -251,6 +256,7 @@ def _trial_row(
         "mix": mix.name, "policy": policy, "epoch": epoch, "rate_qps": t.rate_qps, "met": t.met,
         "count": a["count"], "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
         "worst_p99_over_qos": _worst_over_qos(t.stats, qos),
+        "host_cpu_pct": t.detail.get("host_cpu_pct"), "gpu_util_pct": t.detail.get("gpu_util_pct"),
     }  # fmt: skip
     for p in mix.pipelines:
         row[f"{p}.p99_ms"] = t.stats[p]["p99_ms"]
@@ -289,7 +295,9 @@ async def low_load(
                      "p99_ms": a["p99_ms"], "worst_p99_over_qos": _worst_over_qos(trial.stats, qos),
                      "qos_met": trial.met, "sm_gpu_s": gpu_s,
                      "sm_percent_mean": None if gpu_s is None else 100 * gpu_s / h.trial_s,
-                     "gpus": sampler.gpus if h.admin is not None else None}
+                     "gpus": sampler.gpus if h.admin is not None else None,
+                     "host_cpu_pct": trial.detail.get("host_cpu_pct"),
+                     "gpu_util_pct": trial.detail.get("gpu_util_pct")}
                 )  # fmt: skip
                 shares[policy] = sampler.samples
                 cdfs[policy] = [r.latency_us / 1000 for r in result.measured(h.warmup_s) if r.ok]
