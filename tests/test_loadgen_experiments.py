@@ -56,6 +56,12 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
     assert s["vision.camelot_over_best_baseline"] == pytest.approx(
         s["vision.max-load_qps"] / s["vision.even_qps"]
     )
+    # each peak comes with its bracket, and the ratio with the range the brackets allow
+    assert s["vision.max-load_qps"] <= 70 < s["vision.max-load_first_miss_qps"]
+    assert s["vision.even_qps"] <= 35 < s["vision.even_first_miss_qps"]
+    lo, hi = s["vision.camelot_over_best_baseline_range"]
+    assert lo <= s["vision.camelot_over_best_baseline"] <= hi
+    assert lo <= 70 / 35 <= hi
     assert epoch == 3  # two SetPolicy calls
     rows = doc["rows"]
     assert {r["policy"] for r in rows} == {"max-load", "even"}

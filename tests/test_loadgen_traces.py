@@ -149,6 +149,9 @@ async def test_find_peak_lands_within_tolerance_below_the_true_peak(start):
     found = await find_peak(_threshold_trial(37.3, seen), cfg)
     assert 37.3 * 0.95 <= found.peak_qps <= 37.3
     assert not found.capped
+    # the bracket holds the true peak and is as narrow as the tolerance
+    assert found.first_miss_qps is not None
+    assert found.peak_qps <= 37.3 < found.first_miss_qps <= found.peak_qps / 0.95
     assert len(found.trials) == len(seen) <= 20
     assert [t.rate_qps for t in found.trials] == seen
 
@@ -157,10 +160,17 @@ async def test_find_peak_edges():
     never = await find_peak(_threshold_trial(0.0, []), SearchConfig(10.0, 1.0, 100.0))
     assert never.peak_qps == 0.0 and not never.capped
     always = await find_peak(_threshold_trial(1e9, []), SearchConfig(10.0, 1.0, 100.0))
-    assert always.peak_qps == 100.0 and always.capped
+    assert always.peak_qps == 100.0 and always.capped and always.first_miss_qps is None
     seen: list[float] = []
     budget = await find_peak(_threshold_trial(37.3, seen), SearchConfig(1.0, 0.1, 1e5, 0.01, 5))
     assert len(seen) == 5 and budget.peak_qps <= 37.3
+    # out of budget before any miss: no upper bound, and the result says so
+    assert budget.first_miss_qps is None and budget.capped
+    seen = []
+    short = await find_peak(_threshold_trial(37.3, seen), SearchConfig(10.0, 0.1, 1e5, 0.01, 4))
+    # out of budget while bisecting: the bracket says how wide the answer still is
+    assert seen == [10.0, 20.0, 40.0, 30.0] and short.peak_qps == 30.0
+    assert short.first_miss_qps == 40.0
     with pytest.raises(InvalidArgument):
         SearchConfig(start_qps=0.0)
 

@@ -228,15 +228,25 @@ async def peak_load(
                 rows.append(_trial_row(mix, policy, epoch, t, qos))
             curves[policy] = [(t.rate_qps, t.stats["all"]["p99_ms"]) for t in found.trials]
             summary[f"{mix.name}.{policy}_qps"] = found.peak_qps
+            # the search's resolution: the true peak lies in [peak, first miss)
+            summary[f"{mix.name}.{policy}_first_miss_qps"] = found.first_miss_qps
             peaks.append(
                 {"mix": mix.name, "policy": policy, "peak_qps": found.peak_qps,
-                 "capped": found.capped, "trials": len(found.trials)}
+                 "first_miss_qps": found.first_miss_qps, "capped": found.capped,
+                 "trials": len(found.trials)}
             )  # fmt: skip
-        baselines = [summary[f"{mix.name}.{p}_qps"] for p in policies if p != camelot]
+        baselines = [p for p in policies if p != camelot]
         if camelot in policies and baselines:
+            best = max(baselines, key=lambda p: summary[f"{mix.name}.{p}_qps"])
             summary[f"{mix.name}.camelot_over_best_baseline"] = _ratio(
-                summary[f"{mix.name}.{camelot}_qps"], max(baselines)
+                summary[f"{mix.name}.{camelot}_qps"], summary[f"{mix.name}.{best}_qps"]
             )
+            # what the brackets allow: the true ratio lies anywhere in this range
+            mine, theirs = f"{mix.name}.{camelot}", f"{mix.name}.{best}"
+            summary[f"{mix.name}.camelot_over_best_baseline_range"] = [
+                _ratio(summary[f"{mine}_qps"], summary[f"{theirs}_first_miss_qps"]),
+                _ratio(summary[f"{mine}_first_miss_qps"], summary[f"{theirs}_qps"]),
+            ]
         figs.append(
             plots.latency_vs_load(
                 curves,

@@ -56,6 +56,12 @@ class SearchResult:
     trials: tuple[Trial, ...]
     capped: bool  # no trial missed (max_qps or the trial budget reached): the peak may be higher
 
+    @property
+    def first_miss_qps(self) -> float | None:
+        """The lowest rate above the peak that missed: the true peak lies in [peak, this)."""
+        misses = [t.rate_qps for t in self.trials if not t.met and t.rate_qps > self.peak_qps]
+        return min(misses) if misses else None
+
 
 def meets_qos(
     stats: Mapping[str, Mapping[str, Any]],
