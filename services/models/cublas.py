@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from services.models.operands import operands
+
 OP_N, OP_T = 0, 1
 CUDA_R_32F, CUDA_R_16F = 0, 2
 COMPUTE_32F = 68
@@ -83,21 +85,6 @@ def _matrix(rows: int, cols: int, sr: int, sc: int) -> tuple[int, int] | None:
     return None
 
 
-def _batch(
-    shape: tuple[int, ...], strides: tuple[int, ...], batch: tuple[int, int]
-) -> tuple[int, int]:
-    """An operand's element strides over the two (padded, broadcast) batch dimensions."""
-    dims, steps = list(shape[:-2]), list(strides[:-2])
-    dims, steps = [1] * (2 - len(dims)) + dims, [0] * (2 - len(steps)) + steps
-    s0 = 0 if dims[0] == 1 else steps[0]
-    s1 = 0 if dims[1] == 1 else steps[1]
-    if batch[1] == 1:
-        s1 = 0
-    if batch[0] == 1:
-        s0 = 0
-    return s0, s1
-
-
 def _merged(s0: int, s1: int, b0: int, b1: int) -> int | None:
     """One stride walking the b0 x b1 batch in order, if there is one."""
     if b0 == 1:
@@ -114,58 +101,43 @@ def plan(
     b_strides: Sequence[int],
     itemsize: int,
 ) -> Plan:
-    """The calls for `a @ b` (strides in bytes, as numpy and CuPy give them); ValueError if the
-    shapes do not multiply or the batch has more than two dimensions."""
-    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
-    if len(a_shape) < 2 or len(b_shape) < 2:
-        raise ValueError(f"gemm needs matrices, got shapes {a_shape} and {b_shape}")
-    m, k = a_shape[-2:]
-    k2, n = b_shape[-2:]
-    if k != k2:
-        raise ValueError(f"gemm shapes {a_shape} and {b_shape} do not align")
-    batch = tuple(int(d) for d in np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
-    if len(batch) > 2:
-        raise ValueError(f"gemm supports at most two batch dimensions, got {batch}")
-    if min(*a_strides, *b_strides) < 0:
-        raise ValueError("gemm does not take negative strides")
-    sa = tuple(s // itemsize for s in a_strides)
-    sb = tuple(s // itemsize for s in b_strides)
-    b0, b1 = (1,) * (2 - len(batch)) + batch
-    a_mat = _matrix(m, k, sa[-2], sa[-1])
-    b_mat = _matrix(k, n, sb[-2], sb[-1])
+    """The calls for `a @ b` (services/models/operands.py's rules; strides in bytes as numpy
+    and CuPy give them). ValueError if the shapes do not multiply."""
+    o = operands(a_shape, a_strides, b_shape, b_strides, itemsize)
+    m, k, n, b0, b1 = o.m, o.k, o.n, o.b0, o.b1
+    a_mat = _matrix(m, k, *o.a_matrix)
+    b_mat = _matrix(k, n, *o.b_matrix)
     if a_mat is None or b_mat is None:
         # the caller copies the operand to C order (then it is row-major) and plans again
-        return Plan((*batch, m, n), (), copy_a=a_mat is None, copy_b=b_mat is None)
-    a0, a1 = _batch(a_shape, sa, (b0, b1))
-    c0, c1 = _batch(b_shape, sb, (b0, b1))
+        return Plan(o.out_shape, (), copy_a=a_mat is None, copy_b=b_mat is None)
+    (a0, a1), (c0, c1) = o.a_batch, o.b_batch
     merged_a, merged_b = _merged(a0, a1, b0, b1), _merged(c0, c1, b0, b1)
     mn = m * n
-    calls = []
     if merged_a is not None and merged_b is not None:
         groups = [(0, 0, 0, b0 * b1, merged_a, merged_b)]
     else:
         groups = [(i * a0, i * c0, i * b1 * mn, b1, a1, c1) for i in range(b0)]
-    for a_off, b_off, c_off, count, stride_a, stride_b in groups:
-        calls.append(
-            Call(
-                transa=b_mat[0],
-                transb=a_mat[0],
-                m=n,
-                n=m,
-                k=k,
-                lda=b_mat[1],
-                ldb=a_mat[1],
-                ldc=max(n, 1),
-                a_offset=b_off,
-                b_offset=a_off,
-                c_offset=c_off,
-                stride_a=stride_b,
-                stride_b=stride_a,
-                stride_c=mn,
-                count=count,
-            )
+    calls = tuple(
+        Call(
+            transa=b_mat[0],
+            transb=a_mat[0],
+            m=n,
+            n=m,
+            k=k,
+            lda=b_mat[1],
+            ldb=a_mat[1],
+            ldc=max(n, 1),
+            a_offset=b_off,
+            b_offset=a_off,
+            c_offset=c_off,
+            stride_a=stride_b,
+            stride_b=stride_a,
+            stride_c=mn,
+            count=count,
         )
-    return Plan((*batch, m, n), tuple(calls))
+        for a_off, b_off, c_off, count, stride_a, stride_b in groups
+    )
+    return Plan(o.out_shape, calls)
 
 
 # ---- the library -----------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from services.models.operands import operands
+
 _SOURCE = r"""
 __device__ __forceinline__ float load(const unsigned short* p, long long i) {
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i])); return f;
@@ -86,19 +88,6 @@ class Plan:
     b_strides: tuple[int, int, int, int]
 
 
-def _batch_strides(
-    shape: tuple[int, ...], strides: tuple[int, ...], batch: tuple[int, ...], itemsize: int
-) -> list[int]:
-    """Element strides of an operand's batch dimensions against the broadcast `batch` (0 where it
-    is broadcast), left-padded to two dimensions."""
-    dims = list(shape[:-2])
-    steps = [s // itemsize for s in strides[:-2]]
-    pad = len(batch) - len(dims)
-    dims, steps = [1] * pad + dims, [0] * pad + steps
-    out = [0 if d == 1 else st for d, st in zip(dims, steps, strict=True)]
-    return [0] * (2 - len(out)) + out
-
-
 def plan(
     a_shape: tuple[int, ...],
     a_strides: tuple[int, ...],
@@ -106,33 +95,20 @@ def plan(
     b_strides: tuple[int, ...],
     itemsize: int,
 ) -> Plan:
-    """The launch for `a @ b` (numpy matmul rules, at most two batch dimensions after
-    broadcasting); strides in bytes as numpy and CuPy give them. ValueError if it cannot run."""
-    if len(a_shape) < 2 or len(b_shape) < 2:
-        raise ValueError(f"bmm needs matrices, got shapes {a_shape} and {b_shape}")
-    m, k = a_shape[-2:]
-    k2, n = b_shape[-2:]
-    if k != k2:
-        raise ValueError(f"bmm shapes {a_shape} and {b_shape} do not align")
-    batch = tuple(int(d) for d in np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
-    if len(batch) > 2:
-        raise ValueError(f"bmm supports at most two batch dimensions, got {batch}")
-    if min(*a_strides, *b_strides) < 0:
-        raise ValueError("bmm does not take negative strides")
-    b0, b1 = (1,) * (2 - len(batch)) + batch
-    if m > 65535 or b0 * b1 > 65535:
+    """The launch for `a @ b` (services/models/operands.py's rules; strides in bytes as numpy
+    and CuPy give them). ValueError if it cannot run."""
+    o = operands(a_shape, a_strides, b_shape, b_strides, itemsize)
+    if o.m > 65535 or o.b0 * o.b1 > 65535:
         raise ValueError(f"bmm grid too large for shapes {a_shape} @ {b_shape}")
-    sa = _batch_strides(a_shape, a_strides, batch, itemsize)
-    sb = _batch_strides(b_shape, b_strides, batch, itemsize)
     return Plan(
-        out_shape=(*batch, m, n),
-        grid=(math.ceil(n / THREADS), m, b0 * b1),
-        m=m,
-        n=n,
-        k=k,
-        b1=b1,
-        a_strides=(sa[0], sa[1], a_strides[-2] // itemsize, a_strides[-1] // itemsize),
-        b_strides=(sb[0], sb[1], b_strides[-2] // itemsize, b_strides[-1] // itemsize),
+        out_shape=o.out_shape,
+        grid=(math.ceil(o.n / THREADS), o.m, o.b0 * o.b1),
+        m=o.m,
+        n=o.n,
+        k=o.k,
+        b1=o.b1,
+        a_strides=(*o.a_batch, *o.a_matrix),
+        b_strides=(*o.b_batch, *o.b_matrix),
     )
 
 
