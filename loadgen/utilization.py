@@ -5,7 +5,10 @@ mesh's peak (a GPU-bound mesh shows the GPU near 100%, a host-bound one the CPUs
   over the interval between samples; it counts every process on the machine, load generator
   included, so run the generator elsewhere when the figure has to be the mesh's alone;
 - GPU: NVML's `utilization.gpu`, the fraction of the sample period in which a kernel ran, averaged
-  over the node's GPUs (absent without NVML). It says a kernel ran, not how many SMs it filled.
+  over the node's GPUs (absent without NVML). It says a kernel ran, not how many SMs it filled;
+- per process kind (gateway, stage replicas, broker, scheduler, agent, and this load generator):
+  CPU time from `/proc/<pid>/stat` over the interval, in percent of one core, so a single-threaded
+  process near 100 is the ceiling. For the stages, the sum and the busiest replica.
 """
 
 from __future__ import annotations
@@ -13,13 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-PROC_STAT = Path("/proc/stat")
+PROC = Path("/proc")
+PROC_STAT = PROC / "stat"
+# what a process's command line contains -> its kind (first match wins)
+KINDS = (
+    ("services.gateway", "gateway"),
+    ("services.stage", "stage"),
+    ("shmbroker", "broker"),
+    ("services.agent", "agent"),
+    ("-m scheduler", "scheduler"),
+)
 
 
 def cpu_times(text: str) -> tuple[int, int]:
@@ -38,6 +52,67 @@ def cpu_times(text: str) -> tuple[int, int]:
 def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
     busy, total = after[0] - before[0], after[1] - before[1]
     return None if total <= 0 else 100.0 * busy / total
+
+
+def process_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) from the text of /proc/<pid>/stat."""
+    # the command name is in parentheses and may hold spaces: count fields after the last ")"
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def kind_of(cmdline: str, own: bool) -> str | None:
+    if own:
+        return "loadgen"
+    for needle, kind in KINDS:
+        if needle in cmdline:
+            return kind
+    return None
+
+
+def mesh_processes(
+    proc: Path = PROC, kinds: dict[int, str | None] | None = None
+) -> dict[int, tuple[str, int]]:
+    """pid -> (kind, CPU ticks) for every Camelot process and this one. `kinds` caches each
+    pid's kind between calls, so a command line is read once per process."""
+    me = os.getpid()
+    known = {} if kinds is None else kinds
+    out: dict[int, tuple[str, int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if pid not in known:
+                cmdline = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                )
+                known[pid] = kind_of(cmdline, pid == me)
+            kind = known[pid]
+            if kind is not None:
+                out[pid] = (kind, process_ticks((entry / "stat").read_text()))
+        except (OSError, ValueError, IndexError):
+            continue  # gone between the listing and the read, or not ours to read
+    return out
+
+
+def process_pct(
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], seconds: float
+) -> dict[str, float]:
+    """Per kind: CPU percent of one core over the interval (sum), and the busiest stage."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    busiest = 0.0
+    for pid, (kind, ticks) in after.items():
+        if pid not in before or seconds <= 0:
+            continue
+        pct = 100.0 * (ticks - before[pid][1]) / hz / seconds
+        out[kind] = out.get(kind, 0.0) + pct
+        if kind == "stage":
+            busiest = max(busiest, pct)
+    if "stage" in out:
+        out["stage_max"] = busiest
+    return out
 
 
 class Gpus:
@@ -77,11 +152,16 @@ class Gpus:
 class UtilizationSampler:
     """Samples host CPU and GPU busy percentages every `every_s` while the block runs."""
 
-    def __init__(self, every_s: float = 0.5, stat_path: Path = PROC_STAT) -> None:
+    def __init__(
+        self, every_s: float = 0.5, stat_path: Path = PROC_STAT, proc: Path = PROC
+    ) -> None:
         self.every_s = every_s
         self.stat_path = stat_path
+        self.proc = proc
         self.host: list[float] = []
         self.gpu: list[float] = []
+        self.processes: dict[str, list[float]] = {}
+        self._kinds: dict[int, str | None] = {}
         self._gpus: Gpus | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -104,8 +184,13 @@ class UtilizationSampler:
         except (OSError, ValueError):
             return None
 
+    def _processes(self) -> tuple[dict[int, tuple[str, int]], float]:
+        return mesh_processes(self.proc, self._kinds), time.monotonic()
+
     async def _loop(self) -> None:
+        # /proc is read on a worker thread: the load generator's event loop never waits on it
         before = self._read()
+        procs_before, t_before = await asyncio.to_thread(self._processes)
         while True:
             await asyncio.sleep(self.every_s)
             try:
@@ -115,6 +200,10 @@ class UtilizationSampler:
                     if pct is not None:
                         self.host.append(pct)
                 before = now
+                procs, t = await asyncio.to_thread(self._processes)
+                for kind, value in process_pct(procs_before, procs, t - t_before).items():
+                    self.processes.setdefault(kind, []).append(value)
+                procs_before, t_before = procs, t
                 if self._gpus is not None:
                     g = self._gpus.busy_pct()
                     if g is not None:
@@ -123,8 +212,12 @@ class UtilizationSampler:
                 log.warning("utilisation sample failed: %r", e)
 
     def summary(self) -> dict[str, float | None]:
-        """Mean host CPU and GPU busy percentages over the samples (None where there were none)."""
-        return {
+        """Mean host CPU and GPU busy percentages over the samples (None where there were none),
+        and `cpu_pct.<kind>` per process kind (percent of one core)."""
+        out: dict[str, float | None] = {
             "host_cpu_pct": round(statistics.fmean(self.host), 1) if self.host else None,
             "gpu_util_pct": round(statistics.fmean(self.gpu), 1) if self.gpu else None,
         }
+        for kind, values in sorted(self.processes.items()):
+            out[f"cpu_pct.{kind}"] = round(statistics.fmean(values), 1)
+        return out

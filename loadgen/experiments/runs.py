@@ -268,6 +268,7 @@ def _trial_row(
         "worst_p99_over_qos": _worst_over_qos(t.stats, qos),
         "host_cpu_pct": t.detail.get("host_cpu_pct"), "gpu_util_pct": t.detail.get("gpu_util_pct"),
     }  # fmt: skip
+    row.update({k: v for k, v in t.detail.items() if k.startswith("cpu_pct.")})
     for p in mix.pipelines:
         row[f"{p}.p99_ms"] = t.stats[p]["p99_ms"]
     return row
@@ -307,7 +308,8 @@ async def low_load(
                      "sm_percent_mean": None if gpu_s is None else 100 * gpu_s / h.trial_s,
                      "gpus": sampler.gpus if h.admin is not None else None,
                      "host_cpu_pct": trial.detail.get("host_cpu_pct"),
-                     "gpu_util_pct": trial.detail.get("gpu_util_pct")}
+                     "gpu_util_pct": trial.detail.get("gpu_util_pct"),
+                     **{k: v for k, v in trial.detail.items() if k.startswith("cpu_pct.")}}
                 )  # fmt: skip
                 shares[policy] = sampler.samples
                 cdfs[policy] = [r.latency_us / 1000 for r in result.measured(h.warmup_s) if r.ok]
