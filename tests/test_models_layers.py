@@ -271,3 +271,17 @@ def test_resnet_out_size_matches_a_forward_pass():
         net = blocks.ResNet(Init(ctx, "r"), 3, [4, 8, 8], 1, stem_kernel, stem_stride, pool)
         out = net(RNG.standard_normal((1, 3, side, side)).astype(np.float32))
         assert out.shape == (1, 8, net.out_size(side), net.out_size(side))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_is_the_stable_argsort_prefix(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 6, size=(7, 40)).astype(np.float32)  # many ties
+    x[0] = 1.0  # a row of equal scores
+    for k in (1, 5, 40):
+        want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(L.top_k(x, k), want)
+    with pytest.raises(ValueError):
+        L.top_k(x, 0)
+    with pytest.raises(ValueError):
+        L.top_k(x, 41)

@@ -163,6 +163,28 @@ def attend(qh: Array, kt: Array, vh: Array, causal: bool = False) -> Array:
     return matmul(softmax(scores, axis=-1), vh)
 
 
+def top_k(x: Array, k: int) -> Array:
+    """Indices of the k largest entries along the last axis of (n, c), largest first, ties to
+    the lower index: `argsort(-x, kind="stable")[:, :k]`, computed from pairwise ranks with no
+    sort and no data-dependent shape, so CUDA graph capture accepts it (CuPy's sorts run on
+    Thrust, which synchronizes with the host). O(c²) work and memory per row: for c in the
+    hundreds, as a detector's cell grid."""
+    xp = namespace(x)
+    n, c = x.shape
+    if not 0 < k <= c:
+        raise ValueError(f"top_k needs 0 < k <= {c}, got {k}")
+    idx = xp.arange(c)
+    ahead = (x[:, None, :] > x[:, :, None]) | (
+        (x[:, None, :] == x[:, :, None]) & (idx[None, :] < idx[:, None])[None]
+    )
+    rank = ahead.sum(axis=2)  # (n, c): how many entries come before each one
+    # each entry goes to its rank; those ranked k or later all land in a spare column k
+    out = xp.zeros((n, k + 1), dtype=np.int64)
+    rows = xp.broadcast_to(xp.arange(n)[:, None], (n, c))
+    out[rows, xp.minimum(rank, k)] = xp.broadcast_to(idx[None, :], (n, c))
+    return out[:, :k].copy()
+
+
 # ---- convolution and pooling (NCHW) --------------------------------------------------------
 
 

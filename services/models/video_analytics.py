@@ -32,8 +32,10 @@ class Detector(ReferenceModel):
     """Backbone feature map -> objectness per cell -> top-K cells -> one box regressed per cell.
 
     The backbone runs on the frame resized (bilinear) to `work_size`; cell centres and box sizes
-    are in full-frame pixels, so crop can cut the boxes out of the original frame. Not
-    graph-safe: CuPy's argsort (the top-K) runs on Thrust, which synchronizes with the host."""
+    are in full-frame pixels, so crop can cut the boxes out of the original frame. Graph-safe:
+    the top-K is ranked on the device (`layers.top_k`), not sorted through Thrust."""
+
+    graph_safe = True
 
     def __init__(
         self,
@@ -73,7 +75,7 @@ class Detector(ReferenceModel):
         fmap = self.net(self._prepare(batch["frame"]))
         n = fmap.shape[0]
         logits = self.score(fmap).reshape(n, -1).astype(np.float32)
-        order = xp.argsort(-logits, axis=1, kind="stable")[:, : self.k]  # ties: lower cell first
+        order = L.top_k(logits, self.k)  # best first; ties: lower cell first
         top = xp.take_along_axis(logits, order, axis=1)
         reg = self.regress(fmap).reshape(n, 4, -1).astype(np.float32)
         reg = xp.take_along_axis(reg, order[:, None, :], axis=2)  # (n, 4, K)
