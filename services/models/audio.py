@@ -1,7 +1,9 @@
-"""Log-mel features: framing, Hann window, rfft power, mel filterbank, log.
+"""Log-mel features: framing, Hann window, DFT power, mel filterbank, log.
 
-Frames are taken without centre padding: T = 1 + (samples - n_fft) // hop. The spectrum is
-computed in fp32 on both backends (cuFFT has no general fp16 path); the caller casts after.
+Frames are taken without centre padding: T = 1 + (samples - n_fft) // hop. The spectrum is one
+matrix multiply of the frames by a windowed real DFT basis (cos and sin side by side), in fp32
+on both backends (the caller casts after): for frames of a few hundred samples that is cheap
+work on a GPU, and unlike cuFFT it runs inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -54,11 +56,24 @@ def frames(wave: Array, n_fft: int, hop: int) -> Array:
     return wave[:, idx]
 
 
-def log_mel(wave: Array, n_fft: int, hop: int, window: Array, filters: Array) -> Array:
-    """(n, samples) float -> (n, T, n_mels) fp32 log-mel power; window and filters on xp, fp32."""
+def stft_basis(window: np.ndarray) -> np.ndarray:
+    """(n_fft, 2 * bins) host fp32: the window times cos and times -sin of the real DFT's
+    n_fft // 2 + 1 bins, so `frames @ basis` is [real | imaginary] of the windowed spectrum."""
+    n_fft = len(window)
+    k = np.arange(n_fft // 2 + 1)[None, :]
+    phase = 2.0 * np.pi * np.arange(n_fft)[:, None] * k / n_fft
+    w = np.asarray(window, dtype=np.float64)[:, None]
+    return np.concatenate([w * np.cos(phase), -w * np.sin(phase)], axis=1).astype(np.float32)
+
+
+def log_mel(wave: Array, n_fft: int, hop: int, basis: Array, filters: Array) -> Array:
+    """(n, samples) float -> (n, T, n_mels) fp32 log-mel power; `basis` from `stft_basis` and
+    `filters` on xp, fp32."""
     xp = namespace(wave)
-    spec = xp.fft.rfft(frames(wave.astype(np.float32), n_fft, hop) * window, axis=-1)
-    power = (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32)
+    spec = matmul(frames(wave.astype(np.float32), n_fft, hop), basis)  # (n, T, 2 * bins)
+    bins = basis.shape[1] // 2
+    re, im = spec[..., :bins], spec[..., bins:]
+    power = re * re + im * im
     return xp.log(matmul(power, filters.T) + np.float32(LOG_FLOOR))
 
 

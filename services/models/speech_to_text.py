@@ -24,22 +24,24 @@ PAD = -1
 
 
 class Features(ReferenceModel):
-    """Waveform -> log-mel features (cuFFT on the GPU). Not marked graph-safe: whether CuPy's
-    FFT plans can be made and run under capture is not yet tried on a GPU."""
+    """Waveform -> log-mel features; the spectrum is a matrix multiply (audio.stft_basis), so
+    the stage is graph-safe."""
+
+    graph_safe = True
 
     def __init__(
         self, ctx: ModelContext, samples: int, sample_rate: int, n_fft: int, hop: int, n_mels: int
     ) -> None:
         super().__init__(ctx, "speech-to-text/features")
         self.n_fft, self.hop = n_fft, hop
-        self.window = self.init.host(audio.hann(n_fft), np.float32)
+        self.basis = self.init.host(audio.stft_basis(audio.hann(n_fft)), np.float32)
         self.filters = self.init.host(audio.mel_filterbank(n_fft, n_mels, sample_rate), np.float32)
         frames = audio.num_frames(samples, n_fft, hop)
         self.inputs = [spec("waveform", np.float32, (samples,))]
         self.outputs = [spec("mel", self.dtype, (frames, n_mels))]
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        mel = audio.log_mel(batch["waveform"], self.n_fft, self.hop, self.window, self.filters)
+        mel = audio.log_mel(batch["waveform"], self.n_fft, self.hop, self.basis, self.filters)
         return {"mel": audio.normalize(mel).astype(self.dtype)}
 
 
