@@ -48,7 +48,7 @@ def capturable_matmul() -> Callable[[Any, Any], Any]:
         try:
             cublas.load_library()
             _matmul = cublas.gemm
-        except (OSError, RuntimeError, AttributeError) as e:
+        except (ImportError, OSError, RuntimeError, AttributeError) as e:
             log.warning("cuBLAS cannot be called directly (%s); graphs multiply with a kernel", e)
             _matmul = kernels.bmm
     return _matmul
