@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -31,6 +32,8 @@ from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.launcher import Mesh, free_port, wait_healthy
 
 DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
+# the serving process's pid, in the run directory: what `camelot down` signals
+PID_FILE = "camelot.pid"
 
 
 def pipelines_subset(run_dir: Path, names: list[str]) -> str:
@@ -234,6 +237,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     backend = resolve(args.backend).value
     pipelines = args.pipeline or list_pipelines()
     mesh = Mesh(Path(args.run_dir))
+    pid_file = mesh.run_dir / PID_FILE
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}")
     print(f"camelot: logs in {mesh.run_dir}/logs")
     try:
@@ -253,10 +257,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
             (mesh.run_dir / "mesh.json").write_text(
                 json.dumps({**info, "pids": [p.pid for p in mesh.procs]})
             )
+            # `camelot down` stops a mesh served from a terminal as it stops one from `up`
+            pid_file.write_text(str(os.getpid()))
             await stop.wait()
         return 1 if any(r["errors"] for r in rows) else 0
     finally:
         await mesh.stop_all()
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():
+                pid_file.unlink()
         print("camelot: stopped")
 
 
@@ -306,13 +315,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     with open(run_dir / "camelot.log", "ab") as log:
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    (run_dir / "camelot.pid").write_text(str(p.pid))
+    (run_dir / PID_FILE).write_text(str(p.pid))
     print(f"camelot: mesh starting in the background (pid {p.pid}); log {run_dir / 'camelot.log'}")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    pid_file = Path(args.run_dir) / "camelot.pid"
+    pid_file = Path(args.run_dir) / PID_FILE
     if not pid_file.exists():
         print("camelot: no mesh is up", file=sys.stderr)
         return 1
