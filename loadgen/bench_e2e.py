@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from common.backend import cuda_available
+from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.inputs import Mix
 from loadgen.openloop import Record, list_pipelines, run_open_loop, stats_of
-from loadgen.results import module_command, write_result
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from common.errors import InvalidArgument, Unavailable
-from loadgen.results import module_command, write_result
+from common.results import module_command, write_result
 from scheduler import predictor
 from scheduler.policy import (
     GpuInfo,

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from common import lifecycle
+from common.results import module_command, write_result
 from loadgen.inputs import Mix
 from loadgen.openloop import run_open_loop
-from loadgen.results import module_command, write_result
 from loadgen.traces import poisson
 from protos import agent_pb2, agent_pb2_grpc, plan_pb2, stage_pb2, stage_pb2_grpc
 from services.launcher import Mesh, free_port, wait_healthy

@@ -40,10 +40,10 @@ import numpy as np
 
 from common import lifecycle
 from common.pipeline_config import load_pipeline
+from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import OK, Result, run_open_loop
-from loadgen.results import module_command, write_result
 from protos import broker_pb2, broker_pb2_grpc
 from services.cli import wait_routed
 from services.launcher import Mesh, Proc, free_port, wait_healthy

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from common.pipeline_config import list_pipelines, load_pipeline
+from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.faults import broker_stats, replica_pids, settle
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import run_open_loop
-from loadgen.results import module_command, write_result
 from services.cli import start_mesh
 from services.launcher import Mesh
 

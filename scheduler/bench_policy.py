@@ -18,16 +18,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common.results import cpu_model, git_short_hash
 from scheduler.bruteforce import best_load
 from scheduler.policies.maxload import MaxLoad
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
@@ -37,26 +36,6 @@ from scheduler.solver import Solver
 
 OUT = Path("docs/results")
 H100 = GpuInfo(0, 132, 80 << 30)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_hash() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def gpus(n: int) -> tuple[NodeInfo, ...]:
@@ -206,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": cpu_model(),
         "backend": "host",
         "date": dt.date.today().isoformat(),
-        "git": git_hash(),
+        "git": git_short_hash(),
         "profiles": "synthetic" if any(p.synthetic for p in profiles.values()) else "measured",
         "rows": rows,
         "summary": summary,

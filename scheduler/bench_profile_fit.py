@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from loadgen.results import module_command, write_result
+from common.results import module_command, write_result
 from scheduler.profiles import StageProfile, load, monotone_table
 
 Table = tuple[tuple[float, ...], ...]

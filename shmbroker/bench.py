@@ -20,9 +20,7 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from common import backend as backends
+from common import results
 from common.dtypes import wire_from_array
 from common.lifecycle import channel
 from protos import tensor_pb2
@@ -55,34 +54,8 @@ def size_label(n: int) -> str:
 
 
 def device_name(backend: backends.Backend) -> str:
-    """NVML's name of GPU 0 on cuda, else the CPU model from /proc/cpuinfo."""
-    if backend is backends.Backend.CUDA:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-            return name.decode() if isinstance(name, bytes) else str(name)
-        except Exception:
-            pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_hash() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """NVML's name of GPU 0 on cuda, else the CPU model."""
+    return results.device_name() if backend is backends.Backend.CUDA else results.cpu_model()
 
 
 def sync(xp: Any) -> None:
@@ -248,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name(backend),
         "backend": backend.value,
         "date": datetime.date.today().isoformat(),
-        "git": git_hash(),
+        "git": results.git_short_hash(),
         "rows": rows,
         "summary": summarize(rows),
     }

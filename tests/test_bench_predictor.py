@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidArgument, Unavailable
+from common.results import write_result
 from loadgen import bench_predictor as bp
-from loadgen.results import write_result
 from scheduler.profiles import MEASURED_PROFILES, SYNTHETIC_PROFILES, load
 
 PROFILES = load(MEASURED_PROFILES)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidArgument, NotFound
+from common.results import render_markdown, write_result
 from loadgen import traces
 from loadgen.experiments.search import (
     GREEN_GROUP_PERCENT,
@@ -20,7 +21,6 @@ from loadgen.experiments.search import (
     plan_sm_percent,
 )
 from loadgen.inputs import make_input, make_inputs, parse_mix
-from loadgen.results import render_markdown, write_result
 from protos import plan_pb2, tensor_pb2
 
 

@@ -21,12 +21,12 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from common.backend import cuda_available
+from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.experiments.admin import AdminClient
 from loadgen.experiments.runs import Harness, Outcome, diurnal, low_load, peak_load
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix, uniform_mix
-from loadgen.results import module_command, write_result
 
 CAMELOT_DEFAULT = {"peak-load": "max-load", "low-load": "min-resource", "diurnal": "min-resource"}
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from common.backend import Backend
 from common.pipeline_config import load_pipeline
-from loadgen.results import module_command, write_result
+from common.results import module_command, write_result
 from services.pipelines.runner import make_input
 from services.stage.plugin import ModelContext, build_model
 

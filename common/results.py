@@ -20,8 +20,19 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo, else the platform's word."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_name() -> str:
-    """GPU 0's name from NVML, else the CPU model from /proc/cpuinfo, else the platform's word."""
+    """GPU 0's name from NVML, else the CPU model."""
     try:
         import pynvml
 
@@ -33,13 +44,7 @@ def device_name() -> str:
             pynvml.nvmlShutdown()
     except Exception:
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return cpu_model()
 
 
 def git_short_hash(root: Path = REPO_ROOT) -> str:
