@@ -62,10 +62,8 @@ class ReferenceModel:
 
     @property
     def uses_graphs(self) -> bool:
-        """Whether `infer` replays CUDA graphs; False again once a capture failed (the model then
-        runs eagerly, as it would with graphs off)."""
-        if self.graphed is not None and self.graphed.disabled is not None:
-            return False
+        """Whether `infer` goes through CUDA graphs (which answer eagerly, as with graphs off,
+        once a capture has failed)."""
         return self.graph_safe and self.ctx.cuda_graphs and self.ctx.backend is Backend.CUDA
 
     def forward_capturable(self, batch: Mapping[str, Any]) -> dict[str, Any]:
