@@ -317,20 +317,11 @@ def _build(
     pipe = load_pipeline(m.pipeline, size)
     ctx = ModelContext(Backend.CUDA, cp, size, seed, np.dtype(np.float16), graphs)
     items = np.stack([runner.make_input(pipe, seed + i) for i in range(m.batch)])
-    models = runner.build_models(pipe, ctx)
-    values: dict[str, Any] = {"input": cp.asarray(items)}
     target = next((s for s in pipe.stages if s.name == m.stage), None)
     if target is None:
         raise InvalidArgument(f"pipeline {m.pipeline} has no stage {m.stage}")
-    for s in pipe.stages:
-        if s.name == m.stage:
-            break
-        out = models[s.name].infer({n: values[src] for n, src in s.inputs.items()})
-        for spec in models[s.name].outputs:
-            values[f"{s.name}.{spec.name}"] = out[spec.name]
-    feeds = {n: values[src] for n, src in target.inputs.items()}
+    feeds = runner.stage_feeds(pipe, ctx, cp.asarray(items), m.stage)
     model = build_model(target.model, ctx, target.options)
-    del models
     runner.clear_cache()
     cp.get_default_memory_pool().free_all_blocks()
     return model, feeds, cp

@@ -24,6 +24,7 @@ from services.pipelines.runner import (
     make_input,
     output_spec,
     run_direct,
+    stage_feeds,
 )
 from services.stage.plugin import ModelContext
 
@@ -225,3 +226,17 @@ def test_run_direct_refuses_a_wrong_input():
         run_direct(p, CTX, np.zeros(8, np.int64))
     with pytest.raises(InvalidArgument):
         run_direct(p, CTX, np.zeros(9, np.int32))
+
+
+def test_stage_feeds_are_what_the_stage_gets_in_a_full_run() -> None:
+    pipeline = load_pipeline("video-analytics", "tiny")
+    ctx = CTX
+    batch = np.stack([make_input(pipeline, s) for s in range(3)])
+    feeds = stage_feeds(pipeline, ctx, batch, "crop")
+    assert set(feeds) == {"frame", "boxes"}
+    np.testing.assert_array_equal(feeds["frame"], batch)  # the DAG's edge from the input
+    detect = build_models(pipeline, ctx)["detect"].infer({"frame": batch})
+    np.testing.assert_array_equal(feeds["boxes"], detect["boxes"])
+    assert stage_feeds(pipeline, ctx, batch, "detect").keys() == {"frame"}
+    with pytest.raises(InvalidArgument, match="no stage 'nope'"):
+        stage_feeds(pipeline, ctx, batch, "nope")

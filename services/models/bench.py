@@ -22,6 +22,7 @@ import numpy as np
 from common.backend import Backend
 from common.pipeline_config import load_pipeline
 from common.results import module_command, write_result
+from services.pipelines import runner
 from services.pipelines.runner import make_input
 from services.stage.plugin import ModelContext, build_model
 
@@ -47,28 +48,21 @@ def bench(pipelines: Sequence[str], batches: Sequence[int], repeats: int) -> lis
 
     rows: list[dict[str, Any]] = []
     stream = cp.cuda.Stream(non_blocking=True)
+    eager_ctx = ModelContext(Backend.CUDA, cp, "full", 0, np.dtype(np.float16))
+    graph_ctx = ModelContext(Backend.CUDA, cp, "full", 0, np.dtype(np.float16), True)
     for name in pipelines:
         pipeline = load_pipeline(name, "full")
-        eager_ctx = ModelContext(Backend.CUDA, cp, "full", 0, np.dtype(np.float16))
-        graph_ctx = ModelContext(Backend.CUDA, cp, "full", 0, np.dtype(np.float16), True)
-        top = max(batches)
-        values: dict[str, Any] = {
-            "input": cp.asarray(np.stack([make_input(pipeline, i) for i in range(top)]))
-        }
+        batch = cp.asarray(np.stack([make_input(pipeline, i) for i in range(max(batches))]))
+        eager_models = runner.build_models(pipeline, eager_ctx)
         for stage in pipeline.stages:
-            eager = build_model(stage.model, eager_ctx, stage.options)
-            feeds = {n: values[src] for n, src in stage.inputs.items()}
-            with stream:
-                out = eager.infer(feeds)
-                stream.synchronize()
-            for spec in eager.outputs:
-                values[f"{stage.name}.{spec.name}"] = out[spec.name]
             graphed = build_model(stage.model, graph_ctx, stage.options)
             if not getattr(graphed, "uses_graphs", False):
                 continue
+            with stream:
+                feeds = runner.stage_feeds(pipeline, eager_ctx, batch, stage.name)
             for b in batches:
                 part = {n: v[:b] for n, v in feeds.items()}
-                eager_ms = _time(eager, part, stream, repeats)
+                eager_ms = _time(eager_models[stage.name], part, stream, repeats)
                 graph_ms = _time(graphed, part, stream, repeats)
                 disabled = graphed.graphed.disabled if graphed.graphed is not None else None  # type: ignore[attr-defined]
                 rows.append(
@@ -84,6 +78,7 @@ def bench(pipelines: Sequence[str], batches: Sequence[int], repeats: int) -> lis
                 )
                 print(rows[-1], flush=True)
             del graphed
+        runner.clear_cache()
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 

@@ -107,16 +107,38 @@ def output_spec(pipeline: ResolvedPipeline, ctx: ModelContext) -> Spec:
     return next(s for s in build_models(pipeline, ctx)[stage].outputs if s.name == name)
 
 
-def run_batch(pipeline: ResolvedPipeline, ctx: ModelContext, batch: Any) -> Any:
-    """The DAG on a batch (n, *input shape) already on ctx.xp; returns the output on ctx.xp."""
+def _run(
+    pipeline: ResolvedPipeline, ctx: ModelContext, batch: Any, stop: str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Runs the stages in order on `batch`: every value made, and the inputs of stage `stop`
+    (which is not run, nor anything after it) if one is named."""
     models = build_models(pipeline, ctx)
     values: dict[str, Any] = {"input": batch}
     for stage in pipeline.stages:
         feeds = {name: values[source] for name, source in stage.inputs.items()}
+        if stage.name == stop:
+            return values, feeds
         out = models[stage.name].infer(feeds)
         for spec in models[stage.name].outputs:
             values[f"{stage.name}.{spec.name}"] = out[spec.name]
-    return values[pipeline.output]
+    if stop is not None:
+        raise InvalidArgument(f"pipeline {pipeline.name!r} has no stage {stop!r}")
+    return values, None
+
+
+def run_batch(pipeline: ResolvedPipeline, ctx: ModelContext, batch: Any) -> Any:
+    """The DAG on a batch (n, *input shape) already on ctx.xp; returns the output on ctx.xp."""
+    return _run(pipeline, ctx, batch, None)[0][pipeline.output]
+
+
+def stage_feeds(
+    pipeline: ResolvedPipeline, ctx: ModelContext, batch: Any, stage: str
+) -> dict[str, Any]:
+    """What stage `stage` gets for a pipeline input batch on ctx.xp: the stages before it run
+    (models built once per pipeline and context), it does not."""
+    feeds = _run(pipeline, ctx, batch, stage)[1]
+    assert feeds is not None
+    return feeds
 
 
 def check_item(pipeline: ResolvedPipeline, item: np.ndarray) -> None:

@@ -48,19 +48,11 @@ def stage_main(
     stream = cp.cuda.Stream(non_blocking=True)
     stream.use()
     items = np.stack([runner.make_input(pipe, seed + i) for i in range(max_batch)])
-    models = runner.build_models(pipe, ctx)
-    values: dict[str, Any] = {"input": cp.asarray(items)}
-    out: dict[str, Any] = {}
     target = next(s for s in pipe.stages if s.name == stage)
-    for s in pipe.stages:
-        if s.name == stage:
-            break
-        out = models[s.name].infer({n: values[src] for n, src in s.inputs.items()})
-        for spec in models[s.name].outputs:
-            values[f"{s.name}.{spec.name}"] = out[spec.name]
-    feeds_host = {n: cp.asnumpy(values[src]) for n, src in target.inputs.items()}
+    feeds_host = {
+        n: cp.asnumpy(v) for n, v in runner.stage_feeds(pipe, ctx, cp.asarray(items), stage).items()
+    }
     # keep only the profiled stage: its weights are what the pool holds after a rebuild
-    del values, out, models
     runner.clear_cache()
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()

@@ -13,7 +13,7 @@ from services.models.base import ReferenceModel, spec
 from services.models.cublas import gemm
 from services.models.graphs import bucket, capturable_matmul
 from services.models.kernels import bmm
-from services.pipelines.runner import make_input
+from services.pipelines.runner import make_input, stage_feeds
 from services.stage.plugin import ModelContext, build_model
 
 pytestmark = pytest.mark.gpu
@@ -199,21 +199,14 @@ def test_every_graph_safe_stage_captures_and_replays_exactly(pipeline_name, stag
     """A stage marked graph-safe must capture (no fallback) and its replay must equal its
     capturable forward run eagerly, row for row, at a batch padded into its bucket."""
     pipeline = load_pipeline(pipeline_name, "full")
+    s = next(s for s in pipeline.stages if s.name == stage_name)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        values = {"input": cupy.asarray(np.stack([make_input(pipeline, i) for i in range(4)]))}
-        graphed = None
-        for s in pipeline.stages:
-            eager = build_model(s.model, ctx(False), s.options)
-            feeds = {n: values[src] for n, src in s.inputs.items()}
-            if s.name == stage_name:
-                graphed = build_model(s.model, ctx(True), s.options)
-                got = graphed.infer({k: v[:3] for k, v in feeds.items()})
-                same = graphed.forward_capturable(feeds)
-                break
-            out = eager.infer(feeds)
-            for spec_ in eager.outputs:
-                values[f"{s.name}.{spec_.name}"] = out[spec_.name]
+        batch = cupy.asarray(np.stack([make_input(pipeline, i) for i in range(4)]))
+        feeds = stage_feeds(pipeline, ctx(False), batch, stage_name)
+        graphed = build_model(s.model, ctx(True), s.options)
+        got = graphed.infer({k: v[:3] for k, v in feeds.items()})
+        same = graphed.forward_capturable(feeds)
         stream.synchronize()
     assert graphed is not None and graphed.graphed is not None
     assert graphed.graphed.disabled is None, graphed.graphed.disabled
