@@ -48,7 +48,7 @@ bench-transport: codegen ## one-hop cost, ref against host copy -> docs/results/
 	$(BIN)/python -m shmbroker.bench $(ARGS)
 
 bench-e2e: codegen ## end-to-end p50/p99, ref against wire -> docs/results/e2e.json
-	$(BIN)/python -m loadgen.bench_e2e $(ARGS)
+	$(BIN)/python -m loadgen.bench_e2e $(or $(ARGS),--launch)
 
 faults: codegen ## kill -9 each process of a live mesh under load -> docs/results/faults.json
 	$(BIN)/python -m loadgen.faults $(ARGS)

@@ -1,21 +1,29 @@
 """End-to-end latency per pipeline, `ref` transport against `wire`, side by side at low load.
 
     python -m loadgen.bench_e2e --target 127.0.0.1:50052 [--rate 5 --duration 20 --rounds 3]
-    python -m loadgen.bench_e2e --launch            # starts the local mesh (services.cli) first
+    python -m loadgen.bench_e2e --launch            # starts the local mesh (as camelot run) first
 
 For each pipeline, open-loop trials alternate ref, wire, ref, wire ... (`--rounds` pairs), so
 both transports see the same machine state; each transport's records are pooled over its rounds.
 Writes docs/results/e2e.json and e2e.md: rows (pipeline, transport, p50_ms, p99_ms, count,
-errors) and summary `<pipeline>.wire_over_ref_p50`.
+errors), where the median query's time went (`*_ms` parts, below) and summary
+`<pipeline>.wire_over_ref_p50`.
+
+Each query's latency splits into parts (the rows give each part's median over successful
+queries, so they add up to about the median latency): `client_ms` (the
+client's send and receive outside the gateway), `gateway_ms` (the gateway's own work: lease,
+input copy, output copy), `hops_ms` (stage round trips outside the replicas' queue, batch and
+compute: gRPC, (de)serialization, the replica's buffer allocation and views), `waiting_ms`
+(queue and batch wait inside the replicas) and `compute_ms`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -28,11 +36,29 @@ from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.inputs import Mix
 from loadgen.openloop import Record, list_pipelines, run_open_loop, stats_of
+from services.cli import start_mesh
+from services.launcher import Mesh
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("ref", "wire")
-COLUMNS = ["pipeline", "transport", "p50_ms", "p99_ms", "count", "errors"]
+COLUMNS = [
+    "pipeline", "transport", "p50_ms", "p99_ms", "count", "errors",
+    "client_ms", "gateway_ms", "hops_ms", "waiting_ms", "compute_ms",
+]  # fmt: skip
+
+
+def breakdown(records: Sequence[Record]) -> dict[str, float | None]:
+    """Median milliseconds of each part of a successful query's latency (see the docstring)."""
+    ok = [r for r in records if r.ok]
+    parts = {
+        "client_ms": [r.latency_us - r.gateway_us for r in ok],
+        "gateway_ms": [r.gateway_us - r.stage_rpc_us for r in ok],
+        "hops_ms": [r.stage_rpc_us - r.in_replica_us for r in ok],
+        "waiting_ms": [r.in_replica_us - r.compute_us for r in ok],
+        "compute_ms": [r.compute_us for r in ok],
+    }
+    return {k: float(np.median(v)) / 1000.0 if v else None for k, v in parts.items()}
 
 
 async def measure(
@@ -71,20 +97,22 @@ async def measure(
             rows.append(
                 {"pipeline": name, "transport": transport, "p50_ms": s["p50_ms"],
                  "p99_ms": s["p99_ms"], "count": s["count"], "errors": s["errors"],
-                 "p999_ms": s["p999_ms"], "max_ms": s["max_ms"], "error_codes": s["error_codes"]}
+                 **breakdown(kept[transport]), "p999_ms": s["p999_ms"], "max_ms": s["max_ms"],
+                 "error_codes": s["error_codes"]}
             )  # fmt: skip
         ref, wire = p50["ref"], p50["wire"]
         summary[f"{name}.wire_over_ref_p50"] = wire / ref if ref and wire is not None else None
     return rows, summary
 
 
-async def _launched(stack: AsyncExitStack, backend: str) -> str:
-    """Starts the local mesh through `services.cli.local_mesh(backend=...)`: the gateway target."""
-    cli = importlib.import_module("services.cli")
-    local_mesh = getattr(cli, "local_mesh", None)
-    if local_mesh is None:
-        raise SystemExit("services.cli has no local_mesh(); start the mesh and pass --target")
-    return str(await stack.enter_async_context(local_mesh(backend=backend)))
+async def _launched(stack: AsyncExitStack, backend: str, size: str, policy: str) -> str:
+    """Starts the local mesh (as `camelot run` does) in a scratch folder: the gateway target.
+    The stack stops it."""
+    run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-e2e-")))
+    mesh = Mesh(run_dir)
+    stack.push_async_callback(mesh.stop_all)
+    info = await start_mesh(mesh, backend, size, policy)
+    return str(info["gateway"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=10.0)
     p.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
+    p.add_argument("--size", choices=["tiny", "full"], default="", help="with --launch "
+                   "(default: full on cuda, tiny on host)")  # fmt: skip
+    p.add_argument("--policy", default="exclusive", help="with --launch: the scheduler's policy")
     p.add_argument("--out-dir", default="docs/results")
     p.add_argument("--name", default="e2e")
     return p
@@ -110,7 +141,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if backend == "auto":
         backend = "cuda" if cuda_available() else "host"
     async with AsyncExitStack() as stack:
-        target = args.target or await _launched(stack, backend)
+        size = args.size or ("full" if backend == "cuda" else "tiny")
+        target = args.target or await _launched(stack, backend, size, args.policy)
         rows, summary = await measure(
             target,
             [p for p in args.pipelines.split(",") if p] or None,

@@ -58,6 +58,13 @@ class Record:
     done_us: int
     status: str
     plan_epoch: int = 0
+    # Where the time went, from the gateway's answer (0 for failures), summed over the stages:
+    # the gateway's own end-to-end time, its stage round trips, the time inside the replicas
+    # (queue, batch wait, compute) and the compute alone.
+    gateway_us: int = 0
+    stage_rpc_us: int = 0
+    in_replica_us: int = 0
+    compute_us: int = 0
 
     @property
     def latency_us(self) -> int:
@@ -218,15 +225,22 @@ async def run_open_loop(
         )
         sent = mono_us()
         epoch = 0
+        parts = (0, 0, 0, 0)
         try:
             reply = await stubs[i % len(stubs)].Submit(request, timeout=deadline_s)
             status, epoch = OK, reply.plan_epoch
+            parts = (
+                reply.e2e_us,
+                sum(t.rpc_us for t in reply.stages),
+                sum(t.queue_us + t.batch_wait_us + t.compute_us for t in reply.stages),
+                sum(t.compute_us for t in reply.stages),
+            )
         except grpc.aio.AioRpcError as e:
             status = e.code().name
         except Exception as e:  # a client-side failure is still a failed request, not a crash
             log.warning("request %d failed in the client: %r", i, e)
             status = f"CLIENT_{type(e).__name__}"
-        result.records.append(Record(name, intended_us, sent, mono_us(), status, epoch))
+        result.records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
 
     try:
         t0 = mono_us() + int(LEAD_S * 1e6)

@@ -155,4 +155,15 @@ async def test_bench_e2e_writes_ref_and_wire_side_by_side(tmp_path):
         "speech-to-text.wire_over_ref_p50",
     }
     assert all(v > 0 for v in doc["summary"].values())
-    assert "| pipeline | transport | p50_ms | p99_ms | count | errors |" in md_path.read_text()
+    # where the time went, from the gateway's answers: 2 ms, of which the stage round trip is
+    # 1.6 ms, with 0.2 ms batch wait and 1 ms compute inside the replica
+    for r in doc["rows"]:
+        assert r["gateway_ms"] == pytest.approx(0.4, abs=0.002)
+        assert r["hops_ms"] == pytest.approx(0.4, abs=0.002)
+        assert r["waiting_ms"] == pytest.approx(0.2, abs=0.002)
+        assert r["compute_ms"] == pytest.approx(1.0, abs=0.002)
+        assert r["client_ms"] > 0
+        assert r["p50_ms"] >= r["gateway_ms"] + r["hops_ms"] + r["waiting_ms"] + r["compute_ms"]
+    assert "| pipeline | transport | p50_ms | p99_ms | count | errors | client_ms |" in (
+        md_path.read_text()
+    )

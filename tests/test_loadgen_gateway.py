@@ -104,9 +104,15 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
                 await asyncio.sleep(delay)
         else:
             await asyncio.sleep(delay)
+        e2e_us = int(delay * 1e6)
+        # one stage: its round trip 80% of the query, inside it 10% batch wait and 50% compute
+        stage = gateway_pb2.StageTime(
+            stage="only", rpc_us=e2e_us * 8 // 10, batch_wait_us=e2e_us // 10,
+            compute_us=e2e_us // 2,
+        )  # fmt: skip
         return gateway_pb2.SubmitResponse(
-            output=request.input, query_id=request.query_id, e2e_us=int(delay * 1e6),
-            plan_epoch=st.epoch,
+            output=request.input, query_id=request.query_id, e2e_us=e2e_us,
+            stages=[stage], plan_epoch=st.epoch,
         )  # fmt: skip
 
 
