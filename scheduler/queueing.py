@@ -1,8 +1,9 @@
 """Latency of one dynamically batching replica under Poisson arrivals.
 
 A replica dispatches when its queue holds `max_batch` requests or the oldest has waited
-`max_wait`. So its mean batch `b` settles where either the wait fills it (`1 + λ·wait`) or the
-queue that built up during the previous batch does (`λ·S(b)`), capped at `max_batch`. A
+`wait`: `max_wait` when λ·max_wait makes company likely, else 0 (the batcher's rule,
+`common.batching`). So its mean batch `b` settles where either the wait fills it (`1 + λ·wait`)
+or the queue that built up during the previous batch does (`λ·S(b)`), capped at `max_batch`. A
 request's p99 is then
 
     max(fill: the first request waits for the batch to form, at most max_wait;
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from common.batching import effective_wait, effective_wait_array
 
 # above this capacity utilisation a replica is treated as unstable (tail not predictable)
 RHO_MAX = 0.92
@@ -60,7 +63,7 @@ def mean_batch(rate_per_ms: float, max_batch: int, max_wait_ms: float, service: 
     if rate_per_ms <= 0:
         return 1.0
     bmax = float(max_batch)
-    b = min(bmax, 1.0 + rate_per_ms * max_wait_ms)
+    b = min(bmax, 1.0 + rate_per_ms * effective_wait(rate_per_ms, max_wait_ms))
     for _ in range(NEWTON_STEPS):
         s = service(b)
         g = rate_per_ms * s - b
@@ -97,7 +100,7 @@ def replica(rate_qps: float, max_batch: int, max_wait_ms: float, service: Svc) -
     busy = min(1.0, lam * s / b)
     residual = busy * s
     # a request waits for its batch to fill *while* the batch before it runs: the larger counts
-    fill = max(0.0, min(max_wait_ms, (b - 1.0) / lam) - residual)
+    fill = max(0.0, min(effective_wait(lam, max_wait_ms), (b - 1.0) / lam) - residual)
     queue = kingman_p99_ms(util, 1.0 / max_batch, SERVICE_SCV, s_max)
     return Estimate(b, fill, residual, queue, s, busy, util, fill + residual + queue + s)
 
@@ -125,7 +128,8 @@ def replica_arrays(
     idle = lam <= 0
     s_max = service(bmax)
     util = np.where(idle, 0.0, lam * s_max / bmax)
-    b = np.minimum(bmax, 1.0 + np.maximum(lam, 0.0) * max_wait_ms)
+    wait = effective_wait_array(lam, max_wait_ms)
+    b = np.minimum(bmax, 1.0 + np.maximum(lam, 0.0) * wait)
     done = idle
     for _ in range(NEWTON_STEPS):
         s = service(b)
@@ -140,7 +144,7 @@ def replica_arrays(
     s = service(b)
     with np.errstate(divide="ignore", invalid="ignore"):
         busy = np.minimum(1.0, lam * s / b)
-        fill = np.maximum(0.0, np.minimum(max_wait_ms, (b - 1.0) / lam) - busy * s)
+        fill = np.maximum(0.0, np.minimum(wait, (b - 1.0) / lam) - busy * s)
     rho = np.clip(util, 0.0, 0.999999)
     ca2 = 1.0 / bmax
     mean_wait = rho / (1.0 - rho) * (ca2 + SERVICE_SCV) / 2.0 * s_max

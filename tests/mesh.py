@@ -23,8 +23,12 @@ async def start(
     pipelines: dict[str, int],
     redis_url: str = "",
     gateway_args: tuple[str, ...] = (),
+    backend: str = "host",
+    size: str = "tiny",
+    stage_args: tuple[str, ...] = (),
 ) -> TestMesh:
-    """pipelines: name -> replicas per stage. Everything on the host backend, size tiny."""
+    """pipelines: name -> replicas per stage. Everything on `backend` at `size` (host and tiny
+    by default); `stage_args` go to every replica."""
     mesh = Mesh(run_dir)
     tm = TestMesh(mesh)
     sock = str(run_dir / "broker.sock")
@@ -32,18 +36,28 @@ async def start(
     broker = mesh.python(
         "broker",
         "shmbroker",
-        ["--port", str(port), "--socket", sock, "--backend", "host", "--slab-bytes", str(64 << 20)],
+        [
+            "--port",
+            str(port),
+            "--socket",
+            sock,
+            "--backend",
+            backend,
+            "--slab-bytes",
+            str(64 << 20),
+        ],  # fmt: skip
     )
     await wait_healthy(f"127.0.0.1:{port}", 30, broker)
     tm.broker, tm.broker_tcp = f"unix:{sock}", f"127.0.0.1:{port}"
     routes = []
     for name, n in pipelines.items():
-        for stage in load_pipeline(name, "tiny").stages:
+        for stage in load_pipeline(name, size).stages:
             for i in range(n):
                 rid = f"{name}.{stage.name}.{i}"
                 rsock = str(run_dir / f"{rid}.sock")
                 args = ["--pipeline", name, "--stage", stage.name, "--replica-id", rid,
-                        "--unix", rsock, "--broker", tm.broker, "--backend", "host"]  # fmt: skip
+                        "--unix", rsock, "--broker", tm.broker, "--backend", backend,
+                        "--size", size, *stage_args]  # fmt: skip
                 if redis_url:
                     args += ["--redis", redis_url]
                 proc = mesh.python(rid, "services.stage", args)
@@ -53,7 +67,7 @@ async def start(
     for proc in tm.replicas.values():
         await wait_healthy(proc.target, 60, proc)
     gw_port = free_port()
-    args = ["--port", str(gw_port), "--broker", tm.broker, "--backend", "host",
+    args = ["--port", str(gw_port), "--broker", tm.broker, "--backend", backend, "--size", size,
             "--routes", ",".join(routes), *gateway_args]  # fmt: skip
     if redis_url:
         args += ["--redis", redis_url]

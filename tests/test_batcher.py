@@ -45,6 +45,29 @@ async def test_lone_request_waits_at_most_max_wait():
     await b.stop()
 
 
+async def test_lone_request_with_no_company_in_sight_runs_at_once():
+    rec = Recorder()
+    b = Batcher(rec, max_batch=32, max_wait_us=5_000_000, max_queue=100)
+    b.start()
+    # no arrivals seen before: waiting 5 s for company would be waiting for nobody
+    assert await asyncio.wait_for(b.submit(7), timeout=1) == 70
+    await b.stop()
+
+
+async def test_under_load_a_batch_waits_for_company():
+    rec = Recorder()
+    b = Batcher(rec, max_batch=32, max_wait_us=500_000, max_queue=100)
+    b.start()
+    # a burst: arrivals far more often than one per max_wait
+    await asyncio.gather(*(b.submit(i) for i in range(16)))
+    first = asyncio.create_task(b.submit(100))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(b.submit(101))
+    assert await asyncio.wait_for(asyncio.gather(first, second), timeout=5) == [1000, 1010]
+    assert rec.batches[-1] == [100, 101]
+    await b.stop()
+
+
 async def test_requests_arriving_during_a_batch_form_the_next_one():
     rec = Recorder(delay_s=0.1)
     b = Batcher(rec, max_batch=16, max_wait_us=0, max_queue=100)

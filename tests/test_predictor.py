@@ -217,6 +217,19 @@ def test_dynamic_batch_grows_with_rate_and_respects_max_wait() -> None:
     assert slow.fill_ms <= 2.0 + 1e-9
 
 
+def test_a_batch_waits_only_when_company_is_likely() -> None:
+    """The batcher's rule (common.batching): at 5 qps nobody else comes within 20 ms, so a
+    request runs at once; at 200 qps four are expected, so the batch waits and grows."""
+    svc = lambda b: 1.0 + 0.1 * b  # noqa: E731
+    sparse = queueing.replica(5, 32, 20.0, svc)
+    assert sparse.fill_ms == 0.0 and sparse.batch == pytest.approx(1.0, abs=0.01)
+    assert sparse.p99_ms < svc(1) + 1.0
+    busy = queueing.replica(200, 32, 20.0, svc)
+    assert busy.fill_ms > 5.0 and busy.batch > 3.0
+    p99, _ = queueing.replica_many(np.array([5.0, 200.0]), np.array([32, 32]), 20.0, svc)
+    assert p99 == pytest.approx([sparse.p99_ms, busy.p99_ms])
+
+
 # --- whole-plan prediction: contention, time slicing, hops ----------------------------------
 
 

@@ -16,8 +16,8 @@ step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$OUT/steps.txt"; }
 case $PART in
   tests)
-    step gpu-tests 240 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py tests/gpu/test_models_cuda.py \
-      -q -p no:cacheprovider -o addopts="" --timeout 120 -rfE
+    step gpu-tests 330 python3 -m pytest -m gpu tests/gpu/test_graphs_cuda.py tests/gpu/test_models_cuda.py tests/gpu/test_e2e_cuda.py \
+      -q -p no:cacheprovider -o addopts="" --timeout 240 -rfE
     step graphs 240 python3 -m services.models.bench --out "$OUT" --batches 1,8,32 --repeats 10 \
       --pipelines img-to-text,text-to-img,speech-to-text,video-analytics
     tail -n 5 "$OUT/gpu-tests.log"

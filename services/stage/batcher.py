@@ -1,5 +1,7 @@
 """Dynamic batching: requests queue up; a batch closes at `max_batch` or `max_wait_us` after its
-first request was taken, whichever comes first, and runs while the next one fills.
+first request was taken, whichever comes first, and runs while the next one fills. A batch waits
+only when the recent arrival rate makes company likely within `max_wait_us`
+(`common.batching`), so at low load a request never waits for others that are not coming.
 
 The batcher knows nothing of models or gRPC: it hands each closed batch to `run_batch`, which
 must settle every item's future. Times are integer microseconds on the monotonic clock.
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.batching import ArrivalRate, effective_wait
 from common.clock import mono_us
 from common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -72,6 +75,7 @@ class Batcher:
         self._busy = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._arrivals = ArrivalRate()
 
     @property
     def depth(self) -> int:
@@ -90,6 +94,7 @@ class Batcher:
                 f"queue full ({self.max_queue} waiting)", retry_after_ms=RETRY_AFTER_MS
             )
         item = Item(payload=payload, deadline_us=deadline_us)
+        self._arrivals.arrived(item.arrived_us)
         self._idle.clear()
         self._queue.put_nowait(item)
         return await item.future
@@ -98,7 +103,8 @@ class Batcher:
         first = await self._queue.get()
         first.taken_us = mono_us()
         batch = [first]
-        close_at = first.taken_us + self.max_wait_us
+        wait_us = effective_wait(self._arrivals.per_us(first.taken_us), self.max_wait_us)
+        close_at = first.taken_us + int(wait_us)
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 item = self._queue.get_nowait()

@@ -223,8 +223,10 @@ class Replica:
 
     def _compute_sync(self, requests: list[Request]) -> dict[str, Any]:
         with self._stream_ctx():
+            # inputs sent by value arrive as host arrays; they go to the device here, on the
+            # batch's stream, so the copy is ordered before the kernels that read it
             batch = {
-                s.name: self.xp.stack([r.inputs[s.name] for r in requests])
+                s.name: self.xp.stack([self.xp.asarray(r.inputs[s.name]) for r in requests])
                 for s in self.model.inputs
             }
             out = self.model.infer(batch)
@@ -252,7 +254,11 @@ class Replica:
             self._sync()
 
     def _wire_sync(self, out: Mapping[str, Any], rows: list[int]) -> list[list[tensor_pb2.Tensor]]:
-        host = {spec.name: to_host(out[spec.name]) for spec in self.model.outputs}
+        # On the batch's stream: a copy on this thread's default stream would not wait for a
+        # non-blocking stream's kernels and could read an output (or a graph's static output)
+        # before it is written.
+        with self._stream_ctx():
+            host = {spec.name: to_host(out[spec.name]) for spec in self.model.outputs}
         result = []
         for row in rows:
             tensors = []
