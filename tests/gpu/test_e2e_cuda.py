@@ -43,6 +43,9 @@ async def test_every_pipeline_answers_each_query_with_its_own_result(tmp_path, g
         Backend.CUDA, cupy, size="full", compute_dtype=np.dtype(np.float16),
         cuda_graphs=graphs == "on",
     )  # fmt: skip
+    # the direct run on a non-blocking stream, as replicas run: graphs replay only there (on the
+    # legacy stream a model runs eagerly, whose GEMMs may round differently)
+    stream = cupy.cuda.Stream(non_blocking=True)
     distinct = []
     try:
         async with lifecycle.channel(tm.gateway) as ch:
@@ -52,7 +55,8 @@ async def test_every_pipeline_answers_each_query_with_its_own_result(tmp_path, g
                 wants = []
                 for seed in SEEDS:
                     item = make_input(cfg, seed)
-                    want = run_direct(cfg, ctx, item)
+                    with stream:
+                        want = run_direct(cfg, ctx, item)
                     wants.append(want)
                     for transport, code in TRANSPORTS.items():
                         r = await stub.Submit(
