@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -48,6 +49,11 @@ def device_name() -> str:
 
 
 def git_short_hash(root: Path = REPO_ROOT) -> str:
+    """The commit the results come from: CAMELOT_GIT_REV where set (the device machine runs a
+    copy of the work tree whose .git may lag behind it), else the checkout's HEAD."""
+    given = os.environ.get("CAMELOT_GIT_REV", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

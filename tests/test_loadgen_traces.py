@@ -244,3 +244,12 @@ def test_write_result_json_and_markdown_twin(tmp_path):
     # Without chosen columns every scalar field appears, lists and dicts left to the JSON.
     auto = render_markdown(doc, None, [], tmp_path)
     assert "| pipeline | transport | p50_ms | p99_ms |" in auto
+
+
+def test_results_name_the_commit_given_where_the_checkout_lags(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMELOT_GIT_REV", "abc1234")
+    json_path, _ = write_result("x", [], {}, "host", tmp_path, [], command="python -m x")
+    assert json.loads(json_path.read_text())["git"] == "abc1234"
+    monkeypatch.delenv("CAMELOT_GIT_REV")
+    json_path, _ = write_result("x", [], {}, "host", tmp_path, [], command="python -m x")
+    assert json.loads(json_path.read_text())["git"] not in ("", "abc1234")
