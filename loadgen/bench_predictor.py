@@ -85,10 +85,10 @@ def _split(key: str) -> tuple[str, str]:
     return pipeline, stage
 
 
-# Held out: no profile saw two real stages together. Shares are mostly off the profiled grid
-# (10, 20, 30, 50, 70, 100) and some batches off theirs (1, 4, 8, 16, 32), so interpolation is
-# tested too. The img-to-text decoder (launch-bound, ~150 ms a batch) is left out: it would
-# take most of the time budget.
+# Held out: no profile saw two real stages together, and the contention calibration
+# (`TRAINING`, `scheduler.contention_fit`) never saw these stage pairs. Shares are mostly off the
+# profiled grid (10, 30, 50, 100) and some batches off theirs (1, 8, 16 or 32), so interpolation
+# is tested too.
 COLOCATIONS: tuple[Colocation, ...] = (
     _co(("text-to-img/generate", 30, 8), ("video-analytics/classify", 50, 8)),
     _co(("text-to-img/upscale", 40, 8), ("video-analytics/crop", 40, 16)),
@@ -105,6 +105,51 @@ COLOCATIONS: tuple[Colocation, ...] = (
         ("img-to-text/encode", 40, 8),
     ),
 )
+
+
+# Fitted on: the co-locations `scheduler.contention_fit` calibrates the pressure scale from.
+# No pair of stages here is also a pair in COLOCATIONS (`check_disjoint`).
+TRAINING: tuple[Colocation, ...] = (
+    _co(("img-to-text/encode", 50, 8), ("video-analytics/detect", 50, 8)),
+    _co(("speech-to-text/acoustic", 30, 8), ("video-analytics/classify", 70, 16)),
+    _co(("text-to-img/upscale", 50, 16), ("speech-to-text/features", 50, 32)),
+    _co(
+        ("video-analytics/crop", 30, 32),
+        ("img-to-text/preprocess", 50, 8),
+        ("text-to-img/encode", 20, 8),
+    ),
+    _co(("text-to-img/generate", 60, 16), ("img-to-text/decode", 40, 8)),
+    _co(("video-analytics/detect", 60, 32), ("speech-to-text/acoustic", 40, 8)),
+    _co(("img-to-text/encode", 30, 32), ("speech-to-text/features", 70, 8)),
+    _co(("speech-to-text/decode", 20, 32), ("video-analytics/classify", 80, 8)),
+    _co(("text-to-img/encode", 50, 32), ("video-analytics/crop", 50, 8)),
+    _co(
+        ("img-to-text/preprocess", 30, 32),
+        ("speech-to-text/acoustic", 30, 16),
+        ("video-analytics/detect", 40, 8),
+    ),
+)
+SETS = {"held-out": COLOCATIONS, "training": TRAINING}
+
+
+def stage_pairs(colocations: Sequence[Colocation]) -> set[frozenset[str]]:
+    """Every pair of stages that run side by side in some co-location."""
+    return {
+        frozenset((a.key, b.key))
+        for c in colocations
+        for i, a in enumerate(c.members)
+        for b in c.members[i + 1 :]
+    }
+
+
+def check_disjoint(held_out: Sequence[Colocation], training: Sequence[Colocation]) -> None:
+    """INVALID_ARGUMENT if a held-out co-location pairs two stages the training set paired."""
+    shared = stage_pairs(held_out) & stage_pairs(training)
+    if shared:
+        raise InvalidArgument(
+            "held-out co-locations pair stages the calibration was fitted on: "
+            + ", ".join(sorted(" + ".join(sorted(p)) for p in shared))
+        )
 
 
 def check(colocations: Sequence[Colocation], profiles: Mapping[str, StageProfile]) -> None:
@@ -422,12 +467,23 @@ def main(argv: list[str] | None = None) -> None:
         "--colocation",
         action="append",
         default=[],
-        help="pipe/stage@share:batch,... (repeatable; default: the built-in held-out set)",
+        help="pipe/stage@share:batch,... (repeatable; default: the built-in --set)",
     )
+    parser.add_argument(
+        "--set",
+        choices=sorted(SETS),
+        default="held-out",
+        help="built-in co-locations: held-out (accuracy) or training (what "
+        "scheduler.contention_fit calibrates from)",
+    )
+    parser.add_argument("--name", default="", help="result name (default: predictor, or "
+                        "predictor-training for the training set)")  # fmt: skip
     args = parser.parse_args(argv)
     profiles = load(args.profiles)
-    cases = tuple(parse_colocation(t) for t in args.colocation) or COLOCATIONS
+    cases = tuple(parse_colocation(t) for t in args.colocation) or SETS[args.set]
     check(cases, profiles)
+    if args.set == "held-out":
+        check_disjoint(cases, TRAINING)
     rows: list[dict[str, Any]] = []
     for c in cases:
         preds = predict(c, profiles)
@@ -444,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     argv_used = argv if argv is not None else sys.argv[1:]
     paths = write_result(
-        "predictor",
+        args.name or ("predictor" if args.set == "held-out" else "predictor-training"),
         rows,
         summary_of(rows, len(cases)),
         "cuda",

@@ -3,6 +3,8 @@
 #   PART=profile: profiles of PIPES (default all four) as stages run them (non-blocking stream,
 #                 CUDA graphs on for graph-safe models) ($OUT/g-profile.tgz); merge them here with
 #                 python -m scheduler.profile_merge merge <outputs> --note "..." (CPU);
+#   PART=training: the co-locations the contention calibration is fitted on ($OUT/g-training.tgz);
+#                 fit here with python -m scheduler.contention_fit (CPU), commit, then
 #   PART=predictor: the predictor's held-out accuracy against the profiles in the tree (commit the
 #                 merged set first) with graphs on ($OUT/g-predictor.tgz).
 set -u
@@ -25,8 +27,13 @@ case $PART in
     step predictor 520 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json \
       --out "$R" --window-s 2 --solo-repeats 15 --cuda-graphs on
     ;;
+  training)
+    step training 520 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json \
+      --out "$R" --window-s 2 --solo-repeats 15 --cuda-graphs on --set training
+    ;;
 esac
 mps_stop
 tar czf "$OUT/g-$PART.tgz" -C /tmp res 2>/dev/null
 cat "$R/steps.txt"
 python3 -c "import json; print(json.load(open('$R/predictor.json'))['summary'])" 2>/dev/null
+python3 -c "import json; print(json.load(open('$R/predictor-training.json'))['summary'])" 2>/dev/null
