@@ -291,7 +291,7 @@ def _contention(slots: list[_Slot]) -> None:
         else:
             full = s.prof.throughput(100.0, s.r.max_batch)
             drawn = min(1.0, s.prof.throughput(s.share, s.r.max_batch) / full)
-            s.pressure = s.prof.pressure * s.busy * drawn
+            s.pressure = s.prof.exerted_pressure * s.busy * drawn
     total_busy = sum(s.busy / s.factor for s in slots)  # solo busy fractions
     total_pressure = sum(s.pressure for s in slots)
     for s in slots:

@@ -62,6 +62,10 @@ class StageProfile:
     slowdown: tuple[float, ...]  # factor >= 1 at each pressure level
     pressure: float
     output_bytes_per_item: int = 0
+    # what the measured pressure is multiplied by to price this stage as a co-runner: fitted on
+    # real co-locations (loadgen.contention_fit), since a stage's pull on a copy kernel's
+    # bandwidth understates what it does to a compute-heavy neighbour
+    pressure_scale: float = 1.0
     device: str = ""
     date: str = ""
     synthetic: bool = False
@@ -166,6 +170,11 @@ class StageProfile:
         """Solo items per second with back-to-back batches of `batch`."""
         return 1000.0 * batch / self.latency(share, batch)
 
+    @property
+    def exerted_pressure(self) -> float:
+        """The pressure this stage puts on its co-runners, as the predictor prices it."""
+        return self.pressure * self.pressure_scale
+
     def slowdown_at(self, pressure: float) -> float:
         """Slowdown factor (>= 1) beside co-runners whose pressures sum to `pressure`."""
         lv, sd = self.pressure_levels, self.slowdown
@@ -194,6 +203,7 @@ class StageProfile:
                 "slowdown": [round(v, 6) for v in self.slowdown],
             },
             "pressure": round(self.pressure, 6),
+            **({"pressure_scale": self.pressure_scale} if self.pressure_scale != 1.0 else {}),
         }
 
     @classmethod
@@ -223,6 +233,7 @@ class StageProfile:
                 pressure_levels=tuple(float(p) for p in sens["pressure"]),
                 slowdown=tuple(float(v) for v in sens["slowdown"]),
                 pressure=float(obj["pressure"]),
+                pressure_scale=float(obj.get("pressure_scale", 1.0)),
                 device=str(obj.get("device", device)),
                 date=str(obj.get("date", date)),
                 synthetic=bool(obj.get("synthetic", False)),
@@ -267,6 +278,8 @@ def _validate(p: StageProfile) -> None:
         raise InvalidArgument(f"{where}: slowdown must not fall as pressure rises")
     if not (p.pressure >= 0 and math.isfinite(p.pressure)):
         raise InvalidArgument(f"{where}: pressure must be finite and >= 0")
+    if not (p.pressure_scale > 0 and math.isfinite(p.pressure_scale)):
+        raise InvalidArgument(f"{where}: pressure_scale must be finite and > 0")
     if min(p.weights_bytes, p.activation_bytes_per_item, p.output_bytes_per_item) < 0:
         raise InvalidArgument(f"{where}: byte counts must be >= 0")
     if not (p.bias > 0 and math.isfinite(p.bias)):

@@ -143,7 +143,7 @@ class Vectorised:
                 lv.append(lv[-1] + 1.0)
                 sd.append(sd[-1] + slope)
             self.levels[i], self.slow[i] = lv, sd
-        self.pressure = np.asarray([p.pressure for p in profs])
+        self.pressure = np.asarray([p.exerted_pressure for p in profs])
         self.bias = np.asarray([p.bias for p in profs])
         self.out_bytes = np.asarray([p.output_bytes_per_item for p in profs], dtype=float)
         self.one_level = np.asarray([len(p.pressure_levels) == 1 for p in profs])
