@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
-# EXP is the experiments to run ("peak-load low-load"); everything lands in $OUT/e.tgz.
+# EXP is the experiments to run ("peak-load low-load"). Results are written straight into $OUT/res
+# (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
 set -u
 source .devcarry/setup.sh
 OUT=${OUT:-/tmp/out}
 MIX=${MIX:-va+t2i:video-analytics=1,text-to-img=1}
 EXP=${EXP:-peak-load low-load}
-R=/tmp/res; rm -rf $R; mkdir -p "$R" "$OUT"
+R=$OUT/res; mkdir -p "$R"
 python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
 mps_start
 export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
 pipes=$(echo "${MIX#*:}" | tr ',' '\n' | cut -d= -f1 | sed 's/^/--pipeline /' | tr '\n' ' ')
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
 mesh=$!
-for _ in $(seq 200); do grep -q "serving; Ctrl-C" "$R/mesh.log" && break; sleep 1; done
+for _ in $(seq ${MESH_WAIT_S:-150}); do grep -q "serving; Ctrl-C" "$R/mesh.log" && break; sleep 1; done
+echo "mesh up after ${SECONDS}s" | tee -a "$R/steps.txt"
 SCHED=$(grep -o "scheduler [0-9.:]*" "$R/mesh.log" | cut -d' ' -f2)
 TOKEN=$(cat /tmp/cam/admin.token)
 for e in $EXP; do
@@ -30,5 +32,5 @@ done
 python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
 kill -INT $mesh; wait $mesh
 mps_stop
-tar czf "$OUT/e.tgz" -C /tmp res cam/logs 2>/dev/null
+tar czf "$OUT/logs.tgz" -C /tmp cam/logs 2>/dev/null
 cat "$R/steps.txt"; for e in $EXP; do python3 -c "import json; print('$e', json.load(open('$R/$e.json'))['summary'])" 2>&1 | tail -1; grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
