@@ -22,6 +22,7 @@ inputs are real; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE is set before CUDA starts.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -30,6 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument, Unavailable
@@ -287,6 +289,47 @@ def rows_for(
     return rows
 
 
+def colocations_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Colocation, list[float]]]:
+    """The co-locations of a result's rows, each with its members' measured slowdowns."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r["colocation"]), []).append(r)
+    out = []
+    for name, members in groups.items():
+        ms = []
+        for r in members:
+            pipeline, _, stage = str(r["stage"]).partition("/")
+            ms.append(Member(pipeline, stage, float(r["share_pct"]), int(r["batch"])))
+        slowdowns = [float(r["slowdown_measured"]) for r in members]
+        if not all(math.isfinite(v) and v > 0 for v in slowdowns):
+            raise InvalidArgument(f"{name}: measured slowdowns must be finite and > 0")
+        out.append((Colocation(name, tuple(ms)), slowdowns))
+    if not out:
+        raise InvalidArgument("the result has no rows")
+    return out
+
+
+def rescore(
+    rows: Sequence[Mapping[str, Any]], profiles: Mapping[str, StageProfile]
+) -> list[dict[str, Any]]:
+    """A measured result's rows with the predictions made again from `profiles` (no GPU): the
+    measurements do not depend on the profiles, so a new profile set or calibration is scored
+    on the same held-out runs."""
+    measured = {(str(r["colocation"]), str(r["stage"])): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for c, _ in colocations_of(rows):
+        check([c], profiles)
+        got = [measured[(c.name, m.key)] for m in c.members]
+        together = [
+            (float(r["measured_ms"]), float(r["measured_items_s"]), int(r.get("samples", 0)))
+            for r in got
+        ]
+        out += rows_for(
+            c, predict(c, profiles), together, [float(r["solo_measured_ms"]) for r in got]
+        )
+    return out
+
+
 def summary_of(rows: Sequence[Mapping[str, Any]], colocations: int) -> dict[str, Any]:
     """MAPEs as fractions (0.10 is 10%), as RESULTS.md's targets are written; rows keep percent."""
     return {
@@ -478,8 +521,36 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--name", default="", help="result name (default: predictor, or "
                         "predictor-training for the training set)")  # fmt: skip
+    parser.add_argument(
+        "--rescore",
+        default="",
+        help="a measured result: make its predictions again from --profiles (CPU, no GPU)",
+    )
     args = parser.parse_args(argv)
     profiles = load(args.profiles)
+    argv_used = argv if argv is not None else sys.argv[1:]
+    if args.rescore:
+        measured = json.loads(Path(args.rescore).read_text())
+        scored = rescore(measured["rows"], profiles)
+        n = len({r["colocation"] for r in scored})
+        paths = write_result(
+            args.name or measured.get("name", "predictor"),
+            scored,
+            summary_of(scored, n),
+            "cuda",
+            args.out,
+            COLUMNS,
+            command=module_command("loadgen.bench_predictor", argv_used),
+            notes=(
+                f"Measured on {measured.get('device', '?')} at git {measured.get('git', '?')} "
+                f"({measured.get('date', '?')}; {measured.get('command', '')}); predictions made "
+                f"again from {args.profiles} at this commit. " + measured.get("notes", "")
+            ),
+            extra={"profiles": args.profiles, "measured": {
+                k: measured.get(k) for k in ("git", "date", "device", "command")}},
+        )  # fmt: skip
+        print(f"wrote {paths[0]} and {paths[1]}")
+        return
     cases = tuple(parse_colocation(t) for t in args.colocation) or SETS[args.set]
     check(cases, profiles)
     if args.set == "held-out":
@@ -498,7 +569,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"predicted {r['predicted_ms']} ms ({r['abs_pct_error']}%)",
                 flush=True,
             )
-    argv_used = argv if argv is not None else sys.argv[1:]
     paths = write_result(
         args.name or ("predictor" if args.set == "held-out" else "predictor-training"),
         rows,

@@ -23,36 +23,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
-from loadgen.bench_predictor import Colocation, Member, predict
+from loadgen.bench_predictor import Colocation, colocations_of, predict
 from scheduler.profiles import StageProfile, load
 
 GRID = np.geomspace(0.25, 40.0, 321)
-
-
-def colocations_of(rows: Sequence[Mapping[str, Any]]) -> list[tuple[Colocation, list[float]]]:
-    """The co-locations of a bench_predictor result, each with its members' measured slowdowns."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(str(r["colocation"]), []).append(r)
-    out = []
-    for name, members in groups.items():
-        ms = []
-        for r in members:
-            pipeline, _, stage = str(r["stage"]).partition("/")
-            ms.append(Member(pipeline, stage, float(r["share_pct"]), int(r["batch"])))
-        slowdowns = [float(r["slowdown_measured"]) for r in members]
-        if not all(np.isfinite(slowdowns)) or min(slowdowns) <= 0:
-            raise InvalidArgument(f"{name}: measured slowdowns must be finite and > 0")
-        out.append((Colocation(name, tuple(ms)), slowdowns))
-    if not out:
-        raise InvalidArgument("the result has no rows to fit on")
-    return out
 
 
 def scaled(profiles: Mapping[str, StageProfile], scale: float) -> dict[str, StageProfile]:
