@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cuda-graphs",
         choices=("on", "off"),
-        default="off",
-        help="run graph-safe models as CUDA graphs, as stages with --cuda-graphs on do",
+        default="on",
+        help="run graph-safe models as CUDA graphs, as stages do by default",
     )
     parser.add_argument(
         "--colocation",

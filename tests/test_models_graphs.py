@@ -41,14 +41,12 @@ def test_warm_up_covers_every_bucket_a_batch_can_fall_in() -> None:
         assert {bucket(n) for n in range(1, max_batch + 1)} == {bucket(n) for n in sizes}
 
 
-def test_cuda_graphs_setting_defaults_off_and_follows_flag_and_env() -> None:
+def test_cuda_graphs_setting_defaults_on_and_follows_flag_and_env() -> None:
     base = ["--pipeline", "p", "--stage", "s"]
-    assert not parse(base, environ={}).cuda_graphs
-    assert parse([*base, "--cuda-graphs", "on"], environ={}).cuda_graphs
-    assert parse(base, environ={"CAMELOT_CUDA_GRAPHS": "on"}).cuda_graphs
-    assert not parse(
-        [*base, "--cuda-graphs", "off"], environ={"CAMELOT_CUDA_GRAPHS": "on"}
-    ).cuda_graphs
+    assert parse(base, environ={}).cuda_graphs
+    assert not parse([*base, "--cuda-graphs", "off"], environ={}).cuda_graphs
+    assert not parse(base, environ={"CAMELOT_CUDA_GRAPHS": "off"}).cuda_graphs
+    assert parse([*base, "--cuda-graphs", "on"], environ={"CAMELOT_CUDA_GRAPHS": "off"}).cuda_graphs
     with pytest.raises(SystemExit):
         parse([*base, "--cuda-graphs", "maybe"], environ={})
 

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cuda-graphs",
         choices=("on", "off"),
-        default="off",
-        help="profile graph-safe models as CUDA graphs, as stages run with --cuda-graphs on",
+        default="on",
+        help="profile graph-safe models as CUDA graphs, as stages run them by default",
     )
     parser.add_argument("--out", default="profiles.json")
     parser.add_argument("--redis", default="", help="also store each profile in this Redis")

@@ -48,7 +48,7 @@ class Settings:
     window_s: float = 1.0
     seed: int = 0
     # as a stage with --cuda-graphs on: graph-safe models replay CUDA graphs
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True
 
 
 @dataclass

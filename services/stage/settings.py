@@ -37,7 +37,7 @@ class StageSettings:
     # CUDA graphs for graph-safe models. Off by default until the captured decoder has been
     # measured on a GPU (docs/results/graphs.md); never in green mode (a graph is captured per
     # stream, and a resize would pay a capture per batch bucket on the new slice's stream)
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True
     # mutual TLS on the TCP port (CAMELOT_TLS_CERT/KEY/CA), for gateways on other nodes
     tls: TlsFiles | None = None
 
@@ -77,9 +77,10 @@ def parse(
         "--cuda-graphs",
         field=None,
         env="CUDA_GRAPHS",
-        default="off",
+        default="on",
         choices=("on", "off"),
-        help="replay graph-safe models as CUDA graphs (cuda backend, MPS mode)",
+        help="replay graph-safe models as CUDA graphs (cuda backend, MPS mode; the default: "
+        "docs/results/graphs.md)",
     )
     a = f.parse(argv)
     try:
