@@ -4,6 +4,7 @@
 # (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
 set -u
 source .devcarry/setup.sh
+source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
 MIX=${MIX:-va+t2i:video-analytics=1,text-to-img=1}
 EXP=${EXP:-peak-load low-load}

@@ -6,6 +6,7 @@
 # Results go straight to $OUT (a run cut short still returns what finished).
 set -u
 source .devcarry/setup.sh
+source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
 PART=${PART:-tests}
 mkdir -p "$OUT" /tmp/cam

@@ -9,6 +9,7 @@
 #                 merged set first) with graphs on ($OUT/g-predictor.tgz).
 set -u
 source .devcarry/setup.sh
+source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
 PART=${PART:-profile}
 R=/tmp/res; rm -rf $R; mkdir -p "$R" "$OUT"
