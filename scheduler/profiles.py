@@ -66,6 +66,9 @@ class StageProfile:
     # real co-locations (loadgen.contention_fit), since a stage's pull on a copy kernel's
     # bandwidth understates what it does to a compute-heavy neighbour
     pressure_scale: float = 1.0
+    # "pow2" where the stage replays CUDA graphs: a batch of n runs padded to the next power of
+    # two, so it costs what that bucket costs (batch 12 as much as 16), not a point between
+    batch_buckets: str = ""
     device: str = ""
     date: str = ""
     synthetic: bool = False
@@ -99,7 +102,7 @@ class StageProfile:
             return memo
         if share <= 0:
             raise InvalidArgument(f"{self.key}: share must be > 0, got {share}")
-        value = self._latency(share, batch)
+        value = self._latency(share, self.padded(batch))
         if len(self._memo) < 100_000:
             self._memo[(share, batch)] = value
         return value
@@ -114,6 +117,21 @@ class StageProfile:
         t = math.log(share / shares[j]) / math.log(shares[j + 1] / shares[j])
         lo, hi = self._at_batch(j, batch), self._at_batch(j + 1, batch)
         return math.exp((1 - t) * math.log(lo) + t * math.log(hi))
+
+    def padded(self, batch: float) -> float:
+        """The batch size a batch of `batch` items costs. With power-of-two buckets a fractional
+        (mean) batch moves linearly between the buckets of its neighbouring whole sizes, so the
+        cost stays continuous and non-decreasing in the batch."""
+        if self.batch_buckets != "pow2" or batch <= 1:
+            return batch
+        lo, hi = math.floor(batch), math.ceil(batch)
+        blo, bhi = _pow2(lo), _pow2(hi)
+        return blo if lo == hi else blo + (batch - lo) * (bhi - blo)
+
+    def padded_many(self, batch: np.ndarray) -> np.ndarray:
+        """`padded` elementwise."""
+        batch = np.asarray(batch, dtype=float)
+        return pow2_padded(batch) if self.batch_buckets == "pow2" else batch
 
     def latency_many(self, share: np.ndarray, batch: np.ndarray) -> np.ndarray:
         """`latency` elementwise over arrays (batches within the measured range), same formula."""
@@ -139,7 +157,7 @@ class StageProfile:
         rows = np.arange(len(share))
 
         def latency(batch: np.ndarray) -> np.ndarray:
-            batch = np.asarray(batch, dtype=float)
+            batch = self.padded_many(batch)
             if nb == 1:
                 lo, hi = lo_row[:, 0], hi_row[:, 0]
             else:
@@ -204,6 +222,7 @@ class StageProfile:
             },
             "pressure": round(self.pressure, 6),
             **({"pressure_scale": self.pressure_scale} if self.pressure_scale != 1.0 else {}),
+            **({"batch_buckets": self.batch_buckets} if self.batch_buckets else {}),
         }
 
     @classmethod
@@ -234,6 +253,7 @@ class StageProfile:
                 slowdown=tuple(float(v) for v in sens["slowdown"]),
                 pressure=float(obj["pressure"]),
                 pressure_scale=float(obj.get("pressure_scale", 1.0)),
+                batch_buckets=str(obj.get("batch_buckets", "")),
                 device=str(obj.get("device", device)),
                 date=str(obj.get("date", date)),
                 synthetic=bool(obj.get("synthetic", False)),
@@ -280,10 +300,30 @@ def _validate(p: StageProfile) -> None:
         raise InvalidArgument(f"{where}: pressure must be finite and >= 0")
     if not (p.pressure_scale > 0 and math.isfinite(p.pressure_scale)):
         raise InvalidArgument(f"{where}: pressure_scale must be finite and > 0")
+    if p.batch_buckets not in ("", "pow2"):
+        raise InvalidArgument(f"{where}: batch_buckets must be 'pow2' or absent")
     if min(p.weights_bytes, p.activation_bytes_per_item, p.output_bytes_per_item) < 0:
         raise InvalidArgument(f"{where}: byte counts must be >= 0")
     if not (p.bias > 0 and math.isfinite(p.bias)):
         raise InvalidArgument(f"{where}: bias must be finite and > 0")
+
+
+def _pow2(n: int) -> int:
+    """The power-of-two bucket a whole batch of n >= 1 runs in (services/models/graphs.bucket)."""
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _pow2_many(n: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.exp2(np.ceil(np.log2(np.maximum(n, 1.0)) - 1e-9))
+    return out
+
+
+def pow2_padded(batch: np.ndarray) -> np.ndarray:
+    """`StageProfile.padded` of a power-of-two-bucketed stage, elementwise."""
+    b = np.maximum(batch, 1.0)
+    lo, hi = np.floor(b), np.ceil(b)
+    blo, bhi = _pow2_many(lo), _pow2_many(hi)
+    return np.where(batch <= 1, batch, blo + (b - lo) * (bhi - blo))
 
 
 def monotone_table(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:

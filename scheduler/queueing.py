@@ -58,7 +58,10 @@ def mean_batch(rate_per_ms: float, max_batch: int, max_wait_ms: float, service: 
     """The least fixed point b = min(B, max(1 + λ·wait, λ·S(b))), by Newton steps from below.
 
     g(b) = λ·S(b) - b; from a point where g > 0 a Newton step on the local slope moves right
-    and, S being convex in b, never past the root. A slope of λ·S' >= 1 means no root: B.
+    and, where S is convex, never past the root. Where the local slope is λ·S' >= 1 (S is not
+    convex everywhere: a stage replaying CUDA graphs costs a step up at each power of two) the
+    step is the plain fixed-point one, b <- λ·S(b), which also moves right and never past the
+    least root, S being non-decreasing; with no root it climbs to B.
     """
     if rate_per_ms <= 0:
         return 1.0
@@ -71,8 +74,9 @@ def mean_batch(rate_per_ms: float, max_batch: int, max_wait_ms: float, service: 
             break
         slope = (s - service(b - SLOPE_H)) / SLOPE_H
         if rate_per_ms * slope >= 1.0:
-            return bmax
-        b = min(bmax, b + g / (1.0 - rate_per_ms * slope))
+            b = min(bmax, rate_per_ms * s)
+        else:
+            b = min(bmax, b + g / (1.0 - rate_per_ms * slope))
         if b >= bmax:
             break
     return b
@@ -138,8 +142,8 @@ def replica_arrays(
         if bool(done.all()):
             break
         slope = (s - service(b - SLOPE_H)) / SLOPE_H
-        flat = lam * slope >= 1.0
-        step = np.where(flat, bmax, b + g / np.where(flat, 1.0, 1.0 - lam * slope))
+        steep = lam * slope >= 1.0
+        step = np.where(steep, lam * s, b + g / np.where(steep, 1.0, 1.0 - lam * slope))
         b = np.where(done, b, np.minimum(bmax, step))
     s = service(b)
     with np.errstate(divide="ignore", invalid="ignore"):

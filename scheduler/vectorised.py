@@ -11,7 +11,7 @@ from common.errors import FailedPrecondition, InvalidArgument
 from scheduler import queueing
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.predictor import HopCosts, share_percent
-from scheduler.profiles import as_profiles
+from scheduler.profiles import as_profiles, pow2_padded
 
 # below this many replica rows, finding the alike ones costs more than it saves
 DEDUP_ROWS = 2048
@@ -33,9 +33,11 @@ class _Service:
         scale: np.ndarray,
         union: np.ndarray,
         pos: np.ndarray,
+        bucketed: np.ndarray,
     ) -> None:
         self.lo, self.hi, self.grid, self.t, self.scale = lo, hi, grid, t, scale
-        self.union, self.pos = union, pos
+        self.union, self.pos, self.bucketed = union, pos, bucketed
+        self.any_bucketed = bool(bucketed.any())
         self.rows = np.arange(len(t))
 
     def take(self, idx: np.ndarray) -> _Service:
@@ -47,9 +49,12 @@ class _Service:
             self.scale[idx],
             self.union,
             self.pos[idx],
+            self.bucketed[idx],
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.any_bucketed:
+            batch = np.where(self.bucketed, pow2_padded(np.asarray(batch, dtype=float)), batch)
         if self.grid.shape[1] == 1:
             lo, hi = self.lo[:, 0], self.hi[:, 0]
         else:
@@ -144,6 +149,7 @@ class Vectorised:
                 sd.append(sd[-1] + slope)
             self.levels[i], self.slow[i] = lv, sd
         self.pressure = np.asarray([p.exerted_pressure for p in profs])
+        self.bucketed = np.asarray([p.batch_buckets == "pow2" for p in profs])
         self.bias = np.asarray([p.bias for p in profs])
         self.out_bytes = np.asarray([p.output_bytes_per_item for p in profs], dtype=float)
         self.one_level = np.asarray([len(p.pressure_levels) == 1 for p in profs])
@@ -175,6 +181,7 @@ class Vectorised:
             log_scale,
             self.union,
             self.pos[stage],
+            self.bucketed[stage],
         )
 
     def _slowdown(self, stage: np.ndarray, pressure: np.ndarray) -> np.ndarray:

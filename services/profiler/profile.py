@@ -62,6 +62,8 @@ class StageResult:
     pressure_levels: list[float] = field(default_factory=lambda: [0.0])
     slowdown: list[float] = field(default_factory=lambda: [1.0])
     pressure: float = 0.0
+    # "pow2" where the stage replays CUDA graphs: a batch costs what its power-of-two bucket does
+    batch_buckets: str = ""
 
 
 def batches_for(max_batch: int, batches: Iterable[int]) -> list[int]:
@@ -105,6 +107,7 @@ def stage_json(r: StageResult) -> dict[str, Any]:
         "output_bytes_per_item": int(r.output_bytes_per_item),
         "sensitivity": {"pressure": list(r.pressure_levels), "slowdown": list(r.slowdown)},
         "pressure": r.pressure,
+        **({"batch_buckets": r.batch_buckets} if r.batch_buckets else {}),
     }
 
 
@@ -213,6 +216,7 @@ def profile_stage(
                 row[b] = float(got["ms"])
                 if share == max(settings.shares) and b == max(batches):
                     res.weights_bytes = int(w.hello["weights_bytes"])
+                    res.batch_buckets = str(w.hello.get("batch_buckets", ""))
                     res.activation_bytes_per_item = int(got["working_bytes"]) // b
                     res.output_bytes_per_item = int(got["output_bytes_per_item"])
             res.latency_ms[share] = row

@@ -63,7 +63,15 @@ def stage_main(
     feeds = {n: cp.asarray(v) for n, v in feeds_host.items()}
     input_bytes = sum(int(v.nbytes) for v in feeds.values()) // max_batch
     out_bytes = 0
-    _send({"ready": True, "weights_bytes": int(weights), "input_bytes_per_item": input_bytes})
+    _send(
+        {
+            "ready": True,
+            "weights_bytes": int(weights),
+            "input_bytes_per_item": input_bytes,
+            # a replayed graph runs a batch padded to its power-of-two bucket
+            "batch_buckets": "pow2" if getattr(model, "uses_graphs", False) else "",
+        }
+    )
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     for cmd in _commands():
         if cmd["cmd"] == "exit":
