@@ -105,7 +105,7 @@ async def measure(
     return rows, summary
 
 
-async def _launched(stack: AsyncExitStack, backend: str, size: str, policy: str) -> str:
+async def launched(stack: AsyncExitStack, backend: str, size: str, policy: str) -> str:
     """Starts the local mesh (as `camelot run` does) in a scratch folder: the gateway target.
     The stack stops it."""
     run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-e2e-")))
@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         backend = "cuda" if cuda_available() else "host"
     async with AsyncExitStack() as stack:
         size = args.size or ("full" if backend == "cuda" else "tiny")
-        target = args.target or await _launched(stack, backend, size, args.policy)
+        target = args.target or await launched(stack, backend, size, args.policy)
         rows, summary = await measure(
             target,
             [p for p in args.pipelines.split(",") if p] or None,
