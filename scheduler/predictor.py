@@ -37,10 +37,15 @@ from scheduler.profiles import StageProfile, as_profiles
 class HopCosts:
     """Per-request cost of one stage hop (gateway -> stage -> gateway), ms and bytes/s."""
 
-    ref_ms: float = 0.25
+    # a stage round trip outside the replica's queue, batch wait and compute (gRPC both ways,
+    # (de)serialisation, buffer views): 1.9-2.5 ms per stage on the H100 host at low load
+    # (docs/results/e2e.md, `hops_ms` over 3 stages, ref transport)
+    ref_ms: float = 2.0
     peer_bytes_s: float = 40e9  # GPU to GPU on one node (NVLink/PCIe P2P)
     node_bytes_s: float = 10e9  # between nodes
-    wire_ms: float = 0.5
+    # the same round trip with bytes in the messages, before the bytes' own cost: 2.2 ms per
+    # stage where the items are small (speech-to-text, text-to-img in docs/results/e2e.md)
+    wire_ms: float = 2.2
     host_bytes_s: float = 12e9  # device <-> host copies on the wire transport
 
     def hop_ms(
