@@ -30,9 +30,11 @@ from common.results import cpu_model, git_short_hash
 from scheduler.bruteforce import best_load
 from scheduler.policies.maxload import MaxLoad
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
-from scheduler.predictor import predict
+from scheduler.predictor import HopCosts, predict
 from scheduler.profiles import StageProfile, load
 from scheduler.solver import Solver
+
+HOPS = HopCosts()
 
 OUT = Path("docs/results")
 H100 = GpuInfo(0, 132, 80 << 30)
@@ -62,8 +64,11 @@ def random_instance(rng: random.Random, profiles: dict[str, StageProfile]) -> Po
         budget -= n
         start = rng.randint(0, len(pipes[name]) - n)
         stages = pipes[name][start : start + n]
+        # the stages' budget is 2-8x their unloaded floor; the fixed costs of a query (its own
+        # and a hop per stage, HopCosts) come on top, so instances do not depend on them
         floor = sum(s.latency(100.0, 1) for s in stages) + 0.25 * n
-        qos = round(floor * rng.uniform(2.0, 8.0), 1)
+        fixed = HOPS.query_cost_ms(0) + HOPS.ref_ms * n
+        qos = round(floor * rng.uniform(2.0, 8.0) + fixed, 1)
         infos.append(
             PipelineInfo(name, tuple(StageInfo(s.stage, s.max_batch) for s in stages), qos)
         )

@@ -29,7 +29,18 @@ def from_config(obj: Any) -> PipelineInfo:
             for s in obj.stages
         ),
         qos_p99_ms=float(obj.qos_p99_ms),
+        input_bytes=_input_bytes(getattr(obj, "input", None)),
     )
+
+
+def _input_bytes(spec: Any) -> int:
+    """Bytes of one query input from a config's input spec (0 where it has none)."""
+    if spec is None:
+        return 0
+    n = 1
+    for d in spec.shape:
+        n *= int(d)
+    return n * int(spec.dtype.itemsize)
 
 
 def known_pipelines(settings: SchedulerSettings) -> tuple[PipelineInfo, ...]:

@@ -20,7 +20,6 @@ from common.errors import FailedPrecondition, InvalidArgument
 from scheduler import queueing
 from scheduler.policy import (
     GpuInfo,
-    PipelineInfo,
     PlanSpec,
     PolicyInput,
     ReplicaSpec,
@@ -110,17 +109,6 @@ def stage_profiles(world: PolicyInput) -> dict[str, StageProfile]:
             if f"{p.name}/{st.name}" not in profiles:
                 raise FailedPrecondition(f"no profile for stage {p.name}/{st.name}")
     return profiles
-
-
-def min_p99_ms(
-    pipeline: PipelineInfo, profiles: Mapping[str, StageProfile], hop_ms: float
-) -> float:
-    """The lowest p99 any plan can reach: every stage alone on a whole GPU, batch 1, no load."""
-    return sum(
-        profiles[f"{pipeline.name}/{s.name}"].latency(100.0, 1)
-        * profiles[f"{pipeline.name}/{s.name}"].bias
-        for s in pipeline.stages
-    ) + hop_ms * len(pipeline.stages)
 
 
 class Candidates:

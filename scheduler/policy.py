@@ -26,6 +26,8 @@ class PipelineInfo:
     name: str
     stages: tuple[StageInfo, ...]
     qos_p99_ms: float
+    # bytes of one query's input: what the client sends and the gateway copies in
+    input_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,15 @@ class HopCosts:
     # stage where the items are small (speech-to-text, text-to-img in docs/results/e2e.md)
     wire_ms: float = 2.2
     host_bytes_s: float = 12e9  # device <-> host copies on the wire transport
+    # once per query, outside the stages: the client's send and receive and the gateway's own
+    # work (lease, input copy, output copy), 7.0 ms where the input is small and ~2.8 ms more
+    # per MB of input on the H100 host (docs/results/e2e.md, client_ms + gateway_ms, ref)
+    query_ms: float = 7.0
+    query_bytes_s: float = 0.36e9
+
+    def query_cost_ms(self, input_bytes: int) -> float:
+        """What one query costs outside its stage hops and stages."""
+        return self.query_ms + input_bytes / self.query_bytes_s * 1e3
 
     def hop_ms(
         self, item_bytes: int, same_gpu_fraction: float, same_node: bool, wire: bool
@@ -135,7 +144,7 @@ class PipelinePrediction:
     rate_qps: float
     qos_p99_ms: float
     stages: tuple[StagePrediction, ...]
-    hops_ms: float
+    hops_ms: float  # the stage hops and the query's own cost outside them (client, gateway)
     p99_ms: float
 
     @property
@@ -274,6 +283,7 @@ def predict(
             hop_total += hops.hop_ms(
                 cur[0].prof.output_bytes_per_item, same_gpu, same_node, transport == "wire"
             )
+        hop_total += hops.query_cost_ms(p.input_bytes)
         total = sum(s.p99_ms for s in stage_preds) + hop_total
         out[p.name] = PipelinePrediction(
             p.name,

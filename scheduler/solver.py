@@ -71,7 +71,7 @@ class Solver:
             keys = [f"{p.name}/{s.name}" for s in p.stages]
             self.hop_ms[p.name] = sum(
                 hops.hop_ms(self.profiles[k].output_bytes_per_item, 1.0, True, wire) for k in keys
-            )
+            ) + hops.query_cost_ms(p.input_bytes)
             floor = sum(self.profiles[k].latency(100.0, 1) * self.profiles[k].bias for k in keys)
             floor += self.hop_ms[p.name]
             self.qos[p.name] = p.qos_p99_ms

@@ -122,6 +122,7 @@ class Vectorised:
         self.next_stage = np.asarray(nxt, dtype=int)
         self.rounds, self.wire = rounds, transport == "wire"
         self.hops = hops or HopCosts()
+        self.query_ms = [self.hops.query_cost_ms(p.input_bytes) for p in world.pipelines]
         profs = [profiles[k] for k in self.keys]
         self.profs = profs
         ns = max(len(p.shares) for p in profs)
@@ -301,7 +302,7 @@ class Vectorised:
         total = stage_p99 + hop
         out = np.zeros((n_plans, len(self.pipelines)))
         for pi in range(len(self.pipelines)):
-            out[:, pi] = total[:, self.pipe_of == pi].sum(axis=1)
+            out[:, pi] = total[:, self.pipe_of == pi].sum(axis=1) + self.query_ms[pi]
         busy_gpu = (over > queueing.RHO_MAX).reshape(n_plans, n_sl).any(axis=1)
         out[busy_gpu] = np.inf
         excess = np.zeros(n_plans)

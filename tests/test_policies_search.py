@@ -10,7 +10,7 @@ from scheduler.bruteforce import best_load
 from scheduler.planning import check_plan
 from scheduler.policies.maxload import MaxLoad
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
-from scheduler.predictor import predict
+from scheduler.predictor import HopCosts, predict
 from scheduler.profiles import load
 
 PROFILES = load()
@@ -41,12 +41,21 @@ def carried(w: PolicyInput, plan) -> float:
     return lo
 
 
+# QoS targets: what the stages may take, plus the fixed per-query cost and a hop per stage
+# (HopCosts defaults), so the stages' budget is the same whatever those constants are.
+_FIXED = HopCosts().query_cost_ms(0)
+
+
+def _qos(stages_ms: float, n_stages: int) -> float:
+    return stages_ms + _FIXED + n_stages * HopCosts().ref_ms
+
+
 CASES = [
     # two pipelines side by side: each stage belongs on both GPUs (data parallel)
-    {"img-to-text": (["decode"], 28.2), "speech-to-text": (["acoustic"], 18.0)},
+    {"img-to-text": (["decode"], _qos(27.95, 1)), "speech-to-text": (["acoustic"], _qos(17.75, 1))},
     # a tight QoS: the slow stage wants a large share at its largest batch, not many small ones
-    {"video-analytics": (["detect", "crop"], 15.3)},
-    {"img-to-text": (["preprocess", "encode"], 17.1)},
+    {"video-analytics": (["detect", "crop"], _qos(14.8, 2))},
+    {"img-to-text": (["preprocess", "encode"], _qos(16.6, 2))},
 ]
 
 

@@ -315,8 +315,10 @@ def test_missing_profile_and_missing_stage() -> None:
 def test_bias_moves_predictions_toward_measurements() -> None:
     w = world_of({"img-to-text": ["encode"]})
     plan = PlanSpec("t", (one_stage_plan("img-to-text", "encode", 50, 16),))
-    predicted = predict(w, plan, {"img-to-text": 400}).pipelines["img-to-text"].p99_ms
-    measured = 2.0 * predicted
+    first = predict(w, plan, {"img-to-text": 400})
+    predicted = first.pipelines["img-to-text"].p99_ms
+    # the stage really takes twice what its profile says; the hops are as predicted
+    measured = predicted + first.stage("img-to-text", "encode").p99_ms
     bias = BiasCorrector(alpha=0.5, min_count=10)
     errors = []
     for _ in range(8):
@@ -371,3 +373,22 @@ async def test_profiles_round_trip_through_redis(redis_server) -> None:
             await prof_mod.load_redis(client)
     finally:
         await client.aclose()
+
+
+def test_a_query_pays_its_own_cost_outside_the_stages_once() -> None:
+    """The client's send and the gateway's work: a constant plus the input's bytes, once per
+    query whatever the stages; the configs give each pipeline its input's size."""
+    from common.pipeline_config import load_pipeline
+    from scheduler.pipelines import from_config
+    from scheduler.predictor import HopCosts
+
+    video = from_config(load_pipeline("video-analytics", "full"))
+    assert video.input_bytes == 720 * 1280 * 3
+    w = world_of({"img-to-text": ["encode"]})
+    plan = PlanSpec("t", (one_stage_plan("img-to-text", "encode", 50, 16),))
+    small = predict(w, plan, {"img-to-text": 100}).pipelines["img-to-text"]
+    big_info = replace(w.pipelines[0], input_bytes=3_600_000)
+    big = predict(replace(w, pipelines=(big_info,)), plan, {"img-to-text": 100})
+    extra = big.pipelines["img-to-text"].p99_ms - small.p99_ms
+    assert extra == pytest.approx(3_600_000 / HopCosts().query_bytes_s * 1e3)
+    assert small.hops_ms == pytest.approx(HopCosts().ref_ms + HopCosts().query_ms)

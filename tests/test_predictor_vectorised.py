@@ -51,7 +51,8 @@ def cases(draw: st.DrawFn) -> tuple[PolicyInput, PlanSpec, dict[str, float], str
     for name in names:
         first = draw(st.integers(0, len(PIPES[name]) - 1))
         chosen = PIPES[name][first : first + draw(st.integers(1, 3))]
-        infos.append(PipelineInfo(name, tuple(StageInfo(s, 32) for s in chosen), 100.0))
+        in_bytes = draw(st.sampled_from([0, 150_528, 2_764_800]))
+        infos.append(PipelineInfo(name, tuple(StageInfo(s, 32) for s in chosen), 100.0, in_bytes))
         for s in chosen:
             reps = []
             for i in range(draw(st.integers(1, 3))):
