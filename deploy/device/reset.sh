@@ -1,8 +1,11 @@
 # Sourced by the gpu-*.sh scripts after .devcarry/setup.sh: a warm device machine may still run a
 # mesh from a call that hit its time limit (its processes, its redis-server, its MPS daemon). A
-# new mesh beside them never came up (a 200 s wait, twice), so everything left over goes first.
+# new mesh beside them never came up (150 s, then 200 s), so everything left over goes first;
+# an MPS daemon that does not quit within 10 s is killed (mps_start then starts a fresh one).
 for pid in $(pgrep -f "^python3? -m (services|shmbroker|scheduler|loadgen)"); do kill -9 "$pid"; done
 pkill -9 -x redis-server 2>/dev/null
-mps_stop >/dev/null 2>&1
+timeout 10 bash -c 'echo quit | nvidia-cuda-mps-control' >/dev/null 2>&1
+pkill -9 -x nvidia-cuda-mps-control 2>/dev/null
+pkill -9 -x nvidia-cuda-mps-server 2>/dev/null
 sleep 1
 rm -rf /tmp/cam
