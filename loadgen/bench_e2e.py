@@ -107,7 +107,8 @@ async def measure(
 
 async def launched(stack: AsyncExitStack, backend: str, size: str, policy: str) -> str:
     """Starts the local mesh (as `camelot run` does) in a scratch folder: the gateway target.
-    The stack stops it."""
+    `size` "" is full on cuda, tiny on host. The stack stops it."""
+    size = size or ("full" if backend == "cuda" else "tiny")
     run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-e2e-")))
     mesh = Mesh(run_dir)
     stack.push_async_callback(mesh.stop_all)
@@ -141,8 +142,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if backend == "auto":
         backend = "cuda" if cuda_available() else "host"
     async with AsyncExitStack() as stack:
-        size = args.size or ("full" if backend == "cuda" else "tiny")
-        target = args.target or await launched(stack, backend, size, args.policy)
+        target = args.target or await launched(stack, backend, args.size, args.policy)
         rows, summary = await measure(
             target,
             [p for p in args.pipelines.split(",") if p] or None,

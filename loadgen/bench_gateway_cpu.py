@@ -97,8 +97,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         backend = "cuda" if cuda_available() else "host"
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     async with AsyncExitStack() as stack:
-        size = args.size or ("full" if backend == "cuda" else "tiny")
-        target = args.target or await launched(stack, backend, size, "even")
+        target = args.target or await launched(stack, backend, args.size, "even")
         rows, summary = await measure(target, args.pipeline, rates, args.duration, args.rounds)
     return write_result(
         "gateway-cpu", rows, summary, backend, args.out_dir, COLUMNS,

@@ -51,11 +51,12 @@ def slowdown_error(
 
 def fit(
     cases: Sequence[tuple[Colocation, list[float]]], profiles: Mapping[str, StageProfile]
-) -> tuple[float, float, float]:
-    """(best scale, slowdown error at scale 1, slowdown error at the best scale)."""
+) -> tuple[float, float, float, list[float]]:
+    """(best scale, slowdown error at scale 1, slowdown error at the best scale, the error at
+    every scale of GRID)."""
     errors = [slowdown_error(cases, scaled(profiles, float(k))) for k in GRID]
     best = int(np.argmin(errors))
-    return float(GRID[best]), slowdown_error(cases, scaled(profiles, 1.0)), errors[best]
+    return float(GRID[best]), slowdown_error(cases, scaled(profiles, 1.0)), errors[best], errors
 
 
 def write_scale(path: Path, scale: float, note: str) -> None:
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, KeyError, ValueError, InvalidArgument) as e:
         print(f"contention_fit: {e}", file=sys.stderr)
         return 2
-    scale, before, after = fit(cases, profiles)
+    scale, before, after, errors = fit(cases, profiles)
     note = (
         f"pressure_scale {scale:.4g} fitted by loadgen.contention_fit on {args.training} "
         f"({len(cases)} co-locations, git {doc.get('git', '?')}): slowdown error "
@@ -96,11 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     write_scale(Path(args.profiles), scale, note)
+    # the grid the fit already scanned, every 8th scale
     rows = [
         {"pressure_scale": round(float(k), 4), "slowdown_error": round(e, 4)}
-        for k, e in zip(GRID[::8], [slowdown_error(cases, scaled(profiles, float(k)))
-                                    for k in GRID[::8]], strict=True)
-    ]  # fmt: skip
+        for k, e in zip(GRID[::8], errors[::8], strict=True)
+    ]
     write_result(
         "contention-fit",
         rows,

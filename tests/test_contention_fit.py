@@ -44,7 +44,8 @@ def test_fit_recovers_the_scale_behind_the_slowdowns(tmp_path):
             rows.append({"colocation": c.name, "stage": m.key, "share_pct": m.share,
                          "batch": m.batch, "slowdown_measured": p.factor})  # fmt: skip
     cases = contention_fit.colocations_of(rows)
-    scale, before, after = contention_fit.fit(cases, profiles)
+    scale, before, after, errors = contention_fit.fit(cases, profiles)
+    assert len(errors) == len(contention_fit.GRID) and min(errors) == after
     assert scale == pytest.approx(3.0, rel=0.03)
     assert after < 0.005 < before
     # written into a profiles document, the predictor then uses it
