@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
 # EXP is the experiments to run ("peak-load low-load"). Results are written straight into $OUT/res
-# (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
+# (a call cut short still returns what finished); the processes' logs land in $OUT/logs.
+# DEADLINE_S is the call's own limit, less a margin:
+# an experiment is cut to what is left of it.
 set -u
 source .devcarry/setup.sh
 source deploy/device/reset.sh
@@ -15,7 +17,21 @@ export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
 pipes=$(echo "${MIX#*:}" | tr ',' '\n' | cut -d= -f1 | sed 's/^/--pipeline /' | tr '\n' ' ')
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
 mesh=$!
-for _ in $(seq ${MESH_WAIT_S:-150}); do grep -q "serving; Ctrl-C" "$R/mesh.log" && break; sleep 1; done
+# the processes' logs come back even from a call cut short: copied every 15 s while the mesh starts
+snap() { mkdir -p "$OUT/logs"; cp -r /tmp/cam/logs/. "$OUT/logs/" 2>/dev/null; nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1; }
+up=0
+for i in $(seq ${MESH_WAIT_S:-300}); do
+  grep -q "serving; Ctrl-C" "$R/mesh.log" && { up=1; break; }
+  kill -0 $mesh 2>/dev/null || break
+  (( i % 15 == 0 )) && snap
+  sleep 1
+done
+snap
+if (( ! up )); then
+  echo "mesh not up after ${SECONDS}s" | tee -a "$R/steps.txt"
+  source deploy/device/reset.sh
+  exit 1
+fi
 echo "mesh up after ${SECONDS}s" | tee -a "$R/steps.txt"
 SCHED=$(grep -o "scheduler [0-9.:]*" "$R/mesh.log" | cut -d' ' -f2)
 TOKEN=$(cat /tmp/cam/admin.token)
@@ -26,12 +42,15 @@ for e in $EXP; do
     diurnal) args="--policy min-resource --min-qps ${DMIN:-4} --max-qps ${DMAX:-40} --duration-s ${DUR:-150} --window-s 10" ;;
   esac
   echo "== $e"; s=$SECONDS
-  timeout ${EXP_TIMEOUT:-420} python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
+  left=$(( ${DEADLINE_S:-560} - SECONDS - 25 ))  # what the call has left, less the teardown
+  (( left < 60 )) && { echo "skipped $e: ${left}s left" | tee -a "$R/steps.txt"; continue; }
+  timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
     --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args > "$R/$e.log" 2>&1
   echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
 done
 python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
-kill -INT $mesh; wait $mesh
-mps_stop
-tar czf "$OUT/logs.tgz" -C /tmp cam/logs 2>/dev/null
+kill -INT $mesh
+for _ in $(seq 20); do kill -0 $mesh 2>/dev/null || break; sleep 1; done
+snap
+source deploy/device/reset.sh  # whatever did not stop within 20 s
 cat "$R/steps.txt"; for e in $EXP; do python3 -c "import json; print('$e', json.load(open('$R/$e.json'))['summary'])" 2>&1 | tail -1; grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
