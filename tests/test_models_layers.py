@@ -57,6 +57,25 @@ def test_conv2d_chunked_im2col_gives_the_same_result(monkeypatch):
     np.testing.assert_array_equal(L.conv2d(x, w, None, 1, 1), whole)
 
 
+def test_large_convolutions_multiply_image_by_image(monkeypatch):
+    """Past PER_IMAGE_PIXELS a convolution's GEMM is one 2-D call per image (the batched call
+    crashed cuBLAS at some MPS shares); the result is the batched one's."""
+    x = RNG.standard_normal((3, 2, 8, 8)).astype(np.float32)
+    w = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    batched = L.conv2d(x, w, None, 1, 1)
+    shapes = []
+
+    def recording(a, b):
+        shapes.append(b.shape)
+        return a @ b
+
+    monkeypatch.setattr(L, "PER_IMAGE_PIXELS", 64)
+    with L.matmul_with(recording):
+        per_image = L.conv2d(x, w, None, 1, 1)
+    assert shapes == [(18, 64)] * 3
+    np.testing.assert_allclose(per_image, batched, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_and_embedding():
     x = RNG.standard_normal((2, 3, 5)).astype(np.float32)
     w = RNG.standard_normal((5, 4)).astype(np.float32)

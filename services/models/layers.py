@@ -26,6 +26,12 @@ Array = Any
 
 # im2col is chunked over the batch so that one chunk's columns stay under this many bytes.
 MAX_COLS_BYTES = 256 << 20
+# A convolution whose output has at least this many pixels per image multiplies image by image:
+# one such GEMM (here 16k-65k columns) fills the GPU alone, so batching them saves nothing, and
+# the batched form (cublasGemmStridedBatchedEx, weights broadcast, 8 images of 65,536 columns)
+# killed the process with SIGFPE inside cuBLAS at 8-9% MPS shares on the H100, while the same GEMM
+# one image at a time ran at every share (docs/results/peak-load.md).
+PER_IMAGE_PIXELS = 16384
 
 
 def namespace(a: Array) -> ModuleType:
@@ -219,9 +225,13 @@ def conv2d(x: Array, w: Array, b: Array | None = None, stride: int = 1, pad: int
     else:
         per_item = cin * kh * kw * ho * wo * x.dtype.itemsize
         chunk = max(1, MAX_COLS_BYTES // max(per_item, 1))
-        parts = [
-            matmul(wmat, im2col(x[s : s + chunk], kh, kw, stride, pad)) for s in range(0, n, chunk)
-        ]
+        parts = []
+        for s in range(0, n, chunk):
+            cols = im2col(x[s : s + chunk], kh, kw, stride, pad)
+            if ho * wo >= PER_IMAGE_PIXELS and cols.shape[0] > 1:
+                parts.extend(matmul(wmat, c)[None] for c in cols)
+            else:
+                parts.append(matmul(wmat, cols))
         y = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
     y = y.reshape(n, cout, ho, wo)
     return y if b is None else y + b.reshape(1, cout, 1, 1)
