@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
 # EXP is the experiments to run ("peak-load low-load"). Results are written straight into $OUT/res
-# (a call cut short still returns what finished); the processes' logs land in $OUT/logs.
+# (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
 # DEADLINE_S is the call's own limit, less a margin:
 # an experiment is cut to what is left of it.
 set -u
@@ -18,7 +18,8 @@ pipes=$(echo "${MIX#*:}" | tr ',' '\n' | cut -d= -f1 | sed 's/^/--pipeline /' | 
 CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
 mesh=$!
 # the processes' logs come back even from a call cut short: copied every 15 s while the mesh starts
-snap() { mkdir -p "$OUT/logs"; cp -r /tmp/cam/logs/. "$OUT/logs/" 2>/dev/null; nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1; }
+# (one archive: a call returns a limited number of files, and a replica's every restart has a log)
+snap() { nvidia-smi > /tmp/cam/logs/nvidia-smi.txt 2>&1; tar czf "$OUT/logs.tgz" -C /tmp/cam logs 2>/dev/null; }
 up=0
 for i in $(seq ${MESH_WAIT_S:-300}); do
   grep -q "serving; Ctrl-C" "$R/mesh.log" && { up=1; break; }

@@ -225,14 +225,20 @@ def conv2d(x: Array, w: Array, b: Array | None = None, stride: int = 1, pad: int
     else:
         per_item = cin * kh * kw * ho * wo * x.dtype.itemsize
         chunk = max(1, MAX_COLS_BYTES // max(per_item, 1))
-        parts = []
-        for s in range(0, n, chunk):
-            cols = im2col(x[s : s + chunk], kh, kw, stride, pad)
-            if ho * wo >= PER_IMAGE_PIXELS and cols.shape[0] > 1:
-                parts.extend(matmul(wmat, c)[None] for c in cols)
-            else:
-                parts.append(matmul(wmat, cols))
-        y = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+        per_image = ho * wo >= PER_IMAGE_PIXELS
+        if n <= chunk and not (per_image and n > 1):
+            y = matmul(wmat, im2col(x, kh, kw, stride, pad))
+        else:
+            # filled slice by slice: concatenating many parts would copy a pointer table to the
+            # GPU, which a CUDA graph capture refuses
+            y = xp.empty((n, cout, ho * wo), dtype=x.dtype)
+            for s in range(0, n, chunk):
+                cols = im2col(x[s : s + chunk], kh, kw, stride, pad)
+                if per_image:
+                    for i in range(cols.shape[0]):
+                        y[s + i] = matmul(wmat, cols[i])
+                else:
+                    y[s : s + cols.shape[0]] = matmul(wmat, cols)
     y = y.reshape(n, cout, ho, wo)
     return y if b is None else y + b.reshape(1, cout, 1, 1)
 
