@@ -19,9 +19,14 @@ step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$R/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$R/steps.txt"; }
 case $PART in
   profile)
+    # PIPES entries are "pipeline" or "pipeline:stage,stage"; the archive is rewritten after
+    # each one, so a call cut short still returns the pipelines that finished
     for p in ${PIPES:-img-to-text video-analytics speech-to-text text-to-img}; do
-      step "profile-$p" 140 python3 -m services.profiler $p --size full --shares 10,30,50,100 \
-        --batches 1,8,32 --repeats 12 --cuda-graphs on --out "$R/$p.json"
+      name=${p%%:*}; only=""; [[ $p == *:* ]] && only="--stages ${p#*:}"
+      step "profile-$name" ${STEP_S:-140} python3 -m services.profiler $name $only --size full \
+        --shares ${SHARES:-10,30,50,100} --batches ${BATCHES:-1,8,32} --repeats 12 \
+        --cuda-graphs on --out "$R/$name.json"
+      tar czf "$OUT/g-$PART.tgz" -C /tmp res 2>/dev/null
     done
     ;;
   predictor)
