@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
-# EXP is the experiments to run ("peak-load low-load"). Results are written straight into $OUT/res
+# EXP is the experiments to run ("peak-load low-load"). Results come back in $OUT/res.tgz
 # (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
 # DEADLINE_S is the call's own limit, less a margin:
 # an experiment is cut to what is left of it.
@@ -10,7 +10,10 @@ source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
 MIX=${MIX:-va+t2i:video-analytics=1,text-to-img=1}
 EXP=${EXP:-peak-load low-load}
-R=$OUT/res; mkdir -p "$R"
+R=/tmp/res; rm -rf "$R"; mkdir -p "$R" "$OUT"
+# a call returns at most a few files: results and logs come back as two archives, rewritten as
+# they grow
+keep() { tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null; }
 python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
 mps_start
 export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
@@ -27,7 +30,7 @@ for i in $(seq ${MESH_WAIT_S:-300}); do
   (( i % 15 == 0 )) && snap
   sleep 1
 done
-snap
+snap; keep
 if (( ! up )); then
   echo "mesh not up after ${SECONDS}s" | tee -a "$R/steps.txt"
   source deploy/device/reset.sh
@@ -48,10 +51,11 @@ for e in $EXP; do
   timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
     --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args > "$R/$e.log" 2>&1
   echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
+  keep
 done
 python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
 kill -INT $mesh
 for _ in $(seq 20); do kill -0 $mesh 2>/dev/null || break; sleep 1; done
-snap
+snap; keep
 source deploy/device/reset.sh  # whatever did not stop within 20 s
 cat "$R/steps.txt"; for e in $EXP; do python3 -c "import json; print('$e', json.load(open('$R/$e.json'))['summary'])" 2>&1 | tail -1; grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
