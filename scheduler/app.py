@@ -143,6 +143,7 @@ class SchedulerApp:
         self.planned_bias: dict[str, float] = {}  # the factors the plan in force was made with
         self.plan_since = 0.0  # monotonic time the plan in force was stored
         self._bias_at = 0.0
+        self._applied: tuple[int, float] = (-1, 0.0)  # (epoch, when every agent ran it)
         self._lock = asyncio.Lock()
         self._routes = plan_pb2.Routes()
         self._routes_version = 0
@@ -250,12 +251,16 @@ class SchedulerApp:
 
         The plan is predicted again at the measured load with the factors in force, so the
         residual is the model's error, not a difference in load (a plan made for a higher load
-        predicts more). Windows younger than the plan still hold the previous plan: skipped.
+        predicts more). Windows that began before every agent ran the plan hold the previous plan
+        or the change itself (old replicas draining, new ones warming up beside the traffic: a
+        transient, not the model's error, and learning it would call a re-plan that makes
+        another): skipped.
         """
         now = time.monotonic()
         if not self.plan.epoch or not self.profiles:
             return
-        if now - max(self.plan_since, self._bias_at) < self.settings.window_s:
+        applied = self.plan_applied_at()
+        if applied is None or now - max(applied, self._bias_at) < self.settings.window_s:
             return
         self._bias_at = now
         measured = self.measured(long_window=False)
@@ -275,6 +280,17 @@ class SchedulerApp:
             log.debug("no bias update: the plan in force does not fit the pipelines: %s", e)
             return
         self.bias.observe(dataclasses.replace(spec, stages=stages), measured)
+
+    def plan_applied_at(self) -> float | None:
+        """Monotonic time since which every live agent runs the plan in force (None: not yet).
+        Nodes that report without an agent to apply plans have nothing to wait for."""
+        if self._applied[0] == self.plan.epoch:
+            return self._applied[1]
+        agents = [n for n in self.live_nodes() if n.agent_address]
+        if any(n.applied_epoch < self.plan.epoch for n in agents):
+            return None
+        self._applied = (self.plan.epoch, max(time.monotonic(), self.plan_since))
+        return self._applied[1]
 
     def bias_moved(self) -> str:
         """The key whose bias factor moved past BIAS_REPLAN_RATIO since the plan ("" if none)."""

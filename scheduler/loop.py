@@ -6,6 +6,7 @@ the gauges, and re-plans when
     - there is no plan yet, or the set of nodes changed           (at once)
     - a pipeline's windowed p99 passes p99_trigger_fraction × QoS  (at most every
     - a pipeline's load moved by more than load_change_fraction     min_replan_interval_s)
+      (for a policy whose plan follows load)
     - the predictor's bias for a pipeline or stage moved (the model was wrong)
 
 then sends each node whose agent has not applied the newest epoch its assignment, in the
@@ -25,6 +26,7 @@ from common.errors import CamelotError, FailedPrecondition
 from common.retry import Backoff
 from protos import plan_pb2
 from scheduler.app import NodeState, SchedulerApp
+from scheduler.policy import follows_load
 
 # re-plan spacing when every node resizes in place (green contexts, ~2-15 ms a change)
 GREEN_REPLAN_INTERVAL_S = 0.5
@@ -127,7 +129,7 @@ class ControlLoop:
             qos = app.qos_of(name)
             if stat and stat.count >= s.min_samples and stat.p99_ms > s.p99_trigger_fraction * qos:
                 return f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", False
-        load = app.load_qps()
+        load = app.load_qps() if follows_load(app.policy(), app.choice.options) else {}
         for name, qps in load.items():
             before = app.planned_load.get(name, 0.0)
             if max(before, qps) < s.min_load_qps:

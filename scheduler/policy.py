@@ -105,3 +105,11 @@ class Policy(Protocol):
     name: str
 
     def plan(self, world: PolicyInput) -> PlanSpec: ...
+
+
+def follows_load(policy: Policy, options: Mapping[str, str]) -> bool:
+    """Whether the policy's plan depends on the offered load (so a load change is a reason to
+    re-plan). A policy says so with `follows_load`, a bool or a function of its options; one
+    that does not say is taken to follow load."""
+    f = getattr(policy, "follows_load", True)
+    return bool(f(options) if callable(f) else f)

@@ -156,3 +156,49 @@ async def test_green_nodes_shorten_the_replan_interval(redis_server) -> None:
             hb.sequence = 2
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(hb, timeout=5)
         assert sched.loop.replan_interval_s() < 1.0
+
+
+async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> None:
+    """Windows taken while a plan is being applied hold the change itself (replicas draining and
+    warming up), not the model's error: no bias is learned until every agent runs the plan."""
+    settings = SchedulerSettings(
+        redis_url=redis_server.url,
+        port=0,
+        admin_token="t",
+        pipelines=(INFO,),
+        policy="min-resource",
+        tick_s=0.05,
+        min_replan_interval_s=60.0,
+        window_s=1.0,
+        min_samples=50,
+        profiles_path=str(DEFAULT_PROFILES),
+    )
+    async with running(settings) as (port, sched):
+        app = sched.app
+        beat = gpu_heartbeat()
+        beat.agent_address = "127.0.0.1:9"  # an agent that never applies what it is sent
+        async with channel(f"127.0.0.1:{port}") as ch:
+            control = admin_pb2_grpc.ControlStub(ch)
+            await control.Heartbeat(beat, timeout=5)
+            deadline = time.monotonic() + 10
+            while app.plan.epoch < 1:
+                assert time.monotonic() < deadline, "no first plan"
+                await asyncio.sleep(0.02)
+            world = app.world()
+            pred = predict(world, planstore.from_proto(app.plan), {PIPE: RATE})
+            stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
+            stop = asyncio.Event()
+            feeder = asyncio.create_task(report_slowly(redis_server.url, stage_ms, stop))
+            try:
+                await asyncio.sleep(3 * settings.window_s)
+                assert app.plan_applied_at() is None
+                assert app.bias.factors() == {}
+                beat.applied_epoch, beat.sequence = app.plan.epoch, 2
+                await control.Heartbeat(beat, timeout=5)
+                while app.bias.factor(PIPE) <= 1.0:
+                    assert time.monotonic() < deadline + 20, "no bias after the plan applied"
+                    await asyncio.sleep(0.1)
+            finally:
+                stop.set()
+                await feeder
+        assert app.plan_applied_at() is not None

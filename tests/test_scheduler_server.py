@@ -18,7 +18,14 @@ from common.reports import ReportWriter
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, plan_pb2, report_pb2
 from scheduler import planstore
 from scheduler.policies import get_policy
-from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
+from scheduler.policy import (
+    GpuInfo,
+    NodeInfo,
+    PipelineInfo,
+    PolicyInput,
+    StageInfo,
+    follows_load,
+)
 from scheduler.server import Scheduler, create_server
 from scheduler.settings import SchedulerSettings
 
@@ -154,7 +161,9 @@ async def test_heartbeat_gets_assignment_and_agent_gets_apply(redis_server) -> N
 
 
 async def test_loop_triggers_on_p99_and_load(redis_server) -> None:
-    s = make_settings(redis_server.url, min_samples=10, min_replan_interval_s=60.0)
+    s = make_settings(
+        redis_server.url, min_samples=10, min_replan_interval_s=60.0, policy="feedback"
+    )
     async with running(s) as (port, sched):
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
@@ -178,6 +187,20 @@ async def test_loop_triggers_on_p99_and_load(redis_server) -> None:
         sched.app.planned_load["q"] = 0.0
         reason, _ = sched.loop.trigger()
         assert reason.startswith("load moved: q")
+        # a policy whose plan does not depend on load is not re-planned when load moves
+        await sched.app.set_policy("even", {})
+        sched.app.planned_load["q"] = 0.0
+        assert sched.loop.trigger() == ("", False)
+
+
+def test_which_policies_follow_load() -> None:
+    assert follows_load(get_policy("min-resource"), {})
+    assert follows_load(get_policy("feedback"), {})
+    assert not follows_load(get_policy("even"), {})
+    for name in ("max-load", "exclusive"):
+        assert not follows_load(get_policy(name), {})
+        assert not follows_load(get_policy(name), {"weights": "a=1,b=2"})
+        assert follows_load(get_policy(name), {"weights": "from-load"})
 
 
 def test_even_policy_splits_gpus_and_host() -> None:

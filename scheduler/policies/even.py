@@ -24,6 +24,7 @@ from scheduler.policy import (
 
 class EvenPolicy:
     name = "even"
+    follows_load = False  # equal shares whatever the load
 
     def plan(self, world: PolicyInput) -> PlanSpec:
         stages = [(p, s) for p in world.pipelines for s in p.stages]

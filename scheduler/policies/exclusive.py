@@ -17,13 +17,14 @@ from dataclasses import replace
 
 from common.errors import InvalidArgument
 from scheduler.planning import slots, stage_profiles
-from scheduler.policies.maxload import weights
+from scheduler.policies.maxload import weights, weights_follow_load
 from scheduler.policy import PlanSpec, PolicyInput, ReplicaSpec, StageAssignment
 from scheduler.predictor import predict, stage_p99_ms
 
 
 class Exclusive:
     name = "exclusive"
+    follows_load = staticmethod(weights_follow_load)
 
     def plan(self, world: PolicyInput) -> PlanSpec:
         if not world.pipelines:

@@ -91,8 +91,15 @@ POLISH_BUDGET = 8000
 KICKS = 6  # restarts of the local search from a random two-move perturbation of the best
 
 
+def weights_follow_load(options: Mapping[str, str]) -> bool:
+    """Max-load plans (max-load, exclusive) carry the most load at their weights; they depend on
+    the offered load only where the weights are taken from it."""
+    return options.get("weights", "") == "from-load"
+
+
 class MaxLoad:
     name = "max-load"
+    follows_load = staticmethod(weights_follow_load)
 
     def plan(self, world: PolicyInput) -> PlanSpec:
         if not world.pipelines:

@@ -29,6 +29,7 @@ _REPLICA_KEYS = {"replica_id", "node", "gpu", "sm_percent", "sm_groups", "max_ba
 
 class StaticPolicy:
     name = "static"
+    follows_load = False  # the operator's plan, whatever the load
 
     def __init__(self) -> None:
         self._cache: tuple[str, float, Any] | None = None
