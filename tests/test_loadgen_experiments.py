@@ -33,7 +33,8 @@ async def run_experiment(argv: list[str]) -> dict:
 
 
 # Gaps longer than the fake's idle reset (0.3 s), so each trial starts with a fresh rate estimate.
-FAST = ["--trial-s", "0.8", "--warmup-s", "0.3", "--gap-s", "0.4", "--arrivals", "uniform"]
+FAST = ["--trial-s", "0.8", "--warmup-s", "0.3", "--gap-s", "0.4", "--arrivals", "uniform",
+        "--prime-s", "0"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -81,8 +82,11 @@ async def test_low_load_integrates_sm_share_and_compares_to_the_best_baseline(tm
             ["low-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
              "--mix", "img-to-text=1,speech-to-text=1", "--rate", "8",
              "--policies", "min-resource,even", "--sample-s", "0.2", "--out-dir", str(tmp_path),
-             *FAST]
+             *FAST, "--prime-s", "1.0"]
         )  # fmt: skip
+        received = sum(gw.state.received.values())
+    # each policy change is followed by 1 s of load at 8 qps that no row counts
+    assert received - sum(r["count"] for r in doc["rows"]) >= 2 * 8
     s = doc["summary"]
     label = "img-to-text+speech-to-text"
     # Per pipeline: min-resource 30% against even's 100%, both for the whole trial.

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--warmup-s", type=float, default=1.0, help="per trial, not measured")
     common.add_argument("--gap-s", type=float, default=1.0, help="pause after each trial")
     common.add_argument("--settle-s", type=float, default=60.0, help="wait for a new plan")
+    common.add_argument(
+        "--prime-s", type=float, default=5.0,
+        help="unmeasured load after each policy change, at the first trial's rate",
+    )  # fmt: skip
     common.add_argument("--arrivals", choices=[a.value for a in traces.Arrivals], default="poisson")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--deadline-s", type=float, default=5.0, help="per request")
@@ -103,7 +107,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             target=args.target, admin=admin, trial_s=args.trial_s, warmup_s=args.warmup_s,
             gap_s=args.gap_s, arrivals=traces.Arrivals(args.arrivals), seed=args.seed,
             deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
-            qos_override_ms=args.qos_ms, settle_s=args.settle_s, transport=args.transport,
+            qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
+            transport=args.transport,
         )  # fmt: skip
         await h.connect()
         mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]
