@@ -1,11 +1,14 @@
 """JSON-lines logging on stdout, each line stamped with service, node and replica.
 
 Only `main()` calls `setup`; modules use `logging.getLogger(__name__)` and lazy `%` arguments.
-A request id travels in `extra={"request_id": ...}`.
+A request id travels in `extra={"request_id": ...}`. `setup` also turns on Python's fault handler:
+a process killed by a signal in native code (a SIGFPE inside cuBLAS, say) leaves the Python
+frames it was in on stderr, which the agent keeps in the replica's log.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -42,3 +45,5 @@ def setup(service: str, node: str, replica: str = "", level: str = "INFO") -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
