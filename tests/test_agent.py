@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -343,13 +344,23 @@ async def test_green_groups_overlapping_are_invalid_and_resize_is_in_place(tmp_p
 
 
 async def test_replica_that_cannot_start_fails_the_apply_and_keeps_the_epoch(tmp_path):
-    s = settings(tmp_path, ready_timeout_s=1.0, kill_grace_s=0.5)
+    s = settings(tmp_path, ready_timeout_s=1.0, kill_grace_s=0.5, restart_backoff_s=5.0)
     env = environ(FAKE_STAGE_WARMUP_S="30")
     async with running_agent(s, env) as (app, stub):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.Apply(assignment(1, replica("p.a.0")), timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert app.agent.epoch == 0 and app.agent.endpoints() == []
+        # the same assignment again (as every heartbeat re-sends it) is refused at once, with
+        # the reason, instead of starting the process that just failed once more
+        logs = sorted((tmp_path / "logs").glob("p.a.0*"))
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Apply(assignment(1, replica("p.a.0")), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "failed to start 1 time(s) in a row, next try in" in e.value.details()
+        assert time.monotonic() - t0 < 1.0
+        assert sorted((tmp_path / "logs").glob("p.a.0*")) == logs
 
 
 class FakeScheduler(admin_pb2_grpc.ControlServicer):

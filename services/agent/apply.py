@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -135,6 +136,10 @@ class Agent:
         self._generation = itertools.count(1)
         self._pending: agent_pb2.Assignment | None = None
         self._background: asyncio.Task[None] | None = None
+        # replica_id -> (starts failed in a row, monotonic time of the next try, last error): a
+        # replica that cannot start (a crash in its warm-up, say) is retried with a doubling
+        # delay, not at every heartbeat that re-sends the assignment
+        self._start_failures: dict[str, tuple[int, float, str]] = {}
         self.policy = RestartPolicy(
             backoff_s=settings.restart_backoff_s,
             backoff_cap_s=settings.restart_backoff_cap_s,
@@ -217,13 +222,22 @@ class Agent:
         current = {rid: inst.target for rid, inst in self.primary.items()}
         changes = diff.diff(current, assignment, self.mode)
         starts = [c for c in changes if c.action in (Action.START, Action.REPLACE)]
+        failures: list[str] = []
+        now = time.monotonic()
+        waiting = [c for c in starts if c.replica_id in self._start_failures]
+        for c in waiting:
+            n, at, last = self._start_failures[c.replica_id]
+            if at <= now:
+                continue
+            failures.append(f"replica {c.replica_id} failed to start {n} time(s) in a row, "
+                            f"next try in {at - now:.1f} s (last: {last})")  # fmt: skip
+            starts.remove(c)
         for c in starts:
             log.info("epoch %d: %s %s", assignment.epoch, c.action.value, c.replica_id)
         results = await asyncio.gather(
             *(self._start(c.target) for c in starts if c.target is not None),
             return_exceptions=True,
         )
-        failures: list[str] = []
         retired: list[Instance] = []
         started = 0
         for change, result in zip(starts, results, strict=True):
@@ -231,7 +245,9 @@ class Agent:
                 if not isinstance(result, StartError | OSError):
                     raise result
                 failures.append(str(result))
+                self._start_failed(change.replica_id, str(result))
                 continue
+            self._start_failures.pop(change.replica_id, None)
             started += 1
             old = self.primary.get(change.replica_id)
             self.primary[change.replica_id] = result
@@ -273,6 +289,13 @@ class Agent:
             apply_us=elapsed,
             endpoints=self.endpoints(),
         )
+
+    def _start_failed(self, replica_id: str, error: str) -> None:
+        n = self._start_failures.get(replica_id, (0, 0.0, ""))[0] + 1
+        delay = min(self.settings.restart_backoff_cap_s, self.settings.restart_backoff_s * 2**n)
+        self._start_failures[replica_id] = (n, time.monotonic() + delay, error)
+        log.warning("replica %s failed to start (%d in a row); next try in %.1f s: %s",
+                    replica_id, n, delay, error)  # fmt: skip
 
     async def _start(self, target: plan_pb2.Endpoint) -> Instance:
         """A new instance, SERVING and supervised; StartError (and cleaned up) otherwise."""
