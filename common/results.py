@@ -6,15 +6,18 @@ rows and summary; the Markdown shows the same as tables, with any plots linked b
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import datetime
 import json
+import logging
 import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,21 @@ def git_short_hash(root: Path = REPO_ROOT) -> str:
 def module_command(module: str, argv: Sequence[str]) -> str:
     """The command line that reruns `python -m module argv...` from the repository root."""
     return shlex.join(["python", "-m", module, *argv])
+
+
+def run_main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace, list[str]], Coroutine[Any, Any, tuple[Path, Path]]],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The entry point of a program that writes one result: parses `argv` (default: the
+    process's), logs at INFO, runs `run(args, argv)` and says where the result went."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(args_list)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    json_path, md_path = asyncio.run(run(args, args_list))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
 
 
 def write_result(

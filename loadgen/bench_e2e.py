@@ -20,7 +20,6 @@ compute: gRPC, (de)serialization, the replica's buffer allocation and views), `w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from common.backend import cuda_available
-from common.results import module_command, write_result
+from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.inputs import Mix
 from loadgen.openloop import Record, list_pipelines, run_open_loop, stats_of
@@ -167,12 +166,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    json_path, md_path = asyncio.run(run(args, argv))
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

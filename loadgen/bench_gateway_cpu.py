@@ -12,8 +12,6 @@ rate runs `--rounds` times and rows keep every round. Writes gateway-cpu.json an
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import statistics
 import sys
 from collections.abc import Sequence
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from common.backend import cuda_available
-from common.results import module_command, write_result
+from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.bench_e2e import launched
 from loadgen.inputs import Mix
@@ -108,12 +106,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    json_path, md_path = asyncio.run(run(args, argv))
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

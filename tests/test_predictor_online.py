@@ -8,12 +8,14 @@ share than the uncorrected model would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from common.lifecycle import channel
 from common.reports import ReportWriter
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, plan_pb2, report_pb2
 from scheduler import planstore
+from scheduler.app import SchedulerApp
 from scheduler.planning import total_units
 from scheduler.policies.minresource import MinResource
 from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
@@ -28,6 +30,29 @@ INFO = PipelineInfo(PIPE, tuple(StageInfo(s, 32) for s in STAGES), 60.0)
 RATE = 300.0  # queries/s the fake gateway reports
 SLOWER = 2.5  # how much slower than predicted the "real" system runs
 PROFILES = load()
+
+
+def online_settings(url: str, **kw: object) -> SchedulerSettings:
+    """The scheduler these tests run: INFO alone, min-resource, fast ticks, 1 s windows."""
+    base = SchedulerSettings(
+        redis_url=url,
+        port=0,
+        admin_token="t",
+        pipelines=(INFO,),
+        policy="min-resource",
+        tick_s=0.05,
+        window_s=1.0,
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+async def first_plan(app: SchedulerApp) -> float:
+    """Waits (up to 10 s) for the scheduler's first plan; returns that deadline."""
+    deadline = time.monotonic() + 10
+    while app.plan.epoch < 1:
+        assert time.monotonic() < deadline, "no first plan"
+        await asyncio.sleep(0.02)
+    return deadline
 
 
 def gpu_heartbeat() -> admin_pb2.NodeHeartbeat:
@@ -63,15 +88,9 @@ async def report_slowly(url: str, stage_ms: dict[str, float], stop: asyncio.Even
 
 
 async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server) -> None:
-    settings = SchedulerSettings(
-        redis_url=redis_server.url,
-        port=0,
-        admin_token="t",
-        pipelines=(INFO,),
-        policy="min-resource",
-        tick_s=0.05,
+    settings = online_settings(
+        redis_server.url,
         min_replan_interval_s=0.2,
-        window_s=1.0,
         min_samples=50,
         # the same profile set the test predicts with, whatever the bundled default is
         profiles_path=str(DEFAULT_PROFILES),
@@ -80,10 +99,7 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
         app = sched.app
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
-        deadline = time.monotonic() + 10
-        while app.plan.epoch < 1:
-            assert time.monotonic() < deadline, "no first plan"
-            await asyncio.sleep(0.02)
+        deadline = await first_plan(app)
         # what the model says the plan in force does at RATE; the system runs SLOWER than that
         world = app.world()
         first = planstore.from_proto(app.plan)
@@ -117,23 +133,11 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
 
 
 async def test_a_moved_bias_is_a_reason_to_replan(redis_server) -> None:
-    settings = SchedulerSettings(
-        redis_url=redis_server.url,
-        port=0,
-        admin_token="t",
-        pipelines=(INFO,),
-        policy="min-resource",
-        tick_s=0.05,
-        min_replan_interval_s=60.0,
-        window_s=1.0,
-    )
+    settings = online_settings(redis_server.url, min_replan_interval_s=60.0)
     async with running(settings) as (port, sched):
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
-        deadline = time.monotonic() + 10
-        while sched.app.plan.epoch < 1:
-            assert time.monotonic() < deadline, "no first plan"
-            await asyncio.sleep(0.02)
+        await first_plan(sched.app)
         assert sched.loop.trigger() == ("", False)
         sched.app.bias.update(f"{PIPE}/encode", 2.0, 1.0)  # measured twice the prediction
         reason, urgent = sched.loop.trigger()
@@ -161,15 +165,9 @@ async def test_green_nodes_shorten_the_replan_interval(redis_server) -> None:
 async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> None:
     """Windows taken while a plan is being applied hold the change itself (replicas draining and
     warming up), not the model's error: no bias is learned until every agent runs the plan."""
-    settings = SchedulerSettings(
-        redis_url=redis_server.url,
-        port=0,
-        admin_token="t",
-        pipelines=(INFO,),
-        policy="min-resource",
-        tick_s=0.05,
+    settings = online_settings(
+        redis_server.url,
         min_replan_interval_s=60.0,
-        window_s=1.0,
         min_samples=50,
         profiles_path=str(DEFAULT_PROFILES),
     )
@@ -180,10 +178,7 @@ async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> 
         async with channel(f"127.0.0.1:{port}") as ch:
             control = admin_pb2_grpc.ControlStub(ch)
             await control.Heartbeat(beat, timeout=5)
-            deadline = time.monotonic() + 10
-            while app.plan.epoch < 1:
-                assert time.monotonic() < deadline, "no first plan"
-                await asyncio.sleep(0.02)
+            deadline = await first_plan(app)
             world = app.world()
             pred = predict(world, planstore.from_proto(app.plan), {PIPE: RATE})
             stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}

@@ -12,8 +12,6 @@ label. Results go to <out-dir>/<name>.json and .md, with PNG plots beside them.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,7 +19,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from common.backend import cuda_available
-from common.results import module_command, write_result
+from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.experiments.admin import AdminClient
 from loadgen.experiments.runs import Harness, Outcome, diurnal, low_load, peak_load
@@ -94,6 +92,7 @@ def default_policies(args: argparse.Namespace) -> list[str]:
 
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
     """Runs the experiment `args` describe and writes its result; returns the JSON and MD paths."""
+    args.token = args.token or os.environ.get("CAMELOT_ADMIN_TOKEN", "")
     out_dir = Path(args.out_dir)
     name = args.name or args.experiment
     camelot = args.camelot_policy or CAMELOT_DEFAULT[args.experiment]
@@ -166,13 +165,7 @@ def _redacted(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.token = args.token or os.environ.get("CAMELOT_ADMIN_TOKEN", "")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    json_path, md_path = asyncio.run(run(args, argv))
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
