@@ -289,7 +289,7 @@ class SchedulerApp:
         agents = [n for n in self.live_nodes() if n.agent_address]
         if any(n.applied_epoch < self.plan.epoch for n in agents):
             return None
-        self._applied = (self.plan.epoch, max(time.monotonic(), self.plan_since))
+        self._applied = (self.plan.epoch, time.monotonic())
         return self._applied[1]
 
     def bias_moved(self) -> str:

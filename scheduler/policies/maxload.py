@@ -40,10 +40,16 @@ from scheduler.solver import Solver
 from scheduler.vectorised import Vectorised
 
 
+def weights_follow_load(options: Mapping[str, str]) -> bool:
+    """Max-load plans (max-load, exclusive) carry the most load at their weights; they depend on
+    the offered load only where the weights are taken from it."""
+    return options.get("weights", "") == "from-load"
+
+
 def weights(world: PolicyInput) -> dict[str, float]:
     raw = world.options.get("weights", "")
     names = [p.name for p in world.pipelines]
-    if raw == "from-load":
+    if weights_follow_load(world.options):
         w = {n: float(world.load_qps.get(n, 0.0)) for n in names}
         if sum(w.values()) <= 0:
             return dict.fromkeys(names, 1.0)
@@ -89,12 +95,6 @@ LOOK = 0.05  # how far above the target the local search looks to rank its moves
 # (<= 3 stages on 2 GPUs) converges within it; 4 x 4 stages on 8 GPUs does not start a round
 POLISH_BUDGET = 8000
 KICKS = 6  # restarts of the local search from a random two-move perturbation of the best
-
-
-def weights_follow_load(options: Mapping[str, str]) -> bool:
-    """Max-load plans (max-load, exclusive) carry the most load at their weights; they depend on
-    the offered load only where the weights are taken from it."""
-    return options.get("weights", "") == "from-load"
 
 
 class MaxLoad:
