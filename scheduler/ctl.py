@@ -32,6 +32,7 @@ _MODES = {
     plan_pb2.SHARE_MODE_NONE: "none",
     plan_pb2.SHARE_MODE_MPS: "mps",
     plan_pb2.SHARE_MODE_GREEN: "green",
+    plan_pb2.SHARE_MODE_TIME_SLICED: "time-sliced",
 }
 
 

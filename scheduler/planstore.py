@@ -105,7 +105,10 @@ class PlanStore:
 
 
 def share_mode(r: ReplicaSpec) -> plan_pb2.ShareMode.ValueType:
-    """Green when SM groups are given, none on the host or a whole GPU, else MPS percentage."""
+    """Green when SM groups are given, time-sliced when asked, none on the host or a whole GPU,
+    else MPS percentage."""
+    if r.time_sliced:
+        return plan_pb2.SHARE_MODE_TIME_SLICED
     if r.sm_groups:
         return plan_pb2.SHARE_MODE_GREEN
     if r.gpu < 0 or r.sm_percent >= 100.0:
@@ -127,6 +130,8 @@ def validate(spec: PlanSpec) -> None:
                 raise InvalidArgument(f"{where}: sm_percent {r.sm_percent} not in (0, 100]")
             if r.max_batch <= 0 or r.max_wait_us < 0:
                 raise InvalidArgument(f"{where}: max_batch must be > 0 and max_wait_us >= 0")
+            if r.time_sliced and (r.gpu < 0 or r.sm_groups or r.sm_percent < 100):
+                raise InvalidArgument(f"{where}: time-sliced means a whole GPU (100%, no groups)")
             if r.gpu >= 0 and r.sm_groups:
                 taken = groups.setdefault((r.node, r.gpu), set())
                 if taken & set(r.sm_groups):
@@ -181,6 +186,7 @@ def from_proto(plan: plan_pb2.Plan) -> PlanSpec:
                         max_batch=r.max_batch,
                         max_wait_us=r.max_wait_us,
                         sm_groups=tuple(r.sm_groups),
+                        time_sliced=r.mode == plan_pb2.SHARE_MODE_TIME_SLICED,
                     )
                     for r in sp.replicas
                 ),

@@ -81,6 +81,8 @@ class ReplicaSpec:
     max_batch: int
     max_wait_us: int = 2000
     sm_groups: tuple[int, ...] = ()
+    # a whole GPU taken in turns with the other contexts on it, outside MPS (sm_percent 100)
+    time_sliced: bool = False
 
 
 @dataclass(frozen=True)

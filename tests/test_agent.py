@@ -450,3 +450,27 @@ async def test_real_stage_replica_is_started_and_replaced(tmp_path):
             assert second.started == 1 and second.stopped == 1
             assert (await describe(second.endpoints[0].address)).sm_percent == 25
             assert process_gone(old_pid)
+
+
+def test_time_sliced_replica_gets_its_own_context_and_mps_ones_find_the_daemon(tmp_path):
+    from common.backend import Backend
+    from services.agent.apply import Agent, NodeInfo
+    from services.agent.inventory import StaticGpu
+    from services.agent.mps import MpsDaemon
+    from services.agent.replicas import Instance
+
+    pipe = str(tmp_path / "mps-pipe")
+    node = NodeInfo(Backend.CUDA, (StaticGpu(0, "NVIDIA H100", "GPU-0", 80 << 30, 132),))
+    agent = Agent(settings(tmp_path), node, MpsDaemon("external", pipe, pipe + "-log"), environ())
+
+    def env_of(ep: plan_pb2.Endpoint) -> dict[str, str]:
+        return agent._launch(Instance("i", ep, str(tmp_path / "i.sock"), 0)).env
+
+    capped = env_of(replica("p.a.0", 30, gpu=0, mode=plan_pb2.SHARE_MODE_MPS))
+    assert capped["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+    assert capped["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    sliced = env_of(replica("p.b.0", 100, gpu=0, mode=plan_pb2.SHARE_MODE_TIME_SLICED))
+    # a pipe directory where no daemon answers: the driver makes a plain context
+    own = sliced["CUDA_MPS_PIPE_DIRECTORY"]
+    assert own != pipe and os.path.isdir(own) and os.listdir(own) == []
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in sliced

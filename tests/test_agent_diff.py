@@ -14,6 +14,7 @@ from services.agent.supervisor import RestartPolicy
 
 MPS = plan_pb2.SHARE_MODE_MPS
 GREEN = plan_pb2.SHARE_MODE_GREEN
+SLICED = plan_pb2.SHARE_MODE_TIME_SLICED
 HOST = NodeShape(node="n1", mode=MPS, host=True)
 GPUS = NodeShape(node="n1", mode=MPS, gpus={0: 15, 1: 15})
 GREEN_GPUS = NodeShape(node="n1", mode=GREEN, gpus={0: 15})
@@ -110,11 +111,21 @@ def test_older_epoch_is_a_failed_precondition():
         (GREEN_GPUS, [ep("p.a.0", gpu=0, groups=(-1,))], "n1"),
         (GREEN_GPUS, [ep("p.a.0", gpu=0, mode=MPS)], "n1"),  # never mix (error 915)
         (GPUS, [ep("p.a.0", gpu=0, groups=(0,), mode=GREEN)], "n1"),
+        (HOST, [ep("p.a.0", mode=SLICED)], "n1"),  # taking turns needs a GPU
     ],
 )
 def test_assignments_that_do_not_fit_are_invalid(shape, eps, node):
     with pytest.raises(InvalidArgument):
         diff.validate(assignment(*eps, node=node), shape, 0)
+
+
+def test_time_sliced_runs_beside_mps_clients_and_green_ones_and_changing_it_is_a_new_process():
+    for shape in (GPUS, GREEN_GPUS):
+        other = ep("p.b.0", gpu=0, groups=(0,)) if shape is GREEN_GPUS else ep("p.b.0", gpu=0)
+        diff.validate(assignment(ep("p.a.0", gpu=0, pct=100, mode=SLICED), other), shape, 0)
+    running = {"p.a.0": ep("p.a.0", gpu=0, pct=100, mode=plan_pb2.SHARE_MODE_NONE)}
+    assert actions(running, ep("p.a.0", gpu=0, pct=100, mode=SLICED)) == {"p.a.0": Action.REPLACE}
+    assert diff.sm_percent(ep("p.a.0", gpu=0, pct=100, mode=SLICED).replica, MPS) == 100
 
 
 def test_groups_may_repeat_across_gpus():

@@ -77,21 +77,26 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
 async def test_low_load_integrates_sm_share_and_compares_to_the_best_baseline(tmp_path):
     async with serve_fake() as gw:
         gw.state.sleep_s = 0.002
-        gw.state.policy_sm = {"min-resource": [30.0], "even": [50.0, 50.0], "exclusive": [100.0]}
+        gw.state.policy_sm = {
+            "min-resource": [30.0], "even": [50.0, 50.0], "exclusive": [100.0],
+            "even:share=20": [20.0],
+        }  # fmt: skip
         doc = await run_experiment(
             ["low-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
              "--mix", "img-to-text=1,speech-to-text=1", "--rate", "8",
              "--policies", "min-resource,even", "--sample-s", "0.2", "--out-dir", str(tmp_path),
-             *FAST, "--prime-s", "1.0"]
+             "--references", "even:share=20", *FAST, "--prime-s", "1.0"]
         )  # fmt: skip
         received = sum(gw.state.received.values())
     # each policy change is followed by 1 s of load at 8 qps that no row counts
-    assert received - sum(r["count"] for r in doc["rows"]) >= 2 * 8
+    assert received - sum(r["count"] for r in doc["rows"]) >= 3 * 8
     s = doc["summary"]
     label = "img-to-text+speech-to-text"
     # Per pipeline: min-resource 30% against even's 100%, both for the whole trial.
     assert s[f"{label}.min-resource_sm_gpu_s"] == pytest.approx(2 * 0.30 * 0.8)
     assert s[f"{label}.even_sm_gpu_s"] == pytest.approx(2 * 1.0 * 0.8)
+    # a reference is measured with its options but is no baseline: cheaper, and not counted
+    assert s[f"{label}.even:share=20_sm_gpu_s"] == pytest.approx(2 * 0.20 * 0.8)
     assert s[f"{label}.saving_vs_best_baseline"] == pytest.approx(0.7)
     assert s[f"{label}.qos_met"] is True
     by_policy = {r["policy"]: r for r in doc["rows"]}
@@ -171,3 +176,17 @@ async def test_bench_e2e_writes_ref_and_wire_side_by_side(tmp_path):
     assert "| pipeline | transport | p50_ms | p99_ms | count | errors | client_ms |" in (
         md_path.read_text()
     )
+
+
+def test_policy_specs_carry_options_and_bad_ones_are_refused():
+    from common.errors import InvalidArgument
+    from loadgen.experiments.admin import parse_policy
+
+    assert parse_policy("max-load") == ("max-load", {})
+    assert parse_policy("exclusive:sharing=mps:tolerance=0.05") == (
+        "exclusive",
+        {"sharing": "mps", "tolerance": "0.05"},
+    )
+    for bad in ("exclusive:sharing", ":a=b", "even:=3", "even:a="):
+        with pytest.raises(InvalidArgument):
+            parse_policy(bad)

@@ -149,9 +149,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
     @grpc_errors
     async def SetPolicy(self, request, context):
         self._check(context)
-        if request.policy not in self.state.policy_sm:
-            raise InvalidArgument(f"unknown policy {request.policy!r}")
-        self.state.policy = request.policy
+        # the policy with its options, as the harness names it: "exclusive:sharing=mps"
+        key = request.policy + "".join(f":{k}={v}" for k, v in sorted(request.options.items()))
+        if key not in self.state.policy_sm:
+            raise InvalidArgument(f"unknown policy {key!r}")
+        self.state.policy = key
         self.state.epoch += 1
         return self._plan()
 

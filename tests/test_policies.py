@@ -224,6 +224,36 @@ def test_exclusive_time_shares_when_stages_outnumber_gpus() -> None:
     assert sum(len(a.replicas) for a in more.stages) == 5
 
 
+def test_exclusive_marks_shared_gpus_time_sliced_and_the_plan_carries_it() -> None:
+    from protos import plan_pb2
+    from scheduler.planstore import from_proto, to_proto
+
+    w = world({"img-to-text": PIPES["img-to-text"]}, gpus=2)
+    plan = Exclusive().plan(w)
+    on: dict[int, int] = {}
+    for r in (r for a in plan.stages for r in a.replicas):
+        on[r.gpu] = on.get(r.gpu, 0) + 1
+    for a in plan.stages:
+        for r in a.replicas:
+            assert r.time_sliced == (on[r.gpu] > 1)  # a GPU of its own is not sliced
+    assert any(r.time_sliced for a in plan.stages for r in a.replicas)
+    proto = to_proto(plan, 3)
+    modes = {r.replica_id: r.mode for sp in proto.stages for r in sp.replicas}
+    for a in plan.stages:
+        for r in a.replicas:
+            sliced = plan_pb2.SHARE_MODE_TIME_SLICED
+            assert (modes[r.replica_id] == sliced) == r.time_sliced
+    assert from_proto(proto).stages == plan.stages
+    # side by side under MPS without a cap: the same placement, nothing sliced
+    mps = Exclusive().plan(replace(w, options={"sharing": "mps"}))
+    assert not any(r.time_sliced for a in mps.stages for r in a.replicas)
+    assert [r.gpu for a in mps.stages for r in a.replicas] == [
+        r.gpu for a in plan.stages for r in a.replicas
+    ]
+    with pytest.raises(InvalidArgument):
+        Exclusive().plan(replace(w, options={"sharing": "sometimes"}))
+
+
 def test_feedback_grows_hot_stages_and_shrinks_cold_ones() -> None:
     w = world({"img-to-text": PIPES["img-to-text"]}, gpus=1, qos=90.0)
     first = Feedback().plan(w)

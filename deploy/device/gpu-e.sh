@@ -41,8 +41,8 @@ SCHED=$(grep -o "scheduler [0-9.:]*" "$R/mesh.log" | cut -d' ' -f2)
 TOKEN=$(cat /tmp/cam/admin.token)
 for e in $EXP; do
   case $e in
-    peak-load) args="--policies ${POLICIES:-max-load,even,exclusive,feedback} --trial-s ${TRIAL_S:-6} --max-trials ${TRIALS:-6} --start-qps ${START:-20} --rel-tol 0.1" ;;
-    low-load) args="--policies ${LOW_POLICIES:-min-resource,even,exclusive,feedback} --rate ${RATE:-10} --trial-s ${LOW_TRIAL_S:-15}" ;;
+    peak-load) args="${REFS:+--references $REFS} --policies ${POLICIES:-max-load,even,exclusive,feedback} --trial-s ${TRIAL_S:-6} --max-trials ${TRIALS:-6} --start-qps ${START:-20} --rel-tol 0.1" ;;
+    low-load) args="${REFS:+--references $REFS} --policies ${LOW_POLICIES:-min-resource,even,exclusive,feedback} --rate ${RATE:-10} --trial-s ${LOW_TRIAL_S:-15}" ;;
     diurnal) args="--policy min-resource --min-qps ${DMIN:-4} --max-qps ${DMAX:-40} --duration-s ${DUR:-150} --window-s 10" ;;
   esac
   echo "== $e"; s=$SECONDS

@@ -4,6 +4,8 @@
     low-load  --mix M --rate R --policies min-resource,even SM share x time at a fixed rate
     diurnal   --mix M --policy min-resource --min-qps 5 --max-qps 50 --duration-s 600
 
+A policy is `name` or `name:key=value[:key=value]` (options, e.g. `exclusive:sharing=mps`);
+--references lists policies measured beside the rest but not counted as baselines.
 Policies are switched through the scheduler's Admin API (--admin HOST:PORT, token from --token or
 CAMELOT_ADMIN_TOKEN); --no-admin runs against whatever plan is in force, each "policy" then only a
 label. Results go to <out-dir>/<name>.json and .md, with PNG plots beside them.
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-error-frac", type=float, default=0.01)
     common.add_argument("--transport", choices=["default", "ref", "wire"], default="default")
     common.add_argument("--camelot-policy", default="", help="the policy compared to the rest")
+    common.add_argument(
+        "--references", type=_csv, default=[],
+        help="policies measured beside the rest but not counted as baselines (name[:k=v])",
+    )  # fmt: skip
     common.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
     common.add_argument("--out-dir", default="docs/results")
     common.add_argument("--name", default="", help="result name (default: the experiment's)")
@@ -117,14 +123,17 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
                 args.start_qps, args.min_qps, args.max_qps, args.rel_tol, args.max_trials
             )
             policies = args.policies or default_policies(args)
-            outcome = await peak_load(h, mixes, policies, cfg, camelot, out_dir, name)
+            outcome = await peak_load(
+                h, mixes, policies, cfg, camelot, out_dir, name, args.references
+            )
         elif args.experiment == "low-load":
             if not args.rate:
                 raise SystemExit("low-load needs --rate")
             policies = args.policies or default_policies(args)
             outcome = await low_load(
-                h, mixes, args.rate, policies, camelot, args.sample_s, out_dir, name
-            )
+                h, mixes, args.rate, policies, camelot, args.sample_s, out_dir, name,
+                args.references,
+            )  # fmt: skip
         else:
             policy = args.policy or ("current" if args.no_admin else camelot)
             if args.trace:

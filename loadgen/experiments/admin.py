@@ -15,13 +15,27 @@ from typing import TypeVar
 import grpc
 
 from common.clock import mono_us
-from common.errors import DeadlineExceeded, from_rpc_error
+from common.errors import DeadlineExceeded, InvalidArgument, from_rpc_error
 from common.lifecycle import channel as open_channel
 from protos import admin_pb2, admin_pb2_grpc, plan_pb2
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, str]]:
+    """`name` or `name:key=value[:key=value]` -> (name, options); the whole text is its label."""
+    name, *pairs = spec.split(":")
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise InvalidArgument(f"policy {spec!r}: options are key=value, got {pair!r}")
+        options[key.strip()] = value.strip()
+    if not name.strip():
+        raise InvalidArgument(f"policy {spec!r} has no name")
+    return name.strip(), options
 
 
 class AdminClient:

@@ -23,7 +23,7 @@ from common.clock import mono_us
 from common.errors import InvalidArgument
 from common.lifecycle import channel as open_channel
 from loadgen import plots, traces
-from loadgen.experiments.admin import AdminClient
+from loadgen.experiments.admin import AdminClient, parse_policy
 from loadgen.experiments.search import (
     SearchConfig,
     Trial,
@@ -77,10 +77,12 @@ class Harness:
         return {p: self.pipelines[p].qos_p99_ms for p in mix.pipelines}
 
     async def apply_policy(self, policy: str, probe: Mix) -> int:
-        """Sets the policy, waits for its plan at the scheduler, then at the gateway; its epoch."""
+        """Sets the policy (`name[:key=value...]`), waits for its plan at the scheduler, then at
+        the gateway; its epoch."""
         if self.admin is None:
             return 0
-        plan = await self.admin.set_policy(policy)
+        name, options = parse_policy(policy)
+        plan = await self.admin.set_policy(name, options)
         await self.admin.wait_for_epoch(plan.epoch, self.settle_s)
         await self._wait_gateway_epoch(plan.epoch, probe)
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
@@ -220,7 +222,10 @@ async def peak_load(
     camelot: str,
     out_dir: Path,
     name: str = "peak-load",
+    references: Sequence[str] = (),
 ) -> Outcome:
+    """`references` are measured beside the policies and compared with `camelot` on their own
+    (`camelot_over.<ref>`); they are not baselines of the issue (e.g. MPS without caps)."""
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     figs: list[Path] = []
@@ -228,7 +233,7 @@ async def peak_load(
     for mix in mixes:
         qos = h.qos_ms(mix)
         curves: dict[str, list[tuple[float, float | None]]] = {}
-        for policy in policies:
+        for policy in [*policies, *references]:
             epoch = await h.apply_policy(policy, mix)
             await h.prime(mix, cfg.start_qps)
 
@@ -248,7 +253,12 @@ async def peak_load(
                  "first_miss_qps": found.first_miss_qps, "capped": found.capped,
                  "trials": len(found.trials)}
             )  # fmt: skip
-        baselines = [p for p in policies if p != camelot]
+        baselines = [p for p in policies if p != camelot and p not in references]
+        if camelot in policies:
+            for ref in references:
+                summary[f"{mix.name}.camelot_over.{ref}"] = _ratio(
+                    summary[f"{mix.name}.{camelot}_qps"], summary[f"{mix.name}.{ref}_qps"]
+                )
         if camelot in policies and baselines:
             best = max(baselines, key=lambda p: summary[f"{mix.name}.{p}_qps"])
             summary[f"{mix.name}.camelot_over_best_baseline"] = _ratio(
@@ -296,6 +306,7 @@ async def low_load(
     sample_s: float,
     out_dir: Path,
     name: str = "low-load",
+    references: Sequence[str] = (),
 ) -> Outcome:
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -307,7 +318,7 @@ async def low_load(
             shares: dict[str, list[tuple[float, float]]] = {}
             cdfs: dict[str, list[float]] = {}
             used: dict[str, tuple[float | None, bool]] = {}
-            for policy in policies:
+            for policy in [*policies, *references]:
                 epoch = await h.apply_policy(policy, mix)
                 await h.prime(mix, rate)
                 async with ShareSampler(h.admin, sample_s, mix) as sampler:
@@ -331,7 +342,10 @@ async def low_load(
                 summary[f"{label}.{policy}_sm_gpu_s"] = gpu_s
             if camelot in used:
                 summary[f"{label}.qos_met"] = used[camelot][1]
-                base = [u for p, u in used.items() if p != camelot and u[0] is not None]
+                base = [
+                    u for p, u in used.items()
+                    if p != camelot and p not in references and u[0] is not None
+                ]  # fmt: skip
                 # The best baseline is the cheapest that met the QoS (any, if none did).
                 meeting = [g for g, met in base if met] or [g for g, _ in base]
                 best = min((g for g in meeting if g is not None), default=None)

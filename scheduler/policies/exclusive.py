@@ -4,15 +4,20 @@ As strong as it fairly gets: with at least as many GPUs as stages, each stage ge
 the spare GPUs go, one at a time, to the stage that limits the load most (lowest whole-GPU
 throughput per unit of its pipeline's weight). With fewer GPUs than stages, stages are dealt
 in contiguous runs (adjacent stages together) balanced by their work, and the stages on one
-GPU time-share it, each at 100% (the predictor models this as taking turns on all SMs). Batch
+GPU time-share it, each at 100%: their replicas are marked time-sliced, so the agent runs them
+outside MPS, each in its own context that the GPU takes in turns (the predictor models this as
+taking turns on all SMs). With `sharing=mps` they are MPS clients without a cap instead, which
+run their kernels side by side: not this baseline as DESIGN.md defines it, but what an operator
+gets by starting the stages under MPS and nothing more; kept to be measured beside it. Batch
 sizes are chosen with the same predictor as max-load: a bisection on the load where, at each
 trial load, every stage takes the batch that gives it the lowest p99.
 
-Options: weights (as max-load), max_wait_us, tolerance, transport.
+Options: weights (as max-load), max_wait_us, tolerance, transport, sharing (time-slice | mps).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 from common.errors import InvalidArgument
@@ -20,6 +25,8 @@ from scheduler.planning import slots, stage_profiles
 from scheduler.policies.maxload import weights, weights_follow_load
 from scheduler.policy import PlanSpec, PolicyInput, ReplicaSpec, StageAssignment
 from scheduler.predictor import predict, stage_p99_ms
+
+SHARING = ("time-slice", "mps")
 
 
 class Exclusive:
@@ -38,6 +45,9 @@ class Exclusive:
         except ValueError as e:
             raise InvalidArgument(f"bad option: {e}") from None
         transport = world.options.get("transport", "ref")
+        sharing = world.options.get("sharing", "time-slice")
+        if sharing not in SHARING:
+            raise InvalidArgument(f"sharing must be one of {', '.join(SHARING)}, got {sharing!r}")
         keys = [(p.name, s.name) for p in world.pipelines for s in p.stages]
         work = {
             k: w[k[0]]
@@ -59,16 +69,18 @@ class Exclusive:
                 place[k] = [min(len(gpus) - 1, int((acc + work[k] / 2) / total * len(gpus)))]
                 acc += work[k]
 
+        per_gpu = Counter(g for v in place.values() for g in v)
+
         def build(rates: dict[str, float]) -> PlanSpec:
             stages = []
             for pipe, stage in keys:
                 prof = profiles[f"{pipe}/{stage}"]
                 n = len(place[(pipe, stage)])
-                sharing = sum(1 for v in place.values() if v[0] == place[(pipe, stage)][0])
+                turns = sum(1 for v in place.values() if v[0] == place[(pipe, stage)][0])
                 best_b = min(
                     prof.batches,
                     key=lambda b: stage_p99_ms(
-                        prof, rates[pipe], n, 100.0, b, wait_us / 1e3, float(sharing)
+                        prof, rates[pipe], n, 100.0, b, wait_us / 1e3, float(turns)
                     ),
                 )
                 reps = tuple(
@@ -79,6 +91,7 @@ class Exclusive:
                         100.0,
                         best_b,
                         wait_us,
+                        time_sliced=sharing == "time-slice" and per_gpu[g] > 1,
                     )
                     for i, g in enumerate(place[(pipe, stage)])
                 )

@@ -156,6 +156,9 @@ class Agent:
             log.warning("replicas of an earlier agent still run (pids %s); they serve until "
                         "this agent's own do", self._orphans)  # fmt: skip
         self._log_dir = os.path.join(settings.run_dir, "logs")
+        # a pipe directory where no MPS daemon answers: time-sliced replicas make their own
+        # context there (the driver falls back to a plain context when it finds no daemon)
+        self._no_mps_dir = os.path.join(settings.run_dir, "no-mps")
         # fail at start, not at the first apply, on a template with an unknown field
         render_command(settings.replica_command, self._fields(_probe_target(), "", 0))
 
@@ -396,7 +399,13 @@ class Agent:
         env.update(self.mps.env())
         # never set a percentage outside MPS mode: with a green split it fails (error 915)
         env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
-        if diff.effective_mode(inst.target.replica, self.mode) == diff.MPS:
+        mode = diff.effective_mode(inst.target.replica, self.mode)
+        if mode == diff.TIME_SLICED:
+            # outside MPS, its own context: the GPU takes it in turns with every other context
+            # (CUDA IPC between it and MPS clients works both ways, probed on the H100)
+            os.makedirs(self._no_mps_dir, exist_ok=True)
+            env["CUDA_MPS_PIPE_DIRECTORY"] = self._no_mps_dir
+        elif mode == diff.MPS:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = mps_percentage(
                 inst.target.replica.sm_percent
             )

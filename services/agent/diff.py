@@ -27,6 +27,7 @@ ShareMode: TypeAlias = plan_pb2.ShareMode.ValueType
 MPS = plan_pb2.SHARE_MODE_MPS
 GREEN = plan_pb2.SHARE_MODE_GREEN
 NONE = plan_pb2.SHARE_MODE_NONE
+TIME_SLICED = plan_pb2.SHARE_MODE_TIME_SLICED
 UNSPECIFIED = plan_pb2.SHARE_MODE_UNSPECIFIED
 
 MODE_BY_NAME: dict[str, ShareMode] = {"mps": MPS, "green": GREEN, "none": NONE}
@@ -96,7 +97,11 @@ def validate(assignment: agent_pb2.Assignment, shape: NodeShape, applied_epoch: 
         if plan.max_wait_us < 0:
             raise InvalidArgument(f"replica {rid!r}: max_wait_us {plan.max_wait_us} must be >= 0")
         mode = effective_mode(plan, shape.mode)
-        if mode != NONE and shape.mode != NONE and mode != shape.mode:
+        if mode == TIME_SLICED:
+            # a plain context beside the MPS server: needs a GPU, and nothing to enforce
+            if shape.host or plan.gpu < 0:
+                raise InvalidArgument(f"replica {rid!r}: time-sliced needs a GPU")
+        elif mode != NONE and shape.mode != NONE and mode != shape.mode:
             # an MPS percentage and a green split in one MPS server fail (CUDA error 915)
             raise InvalidArgument(
                 f"replica {rid!r} asks for {plan_pb2.ShareMode.Name(mode)} on a node in "
