@@ -292,6 +292,32 @@ class SchedulerApp:
         self._applied = (self.plan.epoch, time.monotonic())
         return self._applied[1]
 
+    def plan_at_risk(self) -> bool:
+        """Whether the plan in force, predicted with the bias as it is now at the measured load
+        plus the band the load trigger leaves alone, comes within `p99_trigger_fraction` of a
+        target. A moved bias re-plans a policy that does not follow load only then: a new plan
+        replaces replicas (seconds of a new process beside the traffic), which costs more than
+        a model error that does not matter at this load (max-load re-planned three times in its
+        peak search, each time mid-trial, and missed those trials: docs/results/peak-load.md)."""
+        if not self.plan.epoch or not self.profiles:
+            return False
+        world = self.world(self.measured(long_window=False))
+        known = {p.name for p in world.pipelines}
+        spec = planstore.from_proto(self.plan)
+        spec = dataclasses.replace(
+            spec, stages=tuple(a for a in spec.stages if a.pipeline in known)
+        )
+        band = 1.0 + self.settings.load_change_fraction
+        rates = {name: qps * band for name, qps in world.load_qps.items()}
+        try:
+            pred = predict(world, spec, rates)
+        except (CamelotError, KeyError):
+            return True  # the plan no longer fits what is known: let the policy decide
+        limit = self.settings.p99_trigger_fraction
+        return any(
+            not p.feasible or p.p99_ms > limit * p.qos_p99_ms for p in pred.pipelines.values()
+        )
+
     def bias_moved(self) -> str:
         """The key whose bias factor moved past BIAS_REPLAN_RATIO since the plan ("" if none)."""
         for key, f in sorted(self.bias.factors().items()):

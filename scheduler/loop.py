@@ -129,7 +129,8 @@ class ControlLoop:
             qos = app.qos_of(name)
             if stat and stat.count >= s.min_samples and stat.p99_ms > s.p99_trigger_fraction * qos:
                 return f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", False
-        load = app.load_qps() if follows_load(app.policy(), app.choice.options) else {}
+        follows = follows_load(app.policy(), app.choice.options)
+        load = app.load_qps() if follows else {}
         for name, qps in load.items():
             before = app.planned_load.get(name, 0.0)
             if max(before, qps) < s.min_load_qps:
@@ -137,7 +138,9 @@ class ControlLoop:
             if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
                 return f"load moved: {name} {before:.1f} -> {qps:.1f} qps", False
         moved = app.bias_moved()
-        if moved:
+        # a plan sized to the load is re-sized by a model error either way; any other plan is
+        # replaced only where the error puts it at risk at this load
+        if moved and (follows or app.plan_at_risk()):
             return f"model error: bias of {moved} now x{app.bias.factor(moved):.2f}", False
         return "", False
 

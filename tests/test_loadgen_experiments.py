@@ -46,7 +46,7 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
         st.policy_sm = {"max-load": [50.0, 50.0], "even": [100.0]}
         doc = await run_experiment(
             ["peak-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
-             "--mix", "vision:img-to-text", "--policies", "max-load,even", "--start-qps", "10",
+             "--mix", "vision:img-to-text", "--policies", "max-load,nope,even", "--start-qps", "10",
              "--rel-tol", "0.3", "--out-dir", str(tmp_path), *FAST]
         )  # fmt: skip
         epoch = st.epoch
@@ -63,7 +63,9 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
     lo, hi = s["vision.camelot_over_best_baseline_range"]
     assert lo <= s["vision.camelot_over_best_baseline"] <= hi
     assert lo <= 70 / 35 <= hi
-    assert epoch == 3  # two SetPolicy calls
+    assert epoch == 3  # two SetPolicy calls took effect
+    # a policy the scheduler refuses loses its own rows, never the others'
+    assert s["vision.nope_error"].startswith("INVALID_ARGUMENT")
     rows = doc["rows"]
     assert {r["policy"] for r in rows} == {"max-load", "even"}
     assert {r["epoch"] for r in rows if r["policy"] == "even"} == {3}

@@ -270,6 +270,10 @@ def test_feedback_grows_hot_stages_and_shrinks_cold_ones() -> None:
     assert after["encode"] > shares["encode"]
     assert after["decode"] == shares["decode"]
     assert check_plan(w, nxt) == []
+    # another policy's plan in force (exclusive's whole GPUs, time-sliced) is no start
+    after_exclusive = Feedback().plan(replace(w, measured=hot, current=Exclusive().plan(w)))
+    assert after_exclusive.stages == first.stages
+    assert check_plan(w, after_exclusive) == []
 
 
 def test_min_resource_right_after_a_switch_is_not_anchored_to_the_old_policys_plan() -> None:

@@ -197,3 +197,32 @@ async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> 
                 stop.set()
                 await feeder
         assert app.plan_applied_at() is not None
+
+
+async def test_a_moved_bias_replans_a_load_blind_plan_only_where_it_is_at_risk(
+    redis_server,
+) -> None:
+    """max-load with fixed weights does not follow load: a model error that leaves its plan
+    comfortably within the targets at the measured load replaces no replica; one that puts it
+    near a target does."""
+    settings = online_settings(
+        redis_server.url, min_replan_interval_s=60.0, policy="max-load",
+        policy_options={"weights": "img-to-text=1"},
+    )  # fmt: skip
+    async with running(settings) as (port, sched):
+        async with channel(f"127.0.0.1:{port}") as ch:
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
+        await first_plan(sched.app)
+        assert sched.loop.trigger() == ("", False)
+        # measured twice the prediction at no load: the factor moves, the plan still holds
+        sched.app.bias.update(f"{PIPE}/encode", 2.0, 1.0)
+        assert sched.app.bias_moved() == f"{PIPE}/encode"
+        assert not sched.app.plan_at_risk()
+        assert sched.loop.trigger() == ("", False)
+        # an error large enough to cross the target at this load is a reason to re-plan
+        for s in STAGES:
+            sched.app.bias.update(f"{PIPE}/{s}", 1e3, 1.0)
+        sched.app.bias.update(PIPE, 1e3, 1.0)
+        assert sched.app.plan_at_risk()
+        reason, urgent = sched.loop.trigger()
+        assert reason.startswith("model error: bias of") and not urgent

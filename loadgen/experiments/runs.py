@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from common.clock import mono_us
-from common.errors import InvalidArgument
+from common.errors import CamelotError, InvalidArgument
 from common.lifecycle import channel as open_channel
 from loadgen import plots, traces
 from loadgen.experiments.admin import AdminClient, parse_policy
@@ -222,7 +222,7 @@ async def peak_load(
     camelot: str,
     out_dir: Path,
     name: str = "peak-load",
-    references: Sequence[str] = (),
+    references: Collection[str] = frozenset(),
 ) -> Outcome:
     """`references` are measured beside the policies and compared with `camelot` on their own
     (`camelot_over.<ref>`); they are not baselines of the issue (e.g. MPS without caps)."""
@@ -233,8 +233,16 @@ async def peak_load(
     for mix in mixes:
         qos = h.qos_ms(mix)
         curves: dict[str, list[tuple[float, float | None]]] = {}
+        failed: set[str] = set()
         for policy in [*policies, *references]:
-            epoch = await h.apply_policy(policy, mix)
+            try:
+                epoch = await h.apply_policy(policy, mix)
+            except CamelotError as e:
+                # one policy that cannot be set loses its own rows, never the others'
+                log.error("%s: policy %s not applied: %s", mix.name, policy, e)
+                summary[f"{mix.name}.{policy}_error"] = f"{e.code.name}: {e.message}"
+                failed.add(policy)
+                continue
             await h.prime(mix, cfg.start_qps)
 
             async def one(rate: float, mix: Mix = mix, policy: str = policy) -> Trial:
@@ -253,13 +261,14 @@ async def peak_load(
                  "first_miss_qps": found.first_miss_qps, "capped": found.capped,
                  "trials": len(found.trials)}
             )  # fmt: skip
-        baselines = [p for p in policies if p != camelot and p not in references]
-        if camelot in policies:
-            for ref in references:
+        skip = {*references, *failed}
+        baselines = [p for p in policies if p != camelot and p not in skip]
+        if camelot in policies and camelot not in failed:
+            for ref in sorted(set(references) - failed):
                 summary[f"{mix.name}.camelot_over.{ref}"] = _ratio(
                     summary[f"{mix.name}.{camelot}_qps"], summary[f"{mix.name}.{ref}_qps"]
                 )
-        if camelot in policies and baselines:
+        if camelot in policies and camelot not in failed and baselines:
             best = max(baselines, key=lambda p: summary[f"{mix.name}.{p}_qps"])
             summary[f"{mix.name}.camelot_over_best_baseline"] = _ratio(
                 summary[f"{mix.name}.{camelot}_qps"], summary[f"{mix.name}.{best}_qps"]
@@ -306,7 +315,7 @@ async def low_load(
     sample_s: float,
     out_dir: Path,
     name: str = "low-load",
-    references: Sequence[str] = (),
+    references: Collection[str] = frozenset(),
 ) -> Outcome:
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -319,7 +328,12 @@ async def low_load(
             cdfs: dict[str, list[float]] = {}
             used: dict[str, tuple[float | None, bool]] = {}
             for policy in [*policies, *references]:
-                epoch = await h.apply_policy(policy, mix)
+                try:
+                    epoch = await h.apply_policy(policy, mix)
+                except CamelotError as e:
+                    log.error("%s: policy %s not applied: %s", label, policy, e)
+                    summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
+                    continue
                 await h.prime(mix, rate)
                 async with ShareSampler(h.admin, sample_s, mix) as sampler:
                     trial, result = await h.trial(mix, rate)

@@ -39,7 +39,13 @@ class Feedback:
             raise FailedPrecondition("no GPU to plan on")
         cur = world.current
         want = [(p.name, s.name) for p in world.pipelines for s in p.stages]
-        if cur is None or sorted((a.pipeline, a.stage) for a in cur.stages) != sorted(want):
+        # it grows and shrinks its own plan: one another policy made (the one in force when the
+        # policy was switched: exclusive's whole GPUs, which add up far past 100%) is no start
+        if (
+            cur is None
+            or cur.policy != self.name
+            or sorted((a.pipeline, a.stage) for a in cur.stages) != sorted(want)
+        ):
             return self._initial(world, gpus, step)
         used = {g: 0.0 for g in gpus}
         stages = {(a.pipeline, a.stage): list(a.replicas) for a in cur.stages}
