@@ -318,6 +318,11 @@ class SchedulerApp:
             not p.feasible or p.p99_ms > limit * p.qos_p99_ms for p in pred.pipelines.values()
         )
 
+    def applied_epoch(self) -> int:
+        """The newest epoch every live agent has applied (the plan's own where none applies)."""
+        agents = [n.applied_epoch for n in self.live_nodes() if n.agent_address]
+        return min(agents) if agents else int(self.plan.epoch)
+
     def bias_moved(self) -> str:
         """The key whose bias factor moved past BIAS_REPLAN_RATIO since the plan ("" if none)."""
         for key, f in sorted(self.bias.factors().items()):
@@ -455,6 +460,7 @@ class SchedulerApp:
             nodes=sorted(n.name for n in self.live_nodes()),
             reports_total=self.reader.reports_total,
             window_s=window_s,
+            applied_epoch=self.applied_epoch(),
         )
         for name, p in self.pipelines.items():
             all_replicas = [r for s in p.stages for r in planned.get((name, s.name), [])]

@@ -44,6 +44,7 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
         st.sleep_s, st.slow_s = 0.002, 0.2
         st.rate_threshold = {"max-load": 70.0, "even": 35.0}
         st.policy_sm = {"max-load": [50.0, 50.0], "even": [100.0]}
+        st.apply_polls = 3  # each plan takes the agents a few polls to apply
         doc = await run_experiment(
             ["peak-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
              "--mix", "vision:img-to-text", "--policies", "max-load,nope,even", "--start-qps", "10",
@@ -64,6 +65,8 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
     assert lo <= s["vision.camelot_over_best_baseline"] <= hi
     assert lo <= 70 / 35 <= hi
     assert epoch == 3  # two SetPolicy calls took effect
+    # no query (probe, priming or trial) went out while a plan was being applied
+    assert gw.state.submits_while_applying == 0
     # a policy the scheduler refuses loses its own rows, never the others'
     assert s["vision.nope_error"].startswith("INVALID_ARGUMENT")
     rows = doc["rows"]

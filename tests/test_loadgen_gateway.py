@@ -21,7 +21,7 @@ import grpc
 
 from common.dtypes import array_from_wire
 from common.errors import InvalidArgument, NotFound, Unauthenticated, grpc_errors
-from protos import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, plan_pb2, tensor_pb2
+from protos import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, plan_pb2, tensor_pb2
 
 TOKEN = "test-token"
 
@@ -54,6 +54,11 @@ class State:
     policy: str = "initial"
     epoch: int = 1
     policy_sm: dict[str, list[float]] = field(default_factory=dict)
+    # the agents apply a new plan over this many Status calls after SetPolicy; queries that
+    # arrive before that are counted (an experiment must not measure the change)
+    apply_polls: int = 0
+    unapplied: int = 0
+    submits_while_applying: int = 0
     received: Counter[str] = field(default_factory=Counter)
     transports: Counter[int] = field(default_factory=Counter)
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=16))
@@ -95,6 +100,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument("input does not match the spec")
         array_from_wire(request.input)  # checks the byte count
         st.received[request.pipeline] += 1
+        st.submits_while_applying += st.unapplied > 0
         st.transports[request.transport] += 1
         delay = st.latency_s() + st.transport_extra_s.get(request.transport, 0.0)
         if request.pipeline in st.fail:
@@ -155,12 +161,21 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
             raise InvalidArgument(f"unknown policy {key!r}")
         self.state.policy = key
         self.state.epoch += 1
+        self.state.unapplied = self.state.apply_polls
         return self._plan()
 
     @grpc_errors
     async def GetPlan(self, request, context):
         self._check(context)
         return self._plan()
+
+    @grpc_errors
+    async def Status(self, request, context):
+        self._check(context)
+        st = self.state
+        applied = st.epoch - (st.unapplied > 0)
+        st.unapplied = max(0, st.unapplied - 1)
+        return admin_pb2.StatusResponse(plan=self._plan(), applied_epoch=applied)
 
 
 @dataclass

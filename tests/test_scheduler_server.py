@@ -140,6 +140,8 @@ async def test_heartbeat_gets_assignment_and_agent_gets_apply(redis_server) -> N
                 await control.Heartbeat(hb, timeout=5)
                 await control.Heartbeat(dead, timeout=5)
                 await until(lambda: bool(applied) and applied[-1].epoch == sched.app.plan.epoch)
+                # pushed is not applied: Status says so until the agent's heartbeat does
+                assert sched.app.status(0).applied_epoch < sched.app.plan.epoch
                 # the endpoints the agent returned are routes at once ...
                 n = len(applied[-1].replicas)
                 await until(lambda: len(sched.app.routes().endpoints) == n)
@@ -147,6 +149,11 @@ async def test_heartbeat_gets_assignment_and_agent_gets_apply(redis_server) -> N
                 hb.replicas.extend(sched.app.routes().endpoints)
                 hb.applied_epoch = applied[-1].epoch
                 a = await control.Heartbeat(hb, timeout=5)
+                # n2's agent has not applied it: the plan is not in force everywhere yet
+                assert sched.app.status(0).applied_epoch < applied[-1].epoch
+                dead.applied_epoch = applied[-1].epoch
+                await control.Heartbeat(dead, timeout=5)
+                assert sched.app.status(0).applied_epoch == applied[-1].epoch
             assert n > 0 and len(sched.app.routes().endpoints) == n
             assert a.epoch == sched.app.plan.epoch and a.node == "n1"
             assert all(r.replica.node == "n1" for r in a.replicas)

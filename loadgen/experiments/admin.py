@@ -96,6 +96,17 @@ class AdminClient:
             lambda: self.stub.Status(request, metadata=self.metadata, timeout=self.timeout_s)
         )
 
+    async def wait_applied(self, epoch: int, timeout_s: float = 60.0, poll_s: float = 0.2) -> bool:
+        """Polls Status until every agent runs `epoch` (new replicas warm, old ones drained);
+        False if that did not happen within `timeout_s`."""
+        end = mono_us() + int(timeout_s * 1e6)
+        while True:
+            if (await self.status()).applied_epoch >= epoch:
+                return True
+            if mono_us() >= end:
+                return False
+            await asyncio.sleep(poll_s)
+
     async def wait_for_epoch(
         self, epoch: int, timeout_s: float = 60.0, poll_s: float = 0.2
     ) -> plan_pb2.Plan:
