@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--qos-ms", type=float, default=None, help="override every pipeline's QoS")
     common.add_argument("--max-error-frac", type=float, default=0.01)
     common.add_argument("--transport", choices=["default", "ref", "wire"], default="default")
+    common.add_argument(
+        "--connections", type=int, default=8,
+        help="client connections (a gateway's workers share the port by connection)",
+    )  # fmt: skip
     common.add_argument("--camelot-policy", default="", help="the policy compared to the rest")
     common.add_argument(
         "--references", type=_csv, default=[],
@@ -113,7 +117,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             gap_s=args.gap_s, arrivals=traces.Arrivals(args.arrivals), seed=args.seed,
             deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
             qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
-            transport=args.transport,
+            transport=args.transport, connections=args.connections,
         )  # fmt: skip
         await h.connect()
         mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]

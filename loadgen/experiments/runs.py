@@ -60,6 +60,8 @@ class Harness:
     # several cores for seconds (docs/results/peak-load.md), which is the change, not the policy
     prime_s: float = 0.0
     transport: str = "default"
+    # client connections: a gateway with several workers gets load only over several of them
+    connections: int = 8
     pipelines: dict[str, gateway_pb2.PipelineInfo] = field(default_factory=dict)
     _trials: int = 0
     last_utilization: dict[str, float | None] = field(default_factory=dict)
@@ -130,6 +132,7 @@ class Harness:
                 transport=self.transport,
                 pipelines=self.pipelines,
                 duration_s=duration_s,
+                connections=self.connections,
             )
         self.last_utilization = util.summary()
         await asyncio.sleep(self.gap_s)  # let queues drain before the next trial

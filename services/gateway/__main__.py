@@ -9,6 +9,7 @@ from common import logs, metrics
 from common.lifecycle import run_until_signalled
 from services.gateway.app import create_server
 from services.gateway.settings import GatewaySettings, parse
+from services.gateway.workers import Supervisor
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -20,8 +21,12 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     settings = parse(argv)
     logs.setup("gateway", settings.node)
+    if settings.workers > 1:
+        sup = Supervisor(argv, settings.workers, settings.metrics_port, settings.grace_s)
+        sys.exit(sup.run())
     metrics.start(settings.metrics_port)
     asyncio.run(serve(settings))
 

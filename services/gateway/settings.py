@@ -33,6 +33,8 @@ class GatewaySettings:
     device: int = 0
     metrics_port: int = 0
     grace_s: float = 10.0
+    # gateway processes on the port (services.gateway.workers); 1: this process serves
+    workers: int = 1
     # fixed routes, for launchers without a scheduler: (pipeline, stage, replica_id, address)
     static_routes: tuple[tuple[str, str, str, str], ...] = ()
     # mutual TLS for hops that leave the node (CAMELOT_TLS_CERT/KEY/CA); Unix sockets stay plain
@@ -62,6 +64,12 @@ def parse(
     f.add("--device")
     f.add("--metrics-port", env="METRICS_PORT")
     f.add(
+        "--workers",
+        env="GATEWAY_WORKERS",
+        check="positive",
+        help="gateway processes sharing the port (SO_REUSEPORT); needs a fixed --port",
+    )
+    f.add(
         "--routes",
         field=None,
         default="",
@@ -72,6 +80,8 @@ def parse(
         static = parse_routes(a.routes)
     except ValueError as err:
         f.parser.error(str(err))
+    if a.workers > 1 and (a.port == 0 or a.unix):
+        f.parser.error("--workers > 1 needs a fixed --port and no --unix (the workers share it)")
     return f.settings(a, static_routes=static, tls=TlsFiles.from_env(e))
 
 
