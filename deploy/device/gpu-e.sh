@@ -49,7 +49,7 @@ for e in $EXP; do
   left=$(( ${DEADLINE_S:-560} - SECONDS - 25 ))  # what the call has left, less the teardown
   (( left < 60 )) && { echo "skipped $e: ${left}s left" | tee -a "$R/steps.txt"; continue; }
   timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
-    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args > "$R/$e.log" 2>&1
+    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args ${XARGS:-} > "$R/$e.log" 2>&1
   echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
   keep
 done
