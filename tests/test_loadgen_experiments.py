@@ -195,3 +195,27 @@ def test_policy_specs_carry_options_and_bad_ones_are_refused():
     for bad in ("exclusive:sharing", ":a=b", "even:=3", "even:a="):
         with pytest.raises(InvalidArgument):
             parse_policy(bad)
+
+
+async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_trial():
+    from loadgen.experiments.runs import Harness
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s, st.policy_sm = 0.001, {"max-load": [50.0]}
+        async with AdminClient(gw.target, TOKEN) as admin:
+            h = Harness(gw.target, admin, trial_s=0.5, warmup_s=0.0, gap_s=0.0, prime_s=0.5)
+            await h.connect()
+            mix = parse_mix("img-to-text")
+            await h.apply_policy("max-load", mix)
+            sent = sum(st.received.values())
+            await h.settle(mix, 20.0)  # nothing changed: no wait, no priming
+            assert sum(st.received.values()) == sent and h.replans == 0
+            # the policy re-plans (its p99 neared a target at the last rate); agents take a while
+            st.epoch += 1
+            st.apply_polls = st.unapplied = 3
+            await h.settle(mix, 20.0)
+            assert st.unapplied == 0 and st.submits_while_applying == 0
+            assert h.replans == 1 and h.epoch == st.epoch
+            assert sum(st.received.values()) - sent >= 5  # primed at 20 qps for 0.5 s

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,9 @@ class Harness:
     connections: int = 8
     pipelines: dict[str, gateway_pb2.PipelineInfo] = field(default_factory=dict)
     _trials: int = 0
+    # the epoch the last trial ran under, and how often a policy re-planned between trials
+    epoch: int = 0
+    replans: int = 0
     last_utilization: dict[str, float | None] = field(default_factory=dict)
 
     async def connect(self) -> None:
@@ -93,6 +96,7 @@ class Harness:
             log.warning("epoch %d not applied by every agent in %g s; going on",
                         plan.epoch, self.settle_s)  # fmt: skip
         await self._wait_gateway_epoch(plan.epoch, probe)
+        self.epoch = int(plan.epoch)
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
         await asyncio.sleep(self.gap_s)
         return int(plan.epoch)
@@ -146,6 +150,24 @@ class Harness:
         schedule = traces.schedule(traces.constant(rate_qps, self.prime_s), rng, self.arrivals)
         await self.run(mix, schedule, self.prime_s)
         log.info("%s primed at %.3g qps for %.3g s", mix.name, rate_qps, self.prime_s)
+
+    async def settle(self, mix: Mix, rate_qps: float) -> None:
+        """Before a trial: if the policy re-planned since the last one (its p99 neared a target
+        at the last rate), wait until the new plan runs everywhere and prime it at this rate,
+        so that every trial measures a plan, not a replacement of replicas. Same for every
+        policy; the re-plans are counted (`replans`, and each row's `plan_epoch`)."""
+        if self.admin is None:
+            return
+        plan = await self.admin.get_plan()
+        if plan.epoch == self.epoch:
+            return
+        self.replans += 1
+        log.info("%s: re-planned to epoch %d between trials; waiting for it", mix.name, plan.epoch)
+        if not await self.admin.wait_applied(plan.epoch, self.settle_s):
+            log.warning("epoch %d not applied by every agent in %g s; going on",
+                        plan.epoch, self.settle_s)  # fmt: skip
+        self.epoch = int(plan.epoch)
+        await self.prime(mix, rate_qps)
 
     async def trial(self, mix: Mix, rate_qps: float) -> tuple[Trial, Result]:
         rng = np.random.default_rng(self.seed * 7919 + self._trials)
@@ -255,9 +277,11 @@ async def peak_load(
             await h.prime(mix, cfg.start_qps)
 
             async def one(rate: float, mix: Mix = mix, policy: str = policy) -> Trial:
+                await h.settle(mix, rate)
                 trial, _ = await h.trial(mix, rate)
-                return trial
+                return replace(trial, detail={**trial.detail, "plan_epoch": h.epoch})
 
+            replans_before = h.replans
             found = await find_peak(one, cfg)
             for t in found.trials:
                 rows.append(_trial_row(mix, policy, epoch, t, qos))
@@ -268,7 +292,7 @@ async def peak_load(
             peaks.append(
                 {"mix": mix.name, "policy": policy, "peak_qps": found.peak_qps,
                  "first_miss_qps": found.first_miss_qps, "capped": found.capped,
-                 "trials": len(found.trials)}
+                 "trials": len(found.trials), "replans": h.replans - replans_before}
             )  # fmt: skip
         skip = {*references, *failed}
         baselines = [p for p in policies if p != camelot and p not in skip]
@@ -307,6 +331,7 @@ def _trial_row(
         "mix": mix.name, "policy": policy, "epoch": epoch, "rate_qps": t.rate_qps, "met": t.met,
         "count": a["count"], "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
         "worst_p99_over_qos": _worst_over_qos(t.stats, qos),
+        "plan_epoch": t.detail.get("plan_epoch"),
         "host_cpu_pct": t.detail.get("host_cpu_pct"), "gpu_util_pct": t.detail.get("gpu_util_pct"),
     }  # fmt: skip
     row.update({k: v for k, v in t.detail.items() if k.startswith("cpu_pct.")})
