@@ -452,7 +452,11 @@ async def test_real_stage_replica_is_started_and_replaced(tmp_path):
             assert process_gone(old_pid)
 
 
-def test_time_sliced_replica_gets_its_own_context_and_mps_ones_find_the_daemon(tmp_path):
+def empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.listdir(path) == []
+
+
+async def test_time_sliced_replica_gets_its_own_context_and_mps_ones_find_the_daemon(tmp_path):
     from common.backend import Backend
     from services.agent.apply import Agent, NodeInfo
     from services.agent.inventory import StaticGpu
@@ -472,5 +476,5 @@ def test_time_sliced_replica_gets_its_own_context_and_mps_ones_find_the_daemon(t
     sliced = env_of(replica("p.b.0", 100, gpu=0, mode=plan_pb2.SHARE_MODE_TIME_SLICED))
     # a pipe directory where no daemon answers: the driver makes a plain context
     own = sliced["CUDA_MPS_PIPE_DIRECTORY"]
-    assert own != pipe and os.path.isdir(own) and os.listdir(own) == []
+    assert own != pipe and empty_dir(own)
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in sliced
