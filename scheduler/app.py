@@ -39,7 +39,7 @@ from scheduler.policy import (
     PolicyInput,
     StageAssignment,
 )
-from scheduler.predictor import predict
+from scheduler.predictor import PlanPrediction, predict
 from scheduler.reader import ReportReader
 from scheduler.settings import SchedulerSettings
 from scheduler.windows import Windows, WindowStat
@@ -264,22 +264,30 @@ class SchedulerApp:
             return
         self._bias_at = now
         measured = self.measured(long_window=False)
-        world = self.world(measured)
-        spec = planstore.from_proto(self.plan)
-        known = {p.name for p in world.pipelines}
-        spec = dataclasses.replace(
-            spec, stages=tuple(a for a in spec.stages if a.pipeline in known)
-        )
         try:
-            pred = predict(world, spec, world.load_qps)
-            stages = tuple(
-                dataclasses.replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms)
-                for a in spec.stages
-            )
+            spec, pred = self._predict_in_force(measured)
         except (CamelotError, KeyError) as e:
             log.debug("no bias update: the plan in force does not fit the pipelines: %s", e)
             return
+        stages = tuple(
+            dataclasses.replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms)
+            for a in spec.stages
+        )
         self.bias.observe(dataclasses.replace(spec, stages=stages), measured)
+
+    def _predict_in_force(
+        self, measured: Mapping[str, Measured], load_scale: float = 1.0
+    ) -> tuple[PlanSpec, PlanPrediction]:
+        """The plan in force (its known pipelines) predicted with the factors in force at the
+        measured load times `load_scale`; CamelotError or KeyError where it no longer fits."""
+        world = self.world(measured)
+        known = {p.name for p in world.pipelines}
+        spec = planstore.from_proto(self.plan)
+        spec = dataclasses.replace(
+            spec, stages=tuple(a for a in spec.stages if a.pipeline in known)
+        )
+        rates = {name: qps * load_scale for name, qps in world.load_qps.items()}
+        return spec, predict(world, spec, rates)
 
     def plan_applied_at(self) -> float | None:
         """Monotonic time since which every live agent runs the plan in force (None: not yet).
@@ -301,16 +309,9 @@ class SchedulerApp:
         peak search, each time mid-trial, and missed those trials: docs/results/peak-load.md)."""
         if not self.plan.epoch or not self.profiles:
             return False
-        world = self.world(self.measured(long_window=False))
-        known = {p.name for p in world.pipelines}
-        spec = planstore.from_proto(self.plan)
-        spec = dataclasses.replace(
-            spec, stages=tuple(a for a in spec.stages if a.pipeline in known)
-        )
         band = 1.0 + self.settings.load_change_fraction
-        rates = {name: qps * band for name, qps in world.load_qps.items()}
         try:
-            pred = predict(world, spec, rates)
+            _, pred = self._predict_in_force(self.measured(long_window=False), band)
         except (CamelotError, KeyError):
             return True  # the plan no longer fits what is known: let the policy decide
         limit = self.settings.p99_trigger_fraction
