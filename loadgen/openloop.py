@@ -103,6 +103,17 @@ def stats_of(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
     }
 
 
+def pooled_stats(results: Sequence[Result], warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
+    """`Result.stats` over several runs of one mix taken together (each run's warm-up cut):
+    a percentile over all their requests, not an average of percentiles."""
+    kept = [r for res in results for r in res.measured(warmup_s)]
+    span = sum(max(res.duration_s - warmup_s, 1e-9) for res in results)
+    out = {"all": stats_of(kept, span)}
+    for name in results[0].mix.pipelines:
+        out[name] = stats_of([r for r in kept if r.pipeline == name], span)
+    return out
+
+
 @dataclass
 class Result:
     """Every request of one run, with the run's timeline; `stats` and `windows` summarise."""
@@ -121,12 +132,7 @@ class Result:
 
     def stats(self, warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
         """Per pipeline, and `"all"`, over requests intended after the warm-up."""
-        kept = self.measured(warmup_s)
-        span = max(self.duration_s - warmup_s, 1e-9)
-        out = {"all": stats_of(kept, span)}
-        for name in self.mix.pipelines:
-            out[name] = stats_of([r for r in kept if r.pipeline == name], span)
-        return out
+        return pooled_stats([self], warmup_s)
 
     def windows(self, window_s: float) -> list[dict[str, Any]]:
         """Consecutive windows of the run by intended time: count, errors and percentiles."""

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from common.errors import Unauthenticated
-from loadgen import bench_e2e
+from loadgen import bench_e2e, traces
 from loadgen.experiments import __main__ as experiments
 from loadgen.experiments.admin import AdminClient
 from tests.test_loadgen_gateway import TOKEN, serve_fake
@@ -219,3 +219,30 @@ async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_tri
             assert st.unapplied == 0 and st.submits_while_applying == 0
             assert h.replans == 1 and h.epoch == st.epoch
             assert sum(st.received.values()) - sent >= 5  # primed at 20 qps for 0.5 s
+
+
+async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
+    from loadgen.experiments.runs import Harness
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s, st.slow_s = 0.001, 0.2
+        st.rate_threshold = {"initial": 150.0}
+        mix = parse_mix("img-to-text")
+        # 100 requests a run: one slow request is its p99 alone, not the p99 of 200
+        plain = Harness(gw.target, None, trial_s=1.0, warmup_s=0.0, gap_s=0.4,
+                        arrivals=traces.Arrivals.UNIFORM)  # fmt: skip
+        confirmed = Harness(gw.target, None, trial_s=1.0, warmup_s=0.0, gap_s=0.4,
+                            arrivals=traces.Arrivals.UNIFORM, confirm_misses=1)  # fmt: skip
+        for h in (plain, confirmed):
+            await h.connect()
+        st.spikes = 1
+        one, _ = await plain.trial(mix, 100.0)
+        assert not one.met and one.detail["runs"] == 1
+        st.spikes = 1
+        two, _ = await confirmed.trial(mix, 100.0)
+        assert two.met and two.detail["runs"] == 2 and two.stats["all"]["count"] >= 190
+        # a real overload misses again and stays a miss
+        over, _ = await confirmed.trial(mix, 250.0)
+        assert not over.met and over.detail["runs"] == 2

@@ -51,6 +51,8 @@ class State:
     slow_s: float = 0.2
     idle_reset_s: float = 0.3
     transport_extra_s: dict[int, float] = field(default_factory=dict)
+    # the next this many requests take `slow_s` whatever the rate (one slow event)
+    spikes: int = 0
     policy: str = "initial"
     epoch: int = 1
     policy_sm: dict[str, list[float]] = field(default_factory=dict)
@@ -65,6 +67,9 @@ class State:
     sem: asyncio.Semaphore | None = None
 
     def latency_s(self) -> float:
+        if self.spikes > 0:
+            self.spikes -= 1
+            return self.slow_s
         now = time.monotonic()
         if self.arrivals and now - self.arrivals[-1] > self.idle_reset_s:
             self.arrivals.clear()
