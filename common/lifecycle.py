@@ -31,6 +31,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# a channel of its own connection: channels with equal arguments otherwise share one connection
+# per process, and a gateway of several workers (SO_REUSEPORT) is spread over by connection
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 
 class Health:

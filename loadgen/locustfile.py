@@ -35,7 +35,7 @@ from locust import User, between, constant, task
 from locust.exception import StopUser
 
 from common.errors import CamelotError, from_rpc_error
-from common.lifecycle import CHANNEL_OPTIONS
+from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
 from common.settings import SettingsError, env_float, env_int, env_str, require_positive
 from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
 from loadgen.openloop import TRANSPORTS
@@ -93,7 +93,10 @@ class GatewayUser(User):
 
     def on_start(self) -> None:
         number = next(_user_numbers)
-        self.channel = grpc.insecure_channel(_target(self.host), options=CHANNEL_OPTIONS)
+        # each user its own connection, as separate clients would have
+        self.channel = grpc.insecure_channel(
+            _target(self.host), options=[*CHANNEL_OPTIONS, OWN_CONNECTION]
+        )
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         reply = self._call(
             "ListPipelines", self.stub.ListPipelines, gateway_pb2.ListPipelinesRequest()

@@ -28,7 +28,7 @@ import numpy as np
 
 from common.clock import mono_us, wall_us
 from common.errors import InvalidArgument
-from common.lifecycle import CHANNEL_OPTIONS
+from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
 from common.lifecycle import channel as open_channel
 from loadgen import traces
 from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
@@ -37,7 +37,6 @@ from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 log = logging.getLogger(__name__)
 
 OK = "OK"
-LOCAL_POOL = ("grpc.use_local_subchannel_pool", 1)
 # Time between building the schedule and its first arrival, so the first sends are not late.
 LEAD_S = 0.05
 DEFAULT_DURATION_S = 10.0
@@ -213,8 +212,7 @@ async def run_open_loop(
     names = mix.draw(rng, len(schedule))
     wire_transport = TRANSPORTS[transport]
     channels = [
-        # A local subchannel pool per channel gives each its own connection.
-        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, LOCAL_POOL])
+        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, OWN_CONNECTION])
         for _ in range(max(1, connections))
     ]
     stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]

@@ -62,6 +62,8 @@ class State:
     unapplied: int = 0
     submits_while_applying: int = 0
     received: Counter[str] = field(default_factory=Counter)
+    # the clients' addresses ("ipv4:127.0.0.1:port"): one per connection
+    peers: set[str] = field(default_factory=set)
     transports: Counter[int] = field(default_factory=Counter)
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     sem: asyncio.Semaphore | None = None
@@ -105,6 +107,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument("input does not match the spec")
         array_from_wire(request.input)  # checks the byte count
         st.received[request.pipeline] += 1
+        st.peers.add(context.peer())
         st.submits_while_applying += st.unapplied > 0
         st.transports[request.transport] += 1
         delay = st.latency_s() + st.transport_extra_s.get(request.transport, 0.0)

@@ -56,6 +56,8 @@ async def test_locust_records_grpc_requests_per_pipeline_and_failures(tmp_path):
     assert gw.state.received["img-to-text"] == good["num_requests"]
     assert gw.state.received["bad-pipe"] == bad["num_requests"]
     assert set(gw.state.transports) == {1}  # TRANSPORT_REF
+    # each user its own connection, so gateway workers sharing a port all get users
+    assert len(gw.state.peers) == 4
     assert rc == 1  # Locust's exit code when any request failed
 
 
