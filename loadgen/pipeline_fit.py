@@ -1,0 +1,138 @@
+"""How far the predictor's pipeline p99 is from what the mesh measured, trial by trial.
+
+    python -m loadgen.pipeline_fit docs/results/peak-load.json [--out docs/results]
+
+`predictor.json` scores the model per stage, on stages run alone or in pairs. This scores it
+where the policies use it: a whole pipeline in the running mesh. For every trial of a peak-load
+or low-load result whose policy makes its plan from the world alone (`max-load`, `even`,
+`exclusive`, with their options), the plan is made again from the committed profiles, the
+pipelines of the trial's mix and its weights, exactly as the scheduler made it when the policy
+was set (bias 1), and predicted at the trial's rate split by the mix's weights; the row sets
+that beside each pipeline's measured p99. Runs on the CPU.
+
+What it leaves out: a policy that re-planned during its search with a learned bias ran a
+different plan in its later trials (the result's scheduler log says when); `feedback` and
+`min-resource` plan from measurements and load, which a result file does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import pipeline_config
+from common.errors import InvalidArgument
+from common.results import module_command, write_result
+from loadgen.experiments.admin import parse_policy
+from loadgen.inputs import parse_mix
+from scheduler.pipelines import from_config
+from scheduler.policies import get_policy
+from scheduler.policy import GpuInfo, NodeInfo, PlanSpec, PolicyInput
+from scheduler.predictor import predict
+from scheduler.profiles import MEASURED_PROFILES, load, load_default
+
+# policies whose plan depends only on the world they are given (no measurements, no load)
+FROM_WORLD = ("max-load", "even", "exclusive")
+H100 = GpuInfo(0, 132, 80 << 30)
+
+
+def mixes_of(doc: Mapping[str, Any]) -> dict[str, str]:
+    """Mix label -> mix text, from the result's recorded settings."""
+    out: dict[str, str] = {}
+    settings = doc.get("settings") or {}
+    # a merged result keeps each run's settings under its label
+    runs = settings.values() if "mix" not in settings else [settings]
+    for s in runs:
+        for text in (s or {}).get("mix", []):
+            out[parse_mix(text).name] = text
+    return out
+
+
+def fit_rows(
+    doc: Mapping[str, Any], profiles: Mapping[str, Any], size: str = "full"
+) -> list[dict[str, Any]]:
+    mixes = mixes_of(doc)
+    plans: dict[tuple[str, str], tuple[PolicyInput, PlanSpec, dict[str, float]]] = {}
+    rows: list[dict[str, Any]] = []
+    for r in doc["rows"]:
+        name, options = parse_policy(str(r["policy"]))
+        if name not in FROM_WORLD or r["mix"] not in mixes:
+            continue
+        key = (r["mix"], r["policy"])
+        if key not in plans:
+            mix = parse_mix(mixes[r["mix"]])
+            pipes = tuple(
+                from_config(pipeline_config.load_pipeline(p, size)) for p in mix.pipelines
+            )
+            share = mix.fractions()
+            world = PolicyInput(
+                pipes, (NodeInfo("node-0", (H100,)), ), dict.fromkeys(mix.pipelines, 1.0),
+                profiles=profiles, options=options,
+            )  # fmt: skip
+            plans[key] = (world, get_policy(name).plan(world), share)
+        world, plan, share = plans[key]
+        rates = {p: float(r["rate_qps"]) * f for p, f in share.items()}
+        pred = predict(world, plan, rates)
+        for p in share:
+            measured = r.get(f"{p}.p99_ms")
+            predicted = pred.pipelines[p].p99_ms
+            rows.append(
+                {"mix": r["mix"], "policy": r["policy"], "rate_qps": r["rate_qps"],
+                 "pipeline": p, "measured_p99_ms": measured,
+                 "predicted_p99_ms": predicted if math.isfinite(predicted) else None,
+                 "measured_over_predicted": (
+                     measured / predicted if measured and math.isfinite(predicted) else None
+                 )}
+            )  # fmt: skip
+    return rows
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ratios = [r["measured_over_predicted"] for r in rows if r["measured_over_predicted"]]
+    if not ratios:
+        raise InvalidArgument("no trial of a policy that plans from the world alone")
+    out["measured_over_predicted_median"] = statistics.median(ratios)
+    out["pipeline_p99_mape"] = statistics.fmean(abs(1 - 1 / x) for x in ratios)
+    for policy in sorted({r["policy"] for r in rows}):
+        mine = [r["measured_over_predicted"] for r in rows if r["policy"] == policy]
+        mine = [x for x in mine if x]
+        if mine:
+            out[f"{policy}.measured_over_predicted_median"] = statistics.median(mine)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadgen.pipeline_fit", description=__doc__)
+    p.add_argument("result", help="a peak-load or low-load result JSON")
+    p.add_argument("--profiles", default="", help=f"default: the scheduler's ({MEASURED_PROFILES})")
+    p.add_argument("--size", default="full", choices=("tiny", "full"))
+    p.add_argument("--out", default="docs/results")
+    args = p.parse_args(argv)
+    doc = json.loads(Path(args.result).read_text())
+    # what the scheduler plans with when given no path: the measured set, gaps filled
+    profiles = load(args.profiles) if args.profiles else load_default()
+    rows = fit_rows(doc, profiles, args.size)
+    summary = summarise(rows)
+    notes = (
+        f"Trials of `{args.result}` (git {doc.get('git')}, {doc.get('device')}), predicted "
+        f"again on the CPU from `{args.profiles or MEASURED_PROFILES.name}`. The first lines "
+        "of the summary are over every trial; then per policy. What the figures show is in "
+        "docs/RESULTS.md."
+    )
+    write_result(
+        "pipeline-fit", rows, summary, "host", args.out,
+        command=module_command("loadgen.pipeline_fit", list(argv or sys.argv[1:])),
+        notes=notes,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The pipeline-level fit: plans rebuilt from a result's recorded mix, predicted per trial."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from common import pipeline_config
+from common.errors import InvalidArgument
+from loadgen import pipeline_fit
+from scheduler.pipelines import from_config
+from scheduler.policies import get_policy
+from scheduler.policy import NodeInfo, PolicyInput
+from scheduler.predictor import predict
+from scheduler.profiles import load_default
+
+PROFILES = load_default()
+MIX = "pair:video-analytics=3,text-to-img=1"
+
+
+def doc(rows: list[dict]) -> dict:
+    return {"git": "abc", "device": "test", "rows": rows,
+            "settings": {"pair": {"mix": [MIX]}}}  # fmt: skip
+
+
+def row(policy: str, rate: float, va: float, t2i: float) -> dict:
+    return {"mix": "pair", "policy": policy, "rate_qps": rate,
+            "video-analytics.p99_ms": va, "text-to-img.p99_ms": t2i}  # fmt: skip
+
+
+def test_each_trial_is_predicted_on_the_plan_the_policy_makes_from_the_world():
+    rows = pipeline_fit.fit_rows(
+        doc([row("even", 40.0, 50.0, 30.0), row("feedback", 40.0, 90.0, 90.0)]), PROFILES
+    )
+    # feedback plans from measurements a result does not hold: left out
+    assert {r["policy"] for r in rows} == {"even"} and len(rows) == 2
+    pipes = tuple(
+        from_config(pipeline_config.load_pipeline(p, "full"))
+        for p in ("video-analytics", "text-to-img")
+    )
+    node = NodeInfo("node-0", (pipeline_fit.H100,))
+    world = PolicyInput(pipes, (node,), {}, profiles=PROFILES)
+    plan = get_policy("even").plan(world)
+    # the rate splits by the mix's weights: 30 qps of video-analytics, 10 of text-to-img
+    want = predict(world, plan, {"video-analytics": 30.0, "text-to-img": 10.0})
+    by = {r["pipeline"]: r for r in rows}
+    for p, measured in (("video-analytics", 50.0), ("text-to-img", 30.0)):
+        assert by[p]["predicted_p99_ms"] == pytest.approx(want.pipelines[p].p99_ms)
+        assert by[p]["measured_over_predicted"] == pytest.approx(
+            measured / want.pipelines[p].p99_ms
+        )
+    summary = pipeline_fit.summarise(rows)
+    assert summary["even.measured_over_predicted_median"] == pytest.approx(
+        statistics.median(r["measured_over_predicted"] for r in rows)
+    )
+
+
+def test_a_result_without_such_trials_is_refused(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc([row("feedback", 10.0, 1.0, 1.0)])))
+    with pytest.raises(InvalidArgument):
+        pipeline_fit.main([str(path), "--out", str(tmp_path)])
