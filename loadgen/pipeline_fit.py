@@ -34,7 +34,7 @@ from loadgen.inputs import parse_mix
 from scheduler.pipelines import from_config
 from scheduler.policies import get_policy
 from scheduler.policy import GpuInfo, NodeInfo, PlanSpec, PolicyInput
-from scheduler.predictor import predict
+from scheduler.predictor import HopCosts, predict
 from scheduler.profiles import MEASURED_PROFILES, load, load_default
 
 # policies whose plan depends only on the world they are given (no measurements, no load)
@@ -55,8 +55,13 @@ def mixes_of(doc: Mapping[str, Any]) -> dict[str, str]:
 
 
 def fit_rows(
-    doc: Mapping[str, Any], profiles: Mapping[str, Any], size: str = "full"
+    doc: Mapping[str, Any],
+    profiles: Mapping[str, Any],
+    size: str = "full",
+    host: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per trial and pipeline; `host` adds options to every policy's (the gateway's
+    figures, scheduler.predictor.HopCosts.for_world)."""
     mixes = mixes_of(doc)
     plans: dict[tuple[str, str], tuple[PolicyInput, PlanSpec, dict[str, float]]] = {}
     rows: list[dict[str, Any]] = []
@@ -73,7 +78,7 @@ def fit_rows(
             share = mix.fractions()
             world = PolicyInput(
                 pipes, (NodeInfo("node-0", (H100,)), ), dict.fromkeys(mix.pipelines, 1.0),
-                profiles=profiles, options=options,
+                profiles=profiles, options={**(host or {}), **options},
             )  # fmt: skip
             plans[key] = (world, get_policy(name).plan(world), share)
         world, plan, share = plans[key]
@@ -81,16 +86,48 @@ def fit_rows(
         pred = predict(world, plan, rates)
         for p in share:
             measured = r.get(f"{p}.p99_ms")
-            predicted = pred.pipelines[p].p99_ms
+            # a plan the model says cannot carry the load (a GPU or the gateways past capacity)
+            # has no latency to compare; `beyond_capacity` says so, beside whether it was met
+            predicted = math.inf if pred.problems else pred.pipelines[p].p99_ms
             rows.append(
                 {"mix": r["mix"], "policy": r["policy"], "rate_qps": r["rate_qps"],
                  "pipeline": p, "measured_p99_ms": measured,
                  "predicted_p99_ms": predicted if math.isfinite(predicted) else None,
                  "measured_over_predicted": (
                      measured / predicted if measured and math.isfinite(predicted) else None
-                 )}
+                 ),
+                 "beyond_capacity": bool(pred.problems), "met": r.get("met")}
             )  # fmt: skip
     return rows
+
+
+def fit_gateway_tail(
+    rows: Sequence[Mapping[str, Any]], mix: str, cpu_ms: float, workers: int
+) -> float:
+    """The gateway's tail factor that fits `mix`'s trials best (least squares on the p99 the
+    model without a gateway term leaves unexplained; the term is additive and proportional to
+    the factor, so one division gives it)."""
+    unit = HopCosts(gateway_cpu_ms=cpu_ms, gateway_workers=workers, gateway_tail=1.0)
+    xs, ys = [], []
+    for r in rows:
+        x = float(unit.gateway_ms(r["rate_qps"]))
+        if r["mix"] == mix and r["predicted_p99_ms"] and r["measured_p99_ms"] and math.isfinite(x):
+            xs.append(x)
+            ys.append(r["measured_p99_ms"] - r["predicted_p99_ms"])
+    if not xs or not any(xs):
+        raise InvalidArgument(f"no trial of mix {mix!r} below the gateways' capacity to fit on")
+    return float(sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs))
+
+
+def mape_by_mix(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean |measured - predicted| / measured per mix, over trials the model calls feasible."""
+    out: dict[str, float] = {}
+    for mix in sorted({r["mix"] for r in rows}):
+        errs = [abs(1 - 1 / r["measured_over_predicted"]) for r in rows
+                if r["mix"] == mix and r["measured_over_predicted"]]  # fmt: skip
+        if errs:
+            out[mix] = statistics.fmean(errs)
+    return out
 
 
 def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -108,18 +145,60 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def with_gateway(
+    doc: Mapping[str, Any],
+    profiles: Mapping[str, Any],
+    args: argparse.Namespace,
+    plain: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The trials predicted again with the gateway priced (its tail fitted on one mix where
+    asked); the error with and without it, over the trials the priced model calls feasible."""
+    host = {"gateway_cpu_ms": repr(args.gateway_cpu_ms),
+            "gateway_workers": str(args.gateway_workers)}  # fmt: skip
+    if args.fit_tail_on:
+        tail = fit_gateway_tail(plain, args.fit_tail_on, args.gateway_cpu_ms, args.gateway_workers)
+        host["gateway_tail"] = repr(tail)
+    rows = fit_rows(doc, profiles, args.size, host)
+
+    def key(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (r["mix"], r["policy"], r["rate_qps"], r["pipeline"])
+
+    feasible = {key(r) for r in rows if not r["beyond_capacity"]}
+    beyond = {key(r)[:3]: bool(r["met"]) for r in rows if r["beyond_capacity"]}
+    summary: dict[str, Any] = {
+        **summarise(rows),
+        "gateway_cpu_ms": args.gateway_cpu_ms,
+        "gateway_tail": float(host.get("gateway_tail", HopCosts.gateway_tail)),
+        "fitted_on": args.fit_tail_on or None,
+    }
+    for m, v in mape_by_mix([r for r in plain if key(r) in feasible]).items():
+        summary[f"{m}.pipeline_p99_mape_without_gateway"] = v
+    for m, v in mape_by_mix(rows).items():
+        summary[f"{m}.pipeline_p99_mape_with_gateway"] = v
+    # trials the priced model says no plan carries, and how many of them the mesh passed
+    summary["beyond_capacity_trials"] = len(beyond)
+    summary["beyond_capacity_trials_met"] = sum(beyond.values())
+    return rows, summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadgen.pipeline_fit", description=__doc__)
     p.add_argument("result", help="a peak-load or low-load result JSON")
     p.add_argument("--profiles", default="", help=f"default: the scheduler's ({MEASURED_PROFILES})")
     p.add_argument("--size", default="full", choices=("tiny", "full"))
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--name", default="pipeline-fit")
+    p.add_argument("--gateway-cpu-ms", type=float, default=0.0, help="price the gateway (ms/query)")
+    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument("--fit-tail-on", default="", help="fit the gateway's tail on this mix's trials")
     args = p.parse_args(argv)
     doc = json.loads(Path(args.result).read_text())
     # what the scheduler plans with when given no path: the measured set, gaps filled
     profiles = load(args.profiles) if args.profiles else load_default()
     rows = fit_rows(doc, profiles, args.size)
     summary = summarise(rows)
+    if args.gateway_cpu_ms > 0:
+        rows, summary = with_gateway(doc, profiles, args, rows)
     notes = (
         f"Trials of `{args.result}` (git {doc.get('git')}, {doc.get('device')}), predicted "
         f"again on the CPU from `{args.profiles or MEASURED_PROFILES.name}`. The first lines "
@@ -127,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "docs/RESULTS.md."
     )
     write_result(
-        "pipeline-fit", rows, summary, "host", args.out,
+        args.name, rows, summary, "host", args.out,
         command=module_command("loadgen.pipeline_fit", list(argv or sys.argv[1:])),
         notes=notes,
     )  # fmt: skip

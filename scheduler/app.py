@@ -243,8 +243,16 @@ class SchedulerApp:
             profiles=self.bias.apply(self.profiles) if self.profiles else self.profiles,
             measured=measured,
             current=planstore.from_proto(self.plan) if self.plan.epoch else None,
-            options=dict(self.choice.options),
+            options=self._options(self.choice.options),
         )
+
+    def _options(self, chosen: Mapping[str, str]) -> dict[str, str]:
+        """The policy's options, with the host's figures where the policy does not set them."""
+        out = dict(chosen)
+        if self.settings.gateway_cpu_ms > 0:
+            out.setdefault("gateway_cpu_ms", repr(self.settings.gateway_cpu_ms))
+            out.setdefault("gateway_workers", str(self.settings.gateway_workers))
+        return out
 
     def observe_bias(self) -> None:
         """Folds the short windows of the plan in force into the bias, at most once a window.
@@ -353,7 +361,7 @@ class SchedulerApp:
         async with self._lock:
             world = self.world()
             if choice is not None:
-                world = dataclasses.replace(world, options=dict(choice.options))
+                world = dataclasses.replace(world, options=self._options(choice.options))
             pol = policy if policy is not None else self.policy()
             # policies are pure CPU work: off the event loop, so RPCs keep flowing
             spec = await asyncio.to_thread(pol.plan, world)

@@ -44,6 +44,10 @@ class SchedulerSettings:
     min_load_qps: float = 1.0
     # samples a window needs before its p99 may trigger a re-plan
     min_samples: int = 50
+    # the gateway as the predictor prices it (scheduler.predictor.HopCosts; 0: not priced):
+    # its CPU per query, and the worker processes that share its port
+    gateway_cpu_ms: float = 0.0
+    gateway_workers: int = 1
     node_timeout_s: float = 15.0
     apply_timeout_s: float = 60.0
     grace_s: float = 5.0
@@ -87,6 +91,8 @@ def parse(
     f.add("--tick-s", env="TICK_S", check="positive")
     f.add("--min-replan-interval-s", env="MIN_REPLAN_INTERVAL_S")
     f.add("--consumer", env="SCHEDULER_CONSUMER")
+    f.add("--gateway-cpu-ms", env="GATEWAY_CPU_MS", check="nonnegative")
+    f.add("--gateway-workers", env="GATEWAY_WORKERS", check="positive")
     a = f.parse(argv)
     options: dict[str, str] = {}
     for kv in a.option:

@@ -62,7 +62,7 @@ class Solver:
         self.wait_ms = self.opts.max_wait_us / 1000.0
         self.factors: dict[str, float] = {}
         self.rounds = 6
-        hops = HopCosts()
+        hops = self.hops = HopCosts.for_world(world)
         wire = self.opts.transport == "wire"
         self.hop_ms: dict[str, float] = {}
         self.qos: dict[str, float] = {}
@@ -192,6 +192,11 @@ class Solver:
         factors = dict(self.factors)
         keys = self.keys
         previous = math.inf
+        # queueing at the gateway depends on the total rate only: the same for every plan
+        total = sum(float(rates.get(p.name, 0.0)) for p in self.world.pipelines)
+        gateway = float(self.hops.gateway_ms(total))
+        if not math.isfinite(gateway):
+            return None
         for _ in range(self.rounds):
             fronts = cands.frontiers(
                 [float(rates.get(k.partition("/")[0], 0.0)) for k in keys],
@@ -200,7 +205,7 @@ class Solver:
             by_key = dict(zip(keys, fronts, strict=True))
             merged: list[tuple[Merged, float]] = []
             for p in self.world.pipelines:
-                budget = self.qos[p.name] - self.hop_ms[p.name]
+                budget = self.qos[p.name] - self.hop_ms[p.name] - gateway
                 m = merge([by_key[f"{p.name}/{s.name}"] for s in p.stages], budget)
                 if m is None:
                     return None

@@ -121,7 +121,7 @@ class Vectorised:
         self.pipe_of = np.asarray(pipe_of, dtype=int)
         self.next_stage = np.asarray(nxt, dtype=int)
         self.rounds, self.wire = rounds, transport == "wire"
-        self.hops = hops or HopCosts()
+        self.hops = hops or HopCosts.for_world(world)
         self.query_ms = [self.hops.query_cost_ms(p.input_bytes) for p in world.pipelines]
         profs = [profiles[k] for k in self.keys]
         self.profs = profs
@@ -303,6 +303,8 @@ class Vectorised:
         out = np.zeros((n_plans, len(self.pipelines)))
         for pi in range(len(self.pipelines)):
             out[:, pi] = total[:, self.pipe_of == pi].sum(axis=1) + self.query_ms[pi]
+        if self.hops.gateway_cpu_ms > 0:
+            out += self.hops.gateway_ms(rates.sum(axis=1))[:, None]
         busy_gpu = (over > queueing.RHO_MAX).reshape(n_plans, n_sl).any(axis=1)
         out[busy_gpu] = np.inf
         excess = np.zeros(n_plans)

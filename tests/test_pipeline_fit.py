@@ -62,3 +62,30 @@ def test_a_result_without_such_trials_is_refused(tmp_path):
     path.write_text(json.dumps(doc([row("feedback", 10.0, 1.0, 1.0)])))
     with pytest.raises(InvalidArgument):
         pipeline_fit.main([str(path), "--out", str(tmp_path)])
+
+
+def test_the_gateways_tail_is_fitted_on_one_mix_and_priced_in_every_trial():
+    from scheduler.predictor import HopCosts
+
+    rates = (20.0, 60.0, 100.0)
+    plain = pipeline_fit.fit_rows(doc([row("even", r, 1.0, 1.0) for r in rates]), PROFILES)
+    unit = HopCosts(gateway_cpu_ms=7.0, gateway_tail=1.0)
+    # a mesh whose gateway costs 2.5 times its mean stretch at the p99
+    measured = []
+    for r in rates:
+        got = {x["pipeline"]: x["predicted_p99_ms"] for x in plain if x["rate_qps"] == r}
+        extra = 2.5 * float(unit.gateway_ms(r))
+        measured.append(row("even", r, got["video-analytics"] + extra, got["text-to-img"] + extra))
+    trials = doc(measured)
+    before = pipeline_fit.fit_rows(trials, PROFILES)
+    tail = pipeline_fit.fit_gateway_tail(before, "pair", 7.0, 1)
+    assert tail == pytest.approx(2.5)
+    priced = pipeline_fit.fit_rows(
+        trials, PROFILES, host={"gateway_cpu_ms": "7.0", "gateway_tail": repr(tail)}
+    )
+    assert all(r["measured_over_predicted"] == pytest.approx(1.0) for r in priced)
+    # at 150 qps one gateway at 7 ms a query is past capacity: no latency, flagged
+    (over, _) = pipeline_fit.fit_rows(
+        doc([row("even", 150.0, 1.0, 1.0)]), PROFILES, host={"gateway_cpu_ms": "7.0"}
+    )
+    assert over["beyond_capacity"] and over["predicted_p99_ms"] is None

@@ -392,3 +392,51 @@ def test_a_query_pays_its_own_cost_outside_the_stages_once() -> None:
     extra = big.pipelines["img-to-text"].p99_ms - small.p99_ms
     assert extra == pytest.approx(3_600_000 / HopCosts().query_bytes_s * 1e3)
     assert small.hops_ms == pytest.approx(HopCosts().ref_ms + HopCosts().query_ms)
+
+
+# --- the gateway as a server that saturates --------------------------------------------------
+
+
+def test_the_gateway_adds_queueing_that_grows_with_the_total_rate_and_caps_it() -> None:
+    from dataclasses import replace
+
+    from scheduler.predictor import HopCosts
+    from scheduler.queueing import RHO_MAX
+
+    w = world_of({"img-to-text": ["encode"], "video-analytics": ["crop"]})
+    plan = PlanSpec("t", (one_stage_plan("img-to-text", "encode", 50.0, 8),
+                          one_stage_plan("video-analytics", "crop", 50.0, 8)))  # fmt: skip
+    priced = replace(w, options={"gateway_cpu_ms": "8"})
+    rates = {"img-to-text": 20.0, "video-analytics": 20.0}
+    plain = predict(w, plan, rates)
+    got = predict(priced, plan, rates)
+    # 40 qps x 8 ms = 32% of a core: stretched by 1/(1 - 0.32), the p99 pays the tail on it
+    extra = HopCosts.gateway_tail * 8.0 * 0.32 / 0.68
+    for name in rates:
+        assert got.pipelines[name].p99_ms == pytest.approx(plain.pipelines[name].p99_ms + extra)
+    # more load, more queueing; every pipeline pays for the others' queries
+    busier = predict(priced, plan, {"img-to-text": 20.0, "video-analytics": 60.0})
+    assert busier.pipelines["img-to-text"].p99_ms > got.pipelines["img-to-text"].p99_ms
+    # past RHO_MAX of one core nothing is feasible; three workers carry it
+    over = {"img-to-text": 60.0, "video-analytics": 60.0}  # 120 x 8 ms = 0.96 of a core
+    assert 0.96 > RHO_MAX and not predict(priced, plan, over).feasible
+    assert predict(priced, plan, over).problems
+    three = replace(w, options={"gateway_cpu_ms": "8", "gateway_workers": "3"})
+    assert not predict(three, plan, over).problems
+    # unpriced (the default) the same plan and load say nothing of the gateway
+    assert not predict(w, plan, over).problems
+
+
+def test_max_load_plans_no_more_than_the_gateways_carry() -> None:
+    from dataclasses import replace
+
+    from scheduler.policies.maxload import MaxLoad
+    from scheduler.queueing import RHO_MAX
+
+    w = world_of({"video-analytics": ["detect", "crop", "classify"]}, qos=200.0)
+    free = MaxLoad().plan(w).planned_qps["video-analytics"]
+    capped = MaxLoad().plan(replace(w, options={"gateway_cpu_ms": "10"}))
+    carried = capped.planned_qps["video-analytics"]
+    assert carried <= RHO_MAX * 1000 / 10 < free
+    # within the tolerance of the search, close to the cap the QoS leaves
+    assert carried > 0.5 * RHO_MAX * 1000 / 10

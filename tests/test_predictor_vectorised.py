@@ -66,7 +66,10 @@ def cases(draw: st.DrawFn) -> tuple[PolicyInput, PlanSpec, dict[str, float], str
             stages.append(StageAssignment(name, s, tuple(reps)))
     rates = {n: draw(st.sampled_from([0.0, 1.0, 50.0, 300.0, 2000.0])) for n in names}
     transport = draw(st.sampled_from(["ref", "wire"]))
-    world = PolicyInput(tuple(infos), nodes, rates, PROFILES)
+    # the gateway priced or not, on one worker or three (up to past its capacity)
+    gateways = [{}, {"gateway_cpu_ms": "2"}, {"gateway_cpu_ms": "7.25", "gateway_workers": "3"}]
+    options = draw(st.sampled_from(gateways))
+    world = PolicyInput(tuple(infos), nodes, rates, PROFILES, options=options)
     return world, PlanSpec("t", tuple(stages)), rates, transport
 
 

@@ -267,3 +267,16 @@ async def test_set_policy_static_with_bad_file_keeps_old_policy(redis_server, tm
                 await admin.SetPolicy(req, metadata=auth())
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert sched.app.choice.name == "even"
+
+
+async def test_the_gateways_figures_reach_every_policy_unless_its_options_say_otherwise(
+    redis_server,
+) -> None:
+    s = make_settings(redis_server.url, gateway_cpu_ms=7.25, gateway_workers=3)
+    async with running(s) as (_port, sched):
+        options = sched.app.world().options
+        assert options["gateway_cpu_ms"] == "7.25" and options["gateway_workers"] == "3"
+        await sched.app.set_policy("even", {"gateway_workers": "1"})
+        assert sched.app.world().options["gateway_workers"] == "1"
+    async with running(make_settings(redis_server.url)) as (_port, sched):
+        assert "gateway_cpu_ms" not in sched.app.world().options  # not priced unless measured
