@@ -96,14 +96,30 @@ class Harness:
         # the gateway routes under a new epoch while its replicas are still being replaced
         # (12 at once took 10-12 s on the H100, warm-up at small shares the longest): a trial
         # before the agents are done measures the change, not the policy
-        if not await self.admin.wait_applied(plan.epoch, self.settle_s):
-            log.warning("epoch %d not applied by every agent in %g s; going on",
-                        plan.epoch, self.settle_s)  # fmt: skip
+        await self._wait_applied(int(plan.epoch))
         await self._wait_gateway_epoch(plan.epoch, probe)
         self.epoch = int(plan.epoch)
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
         await asyncio.sleep(self.gap_s)
         return int(plan.epoch)
+
+    async def try_apply(
+        self, policy: str, probe: Mix, summary: dict[str, Any], label: str
+    ) -> int | None:
+        """`apply_policy`, or None where the scheduler refuses the policy: the refusal goes into
+        `summary` as `<label>.<policy>_error` and the experiment goes on with the others."""
+        try:
+            return await self.apply_policy(policy, probe)
+        except CamelotError as e:
+            log.error("%s: policy %s not applied: %s", label, policy, e)
+            summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
+            return None
+
+    async def _wait_applied(self, epoch: int) -> None:
+        assert self.admin is not None
+        if not await self.admin.wait_applied(epoch, self.settle_s):
+            log.warning("epoch %d not applied by every agent in %g s; going on",
+                        epoch, self.settle_s)  # fmt: skip
 
     async def _wait_gateway_epoch(self, epoch: int, probe: Mix) -> None:
         # The gateway learns plans by watching the scheduler: probe until it routes under `epoch`.
@@ -167,9 +183,7 @@ class Harness:
             return
         self.replans += 1
         log.info("%s: re-planned to epoch %d between trials; waiting for it", mix.name, plan.epoch)
-        if not await self.admin.wait_applied(plan.epoch, self.settle_s):
-            log.warning("epoch %d not applied by every agent in %g s; going on",
-                        plan.epoch, self.settle_s)  # fmt: skip
+        await self._wait_applied(int(plan.epoch))
         self.epoch = int(plan.epoch)
         await self.prime(mix, rate_qps)
 
@@ -276,14 +290,12 @@ async def peak_load(
         curves: dict[str, list[tuple[float, float | None]]] = {}
         failed: set[str] = set()
         for policy in [*policies, *references]:
-            try:
-                epoch = await h.apply_policy(policy, mix)
-            except CamelotError as e:
-                # one policy that cannot be set loses its own rows, never the others'
-                log.error("%s: policy %s not applied: %s", mix.name, policy, e)
-                summary[f"{mix.name}.{policy}_error"] = f"{e.code.name}: {e.message}"
+            # one policy that cannot be set loses its own rows, never the others'
+            applied = await h.try_apply(policy, mix, summary, mix.name)
+            if applied is None:
                 failed.add(policy)
                 continue
+            epoch = applied
             await h.prime(mix, cfg.start_qps)
 
             async def one(rate: float, mix: Mix = mix, policy: str = policy) -> Trial:
@@ -372,12 +384,10 @@ async def low_load(
             cdfs: dict[str, list[float]] = {}
             used: dict[str, tuple[float | None, bool]] = {}
             for policy in [*policies, *references]:
-                try:
-                    epoch = await h.apply_policy(policy, mix)
-                except CamelotError as e:
-                    log.error("%s: policy %s not applied: %s", label, policy, e)
-                    summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
+                applied = await h.try_apply(policy, mix, summary, label)
+                if applied is None:
                     continue
+                epoch = applied
                 await h.prime(mix, rate)
                 async with ShareSampler(h.admin, sample_s, mix) as sampler:
                     trial, result = await h.trial(mix, rate)
