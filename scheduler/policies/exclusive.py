@@ -76,7 +76,7 @@ class Exclusive:
             for pipe, stage in keys:
                 prof = profiles[f"{pipe}/{stage}"]
                 n = len(place[(pipe, stage)])
-                turns = sum(1 for v in place.values() if v[0] == place[(pipe, stage)][0])
+                turns = per_gpu[place[(pipe, stage)][0]]
                 best_b = min(
                     prof.batches,
                     key=lambda b: stage_p99_ms(
