@@ -38,6 +38,15 @@ def resolve(requested: str = "auto") -> Backend:
     return backend
 
 
+def label(requested: str) -> str:
+    """The backend a client's result is labelled with: `auto` as this process would resolve it,
+    anything else as given (a load generator labels the mesh it drives, whose CUDA it need not
+    see itself, so unlike `resolve` this never refuses `cuda`)."""
+    if requested == "auto":
+        return str((Backend.CUDA if cuda_available() else Backend.HOST).value)
+    return requested
+
+
 def xp_for(backend: Backend) -> ModuleType:
     if backend is Backend.CUDA:
         import cupy

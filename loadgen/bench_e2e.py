@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import cuda_available
+from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.inputs import Mix
@@ -137,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
-    backend = args.backend
-    if backend == "auto":
-        backend = "cuda" if cuda_available() else "host"
+    backend = backend_label(args.backend)
     async with AsyncExitStack() as stack:
         target = args.target or await launched(stack, backend, args.size, args.policy)
         rows, summary = await measure(

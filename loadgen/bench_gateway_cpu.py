@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common.backend import cuda_available
+from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.bench_e2e import launched
@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
-    backend = args.backend
-    if backend == "auto":
-        backend = "cuda" if cuda_available() else "host"
+    backend = backend_label(args.backend)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     async with AsyncExitStack() as stack:
         target = args.target or await launched(stack, backend, args.size, "even")

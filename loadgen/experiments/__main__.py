@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from common.backend import cuda_available
+from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.experiments.admin import AdminClient
@@ -152,9 +152,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             outcome = await diurnal(
                 h, mixes[0], policy, trace, args.window_s, args.sample_s, out_dir, name
             )
-    backend = args.backend
-    if backend == "auto":
-        backend = "cuda" if cuda_available() else "host"
+    backend = backend_label(args.backend)
     settings = {k: v for k, v in vars(args).items() if k != "token"}
     return write_result(
         name,
