@@ -8,8 +8,10 @@ share than the uncorrected model would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 
 from common.lifecycle import channel
 from common.reports import ReportWriter
@@ -87,6 +89,21 @@ async def report_slowly(url: str, stage_ms: dict[str, float], stop: asyncio.Even
             await asyncio.sleep(step_s)
 
 
+@contextlib.asynccontextmanager
+async def reporting_slower(url: str, app: SchedulerApp) -> AsyncIterator[None]:
+    """While open, reports stream at RATE with every stage SLOWER than the model predicts for
+    the plan in force."""
+    pred = predict(app.world(), planstore.from_proto(app.plan), {PIPE: RATE})
+    stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
+    stop = asyncio.Event()
+    feeder = asyncio.create_task(report_slowly(url, stage_ms, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await feeder
+
+
 async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server) -> None:
     settings = online_settings(
         redis_server.url,
@@ -100,14 +117,8 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
         deadline = await first_plan(app)
-        # what the model says the plan in force does at RATE; the system runs SLOWER than that
         world = app.world()
-        first = planstore.from_proto(app.plan)
-        pred = predict(world, first, {PIPE: RATE})
-        stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
-        stop = asyncio.Event()
-        feeder = asyncio.create_task(report_slowly(redis_server.url, stage_ms, stop))
-        try:
+        async with reporting_slower(redis_server.url, app):
             # an uncorrected plan for the load the scheduler planned for
             while True:
                 assert time.monotonic() < deadline + 20, "no corrected plan"
@@ -123,9 +134,6 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
                     break
             # min-resource's hysteresis reads the long window: seconds of data in a minute
             assert 0 < app.measured()[PIPE].arrival_qps < 0.5 * app.load_qps()[PIPE]
-        finally:
-            stop.set()
-            await feeder
         assert app.bias.factor(PIPE) > 1.0
         assert all(app.bias.factor(f"{PIPE}/{s}") > 1.0 for s in STAGES)
         # the plan in force was made with the bias: it predicts the measured latency better
@@ -179,12 +187,7 @@ async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> 
             control = admin_pb2_grpc.ControlStub(ch)
             await control.Heartbeat(beat, timeout=5)
             deadline = await first_plan(app)
-            world = app.world()
-            pred = predict(world, planstore.from_proto(app.plan), {PIPE: RATE})
-            stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
-            stop = asyncio.Event()
-            feeder = asyncio.create_task(report_slowly(redis_server.url, stage_ms, stop))
-            try:
+            async with reporting_slower(redis_server.url, app):
                 await asyncio.sleep(3 * settings.window_s)
                 assert app.plan_applied_at() is None
                 assert app.bias.factors() == {}
@@ -193,9 +196,6 @@ async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> 
                 while app.bias.factor(PIPE) <= 1.0:
                     assert time.monotonic() < deadline + 20, "no bias after the plan applied"
                     await asyncio.sleep(0.1)
-            finally:
-                stop.set()
-                await feeder
         assert app.plan_applied_at() is not None
 
 
