@@ -181,7 +181,7 @@ def with_gateway(
     return rows, summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadgen.pipeline_fit", description=__doc__)
     p.add_argument("result", help="a peak-load or low-load result JSON")
     p.add_argument("--profiles", default="", help=f"default: the scheduler's ({MEASURED_PROFILES})")
@@ -191,25 +191,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gateway-cpu-ms", type=float, default=0.0, help="price the gateway (ms/query)")
     p.add_argument("--gateway-workers", type=int, default=1)
     p.add_argument("--fit-tail-on", default="", help="fit the gateway's tail on this mix's trials")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
     doc = json.loads(Path(args.result).read_text())
     # what the scheduler plans with when given no path: the measured set, gaps filled
     profiles = load(args.profiles) if args.profiles else load_default()
     rows = fit_rows(doc, profiles, args.size)
-    summary = summarise(rows)
     if args.gateway_cpu_ms > 0:
         rows, summary = with_gateway(doc, profiles, args, rows)
+    else:
+        summary = summarise(rows)
     notes = (
         f"Trials of `{args.result}` (git {doc.get('git')}, {doc.get('device')}), predicted "
         f"again on the CPU from `{args.profiles or MEASURED_PROFILES.name}`. The first lines "
         "of the summary are over every trial; then per policy. What the figures show is in "
         "docs/RESULTS.md."
     )
-    write_result(
+    return write_result(
         args.name, rows, summary, "host", args.out,
-        command=module_command("loadgen.pipeline_fit", list(argv or sys.argv[1:])),
-        notes=notes,
+        command=module_command("loadgen.pipeline_fit", argv), notes=notes,
     )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # CPU work on files only: common.results.run_main's asyncio loop would carry nothing
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    json_path, md_path = run(build_parser().parse_args(args_list), args_list)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
