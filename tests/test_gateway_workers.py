@@ -8,18 +8,18 @@ the supervisor stops every worker.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loadgen import openloop, traces
 from loadgen.inputs import parse_mix
 from services.gateway.workers import worker_argv
 from tests import mesh as testmesh
+from tests.test_agent import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +43,11 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-async def until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+# the mesh's processes start on a loaded 2-core machine: longer than test_agent's default
+WAIT_S = 30.0
 
 
 async def load(target: str, qps: float, seconds: float) -> openloop.Result:
-    import numpy as np
-
     rng = np.random.default_rng(1)
     schedule = traces.schedule(traces.constant(qps, seconds), rng, traces.Arrivals.UNIFORM)
     return await openloop.run_open_loop(
@@ -70,8 +65,10 @@ async def test_two_workers_share_the_port_survive_a_crash_and_stop_together(tmp_
     tm = await testmesh.start(tmp_path, {PIPE: 1}, gateway_args=("--workers", "2"))
     try:
         sup = next(p for p in tm.mesh.procs if p.name == "gateway")
-        await until(lambda: len(children(sup.pid)) == 2, what="two workers")
-        await until(lambda: sup.log_path.read_text().count('"serving"') >= 2, what="both serve")
+        await eventually(lambda: len(children(sup.pid)) == 2, WAIT_S, what="two workers")
+        await eventually(
+            lambda: sup.log_path.read_text().count('"serving"') >= 2, WAIT_S, what="both serve"
+        )
         workers = children(sup.pid)
         before = {pid: cpu_ticks(pid) for pid in workers}
         result = await load(tm.gateway, 60.0, 2.0)
@@ -81,17 +78,20 @@ async def test_two_workers_share_the_port_survive_a_crash_and_stop_together(tmp_
         assert all(cpu_ticks(pid) > before[pid] for pid in workers)
 
         os.kill(workers[0], signal.SIGKILL)
-        await until(
+        await eventually(
             lambda: len(children(sup.pid)) == 2 and workers[0] not in children(sup.pid),
+            WAIT_S,
             what="the killed worker replaced",
         )
-        await until(lambda: sup.log_path.read_text().count('"serving"') >= 3, what="it serves")
+        await eventually(
+            lambda: sup.log_path.read_text().count('"serving"') >= 3, WAIT_S, what="it serves"
+        )
         after = await load(tm.gateway, 40.0, 1.0)
         assert after.stats(0.0)["all"]["errors"] == 0
 
         now = children(sup.pid)
         sup.popen.send_signal(signal.SIGTERM)
-        await until(lambda: not sup.alive(), timeout_s=30, what="the supervisor to exit")
+        await eventually(lambda: not sup.alive(), WAIT_S, what="the supervisor to exit")
         assert sup.popen.returncode == 0
         assert not any(running(pid) for pid in now)
     finally:
