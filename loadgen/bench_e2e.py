@@ -32,7 +32,7 @@ import numpy as np
 
 from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
-from loadgen import traces
+from loadgen import tails, traces
 from loadgen.inputs import Mix
 from loadgen.openloop import Record, list_pipelines, run_open_loop, stats_of
 from services.cli import start_mesh
@@ -48,14 +48,12 @@ COLUMNS = [
 
 
 def breakdown(records: Sequence[Record]) -> dict[str, float | None]:
-    """Median milliseconds of each part of a successful query's latency (see the docstring)."""
-    ok = [r for r in records if r.ok]
+    """Median milliseconds of each part of a successful query's latency (`tails.split_us`; the
+    client's part here includes its lag behind the timeline)."""
+    splits = [tails.split_us(r) for r in records if r.ok]
     parts = {
-        "client_ms": [r.latency_us - r.gateway_us for r in ok],
-        "gateway_ms": [r.gateway_us - r.stage_rpc_us for r in ok],
-        "hops_ms": [r.stage_rpc_us - r.in_replica_us for r in ok],
-        "waiting_ms": [r.in_replica_us - r.compute_us for r in ok],
-        "compute_ms": [r.compute_us for r in ok],
+        "client_ms": [s["lag"] + s["client"] for s in splits],
+        **{f"{k}_ms": [s[k] for s in splits] for k in ("gateway", "hops", "waiting", "compute")},
     }
     return {k: float(np.median(v)) / 1000.0 if v else None for k, v in parts.items()}
 

@@ -240,9 +240,45 @@ async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
         st.spikes = 1
         one, _ = await plain.trial(mix, 100.0)
         assert not one.met and one.detail["runs"] == 1
+        # the one slow query is named, and where its time went (the fake: half of it compute)
+        assert one.detail["over_qos"] == 1
+        assert one.detail["tail.compute_ms"] == pytest.approx(100.0, rel=0.05)
+        assert one.detail["typical.compute_ms"] < 5.0
         st.spikes = 1
         two, _ = await confirmed.trial(mix, 100.0)
         assert two.met and two.detail["runs"] == 2 and two.stats["all"]["count"] >= 190
         # a real overload misses again and stays a miss
         over, _ = await confirmed.trial(mix, 250.0)
         assert not over.met and over.detail["runs"] == 2
+
+
+async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
+    from loadgen.experiments.runs import Harness
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.001
+        h = Harness(gw.target, None, trial_s=0.5, warmup_s=0.0, gap_s=0.0,
+                    arrivals=traces.Arrivals.UNIFORM, min_queries=20)  # fmt: skip
+        await h.connect()
+        mix = parse_mix("img-to-text=3,speech-to-text=1")
+        # speech-to-text gets a quarter of 40 qps: 20 queries need 2 s, not 0.5
+        assert h.trial_length_s(mix, 40.0) == pytest.approx(2.0)
+        assert h.trial_length_s(mix, 400.0) == 0.5  # enough queries in the plain length
+        trial, result = await h.trial(mix, 40.0)
+        assert trial.detail["trial_s"] == pytest.approx(2.0)
+        assert trial.stats["speech-to-text"]["count"] >= 15
+        assert trial.detail["min_pipeline_count"] == trial.stats["speech-to-text"]["ok"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"min_queries": -1}, {"confirm_misses": -2}, {"connections": 0}, {"trial_s": 0.0},
+     {"warmup_s": 2.0}],
+)  # fmt: skip
+def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
+    from common.errors import InvalidArgument
+    from loadgen.experiments.runs import Harness
+
+    with pytest.raises(InvalidArgument):
+        Harness("127.0.0.1:1", None, **{"trial_s": 1.0, **bad})

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a missed trial again this many times, judged on all its requests together",
     )  # fmt: skip
     common.add_argument(
+        "--min-queries", type=int, default=0,
+        help="lengthen a trial until every pipeline expects this many measured queries",
+    )  # fmt: skip
+    common.add_argument(
         "--connections", type=int, default=8,
         help="client connections (a gateway's workers share the port by connection)",
     )  # fmt: skip
@@ -122,7 +126,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
             qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
             transport=args.transport, connections=args.connections,
-            confirm_misses=args.confirm_misses,
+            confirm_misses=args.confirm_misses, min_queries=args.min_queries,
         )  # fmt: skip
         await h.connect()
         mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]

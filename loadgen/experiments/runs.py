@@ -22,7 +22,7 @@ import numpy as np
 from common.clock import mono_us
 from common.errors import CamelotError, InvalidArgument
 from common.lifecycle import channel as open_channel
-from loadgen import plots, traces
+from loadgen import plots, tails, traces
 from loadgen.experiments.admin import AdminClient, parse_policy
 from loadgen.experiments.search import (
     SearchConfig,
@@ -66,12 +66,28 @@ class Harness:
     # requests together: a p99 over one short trial rests on its two or three slowest queries,
     # and one slow event (a replica warming up, the host) decides it (peak-load.md)
     confirm_misses: int = 0
+    # a trial lasts long enough that every pipeline of the mix expects this many measured
+    # queries: a p99 over fewer than 100 is the slowest query's latency, so at low rates a
+    # fixed-length trial judges one event, not a percentile
+    min_queries: int = 0
     pipelines: dict[str, gateway_pb2.PipelineInfo] = field(default_factory=dict)
     _trials: int = 0
     # the epoch the last trial ran under, and how often a policy re-planned between trials
     epoch: int = 0
     replans: int = 0
     last_utilization: dict[str, float | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.trial_s <= 0 or self.warmup_s < 0 or self.warmup_s >= self.trial_s:
+            raise InvalidArgument(
+                f"need trial_s > warmup_s >= 0, got trial_s={self.trial_s}, "
+                f"warmup_s={self.warmup_s}"
+            )
+        for name in ("confirm_misses", "min_queries"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.connections < 1:
+            raise InvalidArgument(f"connections must be >= 1, got {self.connections}")
 
     async def connect(self) -> None:
         self.pipelines = await list_pipelines(self.target, self.deadline_s)
@@ -187,21 +203,35 @@ class Harness:
         self.epoch = int(plan.epoch)
         await self.prime(mix, rate_qps)
 
+    def trial_length_s(self, mix: Mix, rate_qps: float) -> float:
+        """`trial_s`, or longer where `min_queries` asks for it at this rate."""
+        if self.min_queries <= 0 or rate_qps <= 0:
+            return self.trial_s
+        rarest = min(mix.fractions().values())
+        return max(self.trial_s, self.warmup_s + self.min_queries / (rate_qps * rarest))
+
     async def trial(self, mix: Mix, rate_qps: float) -> tuple[Trial, Result]:
         """One trial at `rate_qps`; a miss is run again up to `confirm_misses` times and judged
         on every run's requests pooled. Returns the verdict and the last run."""
         runs: list[Result] = []
+        length_s = self.trial_length_s(mix, rate_qps)
         while True:
             rng = np.random.default_rng(self.seed * 7919 + self._trials)
-            schedule = traces.schedule(traces.constant(rate_qps, self.trial_s), rng, self.arrivals)
-            runs.append(await self.run(mix, schedule, self.trial_s))
+            schedule = traces.schedule(traces.constant(rate_qps, length_s), rng, self.arrivals)
+            runs.append(await self.run(mix, schedule, length_s))
             stats = pooled_stats(runs, self.warmup_s)
             met = meets_qos(stats, self.qos_ms(mix), self.max_error_frac)
             log.info("%s at %.3g qps: p99 %s ms over %d run(s), met=%s",
                      mix.name, rate_qps, stats["all"]["p99_ms"], len(runs), met)  # fmt: skip
             if met or len(runs) > self.confirm_misses:
                 break
-        detail = {**self.last_utilization, "runs": len(runs)}
+        measured = [r for res in runs for r in res.measured(self.warmup_s)]
+        detail = {
+            **self.last_utilization,
+            "runs": len(runs),
+            "trial_s": length_s,
+            **tails.breakdown(measured, self.qos_ms(mix)),
+        }
         return Trial(rate_qps, met, stats, detail), runs[-1]
 
 
@@ -256,6 +286,11 @@ class Outcome:
     summary: dict[str, Any]
     plots: list[Path]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# what a row takes from a trial's detail besides its named fields: CPU per process kind, and
+# where the time of the queries over their target went (`tails.breakdown`)
+_DETAIL_COLUMNS = ("cpu_pct.", "over_qos", "min_pipeline_count", "tail.", "typical.")
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -356,7 +391,7 @@ def _trial_row(
         "plan_epoch": t.detail.get("plan_epoch"), "runs": t.detail.get("runs"),
         "host_cpu_pct": t.detail.get("host_cpu_pct"), "gpu_util_pct": t.detail.get("gpu_util_pct"),
     }  # fmt: skip
-    row.update({k: v for k, v in t.detail.items() if k.startswith("cpu_pct.")})
+    row.update({k: v for k, v in t.detail.items() if k.startswith(_DETAIL_COLUMNS)})
     for p in mix.pipelines:
         row[f"{p}.p99_ms"] = t.stats[p]["p99_ms"]
     return row
@@ -391,18 +426,21 @@ async def low_load(
                 await h.prime(mix, rate)
                 async with ShareSampler(h.admin, sample_s, mix) as sampler:
                     trial, result = await h.trial(mix, rate)
-                gpu_s = sampler.gpu_seconds(h.trial_s)
+                # the trial's span: its length (`min_queries` may lengthen it) times its runs
+                span_s = trial.detail["trial_s"] * trial.detail["runs"]
+                gpu_s = sampler.gpu_seconds(span_s)
                 a = trial.stats["all"]
                 rows.append(
                     {"mix": mix.name, "rate_qps": rate, "policy": policy, "epoch": epoch,
                      "count": a["count"], "errors": a["errors"], "p50_ms": a["p50_ms"],
                      "p99_ms": a["p99_ms"], "worst_p99_over_qos": _worst_over_qos(trial.stats, qos),
                      "qos_met": trial.met, "sm_gpu_s": gpu_s,
-                     "sm_percent_mean": None if gpu_s is None else 100 * gpu_s / h.trial_s,
+                     "sm_percent_mean": None if gpu_s is None else 100 * gpu_s / span_s,
+                     "trial_s": span_s,
                      "gpus": sampler.gpus if h.admin is not None else None,
                      "host_cpu_pct": trial.detail.get("host_cpu_pct"),
                      "gpu_util_pct": trial.detail.get("gpu_util_pct"),
-                     **{k: v for k, v in trial.detail.items() if k.startswith("cpu_pct.")}}
+                     **{k: v for k, v in trial.detail.items() if k.startswith(_DETAIL_COLUMNS)}}
                 )  # fmt: skip
                 shares[policy] = sampler.samples
                 cdfs[policy] = [r.latency_us / 1000 for r in result.measured(h.warmup_s) if r.ok]

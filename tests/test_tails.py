@@ -1,0 +1,67 @@
+"""Where a trial's slow queries spent their time (`loadgen.tails`), on records built by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadgen.openloop import Record
+from loadgen.tails import PARTS, breakdown, split_us
+
+
+def record(pipeline: str, *, lag=0, client=0, gateway=0, hops=0, waiting=0, compute=0,
+           status="OK") -> Record:  # fmt: skip
+    """A query whose latency is the sum of the given parts (microseconds)."""
+    in_replica = waiting + compute
+    stage_rpc = in_replica + hops
+    gateway_us = stage_rpc + gateway
+    sent = 1_000 + lag
+    done = sent + gateway_us + client
+    return Record(pipeline, 1_000, sent, done, status, 1, gateway_us, stage_rpc, in_replica,
+                  compute)  # fmt: skip
+
+
+def test_the_parts_of_a_query_add_up_to_its_latency():
+    r = record("a", lag=100, client=2_000, gateway=3_000, hops=4_000, waiting=5_000, compute=6_000)
+    parts = split_us(r)
+    assert parts == {"lag": 100, "client": 2_000, "gateway": 3_000, "hops": 4_000,
+                     "waiting": 5_000, "compute": 6_000}  # fmt: skip
+    assert sum(parts.values()) == r.latency_us
+
+
+def test_overlapping_stage_round_trips_clamp_the_gateways_own_time_at_zero():
+    # two stages side by side: their round trips sum past the gateway's wall time
+    r = Record("a", 0, 0, 30_000, "OK", 1, gateway_us=20_000, stage_rpc_us=36_000,
+               in_replica_us=30_000, compute_us=10_000)  # fmt: skip
+    assert split_us(r)["gateway"] == 0
+    assert split_us(r)["client"] == 10_000
+
+
+def test_breakdown_judges_each_query_against_its_own_pipelines_target():
+    qos = {"fast": 10.0, "slow": 100.0}
+    records = [
+        # 50 ms is over fast's 10 ms target but under slow's 100 ms
+        record("fast", compute=2_000),
+        record("fast", compute=2_000, waiting=48_000),
+        record("slow", compute=50_000),
+        record("slow", compute=50_000),
+        record("slow", hops=150_000, compute=50_000),
+        record("slow", compute=500_000, status="UNAVAILABLE"),  # failed: not split
+    ]
+    out = breakdown(records, qos)
+    assert out["over_qos"] == 2
+    assert out["min_pipeline_count"] == 2
+    # the two over their target: fast's waited 48 ms, slow's spent 150 ms on hops
+    assert out["tail.waiting_ms"] == pytest.approx(24.0)
+    assert out["tail.hops_ms"] == pytest.approx(75.0)
+    assert out["tail.compute_ms"] == pytest.approx(26.0)
+    # the rest: one fast query of 2 ms, two slow ones of 50 ms
+    assert out["typical.compute_ms"] == pytest.approx(34.0)
+    assert out["typical.hops_ms"] == 0
+
+
+def test_breakdown_of_a_trial_with_nothing_over_target_has_no_tail():
+    out = breakdown([record("a", compute=1_000)], {"a": 10.0, "b": 10.0})
+    assert out["over_qos"] == 0
+    assert out["min_pipeline_count"] == 0  # b got no query: its p99 rests on nothing
+    assert all(out[f"tail.{p}_ms"] is None for p in PARTS)
+    assert out["typical.compute_ms"] == pytest.approx(1.0)
