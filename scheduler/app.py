@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,26 +22,25 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from common.broadcast import Broadcast
 from common.errors import CamelotError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos import admin_pb2, agent_pb2, plan_pb2
 from scheduler import planstore, profiles
 from scheduler.bias import BiasCorrector
+from scheduler.nodes import NodeState
 from scheduler.planstore import PlanStore, PolicyChoice
 from scheduler.policies import get_policy
 from scheduler.policy import (
-    GpuInfo,
     Measured,
-    NodeInfo,
     PipelineInfo,
     PlanSpec,
     Policy,
     PolicyInput,
-    StageAssignment,
 )
 from scheduler.predictor import PlanPrediction, predict
 from scheduler.reader import ReportReader
 from scheduler.settings import SchedulerSettings
-from scheduler.windows import Windows, WindowStat
+from scheduler.windows import Windows, WindowStat, admin_stats
 
 log = logging.getLogger(__name__)
 
@@ -53,45 +51,6 @@ _GONE = (plan_pb2.REPLICA_STATE_STOPPED, plan_pb2.REPLICA_STATE_FAILED)
 LONG_WINDOW_S = 60.0
 # a bias factor that moved by more than this ratio since the plan was made calls a re-plan
 BIAS_REPLAN_RATIO = 1.15
-
-
-@dataclass
-class NodeState:
-    """An agent as its heartbeats describe it."""
-
-    name: str
-    agent_address: str
-    inventory: agent_pb2.InventoryResponse
-    endpoints: list[plan_pb2.Endpoint]
-    applied_epoch: int
-    last_seen: float
-    pushed_epoch: int = 0
-    push_failures: int = 0
-    next_push_at: float = 0.0
-    pushing: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    def info(self) -> NodeInfo:
-        inv = self.inventory
-        gpus = tuple(
-            GpuInfo(
-                index=g.index,
-                sm_count=g.sm_count,
-                memory_bytes=g.memory_bytes,
-                sm_groups=g.sm_groups,
-                sms_per_group=g.sms_per_group,
-            )
-            for g in inv.gpus
-        )
-        if not gpus and (inv.backend or "host") == "host":
-            # The host backend has no SMs to share: the node counts as one device (-1) of
-            # HOST_SHARE_UNITS so every policy plans there too; the agent runs its replicas
-            # unrestricted (share mode none), which docs/DESIGN says of the host backend.
-            gpus = (GpuInfo(index=-1, sm_count=HOST_SHARE_UNITS, memory_bytes=HOST_MEMORY_BYTES),)
-        return NodeInfo(name=self.name, gpus=gpus, backend=inv.backend or "host")
-
-
-HOST_SHARE_UNITS = 100
-HOST_MEMORY_BYTES = 16 << 30
 
 
 @contextlib.contextmanager
@@ -145,10 +104,8 @@ class SchedulerApp:
         self._bias_at = 0.0
         self._applied: tuple[int, float] = (-1, 0.0)  # (epoch, when every agent ran it)
         self._lock = asyncio.Lock()
-        self._routes = plan_pb2.Routes()
-        self._routes_version = 0
-        self._routes_changed = asyncio.Condition()
-        self._closing = False
+        # the routes as every watching gateway follows them
+        self._routes: Broadcast[plan_pb2.Routes] = Broadcast(plan_pb2.Routes())
         self.kick = asyncio.Event()  # wakes the control loop early
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -189,9 +146,7 @@ class SchedulerApp:
 
     async def stop_watchers(self) -> None:
         """Ends every WatchRoutes stream (before the server stops, so it need not wait for them)."""
-        self._closing = True
-        async with self._routes_changed:
-            self._routes_changed.notify_all()
+        self._routes.close()
 
     # -- the world as policies see it ---------------------------------------------------------
 
@@ -371,7 +326,7 @@ class SchedulerApp:
             self.planned_bias = self.bias.factors()
             self.planned_nodes = frozenset(n.name for n in world.nodes)
             self.last_plan_at = time.monotonic()
-            if not force and self.plan.epoch and _same_placement(spec, self.plan):
+            if not force and self.plan.epoch and planstore.same_placement(spec, self.plan):
                 return self.plan
             with redis_unavailable():
                 plan = await self.store.save(spec)
@@ -474,11 +429,11 @@ class SchedulerApp:
         for name, p in self.pipelines.items():
             all_replicas = [r for s in p.stages for r in planned.get((name, s.name), [])]
             out.stats.append(
-                _stats(snap.get((name, "")), name, "", all_replicas, self.qos_of(name))
+                admin_stats(snap.get((name, "")), name, "", all_replicas, self.qos_of(name))
             )
             for s in p.stages:
                 reps = planned.get((name, s.name), [])
-                out.stats.append(_stats(snap.get((name, s.name)), name, s.name, reps, 0.0))
+                out.stats.append(admin_stats(snap.get((name, s.name)), name, s.name, reps, 0.0))
         return out
 
     # -- the mesh: agents and gateways ---------------------------------------------------------
@@ -521,32 +476,18 @@ class SchedulerApp:
         return out
 
     async def publish_routes(self) -> None:
-        routes = self.routes()
-        if routes == self._routes and self._routes_version:
-            return
-        async with self._routes_changed:
-            self._routes = routes
-            self._routes_version += 1
-            self._routes_changed.notify_all()
+        self._routes.publish(self.routes())
 
     async def watch_routes(self, known_epoch: int) -> AsyncIterator[plan_pb2.Routes]:
         """The current routes (unless the watcher already has a newer epoch), then every change."""
-        version = 0
         first = True
-        while True:
-            async with self._routes_changed:
-                seen = version
-                await self._routes_changed.wait_for(
-                    lambda: self._closing or self._routes_version != seen  # noqa: B023
-                )
-                if self._closing:
-                    return
-                routes, version = self._routes, self._routes_version
-            if first and known_epoch and routes.epoch <= known_epoch:
+        async with contextlib.aclosing(self._routes.watch()) as watch:
+            async for routes in watch:
+                if first and known_epoch and routes.epoch <= known_epoch:
+                    first = False
+                    continue
                 first = False
-                continue
-            first = False
-            yield routes
+                yield routes
 
 
 def _load_profiles(path: str) -> Mapping[str, Any]:
@@ -558,33 +499,3 @@ def _load_profiles(path: str) -> Mapping[str, Any]:
     except CamelotError as e:
         log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
         return {}
-
-
-def _same_placement(spec: PlanSpec, plan: plan_pb2.Plan) -> bool:
-    current = planstore.from_proto(plan)
-    return spec.policy == current.policy and _stages(spec.stages) == _stages(current.stages)
-
-
-def _stages(stages: tuple[StageAssignment, ...]) -> tuple[StageAssignment, ...]:
-    return tuple(dataclasses.replace(s, predicted_p99_ms=0.0) for s in stages)
-
-
-def _stats(
-    s: WindowStat | None,
-    pipeline: str,
-    stage: str,
-    replicas: list[plan_pb2.ReplicaPlan],
-    qos_p99_ms: float,
-) -> admin_pb2.WindowStats:
-    out = admin_pb2.WindowStats(
-        pipeline=pipeline,
-        stage=stage,
-        qos_p99_ms=qos_p99_ms,
-        replicas=len(replicas),
-        sm_percent=sum(r.sm_percent for r in replicas),
-    )
-    if s is not None:
-        out.count = s.count
-        out.p50_ms, out.p95_ms, out.p99_ms = s.p50_ms, s.p95_ms, s.p99_ms
-        out.arrival_qps, out.service_qps, out.errors = s.arrival_qps, s.service_qps, s.errors
-    return out

@@ -25,7 +25,8 @@ from common import metrics
 from common.errors import CamelotError, FailedPrecondition
 from common.retry import Backoff
 from protos import plan_pb2
-from scheduler.app import NodeState, SchedulerApp
+from scheduler.app import SchedulerApp
+from scheduler.nodes import NodeState
 from scheduler.policy import follows_load
 
 # re-plan spacing when every node resizes in place (green contexts, ~2-15 ms a change)

@@ -8,14 +8,15 @@
 Epochs are taken by a small Lua script that never returns less than a floor the caller gives (the
 newest epoch this process has seen): if Redis itself restarted empty, the counter jumps past
 that floor instead of going back to 1, which gateways and agents would ignore as stale.
-Also here: the conversion between the policies' `PlanSpec` and `plan_pb2.Plan`.
+Also here: the conversion between the policies' `PlanSpec` and `plan_pb2.Plan`, and whether a
+spec places what a stored plan does (`same_placement`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -197,3 +198,13 @@ def from_proto(plan: plan_pb2.Plan) -> PlanSpec:
         clamped=tuple(plan.clamped),
         reason=plan.reason,
     )
+
+
+def same_placement(spec: PlanSpec, plan: plan_pb2.Plan) -> bool:
+    """Whether `spec` places what `plan` does (by the same policy; predictions aside)."""
+    current = from_proto(plan)
+    return spec.policy == current.policy and _stages(spec.stages) == _stages(current.stages)
+
+
+def _stages(stages: tuple[StageAssignment, ...]) -> tuple[StageAssignment, ...]:
+    return tuple(replace(s, predicted_p99_ms=0.0) for s in stages)

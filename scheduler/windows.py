@@ -7,6 +7,7 @@ buckets that overlap the last `window_s` seconds; histograms merge exactly, so t
 is as good as one histogram over all the samples. Buckets older than `horizon_s` are dropped.
 
 Keys are (pipeline, stage); stage "" holds the end-to-end query records of a pipeline.
+`admin_stats` is one window as the admin Status reports it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from common.clock import wall_us
-from protos import report_pb2
+from protos import admin_pb2, plan_pb2, report_pb2
 from scheduler.histogram import Histogram
 
 Key = tuple[str, str]
@@ -150,3 +151,25 @@ class Windows:
         now = self.clock_us() if now is None else now
         # from the bucket holding now - window_s (whole, so up to one bucket more) to now's
         return (now - int(window_s * 1_000_000)) // self.bucket_us, now // self.bucket_us
+
+
+def admin_stats(
+    s: WindowStat | None,
+    pipeline: str,
+    stage: str,
+    replicas: list[plan_pb2.ReplicaPlan],
+    qos_p99_ms: float,
+) -> admin_pb2.WindowStats:
+    """One row of the admin Status: a window (None: no data) beside its planned replicas."""
+    out = admin_pb2.WindowStats(
+        pipeline=pipeline,
+        stage=stage,
+        qos_p99_ms=qos_p99_ms,
+        replicas=len(replicas),
+        sm_percent=sum(r.sm_percent for r in replicas),
+    )
+    if s is not None:
+        out.count = s.count
+        out.p50_ms, out.p95_ms, out.p99_ms = s.p50_ms, s.p95_ms, s.p99_ms
+        out.arrival_qps, out.service_qps, out.errors = s.arrival_qps, s.service_qps, s.errors
+    return out
