@@ -190,48 +190,90 @@ async def run_open_loop(
     pipelines: Mapping[str, gateway_pb2.PipelineInfo] | None = None,
     connections: int = 1,
     duration_s: float | None = None,
+    processes: int = 1,
 ) -> Result:
     """Sends one request per schedule offset (seconds from start, ascending); waits for all.
 
     `mix` defaults to every served pipeline at equal weight; `pipelines` (ListPipelines' answer)
     is fetched when not given. Inputs are seeded by `seed`, and so is each arrival's pipeline.
     `duration_s` is the run's nominal length (rates divide by it); default: the last offset.
+    `processes` > 1 sends from that many processes (`loadgen.clients`), each every n-th arrival
+    over `connections` split among them, on one shared timeline: one Python process serialising
+    megabyte inputs falls behind its own schedule at a few hundred queries per second.
     """
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
     if deadline_s <= 0:
         raise InvalidArgument(f"deadline_s must be > 0, got {deadline_s!r}")
+    if processes < 1 or connections < 1:
+        raise InvalidArgument(f"need processes >= 1 and connections >= 1, got {processes}, "
+                              f"{connections}")  # fmt: skip
     if any(b < a for a, b in zip(schedule, schedule[1:], strict=False)):
         raise InvalidArgument("schedule offsets must be ascending")
     if pipelines is None:
         pipelines = await list_pipelines(target, deadline_s)
     mix = mix or uniform_mix(sorted(pipelines))
     mix.check_served(list(pipelines))
-    inputs = make_inputs({p: pipelines[p].input for p in mix.pipelines}, seed)
+    specs = {p: pipelines[p].input for p in mix.pipelines}
     rng = np.random.default_rng(seed)
-    names = mix.draw(rng, len(schedule))
-    wire_transport = TRANSPORTS[transport]
-    channels = [
-        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, OWN_CONNECTION])
-        for _ in range(max(1, connections))
-    ]
-    stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
+    plan = Sends(target, list(schedule), mix.draw(rng, len(schedule)), seed, deadline_s,
+                 TRANSPORTS[transport], connections)  # fmt: skip
     if duration_s is None:
         duration_s = float(schedule[-1]) if len(schedule) else 0.0
     result = Result(target, mix, transport, 0, wall_us(), duration_s)
+    if processes > 1:
+        from loadgen import clients  # it imports this module
+
+        result.t0_us, result.records = await clients.send_split(plan, specs, processes)
+    else:
+        result.t0_us = mono_us() + int(LEAD_S * 1e6)
+        result.records = await send(plan, make_inputs(specs, seed), range(len(schedule)),
+                                    result.t0_us)  # fmt: skip
+    result.duration_s = max(duration_s, 1e-9)
+    result.records.sort(key=lambda r: r.intended_us)
+    return result
+
+
+@dataclass(frozen=True)
+class Sends:
+    """What to send and how: arrival i leaves at `t0 + offsets[i]` for pipeline `names[i]`."""
+
+    target: str
+    offsets: list[float]
+    names: list[str]
+    seed: int
+    deadline_s: float
+    transport: tensor_pb2.Transport.ValueType
+    connections: int
+
+
+async def send(
+    plan: Sends,
+    inputs: Mapping[str, Sequence[tensor_pb2.WireTensor]],
+    indices: Sequence[int],
+    t0_us: int,
+) -> list[Record]:
+    """Sends the arrivals `indices` of `plan` on the timeline that starts at `t0_us` (monotonic,
+    the same in every process of the host) over `plan.connections` connections; their records."""
+    channels = [
+        grpc.aio.insecure_channel(plan.target, options=[*CHANNEL_OPTIONS, OWN_CONNECTION])
+        for _ in range(plan.connections)
+    ]
+    stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
+    records: list[Record] = []
 
     async def one(i: int, name: str, intended_us: int) -> None:
         request = gateway_pb2.SubmitRequest(
             pipeline=name,
             input=inputs[name][i % len(inputs[name])],
-            transport=wire_transport,
-            query_id=f"ol-{seed}-{i}",
+            transport=plan.transport,
+            query_id=f"ol-{plan.seed}-{i}",
         )
         sent = mono_us()
         epoch = 0
         parts = (0, 0, 0, 0)
         try:
-            reply = await stubs[i % len(stubs)].Submit(request, timeout=deadline_s)
+            reply = await stubs[i % len(stubs)].Submit(request, timeout=plan.deadline_s)
             status, epoch = OK, reply.plan_epoch
             parts = (
                 reply.e2e_us,
@@ -244,25 +286,21 @@ async def run_open_loop(
         except Exception as e:  # a client-side failure is still a failed request, not a crash
             log.warning("request %d failed in the client: %r", i, e)
             status = f"CLIENT_{type(e).__name__}"
-        result.records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
+        records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
 
     try:
-        t0 = mono_us() + int(LEAD_S * 1e6)
-        result.t0_us = t0
         tasks = []
-        for i, (offset, name) in enumerate(zip(schedule, names, strict=True)):
-            intended = t0 + int(offset * 1e6)
+        for i in indices:
+            intended = t0_us + int(plan.offsets[i] * 1e6)
             delay_s = (intended - mono_us()) / 1e6
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
-            tasks.append(asyncio.create_task(one(i, name, intended)))
+            tasks.append(asyncio.create_task(one(i, plan.names[i], intended)))
         await asyncio.gather(*tasks)
     finally:
         for ch in channels:
             await ch.close()
-    result.duration_s = max(duration_s, 1e-9)
-    result.records.sort(key=lambda r: r.intended_us)
-    return result
+    return records
 
 
 def schedule_from_args(
@@ -298,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=list(TRANSPORTS), default="default")
     p.add_argument("--warmup-s", type=float, default=0.0, help="left out of the statistics")
     p.add_argument("--connections", type=int, default=1)
+    p.add_argument("--processes", type=int, default=1, help="sending processes (loadgen.clients)")
     p.add_argument("--no-records", action="store_true", help="statistics only in --out")
     p.add_argument("--out", default="", help="JSON file for the result")
     return p
@@ -315,6 +354,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         transport=args.transport,
         connections=args.connections,
         duration_s=duration_s,
+        processes=args.processes,
     )
     return result.to_json(args.warmup_s, with_records=not args.no_records)
 

@@ -116,3 +116,48 @@ def test_cli_schedules_from_rate_trace_file_and_diurnal(tmp_path):
     assert duration == 3 and len(arrivals) == 60
     arrivals, duration = sched("--diurnal", "2,20")
     assert duration == 10 and 20 < len(arrivals) < 200
+
+
+async def test_several_processes_send_one_schedule_on_one_timeline():
+    schedule = traces.schedule(
+        traces.constant(200.0, 1.0), np.random.default_rng(0), traces.Arrivals.UNIFORM
+    )
+    mix = parse_mix("img-to-text=1,speech-to-text=1")
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.002
+        one = await run_open_loop(gw.target, schedule, mix, seed=3)
+        peers_one = set(gw.state.peers)
+        gw.state.peers.clear()
+
+        async def block() -> None:
+            await asyncio.sleep(0.3)
+            time.sleep(0.3)  # noqa: ASYNC251 (the parent stalls; its senders must not)
+
+        blocker = asyncio.create_task(block())
+        split = await run_open_loop(gw.target, schedule, mix, seed=3, processes=3, connections=6)
+        await blocker
+    assert len(split.records) == len(schedule) == split.stats()["all"]["ok"]
+    assert gw.state.received.total() == 2 * len(schedule)
+    # the same arrivals, pipelines and timeline as one process sends
+    assert [r.intended_us - split.t0_us for r in split.records] == [
+        r.intended_us - one.t0_us for r in one.records
+    ]
+    assert [r.pipeline for r in split.records] == [r.pipeline for r in one.records]
+    # two connections in each of three processes
+    assert len(peers_one) == 1 and len(gw.state.peers) == 6
+    # the parent was stalled for 300 ms mid-run; the processes sent on time all the same
+    assert max(r.sent_us - r.intended_us for r in split.records) < 100_000
+
+
+async def test_a_sending_process_that_fails_says_why():
+    from protos import gateway_pb2, tensor_pb2
+
+    bad = gateway_pb2.PipelineInfo(
+        name="img-to-text", input=tensor_pb2.TensorSpec(name="image", shape=[3])
+    )  # no dtype: no input can be made for it
+    async with serve_fake() as gw:
+        with pytest.raises(RuntimeError, match="sending process 0 failed"):
+            await run_open_loop(
+                gw.target, [0.0, 0.1], parse_mix("img-to-text"), pipelines={"img-to-text": bad},
+                processes=2,
+            )  # fmt: skip

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="lengthen a trial until every pipeline expects this many measured queries",
     )  # fmt: skip
     common.add_argument(
+        "--client-processes", type=int, default=1,
+        help="send from this many processes (one falls behind at a few hundred qps)",
+    )  # fmt: skip
+    common.add_argument(
         "--connections", type=int, default=8,
         help="client connections (a gateway's workers share the port by connection)",
     )  # fmt: skip
@@ -127,6 +131,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
             transport=args.transport, connections=args.connections,
             confirm_misses=args.confirm_misses, min_queries=args.min_queries,
+            client_processes=args.client_processes,
         )  # fmt: skip
         await h.connect()
         mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]

@@ -62,6 +62,9 @@ class Harness:
     transport: str = "default"
     # client connections: a gateway with several workers gets load only over several of them
     connections: int = 8
+    # client processes: one process serialising megabyte inputs falls behind its schedule at a
+    # few hundred queries per second, and its lag reads as the server's latency (loadgen.clients)
+    client_processes: int = 1
     # a trial that misses is run again this many times at the same rate and judged on all its
     # requests together: a p99 over one short trial rests on its two or three slowest queries,
     # and one slow event (a replica warming up, the host) decides it (peak-load.md)
@@ -86,8 +89,9 @@ class Harness:
         for name in ("confirm_misses", "min_queries"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.connections < 1:
-            raise InvalidArgument(f"connections must be >= 1, got {self.connections}")
+        for name in ("connections", "client_processes"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
 
     async def connect(self) -> None:
         self.pipelines = await list_pipelines(self.target, self.deadline_s)
@@ -173,6 +177,7 @@ class Harness:
                 pipelines=self.pipelines,
                 duration_s=duration_s,
                 connections=self.connections,
+                processes=self.client_processes,
             )
         self.last_utilization = util.summary()
         await asyncio.sleep(self.gap_s)  # let queues drain before the next trial
@@ -290,7 +295,7 @@ class Outcome:
 
 # what a row takes from a trial's detail besides its named fields: CPU per process kind, and
 # where the time of the queries over their target went (`tails.breakdown`)
-_DETAIL_COLUMNS = ("cpu_pct.", "over_qos", "min_pipeline_count", "tail.", "typical.")
+_DETAIL_COLUMNS = ("cpu_pct.", "trial_s", "over_qos", "min_pipeline_count", "tail.", "typical.")
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
