@@ -6,7 +6,8 @@ mesh's peak (a GPU-bound mesh shows the GPU near 100%, a host-bound one the CPUs
   included, so run the generator elsewhere when the figure has to be the mesh's alone;
 - GPU: NVML's `utilization.gpu`, the fraction of the sample period in which a kernel ran, averaged
   over the node's GPUs (absent without NVML). It says a kernel ran, not how many SMs it filled;
-- per process kind (gateway, stage replicas, broker, scheduler, agent, and this load generator):
+- per process kind (gateway, stage replicas, broker, scheduler, agent, and this load generator
+  with the sending processes it started):
   CPU time from `/proc/<pid>/stat` over the interval, in percent of one core, so a single-threaded
   process near 100 is the ceiling. For the stages, the sum and the busiest replica.
 """
@@ -61,13 +62,21 @@ def process_ticks(stat: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def kind_of(cmdline: str, own: bool) -> str | None:
+def parent_pid(stat: str) -> int:
+    """The parent's pid from the text of /proc/<pid>/stat."""
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def kind_of(cmdline: str, own: bool, child: bool = False) -> str | None:
+    """`own`: this process; `child`: one it started (the load generator's sending processes,
+    `loadgen.clients`, unless the command line names a mesh process: a bench may start the mesh
+    itself)."""
     if own:
         return "loadgen"
     for needle, kind in KINDS:
         if needle in cmdline:
             return kind
-    return None
+    return "loadgen" if child else None
 
 
 def mesh_processes(
@@ -87,7 +96,8 @@ def mesh_processes(
                 cmdline = (
                     (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
                 )
-                known[pid] = kind_of(cmdline, pid == me)
+                stat = (entry / "stat").read_text()
+                known[pid] = kind_of(cmdline, pid == me, parent_pid(stat) == me)
             kind = known[pid]
             if kind is not None:
                 out[pid] = (kind, process_ticks((entry / "stat").read_text()))

@@ -67,12 +67,12 @@ async def test_an_unreadable_stat_file_gives_no_figure_and_no_error(tmp_path: Pa
     assert got["host_cpu_pct"] is None and got["gpu_util_pct"] is None
 
 
-def fake_proc(root: Path, pid: int, cmdline: str, utime: int, stime: int) -> None:
+def fake_proc(root: Path, pid: int, cmdline: str, utime: int, stime: int, ppid: int = 1) -> None:
     d = root / str(pid)
     d.mkdir(parents=True, exist_ok=True)
     (d / "cmdline").write_bytes(cmdline.replace(" ", "\0").encode() + b"\0")
     comm = "(python3 -m x)"  # a command name with spaces and parentheses' content
-    rest = ["S", "1", "1", "1", "0", "-1", "0", "0", "0", "0", "0", str(utime), str(stime)]
+    rest = ["S", str(ppid), "1", "1", "0", "-1", "0", "0", "0", "0", "0", str(utime), str(stime)]
     (d / "stat").write_text(f"{pid} {comm} {' '.join(rest)} 0 0 20 0 1 0\n")
 
 
@@ -101,3 +101,13 @@ def test_processes_are_told_apart_and_timed(tmp_path: Path) -> None:
         25, abs=1
     )
     assert got["scheduler"] == 0.0
+
+
+def test_the_load_generators_own_sending_processes_count_as_load_generator(tmp_path: Path) -> None:
+    me = os.getpid()
+    spawn = "python -c from multiprocessing.spawn import spawn_main --multiprocessing-fork"
+    fake_proc(tmp_path, 20, spawn, 10, 0, ppid=me)  # a sender of loadgen.clients
+    fake_proc(tmp_path, 21, "python -m services.stage --pipeline p", 10, 0, ppid=me)  # a bench's
+    fake_proc(tmp_path, 22, spawn, 10, 0, ppid=me + 1)  # someone else's child
+    kinds = {pid: kind for pid, (kind, _) in mesh_processes(tmp_path).items()}
+    assert kinds == {20: "loadgen", 21: "stage"}
