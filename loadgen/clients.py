@@ -1,12 +1,12 @@
 """Open-loop load from several processes on one timeline.
 
-One asyncio process that serialises megabyte inputs and parses megabyte answers falls behind its
-own schedule at a few hundred queries per second (docs/results/peak-load.md: 65% of a core and
-9 ms of lag in the slow queries at 320 qps), and that lag lands in the measured latency as if the
-server were slow. Here arrival i of a schedule goes to process i mod n: each process thins the
-Poisson stream into an independent one of 1/n the rate, together the same arrivals as one process
-would send. Every process makes its inputs and opens its connections first, says it is ready,
-and only then does the parent fix the timeline's start: CLOCK_MONOTONIC is the same in every
+One asyncio process that serialises megabyte inputs and parses megabyte answers falls behind its own
+schedule at a few hundred queries per second (docs/results/peak-load-one-client.md: 58-67% of a core
+and 5-11 ms of lag in the slow queries at 280-320 qps), and that lag lands in the measured latency
+as if the server were slow. Here arrival i of a schedule goes to process i mod n: each process thins
+the Poisson stream into an independent one of 1/n the rate, together the same arrivals as one
+process would send. Every process makes its inputs and opens its connections first, says it is
+ready, and only then does the parent fix the timeline's start: CLOCK_MONOTONIC is the same in every
 process of a host, so intended send times, and latencies from them, mean the same in all.
 
 Processes are spawned, not forked: a process that holds gRPC channels must not fork.

@@ -1,6 +1,6 @@
 """How far the predictor's pipeline p99 is from what the mesh measured, trial by trial.
 
-    python -m loadgen.pipeline_fit docs/results/peak-load.json [--out docs/results]
+    python -m loadgen.pipeline_fit docs/results/peak-load-one-gateway.json [--out docs/results]
 
 `predictor.json` scores the model per stage, on stages run alone or in pairs. This scores it
 where the policies use it: a whole pipeline in the running mesh. For every trial of a peak-load

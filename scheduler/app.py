@@ -269,7 +269,8 @@ class SchedulerApp:
         target. A moved bias re-plans a policy that does not follow load only then: a new plan
         replaces replicas (seconds of a new process beside the traffic), which costs more than
         a model error that does not matter at this load (max-load re-planned three times in its
-        peak search, each time mid-trial, and missed those trials: docs/results/peak-load.md)."""
+        peak search, each time mid-trial, and missed those trials:
+        docs/results/peak-load-one-gateway.md)."""
         if not self.plan.epoch or not self.profiles:
             return False
         band = 1.0 + self.settings.load_change_fraction

@@ -58,10 +58,10 @@ class HopCosts:
     # processes shares its core among the queries in flight (processor sharing), so a query's
     # `gateway_cpu_ms` of gateway work stretches by 1/(1 - rho); the p99 pays `gateway_tail`
     # times the mean stretch. 7.25 ms/query on the H100 host with full-size inputs (cpu_pct.
-    # gateway over rate, docs/results/peak-load.json); the tail 1.38 was fitted on the all-four
-    # mix's trials and cut the held-out two-pipeline mix's pipeline p99 error from 0.55 to 0.29
-    # (docs/results/pipeline-fit-gateway.md). Options: gateway_cpu_ms, gateway_workers,
-    # gateway_tail.
+    # gateway over rate, docs/results/peak-load-one-gateway.json); the tail 1.38 was fitted on
+    # the all-four mix's trials and cut the held-out two-pipeline mix's pipeline p99 error from
+    # 0.55 to 0.29 (docs/results/pipeline-fit-gateway.md). Options: gateway_cpu_ms,
+    # gateway_workers, gateway_tail.
     gateway_cpu_ms: float = 0.0
     gateway_workers: int = 1
     gateway_tail: float = 1.38

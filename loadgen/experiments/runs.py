@@ -57,7 +57,8 @@ class Harness:
     qos_override_ms: float | None = None
     settle_s: float = 60.0
     # unmeasured load after each policy change: the first queries through new replicas cost
-    # several cores for seconds (docs/results/peak-load.md), which is the change, not the policy
+    # several cores for seconds (docs/results/peak-load-one-gateway.md), which is the change,
+    # not the policy
     prime_s: float = 0.0
     transport: str = "default"
     # client connections: a gateway with several workers gets load only over several of them
@@ -67,7 +68,7 @@ class Harness:
     client_processes: int = 1
     # a trial that misses is run again this many times at the same rate and judged on all its
     # requests together: a p99 over one short trial rests on its two or three slowest queries,
-    # and one slow event (a replica warming up, the host) decides it (peak-load.md)
+    # and one slow event (a replica warming up, the host) decides it (peak-load-one-gateway.md)
     confirm_misses: int = 0
     # a trial lasts long enough that every pipeline of the mix expects this many measured
     # queries: a p99 over fewer than 100 is the slowest query's latency, so at low rates a

@@ -1,8 +1,9 @@
 """Several gateway processes on one port: `--workers N`, in the manner of uvicorn's supervisor.
 
 One gateway process carries about 130 queries/s on the H100 host before its event loop is the
-whole mesh's ceiling (~0.7% of a core per query/s: docs/results/peak-load.md, every policy
-missed at 120-160 qps with the gateway at 85-115% of a core). With N > 1 the process started is
+whole mesh's ceiling (~0.7% of a core per query/s: docs/results/peak-load-one-gateway.md, every
+policy missed at 120-160 qps with the gateway at 85-115% of a core; with three workers every
+policy carried 220-320 qps, docs/results/peak-load.md). With N > 1 the process started is
 a supervisor and serves nothing itself: it starts N workers, each a plain gateway (`--workers
 1`) on the same TCP port. gRPC sets SO_REUSEPORT on its listening sockets, so the kernel deals
 connections out among the workers; a client spreads its load only over several connections
