@@ -75,6 +75,12 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
     assert all(r["met"] == (r["worst_p99_over_qos"] <= 1) for r in rows)
     assert any(not r["met"] for r in rows) and all(r["errors"] == 0 for r in rows)
     assert (tmp_path / "peak-load-vision.png").exists()
+    # the result keeps what each policy ran: its plan's replicas and their shares
+    ran = {p["set_as"]: p for p in doc["plans"]}
+    assert set(ran) == {"max-load", "even"}
+    assert ran["max-load"]["sm_percent"] == 100.0 and ran["even"]["epoch"] == 3
+    assert [x["sm_percent"] for x in ran["max-load"]["stages"]] == [[50.0, 50.0]]
+    assert [x["sm_percent"] for x in ran["even"]["stages"]] == [[100.0]]
     assert TOKEN not in json.dumps(doc) and TOKEN not in (tmp_path / "peak-load.md").read_text()
 
 

@@ -31,6 +31,7 @@ from loadgen.experiments.search import (
     integrate_steps,
     meets_qos,
     plan_gpus,
+    plan_record,
     plan_sm_percent,
 )
 from loadgen.inputs import Mix, make_input
@@ -80,6 +81,8 @@ class Harness:
     epoch: int = 0
     replans: int = 0
     last_utilization: dict[str, float | None] = field(default_factory=dict)
+    # every plan a policy ran under, as `plan_record` keeps it, in the order they came
+    plans: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.trial_s <= 0 or self.warmup_s < 0 or self.warmup_s >= self.trial_s:
@@ -120,6 +123,9 @@ class Harness:
         await self._wait_applied(int(plan.epoch))
         await self._wait_gateway_epoch(plan.epoch, probe)
         self.epoch = int(plan.epoch)
+        self.plans.append(
+            {"mix": probe.name, "set_as": policy, **plan_record(plan, probe.pipelines)}
+        )
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
         await asyncio.sleep(self.gap_s)
         return int(plan.epoch)
@@ -207,6 +213,9 @@ class Harness:
         log.info("%s: re-planned to epoch %d between trials; waiting for it", mix.name, plan.epoch)
         await self._wait_applied(int(plan.epoch))
         self.epoch = int(plan.epoch)
+        self.plans.append(
+            {"mix": mix.name, "set_as": "re-plan", **plan_record(plan, mix.pipelines)}
+        )
         await self.prime(mix, rate_qps)
 
     def trial_length_s(self, mix: Mix, rate_qps: float) -> float:
@@ -383,7 +392,7 @@ async def peak_load(
                 title=f"p99 against load: {mix.name}",
             )
         )
-    return Outcome(rows, summary, figs, {"peaks": peaks})
+    return Outcome(rows, summary, figs, {"peaks": peaks, "plans": h.plans})
 
 
 def _trial_row(
@@ -477,7 +486,7 @@ async def low_load(
                         shares, out_dir / f"{name}-{slug}-sm.png", title=f"SM share: {label}"
                     )
                 )
-    return Outcome(rows, summary, figs)
+    return Outcome(rows, summary, figs, {"plans": h.plans})
 
 
 async def diurnal(
@@ -532,7 +541,7 @@ async def diurnal(
         qos_ms=target,
         title=f"diurnal: {mix.name} under {policy}",
     )
-    return Outcome(rows, summary, [fig], {"trace": trace.to_json()})
+    return Outcome(rows, summary, [fig], {"trace": trace.to_json(), "plans": h.plans})
 
 
 def _slug(text: str) -> str:
