@@ -288,3 +288,23 @@ def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
 
     with pytest.raises(InvalidArgument):
         Harness("127.0.0.1:1", None, **{"trial_s": 1.0, **bad})
+
+
+async def test_the_share_sampler_keeps_each_plan_it_sees():
+    import asyncio
+
+    from loadgen.experiments.runs import ShareSampler
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.policy_sm = {"initial": [30.0], "later": [20.0, 20.0]}
+        async with AdminClient(gw.target, TOKEN) as admin:
+            async with ShareSampler(admin, 0.05, parse_mix("img-to-text")) as sampler:
+                await asyncio.sleep(0.3)
+                st.policy, st.epoch = "later", st.epoch + 1  # the policy re-plans mid-run
+                await asyncio.sleep(0.3)
+    assert [p["epoch"] for p in sampler.plans] == [1, 2]
+    assert [p["sm_percent"] for p in sampler.plans] == [30.0, 40.0]
+    assert sampler.plans[1]["stages"][0]["sm_percent"] == [20.0, 20.0]
+    assert sampler.plans[1]["t_s"] > sampler.plans[0]["t_s"]

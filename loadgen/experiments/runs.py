@@ -257,6 +257,8 @@ class ShareSampler:
         self.admin, self.every_s, self.mix = admin, every_s, mix
         self.samples: list[tuple[float, float]] = []
         self.gpus = 0
+        # each plan seen while sampling (a policy that follows load re-plans during a run)
+        self.plans: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0
 
@@ -282,6 +284,9 @@ class ShareSampler:
                 t = (mono_us() - self._t0) / 1e6
                 self.samples.append((t, plan_sm_percent(plan, self.mix.pipelines)))
                 self.gpus = max(self.gpus, plan_gpus(plan))
+                if not self.plans or self.plans[-1]["epoch"] != plan.epoch:
+                    record = plan_record(plan, self.mix.pipelines)
+                    self.plans.append({"mix": self.mix.name, "t_s": round(t, 2), **record})
             except Exception as e:  # a missed sample is not a failed experiment
                 log.warning("SM share sample failed: %r", e)
             await asyncio.sleep(self.every_s)
@@ -541,7 +546,9 @@ async def diurnal(
         qos_ms=target,
         title=f"diurnal: {mix.name} under {policy}",
     )
-    return Outcome(rows, summary, [fig], {"trace": trace.to_json(), "plans": h.plans})
+    return Outcome(
+        rows, summary, [fig], {"trace": trace.to_json(), "plans": h.plans + sampler.plans}
+    )
 
 
 def _slug(text: str) -> str:
