@@ -21,9 +21,8 @@ from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
-from common.clock import mono_us
 from loadgen.inputs import make_inputs
-from loadgen.openloop import LEAD_S, Record, Sends, send
+from loadgen.openloop import Record, Sends, lead_start, send
 from protos import tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,14 @@ def _serve(conn: Connection, plan: Sends, specs: dict[str, bytes], part: int, pa
         spec_msgs = {n: tensor_pb2.TensorSpec.FromString(b) for n, b in specs.items()}
         inputs = make_inputs(spec_msgs, plan.seed)  # the same inputs as one process would send
         indices = range(part, len(plan.offsets), parts)
-        conn.send(("ready", None))
-        t0_us = conn.recv()
-        records = asyncio.run(send(plan, inputs, indices, t0_us))
+
+        async def start() -> int:
+            # ready once the inputs and the connections exist; the parent then fixes the start
+            conn.send(("ready", None))
+            t0_us: int = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            return t0_us
+
+        _, records = asyncio.run(send(plan, inputs, indices, start))
         conn.send(("records", records))
     except BaseException as e:  # the parent must hear why, not wait for a pipe that never speaks
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -75,7 +79,7 @@ async def send_split(
             procs.append(proc)
         for k, pipe in enumerate(pipes):
             await _expect(loop, pipe, "ready", k, READY_TIMEOUT_S)
-        t0_us = mono_us() + int(LEAD_S * 1e6)
+        t0_us = await lead_start()
         for pipe in pipes:
             pipe.send(t0_us)
         horizon_s = (plan.offsets[-1] if plan.offsets else 0.0) + plan.deadline_s + 30.0

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,9 +226,8 @@ async def run_open_loop(
 
         result.t0_us, result.records = await clients.send_split(plan, specs, processes)
     else:
-        result.t0_us = mono_us() + int(LEAD_S * 1e6)
-        result.records = await send(plan, make_inputs(specs, seed), range(len(schedule)),
-                                    result.t0_us)  # fmt: skip
+        inputs = make_inputs(specs, seed)  # before the timeline starts: megabytes take a while
+        result.t0_us, result.records = await send(plan, inputs, range(len(schedule)), lead_start)
     result.duration_s = max(duration_s, 1e-9)
     result.records.sort(key=lambda r: r.intended_us)
     return result
@@ -251,10 +250,12 @@ async def send(
     plan: Sends,
     inputs: Mapping[str, Sequence[tensor_pb2.WireTensor]],
     indices: Sequence[int],
-    t0_us: int,
-) -> list[Record]:
-    """Sends the arrivals `indices` of `plan` on the timeline that starts at `t0_us` (monotonic,
-    the same in every process of the host) over `plan.connections` connections; their records."""
+    start: Callable[[], Awaitable[int]],
+) -> tuple[int, list[Record]]:
+    """Sends the arrivals `indices` of `plan` over `plan.connections` connections, on the
+    timeline that starts at the monotonic time (the same in every process of the host) `start`
+    gives once the connections exist: making them must not eat into the first arrivals' time.
+    The start and the records."""
     channels = [
         grpc.aio.insecure_channel(plan.target, options=[*CHANNEL_OPTIONS, OWN_CONNECTION])
         for _ in range(plan.connections)
@@ -289,6 +290,7 @@ async def send(
         records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
 
     try:
+        t0_us = await start()
         tasks = []
         for i in indices:
             intended = t0_us + int(plan.offsets[i] * 1e6)
@@ -300,7 +302,12 @@ async def send(
     finally:
         for ch in channels:
             await ch.close()
-    return records
+    return t0_us, records
+
+
+async def lead_start() -> int:
+    """A timeline that starts `LEAD_S` from now, so the first sends are not late."""
+    return mono_us() + int(LEAD_S * 1e6)
 
 
 def schedule_from_args(

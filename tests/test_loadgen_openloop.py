@@ -161,3 +161,32 @@ async def test_a_sending_process_that_fails_says_why():
                 gw.target, [0.0, 0.1], parse_mix("img-to-text"), pipelines={"img-to-text": bad},
                 processes=2,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("slow_part", ["make_inputs", "channel"])
+async def test_inputs_and_connections_are_made_before_the_timeline_starts(monkeypatch, slow_part):
+    # full-size inputs and many connections take a while to make; the first arrivals must not
+    # pay for them as lag
+    from loadgen import openloop
+
+    if slow_part == "make_inputs":
+        real = openloop.make_inputs
+
+        def slow(*args, **kwargs):
+            time.sleep(0.3)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(openloop, "make_inputs", slow)
+    else:
+        real_channel = grpc.aio.insecure_channel
+
+        def slow_channel(*args, **kwargs):
+            time.sleep(0.1)
+            return real_channel(*args, **kwargs)
+
+        monkeypatch.setattr(openloop.grpc.aio, "insecure_channel", slow_channel)
+    async with serve_fake() as gw:
+        result = await run_open_loop(
+            gw.target, [0.0, 0.01, 0.02], parse_mix("img-to-text"), connections=3
+        )
+    assert max(r.sent_us - r.intended_us for r in result.records) < 100_000
