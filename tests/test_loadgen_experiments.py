@@ -204,7 +204,7 @@ def test_policy_specs_carry_options_and_bad_ones_are_refused():
 
 
 async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_trial():
-    from loadgen.experiments.runs import Harness
+    from loadgen.experiments.harness import Harness
     from loadgen.inputs import parse_mix
 
     async with serve_fake() as gw:
@@ -228,7 +228,7 @@ async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_tri
 
 
 async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
-    from loadgen.experiments.runs import Harness
+    from loadgen.experiments.harness import Harness
     from loadgen.inputs import parse_mix
 
     async with serve_fake() as gw:
@@ -259,7 +259,7 @@ async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
 
 
 async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
-    from loadgen.experiments.runs import Harness
+    from loadgen.experiments.harness import Harness
     from loadgen.inputs import parse_mix
 
     async with serve_fake() as gw:
@@ -284,7 +284,7 @@ async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
 )  # fmt: skip
 def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
     from common.errors import InvalidArgument
-    from loadgen.experiments.runs import Harness
+    from loadgen.experiments.harness import Harness
 
     with pytest.raises(InvalidArgument):
         Harness("127.0.0.1:1", None, **{"trial_s": 1.0, **bad})
@@ -293,7 +293,7 @@ def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
 async def test_the_share_sampler_keeps_each_plan_it_sees():
     import asyncio
 
-    from loadgen.experiments.runs import ShareSampler
+    from loadgen.experiments.harness import ShareSampler
     from loadgen.inputs import parse_mix
 
     async with serve_fake() as gw:

@@ -24,7 +24,8 @@ from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.experiments.admin import AdminClient
-from loadgen.experiments.runs import Harness, Outcome, diurnal, low_load, peak_load
+from loadgen.experiments.harness import Harness
+from loadgen.experiments.runs import Outcome, diurnal, low_load, peak_load
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix, uniform_mix
 
