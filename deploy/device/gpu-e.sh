@@ -58,4 +58,6 @@ kill -INT $mesh
 for _ in $(seq 20); do kill -0 $mesh 2>/dev/null || break; sleep 1; done
 snap; keep
 source deploy/device/reset.sh  # whatever did not stop within 20 s
-cat "$R/steps.txt"; for e in $EXP; do python3 -c "import json; print('$e', json.load(open('$R/$e.json'))['summary'])" 2>&1 | tail -1; grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
+# every result written (XARGS may rename one with --name), then each experiment's trial log
+cat "$R/steps.txt"; for f in "$R"/*.json; do python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['name'], d['summary'])" "$f" 2>&1 | tail -1; done
+for e in $EXP; do grep -E "qps: p99|in force" "$R/$e.log" | tail -40; done
