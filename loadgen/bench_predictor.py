@@ -36,6 +36,7 @@ from typing import Any
 
 from common.errors import InvalidArgument, Unavailable
 from common.results import module_command, write_result
+from loadgen import children
 from scheduler import predictor
 from scheduler.policy import (
     GpuInfo,
@@ -458,31 +459,16 @@ def measure(
                 conn.send(("exit", None))
             except OSError:
                 pass
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        children.reap(procs, 30.0)
         for conn in conns:
             conn.close()
 
 
 def _expect(conn: Connection, what: str, m: Member, timeout_s: float, proc: Any) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not conn.poll(1.0):
-        if not proc.is_alive():  # died without a word (a crash in CUDA, killed for memory)
-            raise Unavailable(f"{m.key}@{m.share:g}%: process exited with {proc.exitcode}")
-        if time.monotonic() > deadline:
-            raise Unavailable(f"{m.key}@{m.share:g}%: no {what!r} within {timeout_s:.0f} s")
     try:
-        kind, value = conn.recv()
-    except EOFError:
-        raise Unavailable(f"{m.key}@{m.share:g}%: process exited before {what!r}") from None
-    if kind == "error":
-        raise Unavailable(f"{m.key}@{m.share:g}%: {value}")
-    if kind != what:
-        raise Unavailable(f"{m.key}@{m.share:g}%: expected {what!r}, got {kind!r}")
-    return value
+        return children.expect(conn, what, timeout_s, proc)
+    except children.ChildFailed as e:
+        raise Unavailable(f"{m.key}@{m.share:g}%: {e}") from None
 
 
 COLUMNS = (

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
+from loadgen import children
 from loadgen.inputs import make_inputs
 from loadgen.openloop import Record, Sends, lead_start, send
 from protos import tensor_pb2
@@ -77,42 +78,34 @@ async def send_split(
             theirs.close()
             pipes.append(mine)
             procs.append(proc)
-        for k, pipe in enumerate(pipes):
-            await _expect(loop, pipe, "ready", k, READY_TIMEOUT_S)
+        for k, (pipe, proc) in enumerate(zip(pipes, procs, strict=True)):
+            await _expect(loop, pipe, "ready", k, READY_TIMEOUT_S, proc)
         t0_us = await lead_start()
         for pipe in pipes:
             pipe.send(t0_us)
         horizon_s = (plan.offsets[-1] if plan.offsets else 0.0) + plan.deadline_s + 30.0
         records: list[Record] = []
-        for k, pipe in enumerate(pipes):
-            records += await _expect(loop, pipe, "records", k, horizon_s)
+        for k, (pipe, proc) in enumerate(zip(pipes, procs, strict=True)):
+            records += await _expect(loop, pipe, "records", k, horizon_s, proc)
         return t0_us, records
     finally:
         for pipe in pipes:
             pipe.close()
-        for proc in procs:
-            proc.join(timeout=5.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        children.reap(procs, 5.0)
 
 
 async def _expect(
-    loop: asyncio.AbstractEventLoop, pipe: Connection, kind: str, part: int, timeout_s: float
+    loop: asyncio.AbstractEventLoop,
+    pipe: Connection,
+    kind: str,
+    part: int,
+    timeout_s: float,
+    proc: Any,
 ) -> Any:
-    """The next message of a sending process, which must be `kind`."""
-
-    def receive() -> Any:
-        if not pipe.poll(timeout_s):
-            raise TimeoutError(f"sending process {part} said nothing for {timeout_s:g} s")
-        return pipe.recv()
-
+    """The next message of a sending process, which must be `kind` (off the event loop)."""
     try:
-        got, body = await loop.run_in_executor(None, receive)
-    except EOFError:
-        raise RuntimeError(f"sending process {part} exited without its {kind}") from None
-    if got == "error":
-        raise RuntimeError(f"sending process {part} failed: {body}")
-    if got != kind:
-        raise RuntimeError(f"sending process {part} sent {got!r}, expected {kind!r}")
-    return body
+        return await loop.run_in_executor(None, children.expect, pipe, kind, timeout_s, proc)
+    except children.ChildReported as e:
+        raise RuntimeError(f"sending process {part} failed: {e}") from None
+    except children.ChildFailed as e:
+        raise RuntimeError(f"sending process {part}: {e}") from None
