@@ -46,7 +46,8 @@ def split_us(r: Record) -> dict[str, int]:
 def _mean_ms(records: Sequence[Record]) -> dict[str, float | None]:
     if not records:
         return dict.fromkeys(PARTS)
-    parts = np.array([[split_us(r)[k] for k in PARTS] for r in records], dtype=np.float64)
+    splits = (split_us(r) for r in records)
+    parts = np.array([[s[k] for k in PARTS] for s in splits], dtype=np.float64)
     return dict(zip(PARTS, (float(v) for v in parts.mean(axis=0) / 1000.0), strict=True))
 
 

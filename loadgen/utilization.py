@@ -92,6 +92,7 @@ def mesh_processes(
             continue
         pid = int(entry.name)
         try:
+            stat = ""  # read once: for a new pid's parent, and for its ticks if it is ours
             if pid not in known:
                 cmdline = (
                     (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
@@ -100,7 +101,7 @@ def mesh_processes(
                 known[pid] = kind_of(cmdline, pid == me, parent_pid(stat) == me)
             kind = known[pid]
             if kind is not None:
-                out[pid] = (kind, process_ticks((entry / "stat").read_text()))
+                out[pid] = (kind, process_ticks(stat or (entry / "stat").read_text()))
         except (OSError, ValueError, IndexError):
             continue  # gone between the listing and the read, or not ours to read
     return out
