@@ -31,7 +31,7 @@ from loadgen.experiments.search import (
 from loadgen.inputs import Mix, make_input
 from loadgen.openloop import Result, list_pipelines, pooled_stats, run_open_loop
 from loadgen.utilization import UtilizationSampler
-from protos import gateway_pb2, gateway_pb2_grpc
+from protos import gateway_pb2, gateway_pb2_grpc, plan_pb2
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,7 @@ class Harness:
         # before the agents are done measures the change, not the policy
         await self._wait_applied(int(plan.epoch))
         await self._wait_gateway_epoch(plan.epoch, probe)
-        self.epoch = int(plan.epoch)
-        self.plans.append(
-            {"mix": probe.name, "set_as": policy, **plan_record(plan, probe.pipelines)}
-        )
+        self._now_running(plan, probe, policy)
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
         await asyncio.sleep(self.gap_s)
         return int(plan.epoch)
@@ -135,6 +132,11 @@ class Harness:
             log.error("%s: policy %s not applied: %s", label, policy, e)
             summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
             return None
+
+    def _now_running(self, plan: plan_pb2.Plan, mix: Mix, set_as: str) -> None:
+        """`plan` is the one trials run under from now: its epoch, and its record in `plans`."""
+        self.epoch = int(plan.epoch)
+        self.plans.append({"mix": mix.name, "set_as": set_as, **plan_record(plan, mix.pipelines)})
 
     async def _wait_applied(self, epoch: int) -> None:
         assert self.admin is not None
@@ -206,10 +208,7 @@ class Harness:
         self.replans += 1
         log.info("%s: re-planned to epoch %d between trials; waiting for it", mix.name, plan.epoch)
         await self._wait_applied(int(plan.epoch))
-        self.epoch = int(plan.epoch)
-        self.plans.append(
-            {"mix": mix.name, "set_as": "re-plan", **plan_record(plan, mix.pipelines)}
-        )
+        self._now_running(plan, mix, "re-plan")
         await self.prime(mix, rate_qps)
 
     def trial_length_s(self, mix: Mix, rate_qps: float) -> float:
