@@ -5,8 +5,10 @@ Array code is written once against the namespace `xp` returned here.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import threading
 from types import ModuleType
 
 import numpy as np
@@ -61,3 +63,42 @@ def to_host(array: object) -> np.ndarray:
     if callable(get):
         return get()  # type: ignore[no-any-return]
     return np.asarray(array)
+
+
+# cudaDeviceScheduleBlockingSync: a host thread that waits for the device sleeps on an OS
+# primitive instead of spinning a core (CUDA's default spins while it has cores to spare, which
+# costs a replica a core for every batch the GPU runs).
+BLOCKING_SYNC_FLAG = 0x04
+
+
+def use_device(device: int) -> None:
+    """Makes `device` current for this process, set to wait for the GPU without spinning."""
+    import cupy
+
+    cupy.cuda.runtime.setDevice(device)
+    # takes effect on the device's primary context, also when it already exists
+    with contextlib.suppress(cupy.cuda.runtime.CUDARuntimeError):
+        cupy.cuda.runtime.setDeviceFlags(BLOCKING_SYNC_FLAG)
+    cupy.cuda.Device(device).use()
+
+
+_waits = threading.local()
+
+
+def wait_for(stream: object = None) -> None:
+    """Blocks until the work queued on `stream` (default: the current stream) is done, on an
+    event made with cudaEventBlockingSync: the thread sleeps rather than spins. One event per
+    thread and device, recorded again each time."""
+    import cupy
+
+    if stream is None:
+        stream = cupy.cuda.get_current_stream()
+    device = cupy.cuda.runtime.getDevice()
+    events = getattr(_waits, "events", None)
+    if events is None:
+        events = _waits.events = {}
+    event = events.get(device)
+    if event is None:
+        event = events[device] = cupy.cuda.Event(block=True, disable_timing=True)
+    event.record(stream)
+    event.synchronize()

@@ -61,8 +61,9 @@ def wire_from_array(array: np.ndarray) -> tensor_pb2.WireTensor:
 def array_from_wire(wire: tensor_pb2.WireTensor) -> np.ndarray:
     """A read-only NumPy view of a WireTensor's bytes, after checking they match dtype × shape."""
     want = nbytes_of(wire.dtype, wire.shape)
-    if len(wire.data) != want:
+    data = wire.data  # protobuf makes a new bytes object on every access: read it once
+    if len(data) != want:
         raise InvalidArgument(
-            f"tensor data is {len(wire.data)} bytes, dtype and shape {list(wire.shape)} need {want}"
+            f"tensor data is {len(data)} bytes, dtype and shape {list(wire.shape)} need {want}"
         )
-    return np.frombuffer(wire.data, dtype=to_numpy(wire.dtype)).reshape(tuple(wire.shape))
+    return np.frombuffer(data, dtype=to_numpy(wire.dtype)).reshape(tuple(wire.shape))

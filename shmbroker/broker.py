@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MAX_ITEMS = 1024  # buffers per Allocate call
 RATE_WINDOW_S = 10.0
+# An arena of the default size is this fraction of a slab: several holders share a slab.
+ARENA_SLAB_FRACTION = 4
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,57 @@ class Broker:
     def renew(self, lease_id: str, ttl_s: float) -> broker_pb2.Lease:
         return _lease_pb(self.leases.renew(lease_id, ttl_s))
 
+    def open_and_allocate(
+        self, open_: broker_pb2.OpenLeaseRequest, items: Sequence[broker_pb2.Allocation]
+    ) -> tuple[broker_pb2.Lease, list[tensor_pb2.TensorRef]]:
+        """Opens a lease and allocates the items with no lease_id under it; all or nothing (the
+        lease goes with its buffers when they cannot be had)."""
+        lease = self.open_lease(open_.pool, open_.owner_pid, open_.ttl_s, open_.label)
+        todo = [
+            broker_pb2.Allocation(
+                lease_id=i.lease_id or lease.lease_id, dtype=i.dtype, shape=i.shape, device=i.device
+            )
+            for i in items
+        ]
+        try:
+            return lease, self.allocate(todo)
+        except Exception:
+            self.release([lease.lease_id], EndReason.DONE)
+            raise
+
+    def lend_arena(self, request: broker_pb2.LendArenaRequest) -> broker_pb2.Arena:
+        """A lease holding one buffer of request.nbytes, which its holder sub-allocates."""
+        default = self.config.slab_bytes // ARENA_SLAB_FRACTION // ALIGNMENT * ALIGNMENT
+        nbytes = request.nbytes or max(ALIGNMENT, default)
+        if nbytes > self.config.slab_bytes:
+            raise InvalidArgument(
+                f"an arena of {nbytes} bytes is larger than a slab ({self.config.slab_bytes} bytes)"
+            )
+        lease = self.leases.open(request.pool, request.owner_pid, request.ttl_s, request.label)
+        lease.arena = True
+        try:
+            (ref,) = self.allocate(
+                [
+                    broker_pb2.Allocation(
+                        lease_id=lease.lease_id,
+                        dtype=tensor_pb2.DTYPE_UINT8,
+                        shape=[nbytes],
+                        device=request.device,
+                    )
+                ]
+            )
+        except Exception:
+            self.release([lease.lease_id], EndReason.DONE)
+            raise
+        log.info(
+            "arena %s of %d bytes lent to pid %d (%s)",
+            lease.lease_id,
+            nbytes,
+            request.owner_pid,
+            request.label,
+        )
+        return broker_pb2.Arena(lease=_lease_pb(lease), ref=ref)
+
     def allocate(self, items: Sequence[broker_pb2.Allocation]) -> list[tensor_pb2.TensorRef]:
         """One buffer per item, all or nothing; RESOURCE_EXHAUSTED at once when there is no room."""
         if len(items) > MAX_ITEMS:
@@ -147,6 +200,10 @@ class Broker:
         plan: list[tuple[Lease, int, int]] = []
         for item in items:
             lease = self.leases.get(item.lease_id)
+            if lease.arena and lease.buffers:
+                raise InvalidArgument(
+                    f"lease {item.lease_id} is an arena: its holder allocates inside it"
+                )
             nbytes = nbytes_of(item.dtype, item.shape)
             device = item.device if self.backend is Backend.CUDA else HOST_DEVICE
             self.slabs.check_device(device)
@@ -227,7 +284,7 @@ class Broker:
             metrics.BROKER_USED_BYTES.labels(*key).set(value)
         for key, value in held.items():
             metrics.BROKER_SLAB_BYTES.labels(*key).set(value)
-        metrics.BROKER_LIVE_LEASES.set(len(self.leases))
+        metrics.BROKER_LIVE_LEASES.set(sum(1 for lease in self.leases if not lease.arena))
 
     def allocations_per_s(self) -> float:
         if len(self._rate) < 2:
@@ -237,10 +294,14 @@ class Broker:
 
     def stats(self) -> broker_pb2.StatsResponse:
         slabs = [slab.stats() for slab in self.slabs]
+        leases = [lease for lease in self.leases if not lease.arena]
+        arenas = [lease for lease in self.leases if lease.arena]
         return broker_pb2.StatsResponse(
             slabs=slabs,
-            live_leases=len(self.leases),
-            live_buffers=sum(len(lease.buffers) for lease in self.leases),
+            live_leases=len(leases),
+            live_buffers=sum(len(lease.buffers) for lease in leases),
+            live_arenas=len(arenas),
+            arena_bytes=sum(b.nbytes for lease in arenas for b in lease.buffers),
             used_bytes=sum(s.used_bytes for s in slabs),
             allocations_per_s=self.allocations_per_s(),
             allocations_total=self.allocations_total,

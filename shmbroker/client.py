@@ -129,6 +129,17 @@ class BrokerClient:
             )
             self._infos = {info.slab_id: info for info in resp.slabs}
 
+    @property
+    def dirty(self) -> bool:
+        """True when the channel dropped since the table was loaded (the broker may be new)."""
+        return self._dirty
+
+    @property
+    def ref_key(self) -> bytes:
+        """The key that signs this broker boot's refs (a process that sub-allocates an arena
+        signs its refs with it)."""
+        return self._key
+
     def pool_of(self, slab_id: str) -> str:
         """The pool a slab of the loaded table serves; "" for a slab not in it."""
         info = self._infos.get(slab_id)
@@ -222,6 +233,31 @@ class BrokerClient:
         )
         resp: broker_pb2.AllocateResponse = await self._call(self._stub.Allocate, request)
         return resp.lease.lease_id, list(resp.refs)
+
+    async def lend_arena(
+        self,
+        *,
+        pool: str = "default",
+        device: int = 0,
+        nbytes: int = 0,
+        ttl_s: float = 0.0,
+        label: str = "",
+    ) -> broker_pb2.Arena:
+        """Borrows an arena (nbytes 0: the broker's default size) owned by this process, and
+        opens its slab here."""
+        arena: broker_pb2.Arena = await self._call(
+            self._stub.LendArena,
+            broker_pb2.LendArenaRequest(
+                pool=pool,
+                device=device,
+                nbytes=nbytes,
+                owner_pid=self.pid,
+                ttl_s=ttl_s,
+                label=label,
+            ),
+        )
+        await self.view(arena.ref)  # loads the table if the slab is new, and opens it
+        return arena
 
     async def warm_pool(self, pool: str, device: int = 0) -> None:
         """Makes sure `pool` has a slab on `device` and this process has it open (a one-byte

@@ -56,6 +56,8 @@ class Lease:
     expires_at: float  # monotonic seconds
     expires_unix_us: int
     buffers: list[Buffer] = field(default_factory=list)
+    # an arena: one large buffer its holder sub-allocates queries' buffers in (LendArena)
+    arena: bool = False
 
 
 def process_start(pid: int) -> str | None:

@@ -40,21 +40,14 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.AllocateResponse:
         if not request.HasField("open"):
             return broker_pb2.AllocateResponse(refs=self.broker.allocate(request.items))
-        o = request.open
-        lease = self.broker.open_lease(o.pool, o.owner_pid, o.ttl_s, o.label)
-        items = [
-            broker_pb2.Allocation(
-                lease_id=i.lease_id or lease.lease_id, dtype=i.dtype, shape=i.shape, device=i.device
-            )
-            for i in request.items
-        ]
-        try:
-            refs = self.broker.allocate(items)
-        except Exception:
-            # all or nothing: the lease opened for these buffers goes with them
-            self.broker.release([lease.lease_id], EndReason.DONE)
-            raise
+        lease, refs = self.broker.open_and_allocate(request.open, request.items)
         return broker_pb2.AllocateResponse(refs=refs, lease=lease)
+
+    @grpc_errors
+    async def LendArena(  # noqa: N802
+        self, request: broker_pb2.LendArenaRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.Arena:
+        return self.broker.lend_arena(request)
 
     @grpc_errors
     async def Release(  # noqa: N802

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from common import lifecycle
-from common.backend import Backend, resolve
+from common.backend import Backend, resolve, use_device
 from common.errors import from_rpc_error
 from common.pipeline_config import list_pipelines, load_pipeline
 from common.retry import Backoff
@@ -155,9 +155,7 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
     try:
         backend = resolve(settings.backend)
         if backend is Backend.CUDA:
-            import cupy
-
-            cupy.cuda.Device(settings.device).use()
+            use_device(settings.device)
         directory = settings.pipelines_dir or None
         pipelines = {
             n: pipeline_entry(n, settings.size, directory) for n in list_pipelines(directory)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.backend import Backend, to_host
+from common.backend import Backend, to_host, wait_for
 from common.clock import mono_us
 from common.dtypes import to_numpy, wire_from_array
 from common.errors import (
@@ -326,8 +326,6 @@ def _fill(view: Any, item: np.ndarray) -> None:
     """The one host→device copy of a query (a plain memcpy into shared memory on host)."""
     if hasattr(view, "set"):
         view.set(np.ascontiguousarray(item))
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
+        wait_for()  # sleeps on an event: never spins a core
     else:
         view[...] = item

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from common import lifecycle
-from common.backend import Backend, resolve, xp_for
+from common.backend import Backend, resolve, use_device, xp_for
 from common.clock import mono_us
 from common.errors import InvalidArgument, NotFound
 from common.pipeline_config import load_pipeline
@@ -81,7 +81,7 @@ async def create_server(settings: StageSettings) -> StageApp:
         backend = resolve(settings.backend)
         xp = xp_for(backend)
         if backend is Backend.CUDA:
-            xp.cuda.Device(settings.device).use()
+            use_device(settings.device)
         pipeline = load_pipeline(
             settings.pipeline, settings.size, directory=settings.pipelines_dir or None
         )

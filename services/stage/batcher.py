@@ -87,6 +87,12 @@ class Batcher:
 
     async def submit(self, payload: Any, deadline_us: int | None = None) -> Any:
         """Queues one request and waits for its result (or the error its batch raised for it)."""
+        return await self.submit_nowait(payload, deadline_us)
+
+    def submit_nowait(self, payload: Any, deadline_us: int | None = None) -> asyncio.Future[Any]:
+        """Queues one request; its future settles with the result (or the batch's error for it).
+        Cancelling the future drops the request if it is still queued. Raises at once when the
+        replica is not running or its queue is full."""
         if self.state is not State.RUNNING:
             raise Unavailable(f"replica is {self.state.value}, not taking requests")
         if self._queue.qsize() >= self.max_queue:
@@ -97,7 +103,7 @@ class Batcher:
         self._arrivals.arrived(item.arrived_us)
         self._idle.clear()
         self._queue.put_nowait(item)
-        return await item.future
+        return item.future
 
     async def _take(self) -> list[Item]:
         first = await self._queue.get()

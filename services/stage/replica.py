@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common import metrics
-from common.backend import Backend, to_host
+from common.backend import Backend, to_host, wait_for
 from common.clock import mono_us, wall_us
 from common.dtypes import wire_from_array
 from common.errors import CamelotError, InvalidArgument
@@ -39,6 +39,10 @@ class BufferSource(Protocol):
     ) -> list[tensor_pb2.TensorRef]: ...
 
     async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
+
+    def view_cached(self, ref: tensor_pb2.TensorRef) -> Any: ...
+
+    def pool_of(self, slab_id: str) -> str: ...
 
     async def warm_pool(self, pool: str, device: int = 0) -> None: ...
 
@@ -110,6 +114,15 @@ def warm_sizes(max_batch: int) -> list[int]:
     )
 
 
+def _code_of(future: asyncio.Future[Any]) -> str:
+    if future.cancelled():
+        return "CANCELLED"
+    e = future.exception()
+    if e is None:
+        return "OK"
+    return e.code.name if isinstance(e, CamelotError) else "INTERNAL"
+
+
 class Replica:
     def __init__(
         self,
@@ -137,6 +150,8 @@ class Replica:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.batcher = Batcher(self._run_batch, max_batch, max_wait_us, max_queue)
         self._labels = (identity.pipeline, identity.stage, identity.replica_id)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(*self._labels)
+        self._latency = metrics.LATENCY.labels("stage", *self._labels[:2])
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -172,26 +187,35 @@ class Replica:
     # -- requests ----------------------------------------------------------------------------
 
     async def infer(self, request: Request) -> Result:
-        check_inputs(
-            self.model.inputs,
-            {k: (v.dtype, tuple(v.shape)) for k, v in request.inputs.items()},
-        )
-        metrics.QUEUE_DEPTH.labels(*self._labels).set(self.batcher.depth)
-        start = mono_us()
+        result: Result = await self.submit(request)
+        return result
+
+    def submit(self, request: Request) -> asyncio.Future[Result]:
+        """Checks and queues one request without waiting: its future settles with the Result.
+        Cancelling the future drops the request while it is still queued."""
         code = "OK"
+        start = mono_us()
         try:
-            item_result: Result = await self.batcher.submit(request, request.deadline_us)
-            return item_result
+            check_inputs(
+                self.model.inputs,
+                {k: (v.dtype, tuple(v.shape)) for k, v in request.inputs.items()},
+            )
+            self._queue_depth.set(self.batcher.depth)
+            future: asyncio.Future[Result] = self.batcher.submit_nowait(
+                request, request.deadline_us
+            )
         except CamelotError as e:
             code = e.code.name
             raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
         finally:
-            total = mono_us() - start
-            metrics.REQUESTS.labels("stage", *self._labels[:2], code).inc()
-            metrics.LATENCY.labels("stage", *self._labels[:2]).observe(total / 1e6)
+            if code != "OK":
+                self._count(code, mono_us() - start)
+        future.add_done_callback(lambda f: self._count(_code_of(f), mono_us() - start))
+        return future
+
+    def _count(self, code: str, total_us: int) -> None:
+        metrics.REQUESTS.labels("stage", *self._labels[:2], code).inc()
+        self._latency.observe(total_us / 1e6)
 
     async def _on_gpu(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -201,9 +225,10 @@ class Replica:
         return stream if stream is not None else contextlib.nullcontext()
 
     def _sync(self) -> None:
-        """Waits for this thread's current stream: outputs are final before the answer leaves."""
+        """Waits for this thread's current stream, sleeping rather than spinning: outputs are
+        final before the answer leaves."""
         if self.backend is Backend.CUDA:
-            self.xp.cuda.get_current_stream().synchronize()
+            wait_for()
 
     def _begin_batch(self) -> None:
         """On the GPU thread: the slice this batch runs on (green mode), fixed until it ends."""
@@ -300,11 +325,64 @@ class Replica:
         return outs
 
     async def _run_batch(self, items: list[Item]) -> None:
-        await self._on_gpu(self._begin_batch)
+        requests: list[Request] = [i.payload for i in items]
+        if any(not r.wire_out and r.out_refs is None for r in requests):
+            # some outputs need buffers from the broker: allocate beside the compute
+            await self._on_gpu(self._begin_batch)
+            try:
+                await self._run_batch_on_slice(items)
+            finally:
+                await self._on_gpu(self._end_batch)
+            return
+        # every output buffer is known: the whole batch is one hand-off to the GPU thread
+        t0 = mono_us()
+        outputs = await self._on_gpu(self._whole_batch_sync, requests)
+        self._settle(items, requests, outputs, mono_us() - t0)
+
+    def _whole_batch_sync(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
+        """On the GPU thread: slice, compute, outputs into their buffers or bytes, one wait."""
+        self._begin_batch()
         try:
-            await self._run_batch_on_slice(items)
+            out = self._compute_sync(requests)
+            ref_rows = [n for n, r in enumerate(requests) if not r.wire_out]
+            outputs: dict[int, list[tensor_pb2.Tensor]] = {}
+            if ref_rows:
+                views = [requests[n].out_views or [] for n in ref_rows]
+                self._scatter_sync(out, views, ref_rows)
+                for n in ref_rows:
+                    outputs[n] = [
+                        tensor_pb2.Tensor(name=s.name, ref=ref)
+                        for s, ref in zip(
+                            self.model.outputs, requests[n].out_refs or [], strict=True
+                        )
+                    ]
+            wire_rows = [n for n, r in enumerate(requests) if r.wire_out]
+            if wire_rows:
+                for n, tensors in zip(wire_rows, self._wire_sync(out, wire_rows), strict=True):
+                    outputs[n] = tensors
+            return outputs
         finally:
-            await self._on_gpu(self._end_batch)
+            self._end_batch()
+
+    def _settle(
+        self,
+        items: list[Item],
+        requests: list[Request],
+        outputs: dict[int, list[tensor_pb2.Tensor]],
+        compute_us: int,
+    ) -> None:
+        for n, item in enumerate(items):
+            if item.future.done() or n not in outputs:
+                continue
+            result = Result(
+                outputs=outputs[n],
+                queue_us=item.queue_us,
+                batch_wait_us=item.batch_started_us - item.taken_us,
+                compute_us=compute_us,
+                batch_size=len(items),
+            )
+            item.future.set_result(result)
+            self._report(requests[n], result, item)
 
     async def _run_batch_on_slice(self, items: list[Item]) -> None:
         requests: list[Request] = [i.payload for i in items]
@@ -348,19 +426,7 @@ class Replica:
                 wire_rows, await self._on_gpu(self._wire_sync, out, wire_rows), strict=True
             ):
                 outputs[n] = tensors
-        compute_us = mono_us() - t0
-        for n, item in enumerate(items):
-            if item.future.done() or n not in outputs:
-                continue
-            result = Result(
-                outputs=outputs[n],
-                queue_us=item.queue_us,
-                batch_wait_us=item.batch_started_us - item.taken_us,
-                compute_us=compute_us,
-                batch_size=len(items),
-            )
-            item.future.set_result(result)
-            self._report(requests[n], result, item)
+        self._settle(items, requests, outputs, mono_us() - t0)
 
     def _report(self, request: Request, result: Result, item: Item) -> None:
         if self.reports is None:

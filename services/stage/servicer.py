@@ -2,103 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from common.clock import mono_us
-from common.dtypes import array_from_wire, from_numpy, to_numpy
-from common.errors import InvalidArgument, PermissionDenied, grpc_errors
+from common.dtypes import from_numpy
+from common.errors import InvalidArgument, grpc_errors
 from protos import stage_pb2, stage_pb2_grpc, tensor_pb2
-from services.stage.replica import Replica, Request, check_inputs
+from services.stage.calls import StreamCalls
+from services.stage.intake import Intake
+from services.stage.replica import Replica
+
+log = logging.getLogger(__name__)
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
     def __init__(self, replica: Replica, model_path: str, multiprocessors: int) -> None:
         self.replica = replica
+        self.intake = Intake(replica)
         self.model_path = model_path
         self.multiprocessors = multiprocessors
         self.resizer: Any = None  # set in green mode: async (groups) -> (apply_us, multiprocessors)
-
-    async def _input(self, t: tensor_pb2.Tensor, lease_id: str) -> Any:
-        body = t.WhichOneof("body")
-        if body == "ref":
-            if t.ref.lease_id != lease_id:
-                raise PermissionDenied(
-                    f"input {t.name!r} belongs to lease {t.ref.lease_id!r}, not the query's lease"
-                )
-            buffers = self.replica.buffers
-            if buffers is None:
-                raise InvalidArgument("this replica has no broker; send inputs by value")
-            view = await buffers.view(t.ref)
-            # slabs are per pipeline: a replica works only on its own pipeline's memory, even
-            # under a lease the caller holds (pool_of is read after `view` loaded the table)
-            pool_of = getattr(buffers, "pool_of", None)
-            pipeline = self.replica.identity.pipeline
-            if pool_of is not None and pool_of(t.ref.slab_id) != pipeline:
-                raise PermissionDenied(
-                    f"input {t.name!r} lies in pool {pool_of(t.ref.slab_id)!r}, not {pipeline!r}"
-                )
-            return view
-        if body == "wire":
-            # a host array: the replica's GPU thread copies it to the device on its stream
-            return array_from_wire(t.wire)
-        raise InvalidArgument(f"input {t.name!r} has neither a ref nor bytes")
-
-    async def _outputs(
-        self, request: stage_pb2.InferRequest, wire_out: bool
-    ) -> tuple[list[tensor_pb2.TensorRef] | None, list[Any] | None]:
-        """Checks caller-allocated output buffers against the model's output specs."""
-        if not request.outputs:
-            return None, None
-        if wire_out:
-            raise InvalidArgument("output buffers were given but the transport is wire")
-        given = {t.name: t for t in request.outputs}
-        specs = self.replica.model.outputs
-        if sorted(given) != sorted(s.name for s in specs) or len(given) != len(request.outputs):
-            raise InvalidArgument(
-                f"output buffers {sorted(given)} do not match the outputs {[s.name for s in specs]}"
-            )
-        refs, views = [], []
-        for spec in specs:
-            t = given[spec.name]
-            if t.WhichOneof("body") != "ref":
-                raise InvalidArgument(f"output buffer {spec.name!r} is not a ref")
-            check_inputs(
-                [spec],
-                {spec.name: (to_numpy(t.ref.dtype), tuple(t.ref.shape))},
-                what="output buffer",
-            )
-            refs.append(t.ref)
-            views.append(await self._input(t, request.lease_id))
-        return refs, views
 
     @grpc_errors
     async def Infer(
         self, request: stage_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.InferResponse:
-        wire_out = request.transport == tensor_pb2.TRANSPORT_WIRE
-        if not wire_out and not request.lease_id:
-            raise InvalidArgument("transport ref needs a lease_id for the outputs")
-        names = [t.name for t in request.inputs]
-        if len(set(names)) != len(names):
-            raise InvalidArgument(f"duplicate input names in {names}")
-        inputs = {t.name: await self._input(t, request.lease_id) for t in request.inputs}
-        out_refs, out_views = await self._outputs(request, wire_out)
         remaining = context.time_remaining()
         deadline_us = None if remaining is None else mono_us() + int(remaining * 1e6)
-        result = await self.replica.infer(
-            Request(
-                query_id=request.query_id,
-                pipeline=request.pipeline,
-                lease_id=request.lease_id,
-                inputs=inputs,
-                wire_out=wire_out,
-                deadline_us=deadline_us,
-                out_refs=out_refs,
-                out_views=out_views,
-            )
-        )
+        result = await self.replica.infer(await self.intake.request_async(request, deadline_us))
         return stage_pb2.InferResponse(
             outputs=result.outputs,
             timings=stage_pb2.StageTimings(
@@ -109,6 +45,32 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             ),
             replica_id=self.replica.identity.replica_id,
         )
+
+    async def InferStream(
+        self,
+        request_iterator: AsyncIterator[stage_pb2.InferBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[stage_pb2.InferResultBatch]:
+        """Reads batches of calls in a task of its own; yields answers as calls finish."""
+        calls = StreamCalls(self.intake, self.replica.identity.replica_id)
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    try:
+                        await calls.take(batch)
+                    except Exception:
+                        log.exception("a batch of stream calls failed to start")
+            finally:
+                calls.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answers := await calls.next_batch()) is not None:
+                yield answers
+        finally:
+            reader.cancel()
+            calls.cancel_all()
 
     @grpc_errors
     async def Describe(
