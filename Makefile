@@ -50,6 +50,9 @@ bench-transport: codegen ## one-hop cost, ref against host copy -> docs/results/
 bench-e2e: codegen ## end-to-end p50/p99, ref against wire -> docs/results/e2e.json
 	$(BIN)/python -m loadgen.bench_e2e $(or $(ARGS),--launch)
 
+bench-host: codegen ## host path: null stages' max rate at p99<=25ms, CPU-ms/query per process -> docs/results/host-path.json
+	$(BIN)/python -m loadgen.bench_host $(ARGS)
+
 faults: codegen ## kill -9 each process of a live mesh under load -> docs/results/faults.json
 	$(BIN)/python -m loadgen.faults $(ARGS)
 
@@ -63,4 +66,4 @@ clean: ## remove generated code and caches
 	rm -f protos/*_pb2*.py protos/*_pb2*.pyi
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e faults soak load clean
+.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e bench-host faults soak load clean

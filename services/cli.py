@@ -36,14 +36,15 @@ DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
 PID_FILE = "camelot.pid"
 
 
-def pipelines_subset(run_dir: Path, names: list[str]) -> str:
-    """A pipelines folder holding only `names` (the whole mesh then serves just those)."""
+def pipelines_subset(run_dir: Path, names: list[str], directory: str = "") -> str:
+    """A pipelines folder holding only `names` from `directory` (default: the bundled configs):
+    the whole mesh then serves just those."""
     folder = run_dir / "pipelines"
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.yaml"):
         old.unlink()
     for name in names:
-        shutil.copy(config_path(name), folder / f"{name}.yaml")
+        shutil.copy(config_path(name, directory or None), folder / f"{name}.yaml")
     return str(folder)
 
 
@@ -54,10 +55,12 @@ async def start_mesh(
     policy: str = "even",
     share_mode: str = "",
     pipelines: list[str] | None = None,
+    pipelines_dir: str = "",
 ) -> dict[str, Any]:
     """Starts the whole mesh on this node: redis (unless CAMELOT_REDIS_URL is set), broker,
     scheduler, agent (which starts the replicas the scheduler's plan asks for) and gateway
-    (which follows the scheduler's routes); returns once every pipeline has a ready replica."""
+    (which follows the scheduler's routes); returns once every pipeline has a ready replica.
+    `pipelines` (default: all) are taken from `pipelines_dir` (default: the bundled configs)."""
     redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
     if not redis_url:
         port = free_port()
@@ -69,7 +72,9 @@ async def start_mesh(
         token_file.chmod(0o600)
     env = {"CAMELOT_ADMIN_TOKEN_FILE": str(token_file), "CAMELOT_REDIS_URL": redis_url}
     if pipelines:
-        env["CAMELOT_PIPELINES_DIR"] = pipelines_subset(mesh.run_dir, pipelines)
+        env["CAMELOT_PIPELINES_DIR"] = pipelines_subset(mesh.run_dir, pipelines, pipelines_dir)
+    elif pipelines_dir:
+        env["CAMELOT_PIPELINES_DIR"] = pipelines_dir
     sock = str(mesh.run_dir / "broker.sock")
     broker_port = free_port()
     broker = mesh.python(
@@ -109,7 +114,8 @@ async def start_mesh(
     )  # fmt: skip
     gw = f"127.0.0.1:{gw_port}"
     await wait_healthy(gw, 120, gateway)
-    await wait_routed(gw, pipelines or list_pipelines(), timeout_s=600, procs=mesh.procs)
+    names = pipelines or list_pipelines(pipelines_dir or None)
+    await wait_routed(gw, names, timeout_s=600, procs=mesh.procs)
     return {"gateway": gw, "scheduler": sched_addr, "redis": redis_url, "broker": broker_addr,
             "token_file": str(token_file)}  # fmt: skip
 

@@ -1,0 +1,139 @@
+"""The host-path benchmark: its process accounting on real process trees, how it judges a rate,
+and a smoke run of the whole program against a real mesh of null stages (host backend, one low
+rate, a couple of seconds) that checks the result's shape and that the CPU figures are there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loadgen import bench_host
+from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
+from loadgen.openloop import OK, Record
+
+# a process that starts a replica-like child (its command line names services.stage) and a
+# plain child, then waits; the plain child burns CPU
+PARENT = """
+import subprocess, sys, time
+burn = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 60: pass"
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "services.stage",
+                  "--pipeline", "p", "--stage", "s"])
+subprocess.Popen([sys.executable, "-c", burn])
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.fixture
+def tree_procs():
+    root = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
+    assert root.stdout is not None and root.stdout.readline().strip() == b"started"
+    kids = children_of(root.pid)
+    try:
+        yield root.pid, kids
+    finally:
+        for pid in kids:
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        root.kill()
+        root.wait()
+        root.stdout.close()
+
+
+def test_a_replica_is_labelled_by_its_pipeline_and_stage():
+    argv = ["python", "-m", "services.stage", "--pipeline", "null3", "--stage", "b", "--x", "1"]
+    assert stage_label(argv) == "stage:null3/b"
+    assert stage_label(["python", "-m", "services.gateway"]) is None
+
+
+def test_processes_take_their_roots_kind_except_replicas_and_strangers_are_not_counted(
+    tree_procs,
+):
+    root, kids = tree_procs
+    tree = ProcessTree({root: "agent"})
+    ticks = tree.ticks()
+    labels = {pid: label for pid, (label, _) in ticks.items()}
+    assert labels[root] == "agent"
+    assert sorted(labels[k] for k in kids) == ["agent", "stage:p/s"]
+    # this process is the load generator; init and the test runner's parent are no one's
+    assert tree.label(tree.own) == "loadgen"
+    assert 1 not in ticks and tree.label(1) is None
+
+
+async def test_a_window_charges_cpu_to_the_kind_that_spent_it(tree_procs):
+    root, _ = tree_procs
+    tree = ProcessTree({root: "agent"})
+    async with CpuSampler(tree, every_s=0.1, gpus=False) as sampler:
+        t0 = sampler.samples[0].t_us
+        # the burning child must run for a few clock ticks, however loaded the machine
+        deadline = time.monotonic() + 30
+        while True:
+            await asyncio.sleep(0.3)
+            window = sampler.window(t0, sampler.samples[-1].t_us)
+            if window.cpu_ms.get("agent", 0) >= 30 or time.monotonic() > deadline:
+                break
+    assert window.cpu_ms["agent"] >= 30 and window.seconds > 0
+    assert window.by_kind()["stage"] >= 0
+    assert window.host_cpu_pct is not None and window.gpu_util_pct is None
+
+
+def record(pipeline: str, latency_ms: float, status: str = OK) -> Record:
+    return Record(pipeline, 0, 0, int(latency_ms * 1000), status)
+
+
+def test_a_rate_holds_within_target_and_collapses_past_it():
+    fine = [record("a", 5)] * 99 + [record("a", 20)]
+    assert bench_host.judge(fine, {"a": 25.0}, 0.01)[:2] == (True, False)
+    tail = [record("a", 5)] * 90 + [record("a", 40)] * 10
+    assert bench_host.judge(tail, {"a": 25.0}, 0.01)[:2] == (False, False)
+    slow = [record("a", 40)] * 100
+    assert bench_host.judge(slow, {"a": 25.0}, 0.01)[:2] == (False, True)
+    failing = [record("a", 5)] * 90 + [record("a", 0, "DEADLINE_EXCEEDED")] * 10
+    assert bench_host.judge(failing, {"a": 25.0}, 0.01)[:2] == (False, True)
+    # a mix holds only when every pipeline holds its own target
+    mix = [record("a", 5)] * 100 + [record("b", 50)] * 100
+    held, _, per = bench_host.judge(mix, {"a": 25.0, "b": 60.0}, 0.01)
+    assert held and per["b"]["p99_ms"] == 50.0
+    assert not bench_host.judge(mix, {"a": 25.0, "b": 40.0}, 0.01)[0]
+
+
+def test_only_null_pipelines_are_taken_without_reference():
+    with pytest.raises(Exception, match="not null pipelines: text-to-img"):
+        bench_host.workloads(bench_host.build_parser().parse_args(["--pipelines", "text-to-img"]))
+    (ref,) = bench_host.workloads(bench_host.build_parser().parse_args(["--reference"]))
+    assert ref.size == "full" and ref.policy == "exclusive" and len(ref.pipelines) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_path):
+    argv = ["--pipelines", "null3", "--backend", "host", "--rates", "15", "--duration-s", "3",
+            "--warmup-s", "0.5", "--prime-s", "0", "--gap-s", "0", "--client-processes", "2",
+            "--connections", "2", "--gateway-workers", "1", "--deadline-s", "20",
+            "--out-dir", str(tmp_path), "--name", "host-smoke"]  # fmt: skip
+    json_path, md_path = await bench_host.run(bench_host.build_parser().parse_args(argv), argv)
+    doc = json.loads(json_path.read_text())
+    assert doc["name"] == "host-smoke" and doc["backend"] == "host"
+    assert doc["command"].startswith("python -m loadgen.bench_host --pipelines null3")
+    assert {"null3_max_qps", "null3_cpu_ms_per_query"} <= set(doc["summary"])
+    (row,) = doc["rows"]
+    assert row["workload"] == "null3" and row["rate_qps"] == 15
+    assert row["count"] > 0 and row["errors"] == 0
+    for kind in ("gateway", "stage", "loadgen"):
+        assert row[f"cpu_ms.{kind}"] > 0, kind
+    assert sorted(row["cpu_ms_by_stage"]) == ["null3/a", "null3/b", "null3/c"]
+    assert all(ms > 0 for ms in row["cpu_ms_by_stage"].values())
+    # the mesh's figure leaves the load generator out and counts everything else
+    mesh = sum(row[f"cpu_ms.{k}"] or 0 for k in bench_host.KINDS if k != "loadgen")
+    assert row["mesh_cpu_ms_per_query"] == pytest.approx(mesh, rel=1e-3, abs=1e-3)
+    assert doc["settings"]["workloads"][0]["directory"] == "services/pipelines/null"
+    assert "mesh_cpu_ms_per_query" in md_path.read_text()
