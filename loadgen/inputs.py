@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import jpeg
 from common.dtypes import to_numpy
 from common.errors import InvalidArgument, NotFound
 from protos import tensor_pb2
@@ -96,12 +97,17 @@ def uniform_mix(pipelines: Sequence[str]) -> Mix:
 
 
 def make_input(spec: tensor_pb2.TensorSpec, rng: np.random.Generator) -> tensor_pb2.WireTensor:
-    """A random tensor of the spec's dtype and shape: floats in [0, 1), integers in [0, 256)."""
+    """A random tensor of the spec's dtype and shape: floats in [0, 1), integers in [0, 256); for
+    a JPEG input (common/jpeg.py), a generated image of the frame size its name gives, encoded
+    and framed, as a camera client would send it."""
     dtype = to_numpy(spec.dtype)
     shape = tuple(int(d) for d in spec.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"spec {spec.name!r} has a negative dimension: {list(shape)}")
-    if dtype.kind == "f":
+    if jpeg.is_jpeg_input(spec.name, dtype, shape):
+        h, w = jpeg.frame_size(spec.name) or jpeg.DEFAULT_FRAME
+        array = jpeg.encoded_frame(jpeg.synthetic_image(rng, h, w), shape[0])
+    elif dtype.kind == "f":
         array = rng.random(shape, dtype=np.float32).astype(dtype)
     elif dtype.kind == "b":
         array = rng.random(shape) < 0.5

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from common import jpeg
 from common.errors import InvalidArgument
 
 IMAGE = {"tiny": (40, 40, 3), "full": (768, 768, 3)}
@@ -18,6 +19,10 @@ TOKENS = {"tiny": (8, 128), "full": (32, 8192)}  # (length, vocab)
 SAMPLES = {"tiny": 4096, "full": 32000}
 FRAME = {"tiny": (64, 64, 3), "full": (720, 1280, 3)}  # full: a 720p camera frame
 SAMPLE_RATE = 16000
+# JPEG pipelines (common/jpeg.py): (height, width) of the encoded image, framed vector length
+JPEG_FRAME = {"tiny": ((64, 64), 8192), "full": ((720, 1280), 262144)}  # a 720p camera
+JPEG_IMAGE = {"tiny": ((64, 64), 8192), "full": ((480, 640), 131072)}  # a VGA photo
+SPEECH = {"tiny": 8000, "full": 480000}  # full: Whisper's 30 s window at 16 kHz
 
 
 def _size(table: Mapping[str, object], size: str) -> None:
@@ -45,7 +50,10 @@ def tokens(size: str, rng: np.random.Generator) -> np.ndarray:
 def waveform(size: str, rng: np.random.Generator) -> np.ndarray:
     """float32 mono audio at 16 kHz in [-1, 1]: three tones with a fade, plus noise."""
     _size(SAMPLES, size)
-    n = SAMPLES[size]
+    return _tones(SAMPLES[size], rng)
+
+
+def _tones(n: int, rng: np.random.Generator) -> np.ndarray:
     t = np.arange(n) / SAMPLE_RATE
     tones = np.zeros(n)
     for _ in range(3):
@@ -67,3 +75,27 @@ def frame(size: str, rng: np.random.Generator) -> np.ndarray:
         y, x = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
         out[y : y + bh, x : x + bw] = rng.uniform(120, 255, c)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _jpeg(
+    table: Mapping[str, tuple[tuple[int, int], int]], size: str, rng: np.random.Generator
+) -> np.ndarray:
+    _size(table, size)
+    (h, w), max_bytes = table[size]
+    return jpeg.encoded_frame(jpeg.synthetic_image(rng, h, w), max_bytes)
+
+
+def jpeg_frame(size: str, rng: np.random.Generator) -> np.ndarray:
+    """A camera frame as a framed JPEG (uint8 [max_bytes], common/jpeg.py)."""
+    return _jpeg(JPEG_FRAME, size, rng)
+
+
+def jpeg_image(size: str, rng: np.random.Generator) -> np.ndarray:
+    """A photo as a framed JPEG (uint8 [max_bytes], common/jpeg.py)."""
+    return _jpeg(JPEG_IMAGE, size, rng)
+
+
+def speech(size: str, rng: np.random.Generator) -> np.ndarray:
+    """float32 mono audio at 16 kHz, as `waveform`, over Whisper-style windows."""
+    _size(SPEECH, size)
+    return _tones(SPEECH[size], rng)

@@ -1,0 +1,336 @@
+"""Vision stages from torchvision: JPEG decoding, an SSDlite detector, crops by `roi_align`, a
+ResNet classifier and a ViT encoder. Images between stages are `uint8 [3, H, W]` (CHW, as
+torchvision has them); every network normalises its own input inside its graph.
+
+Plug-in factories (`factory(ctx, **options)`):
+
+    jpeg_decode   jpeg uint8 [max_bytes] (common/jpeg.py framing) -> image uint8 [3, H, W]
+    detector      image -> boxes float32 [K, 4] (x1, y1, x2, y2 in image pixels), scores [K],
+                  labels int32 [K]; the K best detections, zero-padded
+    crop          image, boxes -> crops [K, 3, S, S] (compute dtype, ImageNet-normalised)
+    classifier    crops -> classes int32 [K] (ResNet-50 by default)
+    vit_encoder   image -> features [1 + patches, hidden] (compute dtype; ViT-B/16 by default)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from common import jpeg
+from common.errors import InvalidArgument
+from services.stage.plugin import ModelContext
+from services.torchmodels.core import TorchStage, pair, positive, spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _normalise(torch: Any, x: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """uint8 or [0, 255] float NCHW -> (x / 255 - mean) / std, in x's float dtype."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x / 255 - m) / s
+
+
+class JpegDecode(TorchStage):
+    """Decodes on the GPU with nvJPEG (`torchvision.io.decode_jpeg(device="cuda")`, one batched
+    call), with libjpeg-turbo on the host backend. nvJPEG reads its input from host memory, so
+    the CUDA path first copies the batch's length headers, then the used prefix of the rows (one
+    copy each, bounded by the longest JPEG). Images of another size than the output are resized
+    (bilinear, antialiased); a row of length 0 is a black image. Not graph-safe (host work)."""
+
+    def __init__(self, ctx: ModelContext, out_size: Any, max_bytes: int) -> None:
+        super().__init__(ctx, "jpeg_decode")
+        self.h, self.w = pair("out_size", out_size)
+        self.max_bytes = positive("max_bytes", max_bytes)
+        if self.max_bytes <= jpeg.HEADER_BYTES:
+            raise InvalidArgument(f"option max_bytes={max_bytes} leaves no room for a JPEG")
+        from torchvision import io as tvio
+
+        self.tvio = tvio
+        self.inputs = [spec("jpeg", np.uint8, (self.max_bytes,))]
+        self.outputs = [spec("image", np.uint8, (3, self.h, self.w))]
+
+    def forward(self, data: Any) -> list[Any]:
+        torch = self.torch
+        n = int(data.shape[0])
+        head = data[:, : jpeg.HEADER_BYTES].cpu().numpy()
+        lengths = jpeg.lengths(head, self.max_bytes)
+        used = jpeg.HEADER_BYTES + int(lengths.max(initial=0))
+        host = data[:, :used].cpu()
+        out = torch.zeros((n, 3, self.h, self.w), dtype=torch.uint8, device=self.device)
+        rows = [i for i in range(n) if lengths[i] > 0]
+        if not rows:
+            return [out]
+        files = [host[i, jpeg.HEADER_BYTES : jpeg.HEADER_BYTES + int(lengths[i])] for i in rows]
+        mode = self.tvio.ImageReadMode.RGB
+        try:
+            if self.cuda:
+                images = self.tvio.decode_jpeg(files, mode=mode, device=self.device)
+            else:
+                images = [self.tvio.decode_jpeg(f, mode=mode) for f in files]
+        except RuntimeError as e:
+            raise InvalidArgument(f"a JPEG input cannot be decoded: {e}") from e
+        for i, img in zip(rows, images, strict=True):
+            out[i] = self.resize(img)
+        return [out]
+
+    def resize(self, img: Any) -> Any:
+        if tuple(img.shape[1:]) == (self.h, self.w):
+            return img
+        f = self.torch.nn.functional
+        x = f.interpolate(img[None].float(), size=(self.h, self.w), mode="bilinear", antialias=True)
+        return x[0].round().clamp(0, 255).to(self.torch.uint8)
+
+
+def jpeg_decode(
+    ctx: ModelContext, out_size: Any = (224, 224), max_bytes: int = 131072
+) -> JpegDecode:
+    return JpegDecode(ctx, out_size, max_bytes)
+
+
+class Detector(TorchStage):
+    """torchvision's SSDlite320 on MobileNetV3-Large (COCO's 91 classes). The dense part (resize
+    to the work size, normalise, backbone, head) replays as a CUDA graph; anchor decoding, score
+    threshold and NMS (data-dependent sizes) run eagerly, and the K best detections per image are
+    returned in image pixels, zero-padded."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        image_size: Any,
+        max_boxes: int,
+        work_size: int,
+        num_classes: int,
+        score_thresh: float,
+        weights: str | None,
+    ) -> None:
+        super().__init__(ctx, "detector")
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+        from torchvision.models.detection.image_list import ImageList
+
+        self.h, self.w = pair("image_size", image_size)
+        self.k = positive("max_boxes", max_boxes)
+        self.work = positive("work_size", work_size)
+        self.seeded()
+        net = ssdlite320_mobilenet_v3_large(
+            weights=None,
+            weights_backbone=None,
+            num_classes=positive("num_classes", num_classes),
+            score_thresh=float(score_thresh),
+            detections_per_img=self.k,
+        )
+        self.net = self.place(net, weights)
+        self.inputs = [spec("image", np.uint8, (3, self.h, self.w))]
+        self.outputs = [
+            spec("boxes", np.float32, (self.k, 4)),
+            spec("scores", np.float32, (self.k,)),
+            spec("labels", np.int32, (self.k,)),
+        ]
+        self.dense = self.graphed("dense", self._dense, self.inputs)
+        # anchors depend only on the feature map sizes: one image's, made once
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.zeros((1, 3, self.work, self.work), dtype=self.dtype, device=self.device)
+            features = list(self.net.backbone(x).values())
+            self.anchor = self.net.anchor_generator(
+                ImageList(x, [(self.work, self.work)]), features
+            )[0]
+
+    def _dense(self, image: Any) -> tuple[Any, Any]:
+        torch = self.torch
+        x = image.to(self.dtype)
+        if (self.h, self.w) != (self.work, self.work):
+            x = torch.nn.functional.interpolate(
+                x, size=(self.work, self.work), mode="bilinear", align_corners=False
+            )
+        t = self.net.transform
+        x = _normalise(torch, x, tuple(t.image_mean), tuple(t.image_std))
+        features = list(self.net.backbone(x).values())
+        head = self.net.head(features)
+        return head["bbox_regression"], head["cls_logits"]
+
+    def forward(self, image: Any) -> list[Any]:
+        torch = self.torch
+        n = int(image.shape[0])
+        regression, logits = self.dense(image)
+        head = {"bbox_regression": regression.float(), "cls_logits": logits.float()}
+        dets = self.net.postprocess_detections(
+            head, [self.anchor.float()] * n, [(self.work, self.work)] * n
+        )
+        boxes = torch.zeros((n, self.k, 4), dtype=torch.float32, device=self.device)
+        scores = torch.zeros((n, self.k), dtype=torch.float32, device=self.device)
+        labels = torch.zeros((n, self.k), dtype=torch.int32, device=self.device)
+        scale = torch.tensor(
+            [self.w / self.work, self.h / self.work] * 2, dtype=torch.float32, device=self.device
+        )
+        for i, d in enumerate(dets):
+            m = min(self.k, int(d["boxes"].shape[0]))
+            boxes[i, :m] = d["boxes"][:m].float() * scale
+            scores[i, :m] = d["scores"][:m].float()
+            labels[i, :m] = d["labels"][:m].to(torch.int32)
+        return [boxes, scores, labels]
+
+
+def detector(
+    ctx: ModelContext,
+    image_size: Any = (720, 1280),
+    max_boxes: int = 16,
+    work_size: int = 320,
+    num_classes: int = 91,
+    score_thresh: float = 0.001,
+    weights: str | None = None,
+) -> Detector:
+    return Detector(ctx, image_size, max_boxes, work_size, num_classes, score_thresh, weights)
+
+
+class Crop(TorchStage):
+    """Each box's region of the image, resampled to S x S by `torchvision.ops.roi_align`
+    (bilinear, 2 samples per bin, pixel-aligned), ImageNet-normalised. Graph-safe."""
+
+    def __init__(self, ctx: ModelContext, image_size: Any, max_boxes: int, crop_size: int) -> None:
+        super().__init__(ctx, "crop")
+        from torchvision.ops import roi_align
+
+        self.roi_align = roi_align
+        self.h, self.w = pair("image_size", image_size)
+        self.k = positive("max_boxes", max_boxes)
+        self.s = positive("crop_size", crop_size)
+        self.inputs = [
+            spec("image", np.uint8, (3, self.h, self.w)),
+            spec("boxes", np.float32, (self.k, 4)),
+        ]
+        self.outputs = [spec("crops", ctx.compute_dtype, (self.k, 3, self.s, self.s))]
+        self.run = self.graphed("crop", self._crop, self.inputs)
+
+    def _crop(self, image: Any, boxes: Any) -> Any:
+        torch = self.torch
+        n = image.shape[0]
+        x = _normalise(torch, image.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
+        index = torch.arange(n, device=self.device, dtype=self.dtype).repeat_interleave(self.k)
+        rois = torch.cat([index[:, None], boxes.reshape(-1, 4).to(self.dtype)], dim=1)
+        crops = self.roi_align(x, rois, output_size=self.s, sampling_ratio=2, aligned=True)
+        return crops.reshape(n, self.k, 3, self.s, self.s)
+
+    def forward(self, image: Any, boxes: Any) -> list[Any]:
+        return [self.run(image, boxes)]
+
+
+def crop(
+    ctx: ModelContext, image_size: Any = (720, 1280), max_boxes: int = 16, crop_size: int = 224
+) -> Crop:
+    return Crop(ctx, image_size, max_boxes, crop_size)
+
+
+class Classifier(TorchStage):
+    """A torchvision ResNet over every crop of an item (K crops a row); the class ids by argmax.
+    Graph-safe."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        arch: str,
+        max_boxes: int,
+        crop_size: int,
+        num_classes: int,
+        weights: str | None,
+    ) -> None:
+        super().__init__(ctx, "classifier")
+        import torchvision.models as tvm
+
+        if arch not in CLASSIFIERS:
+            raise InvalidArgument(f"option arch={arch!r} is not one of {', '.join(CLASSIFIERS)}")
+        self.k = positive("max_boxes", max_boxes)
+        self.s = positive("crop_size", crop_size)
+        self.seeded()
+        net = getattr(tvm, arch)(weights=None, num_classes=positive("num_classes", num_classes))
+        self.net = self.place(net, weights)
+        self.inputs = [spec("crops", ctx.compute_dtype, (self.k, 3, self.s, self.s))]
+        self.outputs = [spec("classes", np.int32, (self.k,))]
+        self.run = self.graphed("classify", self._classify, self.inputs)
+
+    def _classify(self, crops: Any) -> Any:
+        n = crops.shape[0]
+        logits = self.net(crops.reshape(n * self.k, 3, self.s, self.s))
+        return logits.argmax(dim=1).to(self.torch.int32).reshape(n, self.k)
+
+    def forward(self, crops: Any) -> list[Any]:
+        return [self.run(crops)]
+
+
+def classifier(
+    ctx: ModelContext,
+    arch: str = "resnet50",
+    max_boxes: int = 16,
+    crop_size: int = 224,
+    num_classes: int = 1000,
+    weights: str | None = None,
+) -> Classifier:
+    return Classifier(ctx, arch, max_boxes, crop_size, num_classes, weights)
+
+
+class VitEncoder(TorchStage):
+    """torchvision's VisionTransformer without its classification head: the encoder's output
+    tokens (class token first) for a decoder to cross-attend to. Graph-safe."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        image_size: int,
+        patch_size: int,
+        layers: int,
+        heads: int,
+        hidden: int,
+        mlp: int,
+        weights: str | None,
+    ) -> None:
+        super().__init__(ctx, "vit_encoder")
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        size = positive("image_size", image_size)
+        patch = positive("patch_size", patch_size)
+        if size % patch:
+            raise InvalidArgument(f"option image_size={size} is not a multiple of patch={patch}")
+        if hidden % heads:
+            raise InvalidArgument(f"option hidden={hidden} is not divisible by heads={heads}")
+        self.seeded()
+        net = VisionTransformer(
+            image_size=size,
+            patch_size=patch,
+            num_layers=positive("layers", layers),
+            num_heads=positive("heads", heads),
+            hidden_dim=positive("hidden", hidden),
+            mlp_dim=positive("mlp", mlp),
+        )
+        self.net = self.place(net, weights)
+        tokens = 1 + (size // patch) ** 2
+        self.inputs = [spec("image", np.uint8, (3, size, size))]
+        self.outputs = [spec("features", ctx.compute_dtype, (tokens, hidden))]
+        self.run = self.graphed("encode", self._encode, self.inputs)
+
+    def _encode(self, image: Any) -> Any:
+        torch = self.torch
+        x = _normalise(torch, image.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
+        x = self.net._process_input(x)
+        cls = self.net.class_token.expand(x.shape[0], -1, -1)
+        return self.net.encoder(torch.cat([cls, x], dim=1))
+
+    def forward(self, image: Any) -> list[Any]:
+        return [self.run(image)]
+
+
+def vit_encoder(
+    ctx: ModelContext,
+    image_size: int = 224,
+    patch_size: int = 16,
+    layers: int = 12,
+    heads: int = 12,
+    hidden: int = 768,
+    mlp: int = 3072,
+    weights: str | None = None,
+) -> VitEncoder:
+    """Defaults are ViT-B/16."""
+    return VitEncoder(ctx, image_size, patch_size, layers, heads, hidden, mlp, weights)
