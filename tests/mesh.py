@@ -26,9 +26,12 @@ async def start(
     backend: str = "host",
     size: str = "tiny",
     stage_args: tuple[str, ...] = (),
+    pipelines_dir: str = "",
 ) -> TestMesh:
     """pipelines: name -> replicas per stage. Everything on `backend` at `size` (host and tiny
-    by default); `stage_args` go to every replica."""
+    by default); `stage_args` go to every replica; configs from `pipelines_dir` (default: the
+    bundled ones)."""
+    where = ("--pipelines-dir", pipelines_dir) if pipelines_dir else ()
     mesh = Mesh(run_dir)
     tm = TestMesh(mesh)
     sock = str(run_dir / "broker.sock")
@@ -51,13 +54,13 @@ async def start(
     tm.broker, tm.broker_tcp = f"unix:{sock}", f"127.0.0.1:{port}"
     routes = []
     for name, n in pipelines.items():
-        for stage in load_pipeline(name, size).stages:
+        for stage in load_pipeline(name, size, pipelines_dir or None).stages:
             for i in range(n):
                 rid = f"{name}.{stage.name}.{i}"
                 rsock = str(run_dir / f"{rid}.sock")
                 args = ["--pipeline", name, "--stage", stage.name, "--replica-id", rid,
                         "--unix", rsock, "--broker", tm.broker, "--backend", backend,
-                        "--size", size, *stage_args]  # fmt: skip
+                        "--size", size, *where, *stage_args]  # fmt: skip
                 if redis_url:
                     args += ["--redis", redis_url]
                 proc = mesh.python(rid, "services.stage", args)
@@ -68,7 +71,7 @@ async def start(
         await wait_healthy(proc.target, 60, proc)
     gw_port = free_port()
     args = ["--port", str(gw_port), "--broker", tm.broker, "--backend", backend, "--size", size,
-            "--routes", ",".join(routes), *gateway_args]  # fmt: skip
+            "--routes", ",".join(routes), *where, *gateway_args]  # fmt: skip
     if redis_url:
         args += ["--redis", redis_url]
     gateway = mesh.python("gateway", "services.gateway", args)

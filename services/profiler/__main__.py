@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             if only and stage.name not in only:
                 continue
             results.append(
-                profile_stage(settings, pipe.name, stage.name, stage.max_batch, log.info)
+                profile_stage(
+                    settings, pipe.name, stage.name, stage.max_batch, log.info, config=name
+                )
             )
     doc = document(results, device_name(), dt.date.today().isoformat())
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

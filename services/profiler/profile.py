@@ -195,13 +195,15 @@ def profile_stage(
     stage: str,
     max_batch: int,
     log: Callable[[str], None] = print,
+    config: str = "",
 ) -> StageResult:
-    """Runs on the GPU: every share x batch alone, then beside the co-runner levels."""
+    """Runs on the GPU: every share x batch alone, then beside the co-runner levels. `config`
+    is the pipeline's config path where it is not a bundled one (a user's own YAML)."""
     res = StageResult(pipeline, stage)
     batches = batches_for(max_batch, settings.batches)
     args = [
         "stage",
-        pipeline,
+        config or pipeline,
         settings.size,
         stage,
         str(max(batches)),

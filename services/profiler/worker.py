@@ -56,10 +56,10 @@ def stage_main(
     runner.clear_cache()
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    base = pool.used_bytes()
+    base = pool.used_bytes() + _torch_bytes()
     model = build_model(target.model, ctx, target.options)
     cp.cuda.Device().synchronize()
-    weights = pool.used_bytes() - base
+    weights = pool.used_bytes() + _torch_bytes() - base
     feeds = {n: cp.asarray(v) for n, v in feeds_host.items()}
     input_bytes = sum(int(v.nbytes) for v in feeds.values()) // max_batch
     out_bytes = 0
@@ -79,7 +79,8 @@ def stage_main(
         b = int(cmd["batch"])
         batch = {n: v[:b] for n, v in feeds.items()}
         pool.free_all_blocks()
-        before = pool.total_bytes()
+        _torch_reset_peak()
+        before = pool.total_bytes() + _torch_bytes()
         for _ in range(int(cmd.get("warmup", 3))):
             out = model.infer(batch)
         cp.cuda.Device().synchronize()
@@ -96,10 +97,25 @@ def stage_main(
             {
                 "ms": float(np.median(times)),
                 "runs": len(times),
-                "working_bytes": int(max(0, pool.total_bytes() - before)),
+                "working_bytes": int(max(0, pool.total_bytes() + _torch_bytes(peak=True) - before)),
                 "output_bytes_per_item": out_bytes,
             }
         )
+
+
+def _torch_bytes(peak: bool = False) -> int:
+    """What torch's caching allocator holds for tensors (a torch stage's weights and activations
+    live there, not in CuPy's pool); 0 where no torch stage was loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated())
+
+
+def _torch_reset_peak() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def corunner_main(mib: int) -> None:

@@ -1,0 +1,1 @@
+"""Examples a user can copy (see docs/MODELS.md)."""

@@ -1,0 +1,1 @@
+"""Bring your own model: a factory module and the pipeline that serves it (docs/MODELS.md)."""
