@@ -37,6 +37,21 @@ WINDOW_P99 = Gauge(
 )
 ARRIVAL_QPS = Gauge("camelot_arrival_qps", "Windowed arrival rate per pipeline.", ["pipeline"])
 PLAN_EPOCH = Gauge("camelot_plan_epoch", "Epoch of the plan in force.")
+PLANNED_QPS = Gauge(
+    "camelot_planned_qps", "Load per pipeline the plan in force was sized for.", ["pipeline"]
+)
+LOOP_DECISIONS = Counter(
+    "camelot_loop_decisions_total",
+    "Control-loop decisions per pipeline: trigger (a reason evaluated), replanned (a new plan "
+    "changed it), resized (same placement, new planned load), kept, failed (no plan met the "
+    "QoS: clamped, or an error).",
+    ["pipeline", "decision"],
+)
+LOOP_LAST_DECISION = Gauge(
+    "camelot_loop_last_decision_timestamp_seconds",
+    "Unix time of the last control-loop decision of each kind per pipeline.",
+    ["pipeline", "decision"],
+)
 BROKER_USED_BYTES = Gauge(
     "camelot_broker_used_bytes", "Bytes lent out of broker slabs.", ["pool", "device"]
 )

@@ -25,9 +25,10 @@ from redis.exceptions import RedisError
 from common.broadcast import Broadcast
 from common.errors import CamelotError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos import admin_pb2, agent_pb2, plan_pb2
-from scheduler import planstore, profiles
+from scheduler import decisions, planstore, profiles
 from scheduler.bias import BiasCorrector
-from scheduler.nodes import NodeState
+from scheduler.decisions import Decision, Decisions
+from scheduler.nodes import NodeState, replica_status
 from scheduler.planstore import PlanStore, PolicyChoice
 from scheduler.policies import get_policy
 from scheduler.policy import (
@@ -107,6 +108,7 @@ class SchedulerApp:
         # the routes as every watching gateway follows them
         self._routes: Broadcast[plan_pb2.Routes] = Broadcast(plan_pb2.Routes())
         self.kick = asyncio.Event()  # wakes the control loop early
+        self.decisions = Decisions()  # what the loop decided, for the operator
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -186,8 +188,21 @@ class SchedulerApp:
             measured[key] = Measured(s.p99_ms, arrival, s.service_qps, s.count)
         return measured
 
+    def settled(self) -> bool:
+        """Whether the loop's window holds only the plan in force (in force a window or more)."""
+        applied = self.plan_applied_at()
+        return applied is not None and time.monotonic() - applied >= self.settings.window_s
+
     def world(self, measured: Mapping[str, Measured] | None = None) -> PolicyInput:
-        measured = self.measured() if measured is None else measured
+        if measured is None:
+            measured = self.measured()
+            if not self.settled():
+                # a pipeline's p99 over a window that began under an older plan (or during the
+                # change) says nothing of the plan in force: no policy may read it as evidence
+                measured = {
+                    k: m if "/" in k else dataclasses.replace(m, count=0)
+                    for k, m in measured.items()
+                }
         return PolicyInput(
             pipelines=tuple(
                 dataclasses.replace(p, qos_p99_ms=self.qos_of(p.name))
@@ -321,22 +336,56 @@ class SchedulerApp:
             pol = policy if policy is not None else self.policy()
             # policies are pure CPU work: off the event loop, so RPCs keep flowing
             spec = await asyncio.to_thread(pol.plan, world)
-            spec = dataclasses.replace(self._without_drained(spec), reason=reason)
+            why = f"{reason} ({spec.reason})" if spec.reason and spec.reason != reason else reason
+            spec = dataclasses.replace(self._without_drained(spec), reason=why)
             planstore.validate(spec)
             self.planned_load = dict(world.load_qps)
             self.planned_bias = self.bias.factors()
             self.planned_nodes = frozenset(n.name for n in world.nodes)
             self.last_plan_at = time.monotonic()
-            if not force and self.plan.epoch and planstore.same_placement(spec, self.plan):
-                return self.plan
+            old = self.plan
+            # the same replicas sized for a load that moved is stored too: the plan then says
+            # what load it carries (the operator's planned-against-measured, the shrink margin)
+            if (
+                not force
+                and old.epoch
+                and planstore.same_placement(spec, old)
+                and not self._load_moved(old.planned_qps, spec.planned_qps)
+            ):
+                log.info("re-plan (%s): plan epoch %d kept as it is", reason, old.epoch)
+                self.decisions.record(Decision.KEPT, self.pipelines, reason, old.epoch)
+                return old
             with redis_unavailable():
                 plan = await self.store.save(spec)
             self.plan = plan
             self.plan_since = time.monotonic()
-            log.info("plan epoch %d by %s: %s", plan.epoch, plan.policy, reason)
+            self._record_plan(old, plan, reason)
         await self.publish_routes()
         self.kick.set()
         return plan
+
+    def _load_moved(self, old: Mapping[str, float], new: Mapping[str, float]) -> dict[str, str]:
+        s = self.settings
+        return decisions.load_moved(old, new, s.load_change_fraction, s.min_load_qps)
+
+    def _record_plan(self, old: plan_pb2.Plan, plan: plan_pb2.Plan, reason: str) -> None:
+        """Logs a stored plan and records, per pipeline, what it changed or re-sized; a plan
+        that clamped pipelines (no plan meets their QoS at this load) is a failed re-plan."""
+        changed = decisions.changes(old, plan)
+        resized = self._load_moved(old.planned_qps, plan.planned_qps)
+        what = "; ".join(f"{p}: {d}" for p, d in changed.items()) or "same replicas"
+        log.info("plan epoch %d by %s: %s [%s]", plan.epoch, plan.policy, plan.reason, what)
+        self.decisions.record(Decision.REPLANNED, changed, reason, plan.epoch, changed)
+        rest = {p: d for p, d in resized.items() if p not in changed}
+        self.decisions.record(Decision.RESIZED, rest, reason, plan.epoch, rest)
+        if plan.clamped:
+            log.warning(
+                "re-plan (%s) cannot meet the QoS of %s at this load; epoch %d is the best plan "
+                "there is: %s", reason, ", ".join(plan.clamped), plan.epoch, plan.reason,
+            )  # fmt: skip
+            self.decisions.record(
+                Decision.FAILED, plan.clamped, reason, plan.epoch, f"clamped: {plan.reason}"
+            )
 
     def _without_drained(self, spec: PlanSpec) -> PlanSpec:
         if not self.drained_replicas and not self.drained_nodes:
@@ -435,6 +484,11 @@ class SchedulerApp:
             for s in p.stages:
                 reps = planned.get((name, s.name), [])
                 out.stats.append(admin_stats(snap.get((name, s.name)), name, s.name, reps, 0.0))
+        load = self.load_qps()
+        for name in self.pipelines:
+            planned_qps = self.plan.planned_qps.get(name, 0.0)
+            out.loop.append(self.decisions.to_proto(name, planned_qps, load.get(name, 0.0)))
+        out.replicas.extend(replica_status(self.plan, self.live_nodes()))
         return out
 
     # -- the mesh: agents and gateways ---------------------------------------------------------

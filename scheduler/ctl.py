@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -66,19 +67,21 @@ def format_plan(plan: plan_pb2.Plan) -> str:
 
 
 def format_status(resp: admin_pb2.StatusResponse) -> str:
+    applied = resp.applied_epoch
     head = (
-        f"policy {resp.policy}  epoch {resp.plan.epoch}  window {resp.window_s:g} s  "
-        f"reports {resp.reports_total}  nodes {', '.join(resp.nodes) or '-'}"
+        f"policy {resp.policy}  epoch {resp.plan.epoch} planned, {applied} applied"
+        f"{'' if applied >= resp.plan.epoch else ' (being applied)'}  window {resp.window_s:g} s"
+        f"  reports {resp.reports_total}  nodes {', '.join(resp.nodes) or '-'}"
     )
     rows = [
-        ("PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms", "QOSms", "OK", "ARRIVAL/s",
+        ("PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms", "QOSms", "VERDICT", "ARRIVAL/s",
          "SERVICE/s", "ERR", "REPL", "SM%"),
     ]  # fmt: skip
     for s in resp.stats:
         ok = (
             "-"
             if not s.qos_p99_ms or not s.count
-            else ("yes" if s.p99_ms <= s.qos_p99_ms else "NO")
+            else ("met" if s.p99_ms <= s.qos_p99_ms else "MISSED")
         )
         rows.append(
             (
@@ -97,7 +100,49 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
                 f"{s.sm_percent:.1f}",
             )
         )
-    return head + "\n" + _table(rows)
+    return "\n\n".join([head + "\n" + _table(rows), format_loop(resp), format_replicas(resp)])
+
+
+def _event(e: admin_pb2.LoopEvent) -> str:
+    if not e.unix_s:
+        return "never"
+    when = time.strftime("%H:%M:%S", time.localtime(e.unix_s))
+    out = f"{when} epoch {e.epoch}: {e.reason}"
+    return f"{out} [{e.detail}]" if e.detail else out
+
+
+def format_loop(resp: admin_pb2.StatusResponse) -> str:
+    """Per pipeline: the load the plan was sized for against the measured one, and the loop's
+    last trigger, re-plan and failed re-plan."""
+    rows = [("PIPELINE", "PLANNED/s", "MEASURED/s")]
+    lines = []
+    for x in resp.loop:
+        rows.append((x.pipeline, f"{x.planned_qps:.1f}", f"{x.measured_qps:.1f}"))
+        lines.append(f"{x.pipeline}:")
+        lines.append(f"  last trigger  {_event(x.last_trigger)}")
+        lines.append(f"  last re-plan  {_event(x.last_replan)}")
+        lines.append(f"  last failed   {_event(x.last_failed)}")
+    return "control loop\n" + _table(rows) + ("\n" + "\n".join(lines) if lines else "")
+
+
+_PHASES = {
+    admin_pb2.REPLICA_PHASE_PLANNED: "planned",
+    admin_pb2.REPLICA_PHASE_STARTING: "starting",
+    admin_pb2.REPLICA_PHASE_SERVING: "serving",
+    admin_pb2.REPLICA_PHASE_DRAINING: "draining",
+    admin_pb2.REPLICA_PHASE_FAILED: "FAILED",
+    admin_pb2.REPLICA_PHASE_STOPPED: "stopped",
+}
+
+
+def format_replicas(resp: admin_pb2.StatusResponse) -> str:
+    rows = [("REPLICA", "PIPELINE", "STAGE", "NODE", "GPU", "SHARE", "STATE", "WHY")]
+    for r in resp.replicas:
+        share = "-" if r.gpu < 0 else f"{r.sm_percent:g}%"  # no SM shares on the host backend
+        state = _PHASES.get(r.phase, "?") + ("" if r.planned else " (old epoch)")
+        gpu = str(r.gpu) if r.gpu >= 0 else "host"
+        rows.append((r.replica_id, r.pipeline, r.stage, r.node, gpu, share, state, r.detail))
+    return "replicas\n" + _table(rows)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from common import metrics
 from common.errors import CamelotError, FailedPrecondition
 from common.retry import Backoff
 from protos import plan_pb2
 from scheduler.app import SchedulerApp
+from scheduler.decisions import Decision
 from scheduler.nodes import NodeState
 from scheduler.policy import follows_load
 
@@ -36,6 +38,15 @@ log = logging.getLogger(__name__)
 PUSH_BACKOFF = Backoff(base_s=0.5, cap_s=15.0)
 
 
+@dataclass(frozen=True)
+class Trigger:
+    """A reason to re-plan ("": none), the pipeline it names ("": all), whether structural."""
+
+    reason: str = ""
+    pipeline: str = ""
+    urgent: bool = False
+
+
 class ControlLoop:
     def __init__(self, app: SchedulerApp) -> None:
         self.app = app
@@ -44,7 +55,7 @@ class ControlLoop:
         self.errors = 0
         self.replans = 0
         self._last_attempt = 0.0
-        self._last_failed = False
+        self._last_failed = ""  # the last failed re-plan's message ("" once one succeeds)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -95,41 +106,57 @@ class ControlLoop:
         app.last_snapshot = app.windows.snapshot(self.settings.window_s)
         app.observe_bias()
         self.export_gauges()
-        reason, urgent = self.trigger()
+        t = self.evaluate()
         now = time.monotonic()
         wait_s = self.replan_interval_s()
         since_attempt = now - self._last_attempt
-        if urgent:
+        if t.urgent:
             due = not self._last_failed or since_attempt >= wait_s
         else:
             due = since_attempt >= wait_s and now - app.last_plan_at >= wait_s
-        if reason and app.restored and due:
+        if t.reason and app.restored and due:
             self._last_attempt = now
+            concerns = [t.pipeline] if t.pipeline else list(app.pipelines)
+            app.decisions.record(Decision.TRIGGER, concerns, t.reason, app.plan.epoch)
+            epoch = app.plan.epoch
             try:
-                await app.replan(reason, force=app.plan.epoch == 0)
-                self.replans += 1
-                self._last_failed = False
+                plan = await app.replan(t.reason, force=app.plan.epoch == 0)
+                self.replans += int(plan.epoch != epoch)
+                self._last_failed = ""
             except CamelotError as e:
-                self._last_failed = True
-                level = logging.INFO if isinstance(e, FailedPrecondition) else logging.WARNING
-                log.log(level, "re-plan (%s) failed: %s", reason, e.message)
+                # the plan in force stays (nothing better could be made); said loudly once
+                level = logging.DEBUG if self._last_failed == e.message else logging.WARNING
+                self._last_failed = e.message
+                log.log(level, "re-plan (%s) failed: %s", t.reason, e.message)
+                app.decisions.record(
+                    Decision.FAILED,
+                    concerns,
+                    t.reason,
+                    app.plan.epoch,
+                    f"{e.code.name}: {e.message}",
+                )
         self.push_agents()
 
     def trigger(self) -> tuple[str, bool]:
         """Why to re-plan now ("" for no reason), and whether it is structural (urgent)."""
+        t = self.evaluate()
+        return t.reason, t.urgent
+
+    def evaluate(self) -> Trigger:
+        """The reason to re-plan now, if any, and the pipeline it concerns."""
         app, s = self.app, self.settings
         placeable = frozenset(n.name for n in app.placeable_nodes())
         if not placeable:
-            return "", False
+            return Trigger()
         if app.plan.epoch == 0:
-            return "initial plan", True
+            return Trigger("initial plan", urgent=True)
         if placeable != app.planned_nodes:
-            return f"nodes changed: {', '.join(sorted(placeable)) or '-'}", True
+            return Trigger(f"nodes changed: {', '.join(sorted(placeable)) or '-'}", urgent=True)
         for name in app.pipelines:
             stat = app.last_snapshot.get((name, ""))
             qos = app.qos_of(name)
             if stat and stat.count >= s.min_samples and stat.p99_ms > s.p99_trigger_fraction * qos:
-                return f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", False
+                return Trigger(f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", name)
         follows = follows_load(app.policy(), app.choice.options)
         load = app.load_qps() if follows else {}
         for name, qps in load.items():
@@ -137,13 +164,14 @@ class ControlLoop:
             if max(before, qps) < s.min_load_qps:
                 continue
             if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
-                return f"load moved: {name} {before:.1f} -> {qps:.1f} qps", False
+                return Trigger(f"load moved: {name} {before:.1f} -> {qps:.1f} qps", name)
         moved = app.bias_moved()
         # a plan sized to the load is re-sized by a model error either way; any other plan is
         # replaced only where the error puts it at risk at this load
         if moved and (follows or app.plan_at_risk()):
-            return f"model error: bias of {moved} now x{app.bias.factor(moved):.2f}", False
-        return "", False
+            reason = f"model error: bias of {moved} now x{app.bias.factor(moved):.2f}"
+            return Trigger(reason, moved.split("/")[0])
+        return Trigger()
 
     def push_agents(self) -> None:
         app = self.app
@@ -190,6 +218,8 @@ class ControlLoop:
             metrics.ARRIVAL_QPS.labels(pipeline=name).set(qps)
             metrics.QOS_TARGET.labels(pipeline=name).set(app.qos_of(name) / 1000)
         metrics.PLAN_EPOCH.set(app.plan.epoch)
+        for name in app.pipelines:
+            metrics.PLANNED_QPS.labels(pipeline=name).set(app.plan.planned_qps.get(name, 0.0))
         metrics.SM_SHARE.clear()  # replicas come and go with plans: no stale series
         for st in app.plan.stages:
             metrics.REPLICAS.labels(pipeline=st.pipeline, stage=st.stage).set(len(st.replicas))

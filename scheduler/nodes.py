@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from protos import agent_pb2, plan_pb2
+from protos import admin_pb2, agent_pb2, plan_pb2
 from scheduler.policy import GpuInfo, NodeInfo
 
 HOST_SHARE_UNITS = 100
@@ -48,3 +48,49 @@ class NodeState:
             # unrestricted (share mode none), which docs/DESIGN says of the host backend.
             gpus = (GpuInfo(index=-1, sm_count=HOST_SHARE_UNITS, memory_bytes=HOST_MEMORY_BYTES),)
         return NodeInfo(name=self.name, gpus=gpus, backend=inv.backend or "host")
+
+
+_PHASES = {
+    plan_pb2.REPLICA_STATE_STARTING: admin_pb2.REPLICA_PHASE_STARTING,
+    plan_pb2.REPLICA_STATE_READY: admin_pb2.REPLICA_PHASE_SERVING,
+    plan_pb2.REPLICA_STATE_DRAINING: admin_pb2.REPLICA_PHASE_DRAINING,
+    plan_pb2.REPLICA_STATE_FAILED: admin_pb2.REPLICA_PHASE_FAILED,
+    plan_pb2.REPLICA_STATE_STOPPED: admin_pb2.REPLICA_PHASE_STOPPED,
+}
+
+
+def replica_status(plan: plan_pb2.Plan, nodes: list[NodeState]) -> list[admin_pb2.ReplicaStatus]:
+    """Every replica the live agents report, then the planned ones none reports, in plan order."""
+    planned = {r.replica_id: (st.pipeline, st.stage, r) for st in plan.stages for r in st.replicas}
+    live = {n.name for n in nodes}
+    out: list[admin_pb2.ReplicaStatus] = []
+    seen: set[str] = set()
+    for node in sorted(nodes, key=lambda n: n.name):
+        for ep in node.endpoints:
+            r = ep.replica
+            seen.add(r.replica_id)
+            phase = _PHASES.get(ep.state, admin_pb2.REPLICA_PHASE_UNSPECIFIED)
+            detail = ""
+            if ep.state == plan_pb2.REPLICA_STATE_FAILED:
+                detail = f"exited unexpectedly; restarts {ep.restarts}, the agent restarts it"
+            elif ep.restarts:
+                detail = f"restarts {ep.restarts}"
+            out.append(
+                admin_pb2.ReplicaStatus(
+                    replica_id=r.replica_id, pipeline=ep.pipeline, stage=ep.stage,
+                    node=node.name, gpu=r.gpu, sm_percent=r.sm_percent, phase=phase,
+                    detail=detail, planned=r.replica_id in planned,
+                )
+            )  # fmt: skip
+    for rid, (pipeline, stage, r) in planned.items():
+        if rid in seen:
+            continue
+        why = "not started by its agent yet" if r.node in live else f"node {r.node} not seen"
+        out.append(
+            admin_pb2.ReplicaStatus(
+                replica_id=rid, pipeline=pipeline, stage=stage, node=r.node, gpu=r.gpu,
+                sm_percent=r.sm_percent, phase=admin_pb2.REPLICA_PHASE_PLANNED, detail=why,
+                planned=True,
+            )
+        )  # fmt: skip
+    return out

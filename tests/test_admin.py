@@ -143,8 +143,16 @@ async def test_camelotctl_status_and_errors(redis_server, tmp_path, capsys, monk
         assert lines[1].split()[:6] == ["PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms"]
         row = next(line.split() for line in lines if line.startswith("p ") and " * " in line)
         assert row[2] == "100" and float(row[5]) == pytest.approx(2.1, rel=0.02)
-        assert row[6] == "50" and row[7] == "yes"
+        assert row[6] == "50" and row[7] == "met"
         assert any(line.split()[:2] == ["p", "a"] for line in lines)
+        # planned and applied epoch; the loop's view; every replica with its state and share
+        assert "planned" in lines[0] and "applied" in lines[0]
+        assert "control loop" in lines
+        assert any(line.startswith("  last trigger") and "initial plan" in line for line in lines)
+        assert any(line.split()[:2] == ["p", "0.0"] for line in lines)  # PLANNED/s
+        reps = lines[lines.index("replicas") + 2 :]
+        assert {line.split()[0] for line in reps} == {"p.a.0", "p.b.0", "q.c.0"}
+        assert all("planned" in line and "not started" in line for line in reps)
 
         rc = await asyncio.to_thread(ctl.main, [*base, "set-qos", "p", "1"])
         assert rc == 0 and "qos of p set to 1 ms" in capsys.readouterr().out

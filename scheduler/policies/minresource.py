@@ -17,13 +17,29 @@ current plan was made for. Where the cheapest-plan search finds nothing, max-loa
 the target the GPUs carry: all of it, or a fraction, and then the pipelines are clamped to
 that fraction, listed in `clamped`, and nothing grows past what the GPUs hold.
 
-Options: headroom (0.2), shrink_saving, shrink_margin, plus the Solver's (share_step, batches,
-max_wait_us, max_replicas, transport).
+Measurements over the model: a pipeline whose windowed p99 (`measured[pipeline]`, at least
+`min_samples` queries) is above `p99_fraction` (0.9, the control loop's trigger) of its target
+refutes the plan in force (min-resource's own), whatever the predictor says of it (on the H200
+the profiles said 5% shares carry 120 qps of every pipeline; the measured p99 was over target at
+58). The plan in force is then not kept, and the pipeline is planned for 2, 4, ... up to
+MAX_GROWTH times its target until the new plan gives it more share than it has: the window says
+the capacity the model sees is not there, not by how much. The new plan records the real target
+as its planned load, so the shrink margin is measured from it. The learned correction across
+plans is the scheduler's bias (scheduler.bias).
+
+A kept plan is re-sized on paper: its `planned_qps` becomes the larger of what it was made for
+and the target it was just checked at, so the load it is known to carry is what an operator
+sees and what the shrink margin is measured from.
+
+Options: headroom (0.2), shrink_saving, shrink_margin, p99_fraction, min_samples (50), plus the
+Solver's (share_step, batches, max_wait_us, max_replicas, transport).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import replace
+from typing import Any
 
 from common.errors import InvalidArgument, ResourceExhausted
 from scheduler.planning import total_units
@@ -31,6 +47,9 @@ from scheduler.policies.maxload import search
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.predictor import predict
 from scheduler.solver import Solver
+
+# how far past the target a pipeline the window refutes is planned, at most (2, 4, ... x)
+MAX_GROWTH = 16.0
 
 
 def _opt(world: PolicyInput, name: str, default: float) -> float:
@@ -58,6 +77,21 @@ def _same_stages(world: PolicyInput, plan: PlanSpec) -> bool:
     return {(a.pipeline, a.stage) for a in plan.stages} == want
 
 
+def refuted(world: PolicyInput, fraction: float, min_samples: int) -> dict[str, float]:
+    """Pipelines whose measured p99 is above `fraction` of their target, with that p99 (ms)."""
+    out = {}
+    for p in world.pipelines:
+        m = world.measured.get(p.name)
+        if m is not None and m.count >= min_samples and m.p99_ms > fraction * p.qos_p99_ms:
+            out[p.name] = m.p99_ms
+    return out
+
+
+def units_for(plan: PlanSpec, pipelines: Collection[str]) -> float:
+    """Total SM share the plan gives the stages of `pipelines`."""
+    return sum(r.sm_percent for a in plan.stages if a.pipeline in pipelines for r in a.replicas)
+
+
 class MinResource:
     name = "min-resource"
 
@@ -67,8 +101,85 @@ class MinResource:
         headroom = _opt(world, "headroom", 0.2)
         saving = _opt(world, "shrink_saving", 0.15)
         margin = _opt(world, "shrink_margin", 0.15)
+        fraction = _opt(world, "p99_fraction", 0.9)
+        min_samples = int(_opt(world, "min_samples", 50))
         target = target_rates(world, headroom)
+        cur = world.current
+        # hysteresis keeps min-resource's own plan; a plan another policy made (the one in force
+        # when the policy was switched) is no anchor: its planned load says nothing of ours
+        ours = (
+            cur is not None and cur.policy == self.name and bool(cur.stages)
+            and _same_stages(world, cur)
+        )  # fmt: skip
+        misses = refuted(world, fraction, min_samples) if ours and fraction > 0 else {}
         solver = Solver(world, self.name)
+        fresh, most = self._solve(world, solver, target)
+        if misses and fresh is not None and cur is not None:
+            # the window says the plan in force is short of capacity for these pipelines, so
+            # what the model calls enough is not: plan them for twice, four times ... the
+            # target until the plan gives them more than they have (or the GPUs run out)
+            have = units_for(cur, misses)
+            scale, rates = 1.0, dict(target)
+            while fresh is not None and units_for(fresh[0], misses) <= have and scale < MAX_GROWTH:
+                scale *= 2.0
+                rates = {p: r * (scale if p in misses else 1.0) for p, r in target.items()}
+                fresh, most = self._solve(world, solver, rates)
+            if fresh is not None and units_for(fresh[0], misses) <= have:
+                # the cheapest plans the model knows are no larger: the most of the escalated
+                # target these GPUs carry is the best plan there is
+                fresh = (search(Solver(world, self.name, large_batches_first=True), rates)[0], None)
+            if fresh is not None:
+                fresh = (replace(fresh[0], planned_qps=dict(target)), fresh[1])
+            elif most is not None:
+                # clamped below: sized for the share of the escalated target that fits
+                most = (most[0], most[1] * scale)
+        if cur is not None and ours and not misses:
+            try:
+                holds = predict(world, cur, target, transport=solver.opts.transport).feasible
+            except InvalidArgument:
+                holds = False  # the plan in force does not fit this world any more
+            if holds:
+                # kept, it is known to carry the larger of its own load and this target
+                known = {
+                    p: max(cur.planned_qps.get(p, 0.0), target.get(p, 0.0))
+                    for p in set(cur.planned_qps) | set(target)
+                }
+                kept = cur
+                if known != dict(cur.planned_qps):
+                    kept = replace(
+                        cur, planned_qps=known, reason="min-resource: plan in force holds"
+                    )
+                if fresh is None:
+                    return kept
+                new_units, cur_units = total_units(fresh[0]), total_units(cur)
+                fell = all(
+                    target[p] <= cur.planned_qps.get(p, 0.0) * (1.0 - margin) for p in target
+                )
+                if not (new_units < cur_units * (1.0 - saving) and fell):
+                    return kept
+        if fresh is not None:
+            why = "min-resource at load + headroom"
+            if misses:
+                why += f" (measured p99 over {fraction:g} x QoS: {', '.join(sorted(misses))})"
+            return replace(fresh[0], reason=why)
+        if most is None:
+            raise ResourceExhausted("no plan fits these GPUs even at a trickle of the load")
+        # the largest common fraction of the target that fits; every short pipeline clamped
+        plan, frac = most
+        clamped = tuple(sorted(set(solver.clamped) | {p for p, r in target.items() if r > 0}))
+        return PlanSpec(
+            self.name,
+            plan.stages,
+            {p: r * min(1.0, frac) for p, r in target.items()},
+            clamped,
+            f"target not reachable: clamped to {min(1.0, frac):.0%} of load + headroom",
+        )
+
+    def _solve(
+        self, world: PolicyInput, solver: Solver, target: Mapping[str, float]
+    ) -> tuple[tuple[PlanSpec, Any] | None, tuple[PlanSpec, float] | None]:
+        """The cheapest plan at `target` (None if none), and where there is none, the most of
+        the target these GPUs carry with the fraction carried."""
         fresh = None
         # tighter budgets (more units) first where contention defeats the cheapest plan
         for tighten in (1.0, 0.8, 0.6):
@@ -84,34 +195,4 @@ class MinResource:
             most = search(Solver(world, self.name, large_batches_first=True), target)
             if most[1] >= 1.0:
                 fresh = (replace(most[0], planned_qps=dict(target)), None)
-        cur = world.current
-        # hysteresis keeps min-resource's own plan; a plan another policy made (the one in force
-        # when the policy was switched) is no anchor: its planned load says nothing of ours
-        if cur is not None and cur.policy == self.name and cur.stages and _same_stages(world, cur):
-            try:
-                holds = predict(world, cur, target, transport=solver.opts.transport).feasible
-            except InvalidArgument:
-                holds = False  # the plan in force does not fit this world any more
-            if holds:
-                if fresh is None:
-                    return cur
-                new_units, cur_units = total_units(fresh[0]), total_units(cur)
-                fell = all(
-                    target[p] <= cur.planned_qps.get(p, 0.0) * (1.0 - margin) for p in target
-                )
-                if not (new_units < cur_units * (1.0 - saving) and fell):
-                    return cur
-        if fresh is not None:
-            return replace(fresh[0], reason="min-resource at load + headroom")
-        if most is None:
-            raise ResourceExhausted("no plan fits these GPUs even at a trickle of the load")
-        # the largest common fraction of the target that fits; every short pipeline clamped
-        plan, frac = most
-        clamped = tuple(sorted(set(solver.clamped) | {p for p, r in target.items() if r > 0}))
-        return PlanSpec(
-            self.name,
-            plan.stages,
-            {p: r * frac for p, r in target.items()},
-            clamped,
-            f"target not reachable: clamped to {frac:.0%} of load + headroom",
-        )
+        return fresh, most
