@@ -14,7 +14,7 @@ from scheduler.planning import check_plan, total_units
 from scheduler.policies.exclusive import Exclusive
 from scheduler.policies.feedback import Feedback
 from scheduler.policies.maxload import MaxLoad
-from scheduler.policies.minresource import MinResource
+from scheduler.policies.minresource import MinResource, units_for
 from scheduler.policy import (
     GpuInfo,
     Measured,
@@ -178,6 +178,35 @@ def test_min_resource_waits_for_the_long_window_before_shrinking() -> None:
     assert held is high
     shrunk = _step(w, 100, high)
     assert total_units(shrunk) < total_units(high)
+
+
+def test_min_resource_grows_a_plan_the_window_refutes_whatever_the_model_says() -> None:
+    # issue 17: the profiles said the plan in force carries the load; the window said its p99 was
+    # over target; the plan was kept, epoch after epoch
+    w = world({"img-to-text": PIPES["img-to-text"], "speech-to-text": PIPES["speech-to-text"]})
+    cur = _step(w, 60, None)
+    rates = dict.fromkeys(w.load_qps, 60.0)
+    fine = {p: Measured(p99_ms=50.0, arrival_qps=60, count=1000) for p in rates}
+    kept = MinResource().plan(replace(w, load_qps=rates, measured=fine, current=cur))
+    assert kept is cur  # the model and the window agree: nothing to change
+    missed = dict(fine, **{"speech-to-text": Measured(p99_ms=140.0, arrival_qps=60, count=1000)})
+    grown = MinResource().plan(replace(w, load_qps=rates, measured=missed, current=cur))
+    assert units_for(grown, ["speech-to-text"]) > units_for(cur, ["speech-to-text"])
+    assert "measured p99" in grown.reason and check_plan(w, grown) == []
+    # planned for the real target, not the escalated one: the shrink margin starts there
+    assert grown.planned_qps["speech-to-text"] == pytest.approx(60 * 1.2)
+    # too few queries in the window are no evidence
+    thin = dict(missed, **{"speech-to-text": Measured(p99_ms=140.0, arrival_qps=60, count=10)})
+    assert MinResource().plan(replace(w, load_qps=rates, measured=thin, current=cur)) is cur
+
+
+def test_min_resource_records_the_higher_load_a_kept_plan_carries() -> None:
+    w = world({"img-to-text": PIPES["img-to-text"]})
+    cur = _step(w, 0.0, None)
+    risen = _step(w, 20.0, cur)
+    if risen.stages == cur.stages:  # still the cheapest: kept, but sized for the new load
+        assert risen.planned_qps["img-to-text"] == pytest.approx(24.0)
+    assert risen.planned_qps["img-to-text"] >= 24.0 - 1e-9
 
 
 def test_unreachable_qos_is_clamped_not_chased() -> None:
