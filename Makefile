@@ -12,16 +12,23 @@ ARGS ?=
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
+# pip's own lines, filtered to one per package as it comes (the install takes about a minute)
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "make: [1/3] creating the virtualenv $(VENV)"
+	@$(PY) -m venv $(VENV)
+	@echo "make: [2/3] upgrading pip"
+	@$(BIN)/pip install -q --upgrade pip
+	@echo "make: [3/3] installing camelot and its dependencies (about a minute, once)"
+	@set -o pipefail; $(BIN)/pip install -e '.[dev]' 2>&1 | tee $(VENV)/install.log \
+	  | awk '/^(Collecting|Successfully installed|ERROR)/ {print "  " substr($$0, 1, 100); fflush()}' \
+	  || { echo "make: the install failed; pip's output is in $(VENV)/install.log"; exit 1; }
 	@touch $@
 
 venv: $(STAMP) ## create the virtualenv and install the project
 
 protos/%_pb2.py: protos/%.proto $(STAMP)
-	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+	@echo "make: codegen $<"
+	@PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
 	  --mypy_out=quiet:. --mypy_grpc_out=quiet:. $<
 
 codegen: $(GEN) ## generate the gRPC code from protos/
@@ -59,7 +66,7 @@ faults: codegen ## kill -9 each process of a live mesh under load -> docs/result
 soak: codegen ## 10 minutes at 80% of the measured peak: RSS, leases -> docs/results/soak.json
 	$(BIN)/python -m loadgen.soak --duration-s 600 $(ARGS)
 
-load: codegen ## Locust headless against a running gateway (ARGS: --host, -t)
+load: codegen ## Locust headless against the mesh `camelot up` started (ARGS: --host to name another, -t)
 	$(BIN)/locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s $(ARGS)
 
 clean: ## remove generated code and caches

@@ -1,6 +1,11 @@
 """Locust users for the gateway: gRPC Submit calls over a weighted mix of pipelines.
 
-    locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s --host 127.0.0.1:50052
+    locust -f loadgen/locustfile.py --headless -u 20 -r 5 -t 30s [--host 127.0.0.1:50052]
+
+Without --host (or CAMELOT_GATEWAY_ADDR) the users target the mesh that `camelot run --serve` /
+`camelot up` started, found from the record in its run directory (CAMELOT_RUN_DIR, else the
+per-user default). Before any user starts, the gateway must answer ListPipelines: a headless run
+with no mesh, or a gateway that does not answer, stops at once with one line and exit code 2.
 
 Each user opens one channel, asks ListPipelines for the input specs, makes a few seeded inputs
 per pipeline, then submits queries with pipelines drawn by weight. Every call is reported to
@@ -13,6 +18,8 @@ Environment (read once, here at the top):
     CAMELOT_DEADLINE_S per-request gRPC deadline (default 10)
     CAMELOT_WAIT_S     each user waits uniformly in [0, this] between calls (default 0)
     CAMELOT_TRANSPORT  default | ref | wire (default: default)
+    CAMELOT_GATEWAY_ADDR  the gateway when --host is not given (default: the mesh's record)
+    CAMELOT_RUN_DIR    the mesh's run directory (default: one per user and checkout)
 
 Locust monkey-patches the standard library with gevent when imported; gRPC must then be told
 to cooperate (`init_gevent`) before any channel exists, or each call would block the process.
@@ -23,17 +30,21 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, between, constant, task
+from locust import User, between, constant, events, task
+from locust.env import Environment
 from locust.exception import StopUser
 
+from common import meshrecord
 from common.errors import CamelotError, from_rpc_error
 from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
 from common.settings import SettingsError, env_float, env_int, env_str, require_positive
@@ -53,6 +64,8 @@ class LocustSettings:
     deadline_s: float
     wait_s: float
     transport: str
+    gateway: str = ""
+    run_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LocustSettings:
@@ -69,11 +82,67 @@ class LocustSettings:
         wait_s = env_float("WAIT_S", 0.0, env)
         if wait_s < 0:
             raise SettingsError(f"CAMELOT_WAIT_S={wait_s!r} must be >= 0")
-        return cls(mix, env_int("SEED", 0, env), deadline_s, wait_s, transport)
+        return cls(
+            mix,
+            env_int("SEED", 0, env),
+            deadline_s,
+            wait_s,
+            transport,
+            env_str("GATEWAY_ADDR", "", env),
+            meshrecord.default_run_dir(env),
+        )
 
 
 SETTINGS = LocustSettings.from_env()
 _user_numbers = itertools.count()
+
+
+PREFLIGHT_DEADLINE_S = 5.0
+
+
+def _refuse(message: str, headless: bool) -> None:
+    """Stops a headless run at once; the web UI only warns (its user may start the mesh or type
+    another host before pressing start)."""
+    if not headless:
+        log.warning("%s", message)
+        return
+    sys.stderr.write(f"loadgen: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def _find_gateway(environment: Environment, **_kw: Any) -> None:
+    """Fills in the mesh's gateway when no --host was given, and checks that it answers, so that
+    a run with nothing to load stops at once rather than failing every user for its duration."""
+    options = environment.parsed_options
+    headless = bool(getattr(options, "headless", False))
+    if not environment.host:
+        try:
+            environment.host, where = meshrecord.resolve(
+                ("--host", None),
+                "CAMELOT_GATEWAY_ADDR",
+                "gateway",
+                SETTINGS.run_dir,
+                {"CAMELOT_GATEWAY_ADDR": SETTINGS.gateway} if SETTINGS.gateway else {},
+            )
+        except meshrecord.NoMesh as e:
+            _refuse(str(e), headless)
+            return
+        log.info("targeting the gateway at %s (from %s)", environment.host, where)
+    target = _target(environment.host)
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    try:
+        gateway_pb2_grpc.GatewayStub(channel).ListPipelines(
+            gateway_pb2.ListPipelinesRequest(), timeout=PREFLIGHT_DEADLINE_S
+        )
+    except grpc.RpcError as e:
+        code = e.code().name if isinstance(e, grpc.Call) else "UNAVAILABLE"
+        _refuse(f"the gateway at {target} does not answer ListPipelines: {code}", headless)
+    finally:
+        channel.close()
+
+
+events.init.add_listener(_find_gateway)  # type: ignore[no-untyped-call]
 
 
 def _target(host: str | None) -> str:

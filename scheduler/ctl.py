@@ -1,14 +1,17 @@
 """`camelotctl`: the operator's command line for the scheduler's Admin API.
 
-    camelotctl set-policy NAME [--option K=V ...]
-    camelotctl set-qos PIPELINE MS
+    camelotctl set-policy NAME [--option K=V ...] [--wait]
+    camelotctl set-qos PIPELINE MS [--wait]
     camelotctl get-plan
     camelotctl status [--window-s S]
     camelotctl drain (--node NODE | --replica ID)
 
---target (or CAMELOT_SCHEDULER_ADDR, default 127.0.0.1:50053); the token from --token-file,
-CAMELOT_ADMIN_TOKEN_FILE or CAMELOT_ADMIN_TOKEN. A failed call prints its status code and
-message on stderr and exits 1; a usage error exits 2.
+--target (or CAMELOT_SCHEDULER_ADDR, else the scheduler of the mesh `camelot run --serve` / `camelot
+up` started, from the record in --run-dir); the token from --token-file, CAMELOT_ADMIN_TOKEN_FILE,
+CAMELOT_ADMIN_TOKEN, else that mesh's token file. set-policy and set-qos with --wait follow the
+new plan until it is in force (a progress line on stderr; exit 1 if it is not within
+--wait-timeout-s). A failed call prints one line (its status code and message) on stderr and
+exits 1; a usage error exits 2.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import grpc
 
+from common import meshrecord
 from common.lifecycle import channel
 from common.settings import SettingsError
 from protos import admin_pb2, admin_pb2_grpc, plan_pb2
-from scheduler.settings import read_token
+from scheduler.ctlwait import NotInForce, wait_in_force
 
 DEADLINE_S = 30.0
+WAIT_TIMEOUT_S = 300.0
 _MODES = {
     plan_pb2.SHARE_MODE_NONE: "none",
     plan_pb2.SHARE_MODE_MPS: "mps",
@@ -153,8 +159,12 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="camelotctl", description="Operate the Camelot scheduler.")
-    p.add_argument("--target", default=os.environ.get("CAMELOT_SCHEDULER_ADDR", "127.0.0.1:50053"))
-    p.add_argument("--token-file", default=os.environ.get("CAMELOT_ADMIN_TOKEN_FILE", ""))
+    p.add_argument("--target", help="scheduler host:port (default: the mesh in --run-dir)")
+    p.add_argument("--token-file", help="file holding the admin token (default: the mesh's)")
+    p.add_argument(
+        "--run-dir",
+        help=f"the mesh's run directory (CAMELOT_RUN_DIR; default {meshrecord.default_run_dir()})",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("set-policy", help="choose the active policy (re-plans at once)")
     sp.add_argument("name")
@@ -162,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     sq = sub.add_parser("set-qos", help="set a pipeline's p99 target in milliseconds")
     sq.add_argument("pipeline")
     sq.add_argument("ms", type=float)
+    for s in (sp, sq):
+        s.add_argument("--wait", action="store_true", help="return once the plan is in force")
+        s.add_argument("--wait-timeout-s", type=float, default=WAIT_TIMEOUT_S)
     sub.add_parser("get-plan", help="print the plan in force")
     st = sub.add_parser("status", help="windowed latency and load per pipeline and stage")
     st.add_argument("--window-s", type=float, default=0.0)
@@ -184,10 +197,18 @@ async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
                     raise SettingsError(f"--option {kv!r} is not KEY=VALUE")
                 options[key] = value
             req = admin_pb2.SetPolicyRequest(policy=a.name, options=options)
-            out.write(format_plan(await stub.SetPolicy(req, metadata=metadata, timeout=DEADLINE_S)))
+            plan = await stub.SetPolicy(req, metadata=metadata, timeout=DEADLINE_S)
+            out.write(format_plan(plan))
+            if a.wait:
+                out.flush()
+                await wait_in_force(ch, metadata, plan, a.wait_timeout_s, sys.stderr)
         elif a.command == "set-qos":
             req_q = admin_pb2.SetQosRequest(pipeline=a.pipeline, qos_p99_ms=a.ms)
-            out.write(format_plan(await stub.SetQos(req_q, metadata=metadata, timeout=DEADLINE_S)))
+            plan = await stub.SetQos(req_q, metadata=metadata, timeout=DEADLINE_S)
+            out.write(format_plan(plan))
+            if a.wait:
+                out.flush()
+                await wait_in_force(ch, metadata, plan, a.wait_timeout_s, sys.stderr)
         elif a.command == "get-plan":
             plan = await stub.GetPlan(
                 admin_pb2.GetPlanRequest(), metadata=metadata, timeout=DEADLINE_S
@@ -204,16 +225,68 @@ async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
         out.write("\n")
 
 
+def _token(a: argparse.Namespace, run_dir: Path | None) -> str:
+    """The admin token: a file named by the flag or the variable, the literal variable, else the
+    token file of the mesh whose scheduler is the target; a file that cannot be read is named as
+    it was given."""
+    env = os.environ
+    if a.token_file or env.get("CAMELOT_ADMIN_TOKEN_FILE"):
+        path, where = meshrecord.resolve(
+            ("--token-file", a.token_file), "CAMELOT_ADMIN_TOKEN_FILE", "token_file", run_dir
+        )
+    elif env.get("CAMELOT_ADMIN_TOKEN"):
+        return env["CAMELOT_ADMIN_TOKEN"]
+    else:
+        try:
+            record = meshrecord.read(run_dir or meshrecord.default_run_dir())
+        except meshrecord.NoMesh:
+            return ""  # the scheduler then says UNAUTHENTICATED
+        if record.scheduler != a.target:
+            return ""
+        path, where = record.token_file, "the mesh record"
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.readline().strip()
+    except OSError as e:
+        raise SettingsError(
+            f"the token file {path!r} (from {where}) cannot be read: {e.strerror}"
+        ) from None
+    if not value:
+        raise SettingsError(f"the token file {path!r} (from {where}) is empty")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    run_dir = Path(a.run_dir) if a.run_dir else None
+    where = "--target"
     try:
-        token = read_token(a.token_file, os.environ.get("CAMELOT_ADMIN_TOKEN", ""))
+        a.target, where = meshrecord.resolve(
+            ("--target", a.target), "CAMELOT_SCHEDULER_ADDR", "scheduler", run_dir
+        )
+        token = _token(a, run_dir)
         asyncio.run(_call(a, token, sys.stdout))
-    except SettingsError as e:
+    except (SettingsError, meshrecord.NoMesh) as e:
         print(f"camelotctl: {e}", file=sys.stderr)
         return 2
+    except NotInForce as e:
+        print(f"camelotctl: {e}", file=sys.stderr)
+        return 1
     except grpc.aio.AioRpcError as e:
-        print(f"camelotctl: {e.code().name}: {e.details()}", file=sys.stderr)
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            print(
+                f"camelotctl: cannot reach the scheduler at {a.target} (from {where}): "
+                f"{e.code().name}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"camelotctl: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout's reader (`| head`) left: say nothing more, and let exit not flush into it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

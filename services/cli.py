@@ -4,6 +4,11 @@ camelot run [--serve]    start redis, broker, replicas and gateway; send a burst
 camelot up / down        the same mesh in the background / stop it
 camelot status           pipelines served and their replicas
 camelot query PIPELINE   send one query and print where its time went
+
+`status`, `query` and `down` find the mesh that `run --serve` or `up` started from the record it
+writes in its run directory (--run-dir, else CAMELOT_RUN_DIR, else one per user and checkout, so
+two clones never share one); --target (or CAMELOT_GATEWAY_ADDR) names a gateway instead. A user
+error prints one line on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -11,29 +16,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from common import lifecycle
+from common import lifecycle, meshrecord
 from common.backend import resolve
 from common.dtypes import to_numpy, wire_from_array
+from common.errors import CamelotError
 from common.pipeline_config import config_path, list_pipelines, load_pipeline
+from common.progress import Progress, step
+from common.settings import SettingsError
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
-from services.launcher import Mesh, free_port, wait_healthy
+from services.launcher import Mesh, Proc, free_port, wait_healthy
+from services.meshclient import UsageError, cmd_query, cmd_status
 
-DEFAULT_RUN_DIR = Path(os.environ.get("CAMELOT_RUN_DIR", "/tmp/camelot"))
 # the serving process's pid, in the run directory: what `camelot down` signals
 PID_FILE = "camelot.pid"
+UP_WAIT_S = 900.0
+DOWN_WAIT_S = 60.0
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def is_camelot(pid: int) -> bool:
+    """Whether `pid` is alive and a camelot process (a stale pid file's number may be reused)."""
+    if not meshrecord.pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to ask: trust the pid file
+    return b"services.cli" in cmdline or b"camelot" in cmdline
+
+
+def running_pid(run_dir: Path) -> int:
+    """The pid of the mesh up in `run_dir` other than this process (0 when none)."""
+    try:
+        pid = int((run_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return pid if pid != os.getpid() and is_camelot(pid) else 0
 
 
 def pipelines_subset(run_dir: Path, names: list[str], directory: str = "") -> str:
@@ -55,17 +89,27 @@ async def start_mesh(
     policy: str = "even",
     share_mode: str = "",
     pipelines: list[str] | None = None,
+    say: Callable[[str], None] = _quiet,
     pipelines_dir: str = "",
 ) -> dict[str, Any]:
     """Starts the whole mesh on this node: redis (unless CAMELOT_REDIS_URL is set), broker,
     scheduler, agent (which starts the replicas the scheduler's plan asks for) and gateway
     (which follows the scheduler's routes); returns once every pipeline has a ready replica.
-    `pipelines` (default: all) are taken from `pipelines_dir` (default: the bundled configs)."""
+    `say` is told each step as it starts and ends. `pipelines` (default: all) are taken from
+    `pipelines_dir` (default: the bundled configs)."""
+
+    async def up(proc: Proc, target: str, timeout_s: float) -> None:
+        t0 = time.monotonic()
+        say(f"camelot: {proc.name} starting (pid {proc.pid})")
+        await wait_healthy(target, timeout_s, proc)
+        say(f"camelot: {proc.name} serving on {target} after {time.monotonic() - t0:.1f} s")
+
     redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
     if not redis_url:
         port = free_port()
-        mesh.redis(port)
+        redis = mesh.redis(port)
         redis_url = f"redis://127.0.0.1:{port}/0"
+        say(f"camelot: redis started on port {port} (pid {redis.pid})")
     token_file = mesh.run_dir / "admin.token"
     if not token_file.exists():
         token_file.write_text(secrets.token_hex(16))
@@ -80,7 +124,7 @@ async def start_mesh(
     broker = mesh.python(
         "broker", "shmbroker", ["--port", str(broker_port), "--socket", sock, "--backend", backend]
     )
-    await wait_healthy(f"127.0.0.1:{broker_port}", 60, broker)
+    await up(broker, f"127.0.0.1:{broker_port}", 60)
     broker_addr = f"unix:{sock}"
     sched_port = free_port()
     scheduler = mesh.python(
@@ -90,7 +134,7 @@ async def start_mesh(
         env,
     )
     sched_addr = f"127.0.0.1:{sched_port}"
-    await wait_healthy(sched_addr, 60, scheduler)
+    await up(scheduler, sched_addr, 60)
     mode = share_mode or ("mps" if backend == "cuda" else "none")
     mps = os.environ.get("CAMELOT_MPS", "manage" if mode != "none" else "off")
     agent_port = free_port()
@@ -103,7 +147,7 @@ async def start_mesh(
          "--run-dir", str(mesh.run_dir), "--size", size],
         env,
     )  # fmt: skip
-    await wait_healthy(f"127.0.0.1:{agent_port}", 120, agent)
+    await up(agent, f"127.0.0.1:{agent_port}", 120)
     gw_port = int(os.environ.get("CAMELOT_GATEWAY_PORT", "0")) or free_port()
     gateway = mesh.python(
         "gateway",
@@ -113,17 +157,29 @@ async def start_mesh(
         env,
     )  # fmt: skip
     gw = f"127.0.0.1:{gw_port}"
-    await wait_healthy(gw, 120, gateway)
+    await up(gateway, gw, 120)
     names = pipelines or list_pipelines(pipelines_dir or None)
-    await wait_routed(gw, names, timeout_s=600, procs=mesh.procs)
+    say(f"camelot: the agent starts the plan's replicas; waiting until {len(names)} "
+        "pipeline(s) answer")  # fmt: skip
+    t0 = time.monotonic()
+
+    def routed(name: str) -> None:
+        say(f"camelot: {name} answers after {time.monotonic() - t0:.1f} s")
+
+    await wait_routed(gw, names, timeout_s=600, procs=mesh.procs, on_routed=routed)
     return {"gateway": gw, "scheduler": sched_addr, "redis": redis_url, "broker": broker_addr,
-            "token_file": str(token_file)}  # fmt: skip
+            "token_file": str(token_file), "agent": f"127.0.0.1:{agent_port}"}  # fmt: skip
 
 
 async def wait_routed(
-    target: str, pipelines: list[str], timeout_s: float, procs: list[Any]
+    target: str,
+    pipelines: list[str],
+    timeout_s: float,
+    procs: list[Any],
+    on_routed: Callable[[str], None] = _quiet,
 ) -> None:
-    """Sends a probe query to each pipeline until all answer (the plan is applied and routed)."""
+    """Sends a probe query to each pipeline until all answer (the plan is applied and routed);
+    `on_routed` is told each pipeline as it first answers."""
     deadline = time.monotonic() + timeout_s
     pending = list(pipelines)
     async with lifecycle.channel(target) as ch:
@@ -141,7 +197,7 @@ async def wait_routed(
             item = probes[name]
             try:
                 await stub.Submit(gateway_pb2.SubmitRequest(pipeline=name, input=item), timeout=30)
-                pending.pop(0)
+                on_routed(pending.pop(0))
             except grpc.aio.AioRpcError as e:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
@@ -171,8 +227,10 @@ async def burst_one(
     inputs: list[tensor_pb2.WireTensor],
     queries: int,
     concurrency: int,
+    done: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], dict[str, int], float]:
-    """Latencies (ms), error counts by status, and wall time of `queries` closed-loop queries."""
+    """Latencies (ms), error counts by status, and wall time of `queries` closed-loop queries;
+    `done` is called as each query ends."""
     lat: list[float] = []
     errors: dict[str, int] = {}
     sem = asyncio.Semaphore(concurrency)
@@ -188,6 +246,7 @@ async def burst_one(
                 lat.append((time.perf_counter() - t0) * 1e3)
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            done()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(queries)))
@@ -195,9 +254,15 @@ async def burst_one(
 
 
 async def burst(
-    target: str, pipelines: list[str], size: str, queries: int, concurrency: int
+    target: str,
+    pipelines: list[str],
+    size: str,
+    queries: int,
+    concurrency: int,
+    show_progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Sends `queries` to each pipeline, `concurrency` at a time; per-pipeline summary rows."""
+    """Sends `queries` to each pipeline, `concurrency` at a time; per-pipeline summary rows
+    (with a progress bar per pipeline on stderr when `show_progress`)."""
     from services.pipelines.runner import make_input
 
     rows = []
@@ -206,7 +271,13 @@ async def burst(
         for name in pipelines:
             cfg = load_pipeline(name, size)
             inputs = [wire_from_array(make_input(cfg, seed)) for seed in range(min(queries, 16))]
-            lat, errors, wall = await burst_one(stub, name, inputs, queries, concurrency)
+            if show_progress:
+                with Progress(f"camelot: burst {name:<16}", queries, "queries") as bar:
+                    lat, errors, wall = await burst_one(
+                        stub, name, inputs, queries, concurrency, bar.advance
+                    )
+            else:
+                lat, errors, wall = await burst_one(stub, name, inputs, queries, concurrency)
             rows.append(
                 {
                     "pipeline": name,
@@ -242,108 +313,143 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 async def cmd_run(args: argparse.Namespace) -> int:
     backend = resolve(args.backend).value
     pipelines = args.pipeline or list_pipelines()
-    mesh = Mesh(Path(args.run_dir))
+    for name in pipelines:
+        config_path(name)  # an unknown pipeline is a usage error before anything starts
+    run_dir = Path(args.run_dir)
+    other = running_pid(run_dir)
+    if other:
+        raise UsageError(
+            f"a mesh is already up in {run_dir} (pid {other}): stop it with `camelot down`, "
+            "or give this one another --run-dir"
+        )
+    mesh = Mesh(run_dir)
     pid_file = mesh.run_dir / PID_FILE
-    print(f"camelot: starting the mesh on backend {backend}, size {args.size}")
-    print(f"camelot: logs in {mesh.run_dir}/logs")
+    print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
+    print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)
     try:
-        info = await start_mesh(mesh, backend, args.size, args.policy, pipelines=args.pipeline)
-        print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}")
-        rows = await burst(info["gateway"], pipelines, args.size, args.queries, args.concurrency)
+        info = await start_mesh(
+            mesh, backend, args.size, args.policy, pipelines=args.pipeline, say=step
+        )
+        print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}", flush=True)
+        rows = await burst(
+            info["gateway"], pipelines, args.size, args.queries, args.concurrency, True
+        )
         print_table(rows)
         await asyncio.sleep(1.5)  # one report flush and a scheduler tick
         print()
         print(await admin_report(info))
         if args.serve:
-            print("camelot: serving; Ctrl-C to stop")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            (mesh.run_dir / "mesh.json").write_text(
-                json.dumps({**info, "pids": [p.pid for p in mesh.procs]})
-            )
             # `camelot down` stops a mesh served from a terminal as it stops one from `up`
             pid_file.write_text(str(os.getpid()))
+            # what `camelot status/query`, `camelotctl` and `make load` find this mesh by
+            meshrecord.MeshRecord(
+                gateway=info["gateway"],
+                scheduler=info["scheduler"],
+                token_file=info["token_file"],
+                pid=os.getpid(),
+                redis=info["redis"],
+                broker=info["broker"],
+                agent=info["agent"],
+            ).write(mesh.run_dir)
+            # scripts wait for "serving; Ctrl-C" (deploy/device/*.sh)
+            print(
+                "camelot: serving; Ctrl-C to stop. `camelot status`, `camelot query`, "
+                f"`camelotctl` and `make load` find it by {mesh.run_dir / meshrecord.RECORD_FILE}",
+                flush=True,
+            )
             await stop.wait()
         return 1 if any(r["errors"] for r in rows) else 0
     finally:
+        meshrecord.clear(mesh.run_dir, os.getpid())
         await mesh.stop_all()
         with contextlib.suppress(OSError, ValueError):
             if int(pid_file.read_text()) == os.getpid():
                 pid_file.unlink()
-        print("camelot: stopped")
-
-
-async def cmd_query(args: argparse.Namespace) -> int:
-    from services.pipelines.runner import make_input
-
-    cfg = load_pipeline(args.pipeline, args.size)
-    item = make_input(cfg, args.seed)
-    async with lifecycle.channel(args.target) as ch:
-        stub = gateway_pb2_grpc.GatewayStub(ch)
-        r = await stub.Submit(
-            gateway_pb2.SubmitRequest(
-                pipeline=args.pipeline,
-                input=wire_from_array(item),
-                transport=tensor_pb2.TRANSPORT_WIRE
-                if args.transport == "wire"
-                else tensor_pb2.TRANSPORT_REF,
-            ),
-            timeout=args.timeout,
-        )
-    print(f"query {r.query_id}: {r.e2e_us / 1e3:.2f} ms end to end, plan epoch {r.plan_epoch}")
-    for s in r.stages:
-        print(
-            f"  {s.stage:<16} rpc {s.rpc_us / 1e3:8.2f} ms  queue {s.queue_us / 1e3:7.2f}  "
-            f"batch-wait {s.batch_wait_us / 1e3:7.2f}  compute {s.compute_us / 1e3:7.2f}  "
-            f"on {s.replica_id}"
-        )
-    print(f"  output: dtype {tensor_pb2.DType.Name(r.output.dtype)} shape {list(r.output.shape)}")
-    return 0
-
-
-async def cmd_status(args: argparse.Namespace) -> int:
-    async with lifecycle.channel(args.target) as ch:
-        stub = gateway_pb2_grpc.GatewayStub(ch)
-        listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
-    for p in listing.pipelines:
-        print(f"{p.name:<18} QoS p99 {p.qos_p99_ms:8.1f} ms   stages: {' -> '.join(p.stages)}")
-    return 0
+        print("camelot: stopped", flush=True)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    other = running_pid(run_dir)
+    if other:
+        raise UsageError(f"a mesh is already up in {run_dir} (pid {other}); `camelot down` first")
     argv = [sys.executable, "-m", "services.cli", "run", "--serve", "--run-dir", str(run_dir),
-            "--backend", args.backend, "--size", args.size, "--queries", "4"]  # fmt: skip
+            "--backend", args.backend, "--size", args.size, "--queries", "4",
+            "--policy", args.policy]  # fmt: skip
+    for name in args.pipeline or ():
+        argv += ["--pipeline", name]
     import subprocess
 
-    with open(run_dir / "camelot.log", "ab") as log:
+    log_path = run_dir / "camelot.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (run_dir / PID_FILE).write_text(str(p.pid))
-    print(f"camelot: mesh starting in the background (pid {p.pid}); log {run_dir / 'camelot.log'}")
+    step(f"camelot: mesh starting in the background (pid {p.pid}); log {log_path}")
+    # the steps as the background process logs them, until it serves or dies
+    deadline = time.monotonic() + args.wait_s
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        while True:
+            for line in log.read().decode(errors="replace").splitlines():
+                if line.startswith("camelot:"):
+                    step(line)
+            try:
+                record = meshrecord.read(run_dir)
+                if record.pid == p.pid:
+                    break
+            except meshrecord.NoMesh:
+                pass
+            if p.poll() is not None:
+                raise UsageError(
+                    f"the mesh exited with {p.returncode} while starting; see {log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"the mesh is not serving after {args.wait_s:.0f} s (still starting, pid "
+                    f"{p.pid}); see {log_path}"
+                )
+            time.sleep(0.2)
+    print(f"camelot: mesh up (pid {p.pid}): gateway {record.gateway}, scheduler "
+          f"{record.scheduler}; `camelot down` stops it")  # fmt: skip
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    pid_file = Path(args.run_dir) / PID_FILE
-    if not pid_file.exists():
-        print("camelot: no mesh is up", file=sys.stderr)
-        return 1
-    pid = int(pid_file.read_text())
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        print(f"camelot: pid {pid} is gone")
-    pid_file.unlink()
+    run_dir = Path(args.run_dir)
+    pid_file = run_dir / PID_FILE
+    pid = running_pid(run_dir)
+    if not pid:
+        pid_file.unlink(missing_ok=True)  # a stale one, left by a mesh that was killed
+        raise UsageError(f"no mesh is up in {run_dir}")
+    os.kill(pid, signal.SIGTERM)
+    step(f"camelot: stopping the mesh in {run_dir} (pid {pid})")
+    deadline = time.monotonic() + args.wait_s
+    while meshrecord.pid_alive(pid) and time.monotonic() < deadline:
+        # reaps it if it is our child; otherwise just waits for it to go
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.2)
+    if meshrecord.pid_alive(pid):
+        raise UsageError(f"the mesh (pid {pid}) is still stopping after {args.wait_s:.0f} s")
+    with contextlib.suppress(OSError, ValueError):
+        if int(pid_file.read_text()) == pid:
+            pid_file.unlink()
+    step("camelot: stopped")
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="camelot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    run_dir = str(meshrecord.default_run_dir())
+    run_dir_help = f"the mesh's run directory (CAMELOT_RUN_DIR; default {run_dir})"
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "up"):
         s = sub.add_parser(name)
@@ -355,19 +461,31 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument(
             "--size", default=os.environ.get("CAMELOT_SIZE", "tiny"), choices=("tiny", "full")
         )
-        s.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+        s.add_argument("--run-dir", default=run_dir, help=run_dir_help)
         s.add_argument("--queries", type=int, default=32)
         s.add_argument("--concurrency", type=int, default=4)
         s.add_argument("--pipeline", action="append", help="only these pipelines (repeatable)")
         s.add_argument("--serve", action="store_true", help="keep the mesh up after the burst")
         s.add_argument("--policy", default=os.environ.get("CAMELOT_POLICY", "even"))
+        if name == "up":
+            s.add_argument("--wait-s", type=float, default=UP_WAIT_S, help="how long to wait")
     d = sub.add_parser("down")
-    d.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    d.add_argument("--run-dir", default=run_dir, help=run_dir_help)
+    d.add_argument("--wait-s", type=float, default=DOWN_WAIT_S, help="how long to wait")
     for name in ("status", "query"):
         s = sub.add_parser(name)
+        s.add_argument("--run-dir", default=run_dir, help=run_dir_help)
         s.add_argument(
-            "--target", default=os.environ.get("CAMELOT_GATEWAY_ADDR", "127.0.0.1:50052")
+            "--target",
+            default=None,
+            help="gateway host:port (CAMELOT_GATEWAY_ADDR; default: the mesh in --run-dir)",
         )
+        if name == "status":
+            s.add_argument(
+                "--scheduler",
+                default=None,
+                help="scheduler host:port (CAMELOT_SCHEDULER_ADDR; default: the mesh's)",
+            )
         if name == "query":
             s.add_argument("pipeline")
             s.add_argument(
@@ -376,13 +494,39 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--transport", default="ref", choices=("ref", "wire"))
             s.add_argument("--timeout", type=float, default=30.0)
-    args = p.parse_args(argv)
-    if args.cmd == "up":
-        sys.exit(cmd_up(args))
-    if args.cmd == "down":
-        sys.exit(cmd_down(args))
-    handler = {"run": cmd_run, "query": cmd_query, "status": cmd_status}[args.cmd]
-    sys.exit(asyncio.run(handler(args)))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "up":
+            code = cmd_up(args)
+        elif args.cmd == "down":
+            code = cmd_down(args)
+        else:
+            handler = {"run": cmd_run, "query": cmd_query, "status": cmd_status}[args.cmd]
+            code = asyncio.run(handler(args))
+    except (UsageError, meshrecord.NoMesh, SettingsError) as e:
+        print(f"camelot: {e}", file=sys.stderr)
+        code = 1
+    except CamelotError as e:
+        print(f"camelot: {e.message}", file=sys.stderr)
+        code = 1
+    except grpc.aio.AioRpcError as e:
+        print(f"camelot: {e.code().name}: {e.details()}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.exit(code)
+
+
+def _reader_gone() -> int:
+    """stdout's reader (`| head`) left: say nothing more, and let exit not flush into it."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":
