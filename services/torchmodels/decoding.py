@@ -1,6 +1,11 @@
 """Autoregressive decoders from transformers: a GPT-2 with cross-attention for captions, and
 Whisper's encoder and decoder for speech. Weights are random (a config, never a checkpoint).
 
+Random weights are drawn wider than the checkpoints' initialisation (std `init_std` = 0.1, not
+0.02) and the output projection is not tied to the token embedding: at 0.02 with tied weights a
+random decoder repeats its start token whatever its input, so a stale or misrouted answer would
+look right. The compute is the same.
+
 Decoding is greedy for a fixed number of tokens (no early stop at an end token: every query costs
 the same, as a served captioner or transcriber capped at a length does at worst), one token a
 step with a KV cache: step t feeds only the token chosen at t-1. Each step's shapes are fixed by
@@ -66,6 +71,7 @@ class CaptionDecoder(TorchStage):
         vocab: int,
         max_len: int,
         start_token: int,
+        init_std: float,
         weights: str | None,
     ) -> None:
         super().__init__(ctx, "caption_decoder")
@@ -87,6 +93,8 @@ class CaptionDecoder(TorchStage):
             add_cross_attention=True,
             bos_token_id=start_token,
             eos_token_id=start_token,
+            initializer_range=_std(init_std),
+            tie_word_embeddings=False,
         )
         self.seeded()
         self.net = self.place(GPT2LMHeadModel(config), weights)
@@ -127,17 +135,31 @@ def caption_decoder(
     vocab: int = 50257,
     max_len: int = 16,
     start_token: int = 50256,
+    init_std: float = 0.1,
     weights: str | None = None,
 ) -> CaptionDecoder:
     """Defaults are GPT-2 small over ViT-B/16's 197 tokens; 50256 is GPT-2's <|endoftext|>,
     which GPT-2 captioners start from."""
     return CaptionDecoder(
-        ctx, context_tokens, hidden, layers, heads, vocab, max_len, start_token, weights
+        ctx, context_tokens, hidden, layers, heads, vocab, max_len, start_token, init_std, weights
     )
 
 
+def _std(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise InvalidArgument(f"option init_std={value!r} must be a number in (0, 1)")
+    return float(value)
+
+
 def whisper_config(
-    mels: int, frames: int, hidden: int, layers: int, heads: int, vocab: int, max_len: int
+    mels: int,
+    frames: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    max_len: int,
+    init_std: float = 0.1,
 ) -> Any:
     """A Whisper config whose encoder takes `frames` mel frames (30 s = 3000 in Whisper)."""
     from transformers import WhisperConfig
@@ -158,6 +180,7 @@ def whisper_config(
         decoder_ffn_dim=4 * hidden,
         max_source_positions=positive("frames", frames) // 2,
         max_target_positions=max(448, positive("max_len", max_len) + 1),
+        init_std=_std(init_std),
         # ids within the vocabulary (the config validates them); decoding never stops early
         pad_token_id=None,
         bos_token_id=0,
@@ -211,8 +234,8 @@ def speech_encoder(
 
 
 class SpeechDecoder(TorchStage):
-    """Whisper's text decoder with its output projection tied to the token embedding (as in
-    `WhisperForConditionalGeneration`)."""
+    """Whisper's text decoder and an output projection (untied: see the module docstring); a
+    weights file holds `decoder.*` (a `WhisperDecoder`'s keys) and `proj_out.weight`."""
 
     def __init__(
         self,
@@ -224,37 +247,43 @@ class SpeechDecoder(TorchStage):
         vocab: int,
         max_len: int,
         start_token: int,
+        init_std: float,
         weights: str | None,
     ) -> None:
         super().__init__(ctx, "speech_decoder")
         from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
         config = whisper_config(
-            8, 2 * positive("states", states), hidden, layers, heads, vocab, max_len
+            8, 2 * positive("states", states), hidden, layers, heads, vocab, max_len, init_std
         )
         if not 0 <= start_token < vocab:
             raise InvalidArgument(f"option start_token={start_token} is outside vocab={vocab}")
         self.start = start_token
         self.max_len = max_len
         self.seeded()
-        self.net = self.place(WhisperDecoder(config), weights)
-        self.cache_kwarg = _cache_kwarg(self.net.forward)
+        nn = self.torch.nn
+        proj = nn.Linear(hidden, vocab, bias=False)
+        nn.init.normal_(proj.weight, std=config.init_std)
+        self.net = self.place(
+            nn.ModuleDict({"decoder": WhisperDecoder(config), "proj_out": proj}), weights
+        )
+        self.decoder, self.proj_out = self.net["decoder"], self.net["proj_out"]
+        self.cache_kwarg = _cache_kwarg(self.decoder.forward)
         self.inputs = [spec("states", ctx.compute_dtype, (states, hidden))]
         self.outputs = [spec("tokens", np.int32, (max_len,))]
         self.run = self.graphed("decode", self._decode, self.inputs)
 
     def _decode(self, states: Any) -> Any:
         torch = self.torch
-        embed = self.net.embed_tokens.weight
 
         def step(tokens: Any, cache: Any) -> tuple[Any, Any]:
-            out = self.net(
+            out = self.decoder(
                 input_ids=tokens,
                 encoder_hidden_states=states,
                 use_cache=True,
                 **{self.cache_kwarg: cache},
             )
-            return out.last_hidden_state @ embed.T, _cache_of(out)
+            return self.proj_out(out.last_hidden_state), _cache_of(out)
 
         first = torch.full((states.shape[0], 1), self.start, dtype=torch.long, device=self.device)
         return greedy(step, first, self.max_len, torch)
@@ -272,7 +301,10 @@ def speech_decoder(
     vocab: int = 51865,
     max_len: int = 24,
     start_token: int = 50258,
+    init_std: float = 0.1,
     weights: str | None = None,
 ) -> SpeechDecoder:
     """Defaults are Whisper-base's decoder; 50258 is <|startoftranscript|>."""
-    return SpeechDecoder(ctx, states, hidden, layers, heads, vocab, max_len, start_token, weights)
+    return SpeechDecoder(
+        ctx, states, hidden, layers, heads, vocab, max_len, start_token, init_std, weights
+    )

@@ -14,6 +14,7 @@ Plug-in factories (`factory(ctx, **options)`):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from services.torchmodels.core import TorchStage, pair, positive, spec
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "resnet101")
+_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 def _normalise(torch: Any, x: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
@@ -68,10 +70,14 @@ class JpegDecode(TorchStage):
         files = [host[i, jpeg.HEADER_BYTES : jpeg.HEADER_BYTES + int(lengths[i])] for i in rows]
         mode = self.tvio.ImageReadMode.RGB
         try:
-            if self.cuda:
-                images = self.tvio.decode_jpeg(files, mode=mode, device=self.device)
-            else:
-                images = [self.tvio.decode_jpeg(f, mode=mode) for f in files]
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its codecs for TorchCodec, which is not yet in
+                # the images we deploy on; decode_jpeg is what they have
+                warnings.filterwarnings("ignore", _DEPRECATED, DeprecationWarning)
+                if self.cuda:
+                    images = self.tvio.decode_jpeg(files, mode=mode, device=self.device)
+                else:
+                    images = [self.tvio.decode_jpeg(f, mode=mode) for f in files]
         except RuntimeError as e:
             raise InvalidArgument(f"a JPEG input cannot be decoded: {e}") from e
         for i, img in zip(rows, images, strict=True):
@@ -189,9 +195,17 @@ def detector(
 
 class Crop(TorchStage):
     """Each box's region of the image, resampled to S x S by `torchvision.ops.roi_align`
-    (bilinear, 2 samples per bin, pixel-aligned), ImageNet-normalised. Graph-safe."""
+    (bilinear, `sampling_ratio` samples a side per output pixel, pixel-aligned), ImageNet-
+    normalised. Graph-safe."""
 
-    def __init__(self, ctx: ModelContext, image_size: Any, max_boxes: int, crop_size: int) -> None:
+    def __init__(
+        self,
+        ctx: ModelContext,
+        image_size: Any,
+        max_boxes: int,
+        crop_size: int,
+        sampling_ratio: int,
+    ) -> None:
         super().__init__(ctx, "crop")
         from torchvision.ops import roi_align
 
@@ -199,6 +213,7 @@ class Crop(TorchStage):
         self.h, self.w = pair("image_size", image_size)
         self.k = positive("max_boxes", max_boxes)
         self.s = positive("crop_size", crop_size)
+        self.sampling = positive("sampling_ratio", sampling_ratio)
         self.inputs = [
             spec("image", np.uint8, (3, self.h, self.w)),
             spec("boxes", np.float32, (self.k, 4)),
@@ -212,7 +227,9 @@ class Crop(TorchStage):
         x = _normalise(torch, image.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
         index = torch.arange(n, device=self.device, dtype=self.dtype).repeat_interleave(self.k)
         rois = torch.cat([index[:, None], boxes.reshape(-1, 4).to(self.dtype)], dim=1)
-        crops = self.roi_align(x, rois, output_size=self.s, sampling_ratio=2, aligned=True)
+        crops = self.roi_align(
+            x, rois, output_size=self.s, sampling_ratio=self.sampling, aligned=True
+        )
         return crops.reshape(n, self.k, 3, self.s, self.s)
 
     def forward(self, image: Any, boxes: Any) -> list[Any]:
@@ -220,9 +237,13 @@ class Crop(TorchStage):
 
 
 def crop(
-    ctx: ModelContext, image_size: Any = (720, 1280), max_boxes: int = 16, crop_size: int = 224
+    ctx: ModelContext,
+    image_size: Any = (720, 1280),
+    max_boxes: int = 16,
+    crop_size: int = 224,
+    sampling_ratio: int = 2,
 ) -> Crop:
-    return Crop(ctx, image_size, max_boxes, crop_size)
+    return Crop(ctx, image_size, max_boxes, crop_size, sampling_ratio)
 
 
 class Classifier(TorchStage):
