@@ -125,6 +125,23 @@ def from_rpc_error(err: grpc.RpcError) -> CamelotError:
     return out
 
 
+_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_for_status(
+    code: int | grpc.StatusCode, message: str, retry_after_ms: int | None = None
+) -> CamelotError:
+    """The Camelot error for a status carried in a message (a call's answer on a stream)."""
+    status = code if isinstance(code, grpc.StatusCode) else _BY_VALUE.get(code)
+    if status is None:
+        status = grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(status, CamelotError)
+    out = cls(message or status.name, retry_after_ms=retry_after_ms)
+    if cls is CamelotError:
+        out.code = status
+    return out
+
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from common import lifecycle
@@ -44,7 +45,7 @@ from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import OK, Result, run_open_loop
-from protos import broker_pb2, broker_pb2_grpc
+from protos import broker_pb2, broker_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.cli import wait_routed
 from services.launcher import Mesh, Proc, free_port, wait_healthy
 
@@ -239,15 +240,36 @@ async def broker_segments(target: str) -> list[str]:
     return [s.shm_name for s in d.slabs if s.shm_name]
 
 
-async def settle(target: str, timeout_s: float) -> broker_pb2.StatsResponse:
-    """Broker stats once no lease is live and no byte is lent or quarantined (or at timeout)."""
+def held_bytes(stats: broker_pb2.StatsResponse) -> int:
+    """Bytes lent or quarantined outside the arenas that living processes hold."""
+    return int(sum(s.used_bytes + s.quarantined_bytes for s in stats.slabs) - stats.arena_bytes)
+
+
+async def gateway_leases(target: str) -> int:
+    """Local leases open in a gateway's arenas (0 when it cannot be asked)."""
+    try:
+        async with lifecycle.channel(target) as ch:
+            stats = await gateway_pb2_grpc.GatewayStub(ch).Stats(
+                gateway_pb2.GatewayStatsRequest(), timeout=5
+            )
+        return int(stats.live_leases)
+    except grpc.aio.AioRpcError:
+        return 0
+
+
+async def settle(
+    target: str, timeout_s: float, gateway: str = ""
+) -> tuple[broker_pb2.StatsResponse, int]:
+    """Broker stats and the gateway's local leases once no lease is live and no byte is lent
+    or quarantined outside live arenas (or at timeout)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             stats = await broker_stats(target)
-            held = sum(s.used_bytes + s.quarantined_bytes for s in stats.slabs)
-            if (stats.live_leases == 0 and held == 0) or time.monotonic() > deadline:
-                return stats
+            local = await gateway_leases(gateway) if gateway else 0
+            quiet = stats.live_leases == 0 and held_bytes(stats) == 0 and local == 0
+            if quiet or time.monotonic() > deadline:
+                return stats, local
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -330,7 +352,7 @@ async def run_fault(
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
     await wait_routed(fm.gateway, [fm.pipeline], timeout_s=120, procs=fm.mesh.procs)
-    base = await settle(fm.broker_tcp, settle_s)
+    base, _ = await settle(fm.broker_tcp, settle_s)
     schedule = traces.poisson(rate_qps, duration_s, np.random.default_rng(seed))
     t0 = time.monotonic()
     fault_task = asyncio.create_task(inject(fm, fault, duration_s / 3, down_s))
@@ -344,7 +366,7 @@ async def run_fault(
     )
     info = await fault_task
     load_s = time.monotonic() - t0
-    after = await settle(fm.broker_tcp, settle_s)
+    after, local_leases = await settle(fm.broker_tcp, settle_s, fm.gateway)
     # a restarted agent stops its predecessor's replicas once its own serve
     for _ in range(int(settle_s / 0.2)):
         if len(replica_pids(fm.run_dir)) == expected(fm):
@@ -361,8 +383,8 @@ async def run_fault(
         "duration_s": duration_s,
         "deadline_s": deadline_s,
         **count(result, deadline_s, len(schedule)),
-        "leases_leaked": after.live_leases,
-        "bytes_leaked": int(sum(s.used_bytes + s.quarantined_bytes for s in after.slabs)),
+        "leases_leaked": after.live_leases + local_leases,
+        "bytes_leaked": held_bytes(after),
         "baseline_leases": base.live_leases,
         "broker_generation_changed": after.generation != base.generation,
         "shm_leaked_bytes": leaked_shm,

@@ -127,6 +127,7 @@ class ArenaBuffers:
                 log.warning("arenas not given back (the broker reclaims them): %s", e)
 
     def stats(self) -> ArenaStats:
+        self._drain_quarantine()
         arenas = [a for group in self._arenas.values() for a in group]
         return ArenaStats(
             arenas=len(arenas),
@@ -190,21 +191,24 @@ class ArenaBuffers:
     async def view(self, ref: tensor_pb2.TensorRef) -> Any:
         return await self.client.view(ref)
 
+    def release_local(self, lease_id: str, *, aborted: bool = False) -> bool:
+        """Ends a local lease at once, with no I/O; False when lease_id is not one."""
+        if lease_id not in self._local:
+            return False
+        if aborted:
+            # a stage may still write into the block: it waits before reuse
+            self._quarantine.append((self.clock() + self.quarantine_s, lease_id))
+        else:
+            self._free(lease_id)
+        return True
+
     async def release(self, lease_ids: Sequence[str], *, aborted: bool = False) -> None:
         """Ends local leases (idempotent); broker leases among them are released there."""
-        remote = []
-        now = self.clock()
-        for lease_id in lease_ids:
-            local = self._local.get(lease_id)
-            if local is None:
-                if "." not in lease_id:
-                    remote.append(lease_id)
-                continue
-            if aborted:
-                # a stage may still write into the block: it waits before reuse
-                self._quarantine.append((now + self.quarantine_s, lease_id))
-            else:
-                self._free(lease_id)
+        remote = [
+            lease_id
+            for lease_id in lease_ids
+            if not self.release_local(lease_id, aborted=aborted) and "." not in lease_id
+        ]
         if remote:
             await self.client.release(remote, aborted=aborted)
 

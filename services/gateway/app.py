@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from common import lifecycle
 from common.backend import Backend, resolve, use_device
-from common.errors import from_rpc_error
+from common.errors import CamelotError, from_rpc_error
 from common.pipeline_config import list_pipelines, load_pipeline
 from common.retry import Backoff
 from protos import (
@@ -30,6 +31,8 @@ from services.gateway.query import PipelineRoute, QueryRunner, StageStep
 from services.gateway.routes import RouteTable
 from services.gateway.servicer import GatewayServicer, PipelineEntry
 from services.gateway.settings import GatewaySettings
+from services.gateway.streams import ReplicaStream
+from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
 
 log = logging.getLogger(__name__)
@@ -38,11 +41,17 @@ SERVICE_NAME = "camelot.v1.Gateway"
 
 
 class StageChannels:
-    """One channel per replica address, reused; calls map errors to Camelot's."""
+    """One channel per replica address, reused; calls go on one long-lived stream per replica
+    (`streams`, the default) or as unary calls; errors map to Camelot's."""
 
-    def __init__(self, tls: lifecycle.TlsFiles | None = None) -> None:
+    def __init__(self, tls: lifecycle.TlsFiles | None = None, streams: bool = True) -> None:
         self.tls = tls
+        self.streams = streams
         self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub]] = {}
+        self._streams: dict[str, ReplicaStream] = {}
+        self._closing: set[asyncio.Future[None]] = set()
+        # told when a replica's stream breaks (the gateway's routes avoid it for a while)
+        self.on_broken: Callable[[str], None] | None = None
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
         entry = self._stubs.get(address)
@@ -55,6 +64,12 @@ class StageChannels:
     async def __call__(
         self, address: str, request: stage_pb2.InferRequest, timeout_s: float
     ) -> stage_pb2.InferResponse:
+        if self.streams:
+            stream = self._streams.get(address)
+            if stream is None:
+                stream = ReplicaStream(self.stub(address), address, self._broken)
+                self._streams[address] = stream
+            return await stream.infer(request, timeout_s)
         try:
             response: stage_pb2.InferResponse = await self.stub(address).Infer(
                 request, timeout=timeout_s
@@ -62,6 +77,18 @@ class StageChannels:
             return response
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from e
+
+    def _broken(self, address: str, error: CamelotError) -> None:
+        log.warning("stream to %s broke (%s); reconnecting on a new channel", address, error)
+        self._streams.pop(address, None)
+        entry = self._stubs.pop(address, None)
+        if entry is not None:
+            # a new channel: the old one's reconnect backoff would hold the next stream
+            task = asyncio.ensure_future(entry[0].close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if self.on_broken is not None:
+            self.on_broken(address)
 
     async def describe(self, address: str) -> stage_pb2.DescribeStageResponse:
         try:
@@ -73,6 +100,9 @@ class StageChannels:
             raise from_rpc_error(e) from e
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for ch, _ in self._stubs.values():
             await ch.close()
         self._stubs.clear()
@@ -162,8 +192,12 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         }
         broker: Any = None
         if settings.transport == "ref" or settings.broker:
-            broker = await BrokerClient.connect(settings.broker)
-            stack.push_async_callback(broker.close)
+            client = await BrokerClient.connect(settings.broker)
+            stack.push_async_callback(client.close)
+            broker = client
+            if settings.arenas:
+                broker = ArenaBuffers(client, arena_bytes=settings.arena_bytes)
+                stack.push_async_callback(broker.aclose)
             for name in pipelines:
                 await broker.warm_pool(name, settings.device)
         reports = None
@@ -176,8 +210,9 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         routes = RouteTable()
         if settings.static_routes:
             routes.set_static(settings.static_routes)
-        channels = StageChannels(settings.tls)
+        channels = StageChannels(settings.tls, streams=settings.stage_calls == "stream")
         stack.push_async_callback(channels.close)
+        channels.on_broken = routes.suspect_address
         runner = QueryRunner(
             routes, channels, broker, backend, settings.device, describe=channels.describe
         )

@@ -187,6 +187,9 @@ class QueryRunner:
 
     def _release_later(self, lease: str, aborted: bool) -> None:
         assert self.buffers is not None
+        release_local = getattr(self.buffers, "release_local", None)
+        if release_local is not None and release_local(lease, aborted=aborted):
+            return  # an arena's lease: ended here, no broker call
         task = asyncio.ensure_future(self.buffers.release([lease], aborted=aborted))
         self._releases.add(task)
         task.add_done_callback(self._released)

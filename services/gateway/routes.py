@@ -84,3 +84,10 @@ class RouteTable:
 
     def suspect(self, replica: Replica) -> None:
         replica.suspect_until_us = mono_us() + SUSPECT_US
+
+    def suspect_address(self, address: str) -> None:
+        """Every replica at address is skipped for a while (its connection broke)."""
+        for replicas in self._stages.values():
+            for r in replicas:
+                if r.address == address:
+                    self.suspect(r)

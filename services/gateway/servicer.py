@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,6 +151,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 plan_epoch=self.runner.routes.epoch,
             )
         )
+
+    @grpc_errors
+    async def Stats(
+        self, request: gateway_pb2.GatewayStatsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GatewayStatsResponse:
+        out = gateway_pb2.GatewayStatsResponse(pid=os.getpid(), inflight=self.inflight)
+        arena_stats = getattr(self.runner.buffers, "stats", None)
+        if arena_stats is not None:
+            a = arena_stats()
+            out.live_leases = a.live_leases
+            out.quarantined_leases = a.quarantined
+            out.arenas = a.arenas
+            out.arena_bytes = a.arena_bytes
+            out.broker_fallbacks = a.fallbacks
+        return out
 
     @grpc_errors
     async def ListPipelines(

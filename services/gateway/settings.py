@@ -25,6 +25,13 @@ class GatewaySettings:
     backend: str = "auto"
     size: str = "tiny"
     transport: str = "ref"
+    # how stage calls travel: many in flight on one long-lived stream per replica, or one
+    # unary call each (the design before streams, kept for comparison)
+    stage_calls: str = "stream"
+    # query buffers from arenas borrowed from the broker (no broker call per query), or one
+    # broker lease per query (before arenas, kept for comparison); arena_bytes 0: broker default
+    arenas: bool = True
+    arena_bytes: int = 0
     pipelines_dir: str = ""
     # deadline when the client gives none: this many times the pipeline's QoS target
     deadline_qos_multiple: float = 10.0
@@ -57,6 +64,17 @@ def parse(
     f.add("--backend", env="BACKEND", choices=("auto", "host", "cuda"))
     f.add("--size", env="SIZE", choices=("tiny", "full"))
     f.add("--transport", env="TRANSPORT", choices=("ref", "wire"))
+    f.add("--stage-calls", env="GATEWAY_STAGE_CALLS", choices=("stream", "unary"))
+    f.add(
+        "--arenas",
+        field=None,
+        env="GATEWAY_ARENAS",
+        default="on",
+        choices=("on", "off"),
+        help="query buffers from arenas borrowed from the broker (on), or a broker lease per "
+        "query (off: the design before arenas)",
+    )
+    f.add("--arena-bytes", env="GATEWAY_ARENA_BYTES")
     f.add("--pipelines-dir", env="PIPELINES_DIR")
     f.add("--deadline-qos-multiple", env="DEADLINE_QOS_MULTIPLE", check="positive")
     f.add("--max-payload-bytes", env="MAX_PAYLOAD_BYTES", check="positive")
@@ -82,7 +100,7 @@ def parse(
         f.parser.error(str(err))
     if a.workers > 1 and (a.port == 0 or a.unix):
         f.parser.error("--workers > 1 needs a fixed --port and no --unix (the workers share it)")
-    return f.settings(a, static_routes=static, tls=TlsFiles.from_env(e))
+    return f.settings(a, static_routes=static, arenas=a.arenas == "on", tls=TlsFiles.from_env(e))
 
 
 def parse_routes(spec: str) -> tuple[tuple[str, str, str, str], ...]:
