@@ -71,7 +71,12 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # alive, someone else's: the caller then finds it is not its own
-    return True
+    try:
+        # an exited child its parent has not reaped yet is a zombie: gone for our purposes
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :][:1] != "Z"
+    except (OSError, ValueError):
+        return True  # no /proc to ask
 
 
 def read(run_dir: Path, flag: str = "--target") -> MeshRecord:

@@ -7,14 +7,18 @@ line at each quarter, so a log still shows the work moving without thousands of 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TextIO
 
 WIDTH = 24
 REDRAW_S = 0.1
 QUARTERS = 4
+TICK_S = 0.5
 
 
 def step(message: str, stream: TextIO | None = None) -> None:
@@ -93,6 +97,29 @@ class Progress:
             self._quarter = quarter
             self.out.write(self._line() + "\n")
             self.out.flush()
+
+
+@contextlib.asynccontextmanager
+async def ticking(
+    label: str, total_s: float, stream: TextIO | None = None
+) -> AsyncIterator[Progress]:
+    """A bar of seconds for timed work (a trial, a soak) that moves with the clock while the
+    body runs; it ends at the time the body took."""
+    bar = Progress(label, total_s, "s", stream)
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            bar.update(time.monotonic() - bar.t0)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        yield bar
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        bar.close()
 
 
 def _num(x: float) -> str:

@@ -21,6 +21,12 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from common.errors import CamelotError
+from common.meshrecord import NoMesh
+from common.settings import SettingsError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,11 +88,23 @@ def run_main(
     argv: Sequence[str] | None = None,
 ) -> int:
     """The entry point of a program that writes one result: parses `argv` (default: the
-    process's), logs at INFO, runs `run(args, argv)` and says where the result went."""
+    process's), logs at INFO, runs `run(args, argv)` and says where the result went. A user's
+    mistake (no mesh to measure, a bad setting, a refused or unreachable target) is one line on
+    stderr and exit code 2, not a traceback."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(args_list)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    json_path, md_path = asyncio.run(run(args, args_list))
+    try:
+        json_path, md_path = asyncio.run(run(args, args_list))
+    except (NoMesh, SettingsError) as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 2
+    except CamelotError as e:
+        print(f"{parser.prog}: {e.code.name}: {e.message}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as e:
+        print(f"{parser.prog}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     print(f"wrote {json_path} and {md_path}")
     return 0
 

@@ -1,7 +1,10 @@
 """End-to-end latency per pipeline, `ref` transport against `wire`, side by side at low load.
 
-    python -m loadgen.bench_e2e --target 127.0.0.1:50052 [--rate 5 --duration 20 --rounds 3]
+    python -m loadgen.bench_e2e [--target 127.0.0.1:50052] [--rate 5 --duration 20 --rounds 3]
     python -m loadgen.bench_e2e --launch            # starts the local mesh (as camelot run) first
+
+Without --target or --launch it measures the mesh `camelot up` started (its run directory's
+record; CAMELOT_GATEWAY_ADDR names another gateway).
 
 For each pipeline, open-loop trials alternate ref, wire, ref, wire ... (`--rounds` pairs), so
 both transports see the same machine state; each transport's records are pooled over its rounds.
@@ -31,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from common.backend import label as backend_label
+from common.meshrecord import resolve as mesh_target
+from common.progress import step
 from common.results import module_command, run_main, write_result
 from loadgen import tails, traces
 from loadgen.inputs import Mix
@@ -84,6 +89,7 @@ async def measure(
                 result = await run_open_loop(
                     target, schedule, Mix(((name, 1.0),)), seed + r, deadline_s,
                     transport=transport, pipelines=served, duration_s=duration_s,
+                    progress=f"{name} {transport} {r + 1}/{rounds}",
                 )  # fmt: skip
                 kept[transport] += result.measured(warmup_s)
         span = max(duration_s - warmup_s, 1e-9) * rounds
@@ -109,14 +115,14 @@ async def launched(stack: AsyncExitStack, backend: str, size: str, policy: str) 
     run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-e2e-")))
     mesh = Mesh(run_dir)
     stack.push_async_callback(mesh.stop_all)
-    info = await start_mesh(mesh, backend, size, policy)
+    info = await start_mesh(mesh, backend, size, policy, say=step)
     return str(info["gateway"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadgen.bench_e2e", description=__doc__)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="a running gateway, host:port")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", help="a running gateway, host:port (default: the mesh's)")
     where.add_argument("--launch", action="store_true", help="start the local mesh first")
     p.add_argument("--pipelines", default="", help="comma list (default: every served one)")
     p.add_argument("--rate", type=float, default=5.0, help="queries/s per trial (low load)")
@@ -137,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
     backend = backend_label(args.backend)
     async with AsyncExitStack() as stack:
-        target = args.target or await launched(stack, backend, args.size, args.policy)
+        if args.launch:
+            target = await launched(stack, backend, args.size, args.policy)
+        else:
+            target, _ = mesh_target(("--target", args.target), "CAMELOT_GATEWAY_ADDR", "gateway")
         rows, summary = await measure(
             target,
             [p for p in args.pipelines.split(",") if p] or None,

@@ -4,6 +4,7 @@ the gateway's CPU time (all its threads, /proc) over the trial, divided by the q
 
     python -m loadgen.bench_gateway_cpu --launch            # local mesh, host backend, tiny
     python -m loadgen.bench_gateway_cpu --target HOST:PORT --rates 50,150,250
+    python -m loadgen.bench_gateway_cpu                     # the mesh `camelot up` started
 
 The load generator shares the machine; on a 2-core host the figures carry that noise, so each
 rate runs `--rounds` times and rows keep every round. Writes gateway-cpu.json and .md.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from common.backend import label as backend_label
+from common.meshrecord import resolve as mesh_target
 from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.bench_e2e import launched
@@ -51,7 +53,7 @@ async def measure(
             async with UtilizationSampler(every_s=0.25) as util:
                 result = await run_open_loop(
                     target, schedule, mix, seed + r, 10.0, pipelines=served,
-                    duration_s=duration_s,
+                    duration_s=duration_s, progress=f"{rate:g} qps {r + 1}/{rounds}",
                 )  # fmt: skip
             s = stats_of(result.records, duration_s)
             pct = util.summary().get("cpu_pct.gateway")
@@ -76,8 +78,10 @@ async def measure(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadgen.bench_gateway_cpu", description=__doc__)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="a running gateway, host:port (on this machine)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--target", help="a running gateway, host:port (on this machine; default: the mesh's)"
+    )
     where.add_argument("--launch", action="store_true", help="start the local mesh first")
     p.add_argument("--pipeline", default="text-to-img")
     p.add_argument("--rates", default="50,150,250", help="queries/s, comma list")
@@ -93,7 +97,10 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     backend = backend_label(args.backend)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     async with AsyncExitStack() as stack:
-        target = args.target or await launched(stack, backend, args.size, "even")
+        if args.launch:
+            target = await launched(stack, backend, args.size, "even")
+        else:
+            target, _ = mesh_target(("--target", args.target), "CAMELOT_GATEWAY_ADDR", "gateway")
         rows, summary = await measure(target, args.pipeline, rates, args.duration, args.rounds)
     return write_result(
         "gateway-cpu", rows, summary, backend, args.out_dir, COLUMNS,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -30,6 +31,9 @@ from common.clock import mono_us, wall_us
 from common.errors import InvalidArgument
 from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
 from common.lifecycle import channel as open_channel
+from common.meshrecord import NoMesh
+from common.meshrecord import resolve as mesh_target
+from common.progress import ticking
 from loadgen import traces
 from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
@@ -191,6 +195,7 @@ async def run_open_loop(
     connections: int = 1,
     duration_s: float | None = None,
     processes: int = 1,
+    progress: str = "",
 ) -> Result:
     """Sends one request per schedule offset (seconds from start, ascending); waits for all.
 
@@ -200,6 +205,7 @@ async def run_open_loop(
     `processes` > 1 sends from that many processes (`loadgen.clients`), each every n-th arrival
     over `connections` split among them, on one shared timeline: one Python process serialising
     megabyte inputs falls behind its own schedule at a few hundred queries per second.
+    `progress`, when given, labels a bar of the run's seconds on stderr.
     """
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
@@ -221,13 +227,17 @@ async def run_open_loop(
     if duration_s is None:
         duration_s = float(schedule[-1]) if len(schedule) else 0.0
     result = Result(target, mix, transport, 0, wall_us(), duration_s)
-    if processes > 1:
-        from loadgen import clients  # it imports this module
+    bar = ticking(progress, duration_s) if progress else contextlib.nullcontext()
+    async with bar:
+        if processes > 1:
+            from loadgen import clients  # it imports this module
 
-        result.t0_us, result.records = await clients.send_split(plan, specs, processes)
-    else:
-        inputs = make_inputs(specs, seed)  # before the timeline starts: megabytes take a while
-        result.t0_us, result.records = await send(plan, inputs, range(len(schedule)), lead_start)
+            result.t0_us, result.records = await clients.send_split(plan, specs, processes)
+        else:
+            inputs = make_inputs(specs, seed)  # before the timeline starts: megabytes take a while
+            result.t0_us, result.records = await send(
+                plan, inputs, range(len(schedule)), lead_start
+            )
     result.duration_s = max(duration_s, 1e-9)
     result.records.sort(key=lambda r: r.intended_us)
     return result
@@ -329,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadgen.openloop", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--target", required=True, help="gateway host:port")
+    p.add_argument(
+        "--target", help="gateway host:port (CAMELOT_GATEWAY_ADDR; default: the mesh `camelot up` "
+        "started)",
+    )  # fmt: skip
     p.add_argument("--rate", type=float, default=10.0, help="arrivals per second (constant)")
     p.add_argument(
         "--duration", type=float, default=None, help="seconds (default 10, or the trace's)"
@@ -362,12 +375,18 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         connections=args.connections,
         duration_s=duration_s,
         processes=args.processes,
+        progress="openloop",
     )
     return result.to_json(args.warmup_s, with_records=not args.no_records)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.target, _ = mesh_target(("--target", args.target), "CAMELOT_GATEWAY_ADDR", "gateway")
+    except NoMesh as e:
+        print(f"openloop: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     doc = asyncio.run(_main(args))
     if args.out:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.pipeline_config import list_pipelines, load_pipeline
+from common.progress import step
 from common.results import module_command, write_result
 from loadgen import traces
 from loadgen.faults import broker_stats, replica_pids, settle
@@ -76,8 +77,9 @@ async def find_peak(target: str, qos_ms: float, deadline_s: float) -> tuple[floa
     for i, rate in enumerate(SEARCH_RATES):
         schedule = traces.poisson(rate, SEARCH_STEP_S, np.random.default_rng(100 + i))
         result = await run_open_loop(
-            target, schedule, seed=100 + i, deadline_s=deadline_s, duration_s=SEARCH_STEP_S
-        )
+            target, schedule, seed=100 + i, deadline_s=deadline_s, duration_s=SEARCH_STEP_S,
+            progress=f"peak search {rate:g} qps",
+        )  # fmt: skip
         s = result.stats(warmup_s=1.0)["all"]
         good = (
             s["p99_ms"] is not None
@@ -128,7 +130,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="camelot-soak-"))
     mesh = Mesh(run_dir)
     try:
-        info = await start_mesh(mesh, "host", "tiny", "even")
+        info = await start_mesh(mesh, "host", "tiny", "even", say=step)
         gateway = info["gateway"]
         broker = f"127.0.0.1:{broker_port(mesh)}"
         pipelines = list_pipelines()
@@ -151,6 +153,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 7,
                 args.deadline_s,
                 duration_s=args.duration_s,
+                progress=f"soak {rate:.1f} qps",
             )
         )
         while not load.done():

@@ -1,14 +1,20 @@
-"""`camelot run --serve` and `camelot down`: a mesh served from a terminal stops on `down` as one
-started by `up` does, cleanly, and leaves no pid file behind (real processes, host backend)."""
+"""The `camelot` command line against real processes (host backend): a mesh served from a terminal
+stops on `down` as one started by `up` does; `status`, `query`, `camelotctl` and Locust find the
+mesh `up` started from its record; every user error is one line."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from common import meshrecord
+from services.launcher import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,3 +54,134 @@ def test_down_stops_a_mesh_served_by_run(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert again.returncode == 1 and "no mesh is up" in again.stderr
+
+
+# -- the operator's first hour (#18): find the mesh, see it, one line per mistake --------------
+
+CAMELOT = [sys.executable, "-m", "services.cli"]
+CTL = [sys.executable, "-m", "scheduler.ctl"]
+LOCUST = [sys.executable, "-m", "locust", "-f", str(REPO / "loadgen" / "locustfile.py"),
+          "--headless", "-u", "2", "-r", "2"]  # fmt: skip
+ADDRESS_VARIABLES = ("CAMELOT_GATEWAY_ADDR", "CAMELOT_SCHEDULER_ADDR", "CAMELOT_ADMIN_TOKEN",
+                     "CAMELOT_ADMIN_TOKEN_FILE", "CAMELOT_RUN_DIR")  # fmt: skip
+
+
+def env_for(run_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ADDRESS_VARIABLES}
+    return {**env, "CAMELOT_RUN_DIR": str(run_dir), **extra}
+
+
+def call(argv: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def one_line(p: subprocess.CompletedProcess, *words: str) -> str:
+    """The one line a refused command printed on stderr (and nothing like a traceback)."""
+    assert p.returncode != 0, p.stdout
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_each_user_error_is_one_line_without_a_mesh(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "run")
+    closed = f"127.0.0.1:{free_port()}"
+    one_line(call([*CAMELOT, "status"], env), "no mesh is up", str(tmp_path / "run"))
+    one_line(call([*CAMELOT, "query", "text-to-img"], env), "no mesh is up", "camelot up")
+    one_line(call([*CAMELOT, "query", "no-such-pipeline"], env), "unknown pipeline")
+    one_line(call([*CAMELOT, "query", "text-to-img", "--target", closed], env),
+             f"cannot reach the gateway at {closed} (from --target)")  # fmt: skip
+    one_line(call([*CAMELOT, "status"], {**env, "CAMELOT_GATEWAY_ADDR": closed}),
+             "from CAMELOT_GATEWAY_ADDR")  # fmt: skip
+    one_line(call([*CAMELOT, "down"], env), "no mesh is up")
+    one_line(call([*CAMELOT, "run", "--pipeline", "no-such-pipeline"], env), "unknown pipeline")
+
+    assert call([*CTL, "status"], env).returncode == 2
+    one_line(call([*CTL, "status"], env), "no mesh is up")
+    missing = str(tmp_path / "no-token")
+    one_line(call([*CTL, "--target", closed, "--token-file", missing, "status"], env),
+             missing, "(from --token-file)", "cannot be read")  # fmt: skip
+    by_variable = {**env, "CAMELOT_ADMIN_TOKEN_FILE": missing}
+    one_line(call([*CTL, "--target", closed, "status"], by_variable),
+             "(from CAMELOT_ADMIN_TOKEN_FILE)")  # fmt: skip
+    one_line(call([*CTL, "--target", closed, "get-plan"], env),
+             f"cannot reach the scheduler at {closed}")  # fmt: skip
+
+    for tool in ("loadgen.openloop", "loadgen.bench_e2e"):
+        p = call([sys.executable, "-m", tool], env)
+        assert p.returncode == 2
+        assert [line for line in p.stderr.splitlines() if "no mesh is up" in line], p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_load_without_a_mesh_refuses_at_once(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "run")
+    p = call([*LOCUST, "-t", "30s"], env)
+    assert p.returncode == 2
+    ours = [line for line in p.stderr.splitlines() if not line.startswith("[")]  # Locust's log
+    assert ours == [f"loadgen: no mesh is up in {tmp_path / 'run'}: start one with `camelot up` "
+                    "(or `make run ARGS=--serve`), or pass --host"]  # fmt: skip
+    assert "Traceback" not in p.stderr
+    # a gateway named by --host must answer before a user starts
+    p = call([*LOCUST, "-t", "30s", "--host", f"127.0.0.1:{free_port()}"], env)
+    assert p.returncode == 2 and "does not answer ListPipelines: UNAVAILABLE" in p.stderr
+    # and `make load` is that command
+    p = call(["make", "-s", "-o", ".venv/.installed", "load"], env)
+    assert p.returncode != 0 and "loadgen: no mesh is up" in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+@pytest.mark.timeout(900)
+def test_the_commands_find_the_mesh_that_up_started(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = env_for(run_dir)
+    up = call([*CAMELOT, "up", "--backend", "host", "--size", "tiny", "--pipeline", "text-to-img"],
+              env, timeout=600)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr + (run_dir / "camelot.log").read_text()
+        # the steps were shown as they happened
+        for process in ("broker", "scheduler", "agent", "gateway"):
+            assert f"camelot: {process} serving on" in up.stderr
+        assert "camelot: text-to-img answers" in up.stderr
+        assert "mesh up" in up.stdout
+        record = meshrecord.read(run_dir)
+
+        status = call([*CAMELOT, "status"], env)
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        assert lines[0].startswith("plan epoch")
+        for stage in ("encode", "generate", "upscale"):
+            row = next(line.split() for line in lines if line.split()[:1] == [stage])
+            assert row[1] == f"text-to-img.{stage}.0" and row[2] == "ready"
+
+        query = call([*CAMELOT, "query", "text-to-img"], env)
+        assert query.returncode == 0 and "end to end" in query.stdout, query.stderr
+        one_line(call([*CAMELOT, "query", "img-to-text"], env), "NOT_FOUND")
+
+        ctl = call([*CTL, "status"], env)
+        assert ctl.returncode == 0 and "text-to-img" in ctl.stdout, ctl.stderr
+        wait = call([*CTL, "set-policy", "min-resource", "--wait"], env, timeout=300)
+        assert wait.returncode == 0, wait.stderr
+        assert "in force (applied epoch" in wait.stderr.splitlines()[-1]
+
+        load = call([*LOCUST, "-t", "3s", "--json-file", str(tmp_path / "load")], env)
+        assert load.returncode == 0, load.stderr
+        assert f"targeting the gateway at {record.gateway}" in load.stderr
+        stats = {e["name"]: e for e in json.loads((tmp_path / "load.json").read_text())}
+        assert stats["text-to-img"]["num_requests"] > 0
+
+        # one mesh per run directory; another run directory's `down` leaves this one alone
+        one_line(call([*CAMELOT, "up", "--backend", "host"], env), "already up", str(run_dir))
+        one_line(call([*CAMELOT, "down", "--run-dir", str(tmp_path / "other")], env),
+                 "no mesh is up")  # fmt: skip
+        assert meshrecord.read(run_dir) == record
+    finally:
+        down = call([*CAMELOT, "down"], env)
+    assert down.returncode == 0, down.stderr
+    assert not meshrecord.pid_alive(record.pid)
+    assert not (run_dir / meshrecord.RECORD_FILE).exists()
+    one_line(call([*CAMELOT, "status"], env), "no mesh is up")

@@ -8,7 +8,9 @@ A policy is `name` or `name:key=value[:key=value]` (options, e.g. `exclusive:sha
 --references lists policies measured beside the rest but not counted as baselines.
 Policies are switched through the scheduler's Admin API (--admin HOST:PORT, token from --token or
 CAMELOT_ADMIN_TOKEN); --no-admin runs against whatever plan is in force, each "policy" then only a
-label. Results go to <out-dir>/<name>.json and .md, with PNG plots beside them.
+label. Without --target the experiment runs against the mesh `camelot up` started (its run
+directory's record), and without --admin against that mesh's scheduler with its token file.
+Results go to <out-dir>/<name>.json and .md, with PNG plots beside them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from common import meshrecord
 from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
@@ -38,8 +41,11 @@ def _csv(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", required=True, help="gateway host:port")
-    common.add_argument("--admin", default="", help="scheduler Admin API host:port")
+    common.add_argument("--target", help="gateway host:port (default: the mesh's)")
+    common.add_argument(
+        "--admin", default="",
+        help="scheduler Admin API host:port (default: the mesh's, with --target its gateway)",
+    )  # fmt: skip
     common.add_argument("--token", default="", help="Admin bearer token (or CAMELOT_ADMIN_TOKEN)")
     common.add_argument("--no-admin", action="store_true", help="leave the plan as it is")
     common.add_argument("--mix", action="append", default=[], help="[label:]p1=w1,p2=w2 (repeat)")
@@ -113,9 +119,33 @@ def default_policies(args: argparse.Namespace) -> list[str]:
     return ["min-resource", "even", "exclusive"]
 
 
+def find_mesh(args: argparse.Namespace) -> None:
+    """Fills in the gateway, and the scheduler and token when they belong to the same mesh, from
+    the record of the mesh in the run directory (CAMELOT_RUN_DIR or the per-user default)."""
+    if args.target and (args.admin or args.no_admin):
+        return
+    try:
+        record = meshrecord.read(meshrecord.default_run_dir())
+    except meshrecord.NoMesh:
+        if not args.target:
+            raise
+        return
+    if not args.target:
+        args.target = record.gateway
+    if args.target != record.gateway or args.admin or args.no_admin:
+        return
+    args.admin = record.scheduler
+    if not args.token:
+        try:
+            args.token = Path(record.token_file).read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"the mesh's token file {record.token_file}: {e.strerror}") from None
+
+
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
     """Runs the experiment `args` describe and writes its result; returns the JSON and MD paths."""
     args.token = args.token or os.environ.get("CAMELOT_ADMIN_TOKEN", "")
+    find_mesh(args)
     out_dir = Path(args.out_dir)
     name = args.name or args.experiment
     camelot = args.camelot_policy or CAMELOT_DEFAULT[args.experiment]

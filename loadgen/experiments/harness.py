@@ -181,6 +181,7 @@ class Harness:
                 duration_s=duration_s,
                 connections=self.connections,
                 processes=self.client_processes,
+                progress=f"trial {self._trials} {mix.name}",
             )
         self.last_utilization = util.summary()
         await asyncio.sleep(self.gap_s)  # let queues drain before the next trial
