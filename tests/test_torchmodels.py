@@ -115,9 +115,7 @@ def test_vit_features_are_the_encoder_tokens_class_token_first():
     got = stage.infer({"image": image})["features"]
     assert got.shape == (2, 17, 32)
     with torch.inference_mode():
-        x = vision._normalise(
-            torch, torch.from_numpy(image).float(), vision.IMAGENET_MEAN, vision.IMAGENET_STD
-        )
+        x = stage.normalise(torch.from_numpy(image).float())
         tokens = stage.net._process_input(x)
         cls = stage.net.class_token.expand(2, -1, -1)
         want = stage.net.encoder(torch.cat([cls, tokens], 1))

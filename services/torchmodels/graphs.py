@@ -88,7 +88,9 @@ class TorchGraphs:
                 self.fn(*static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: another thread's CUDA calls (the event loop opening IPC handles) must
+        # not invalidate this capture, nor fail for it
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.fn(*static)
         self._single = isinstance(out, torch.Tensor)
         outputs = [out] if self._single else list(out)

@@ -30,11 +30,17 @@ CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "resnet101")
 _DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
-def _normalise(torch: Any, x: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    """uint8 or [0, 255] float NCHW -> (x / 255 - mean) / std, in x's float dtype."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x / 255 - m) / s
+class Normalise:
+    """[0, 255] NCHW -> (x / 255 - mean) / std. The constants are made on the device once, at
+    build: a host-to-device copy inside a forward would break its CUDA graph capture."""
+
+    def __init__(self, stage: TorchStage, mean: Any, std: Any) -> None:
+        torch = stage.torch
+        self.mean = torch.tensor(mean, dtype=stage.dtype, device=stage.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=stage.dtype, device=stage.device).view(1, -1, 1, 1)
+
+    def __call__(self, x: Any) -> Any:
+        return (x / 255 - self.mean) / self.std
 
 
 class JpegDecode(TorchStage):
@@ -130,6 +136,13 @@ class Detector(TorchStage):
             detections_per_img=self.k,
         )
         self.net = self.place(net, weights)
+        self.normalise = Normalise(self, net.transform.image_mean, net.transform.image_std)
+        # work-size boxes -> image pixels (x1, y1, x2, y2)
+        self.scale = self.torch.tensor(
+            [self.w / self.work, self.h / self.work] * 2,
+            dtype=self.torch.float32,
+            device=self.device,
+        )
         self.inputs = [spec("image", np.uint8, (3, self.h, self.w))]
         self.outputs = [
             spec("boxes", np.float32, (self.k, 4)),
@@ -153,8 +166,7 @@ class Detector(TorchStage):
             x = torch.nn.functional.interpolate(
                 x, size=(self.work, self.work), mode="bilinear", align_corners=False
             )
-        t = self.net.transform
-        x = _normalise(torch, x, tuple(t.image_mean), tuple(t.image_std))
+        x = self.normalise(x)
         features = list(self.net.backbone(x).values())
         head = self.net.head(features)
         return head["bbox_regression"], head["cls_logits"]
@@ -170,12 +182,9 @@ class Detector(TorchStage):
         boxes = torch.zeros((n, self.k, 4), dtype=torch.float32, device=self.device)
         scores = torch.zeros((n, self.k), dtype=torch.float32, device=self.device)
         labels = torch.zeros((n, self.k), dtype=torch.int32, device=self.device)
-        scale = torch.tensor(
-            [self.w / self.work, self.h / self.work] * 2, dtype=torch.float32, device=self.device
-        )
         for i, d in enumerate(dets):
             m = min(self.k, int(d["boxes"].shape[0]))
-            boxes[i, :m] = d["boxes"][:m].float() * scale
+            boxes[i, :m] = d["boxes"][:m].float() * self.scale
             scores[i, :m] = d["scores"][:m].float()
             labels[i, :m] = d["labels"][:m].to(torch.int32)
         return [boxes, scores, labels]
@@ -214,6 +223,7 @@ class Crop(TorchStage):
         self.k = positive("max_boxes", max_boxes)
         self.s = positive("crop_size", crop_size)
         self.sampling = positive("sampling_ratio", sampling_ratio)
+        self.normalise = Normalise(self, IMAGENET_MEAN, IMAGENET_STD)
         self.inputs = [
             spec("image", np.uint8, (3, self.h, self.w)),
             spec("boxes", np.float32, (self.k, 4)),
@@ -224,7 +234,7 @@ class Crop(TorchStage):
     def _crop(self, image: Any, boxes: Any) -> Any:
         torch = self.torch
         n = image.shape[0]
-        x = _normalise(torch, image.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
+        x = self.normalise(image.to(self.dtype))
         index = torch.arange(n, device=self.device, dtype=self.dtype).repeat_interleave(self.k)
         rois = torch.cat([index[:, None], boxes.reshape(-1, 4).to(self.dtype)], dim=1)
         crops = self.roi_align(
@@ -327,6 +337,7 @@ class VitEncoder(TorchStage):
             mlp_dim=positive("mlp", mlp),
         )
         self.net = self.place(net, weights)
+        self.normalise = Normalise(self, IMAGENET_MEAN, IMAGENET_STD)
         tokens = 1 + (size // patch) ** 2
         self.inputs = [spec("image", np.uint8, (3, size, size))]
         self.outputs = [spec("features", ctx.compute_dtype, (tokens, hidden))]
@@ -334,8 +345,7 @@ class VitEncoder(TorchStage):
 
     def _encode(self, image: Any) -> Any:
         torch = self.torch
-        x = _normalise(torch, image.to(self.dtype), IMAGENET_MEAN, IMAGENET_STD)
-        x = self.net._process_input(x)
+        x = self.net._process_input(self.normalise(image.to(self.dtype)))
         cls = self.net.class_token.expand(x.shape[0], -1, -1)
         return self.net.encoder(torch.cat([cls, x], dim=1))
 
