@@ -154,7 +154,12 @@ class TorchStage:
         stream = self._streams.get(ptr)
         if stream is None:
             torch = self.torch
-            stream = torch.cuda.default_stream() if ptr == 0 else torch.cuda.ExternalStream(ptr)
+            # the device named: the replica's GPU thread may have another current device
+            stream = (
+                torch.cuda.default_stream(self.device)
+                if ptr == 0
+                else torch.cuda.ExternalStream(ptr, device=self.device)
+            )
             self._streams[ptr] = stream
         return self.torch.cuda.stream(stream)
 
