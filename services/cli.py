@@ -4,6 +4,7 @@ camelot run [--serve]    start redis, broker, replicas and gateway; send a burst
 camelot up / down        the same mesh in the background / stop it
 camelot status           pipelines served and their replicas
 camelot query PIPELINE   send one query and print where its time went
+camelot profile PIPELINE...  profile the stages on this node's GPU (services/profiler)
 
 `status`, `query` and `down` find the mesh that `run --serve` or `up` started from the record it
 writes in its run directory (--run-dir, else CAMELOT_RUN_DIR, else one per user and checkout, so
@@ -311,7 +312,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    backend = resolve(args.backend).value
+    try:
+        backend = resolve(args.backend).value
+    except RuntimeError as e:  # cuda asked for where it is not usable
+        raise UsageError(str(e)) from e
     pipelines = args.pipeline or list_pipelines()
     for name in pipelines:
         config_path(name)  # an unknown pipeline is a usage error before anything starts
@@ -327,9 +331,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
     print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)
     try:
-        info = await start_mesh(
-            mesh, backend, args.size, args.policy, pipelines=args.pipeline, say=step
-        )
+        try:
+            info = await start_mesh(
+                mesh, backend, args.size, args.policy, pipelines=args.pipeline, say=step
+            )
+        except (RuntimeError, TimeoutError) as e:
+            # no redis-server, or a process that died or never served: its own log's tail says why
+            raise UsageError(f"the mesh did not start: {e}") from e
         print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}", flush=True)
         rows = await burst(
             info["gateway"], pipelines, args.size, args.queries, args.concurrency, True
@@ -469,6 +477,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--policy", default=os.environ.get("CAMELOT_POLICY", "even"))
         if name == "up":
             s.add_argument("--wait-s", type=float, default=UP_WAIT_S, help="how long to wait")
+    sub.add_parser("profile", help="profile stages on this GPU: camelot profile --help")
     d = sub.add_parser("down")
     d.add_argument("--run-dir", default=run_dir, help=run_dir_help)
     d.add_argument("--wait-s", type=float, default=DOWN_WAIT_S, help="how long to wait")
@@ -497,10 +506,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_profile(argv: list[str]) -> int:
+    """`camelot profile PIPELINE...`: the profiler (services/profiler), which parses its own
+    flags; a pipeline is a bundled name or a config path (a bring-your-own-model YAML)."""
+    from services.profiler.__main__ import main as profile
+
+    profile(argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the profiler's flags are its own: `camelot profile --help` shows them
+    args = None if argv[:1] == ["profile"] else _parser().parse_args(argv)
     try:
-        if args.cmd == "up":
+        if args is None:
+            code = cmd_profile(argv[1:])
+        elif args.cmd == "up":
             code = cmd_up(args)
         elif args.cmd == "down":
             code = cmd_down(args)
