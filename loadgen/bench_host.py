@@ -16,8 +16,8 @@ Poisson arrivals from `--client-processes` processes (`loadgen.clients`), at eac
   services/models/null.py, which does no arithmetic) in a mesh of its own, under `even` (one
   replica per stage), at size tiny; a rate holds when its p99 is <= `--p99-ms` (25).
 - `--reference`: the bundled pipelines (default all four) in one mesh, at size full under
-  `exclusive`, loaded as an equal mix; a rate holds when every pipeline's p99 is within its own
-  QoS target (or `--p99-ms` where given).
+  `exclusive` (`even` on the host backend, which has no GPUs to deal), loaded as an equal mix;
+  a rate holds when every pipeline's p99 is within its own QoS target (or `--p99-ms`).
 
 A rate also needs errors <= `--max-error-frac`. The ladder stops at the first rate that collapses
 (a pipeline's median over its target, or more than 5% errors) or after two missed rates in a row.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -275,12 +276,13 @@ def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
 
 
-def workloads(args: argparse.Namespace) -> list[Workload]:
+def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
     names = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     if args.reference:
         names = names or list_pipelines()
-        return [Workload("reference", tuple(names), "", args.size or "full",
-                         args.policy or "exclusive")]  # fmt: skip
+        # exclusive deals whole GPUs: on the host backend it has nothing to plan with
+        policy = args.policy or ("exclusive" if backend == "cuda" else "even")
+        return [Workload("reference", tuple(names), "", args.size or "full", policy)]
     names = names or list(NULL_PIPELINES)
     unknown = sorted(set(names) - set(list_pipelines(NULL_DIR)))
     if unknown:
@@ -372,7 +374,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if args.gateway_workers < 1:
         raise InvalidArgument(f"--gateway-workers must be >= 1, got {args.gateway_workers}")
     t = trials_of(args)
-    loads = workloads(args)
+    loads = workloads(args, backend)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for w in loads:
@@ -403,7 +405,13 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     )  # fmt: skip
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (a timeout's) unwinds like Ctrl-C, so the mesh it started is stopped, not orphaned
+    signal.signal(signal.SIGTERM, _interrupt)
     return run_main(build_parser(), run, argv)
 
 

@@ -108,9 +108,13 @@ def test_a_rate_holds_within_target_and_collapses_past_it():
 
 def test_only_null_pipelines_are_taken_without_reference():
     with pytest.raises(Exception, match="not null pipelines: text-to-img"):
-        bench_host.workloads(bench_host.build_parser().parse_args(["--pipelines", "text-to-img"]))
-    (ref,) = bench_host.workloads(bench_host.build_parser().parse_args(["--reference"]))
+        bench_host.workloads(
+            bench_host.build_parser().parse_args(["--pipelines", "text-to-img"]), "host"
+        )
+    args = bench_host.build_parser().parse_args(["--reference"])
+    (ref,) = bench_host.workloads(args, "cuda")
     assert ref.size == "full" and ref.policy == "exclusive" and len(ref.pipelines) == 4
+    assert bench_host.workloads(args, "host")[0].policy == "even"
 
 
 @pytest.mark.slow
