@@ -4,12 +4,12 @@
     camelotctl set-qos PIPELINE MS [--wait]
     camelotctl get-plan
     camelotctl status [--window-s S]
-    camelotctl drain (--node NODE | --replica ID)
+    camelotctl drain (--node NODE | --replica ID) [--wait]
 
 --target (or CAMELOT_SCHEDULER_ADDR, else the scheduler of the mesh `camelot run --serve` / `camelot
 up` started, from the record in --run-dir); the token from --token-file, CAMELOT_ADMIN_TOKEN_FILE,
-CAMELOT_ADMIN_TOKEN, else that mesh's token file. set-policy and set-qos with --wait follow the
-new plan until it is in force (a progress line on stderr; exit 1 if it is not within
+CAMELOT_ADMIN_TOKEN, else that mesh's token file. set-policy, set-qos and drain with --wait follow
+the new plan until it is in force (a progress line on stderr; exit 1 if it is not within
 --wait-timeout-s). A failed call prints one line (its status code and message) on stderr and
 exits 1; a usage error exits 2.
 """
@@ -172,9 +172,6 @@ def _parser() -> argparse.ArgumentParser:
     sq = sub.add_parser("set-qos", help="set a pipeline's p99 target in milliseconds")
     sq.add_argument("pipeline")
     sq.add_argument("ms", type=float)
-    for s in (sp, sq):
-        s.add_argument("--wait", action="store_true", help="return once the plan is in force")
-        s.add_argument("--wait-timeout-s", type=float, default=WAIT_TIMEOUT_S)
     sub.add_parser("get-plan", help="print the plan in force")
     st = sub.add_parser("status", help="windowed latency and load per pipeline and stage")
     st.add_argument("--window-s", type=float, default=0.0)
@@ -182,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     g = dr.add_mutually_exclusive_group(required=True)
     g.add_argument("--node")
     g.add_argument("--replica")
+    # each of these re-plans; the agents then need a while to apply the new plan
+    for s in (sp, sq, dr):
+        s.add_argument("--wait", action="store_true", help="return once the plan is in force")
+        s.add_argument("--wait-timeout-s", type=float, default=WAIT_TIMEOUT_S)
     return p
 
 
@@ -221,7 +222,11 @@ async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
             )
         elif a.command == "drain":
             req_d = admin_pb2.DrainTargetRequest(node=a.node or "", replica_id=a.replica or "")
-            out.write(format_plan(await stub.Drain(req_d, metadata=metadata, timeout=DEADLINE_S)))
+            plan = await stub.Drain(req_d, metadata=metadata, timeout=DEADLINE_S)
+            out.write(format_plan(plan))
+            if a.wait:
+                out.flush()
+                await wait_in_force(ch, metadata, plan, a.wait_timeout_s, sys.stderr)
         out.write("\n")
 
 

@@ -19,11 +19,13 @@ from tests.test_scheduler_server import TOKEN, host_heartbeat, make_settings, ru
 AGENT = "127.0.0.1:9"
 
 
-def heartbeat(applied: int, plan: plan_pb2.Plan | None = None) -> admin_pb2.NodeHeartbeat:
-    hb = host_heartbeat("n1", AGENT)
+def heartbeat(
+    applied: int, plan: plan_pb2.Plan | None = None, node: str = "n1"
+) -> admin_pb2.NodeHeartbeat:
+    hb = host_heartbeat(node, AGENT)
     hb.applied_epoch = applied
     for st in plan.stages if plan is not None else ():
-        for r in st.replicas:
+        for r in (r for r in st.replicas if r.node == node):
             hb.replicas.add(
                 replica=r, pipeline=st.pipeline, stage=st.stage, state=plan_pb2.REPLICA_STATE_READY
             )
@@ -66,6 +68,30 @@ async def test_wait_returns_once_the_agents_applied_the_new_epoch(
     total = sum(len(st.replicas) for st in new.stages)
     assert f"{total}/{total} replicas ready" in captured.err
     assert f"in force (applied epoch {new.epoch})" in captured.err
+
+
+async def test_drain_waits_for_every_agent(redis_server, token_file, capsys) -> None:
+    settings = make_settings(redis_server.url, node_timeout_s=600.0)
+    async with running(settings) as (port, sched):
+        async with channel(f"127.0.0.1:{port}") as ch:
+            control = admin_pb2_grpc.ControlStub(ch)
+            for node in ("n1", "n2"):
+                await control.Heartbeat(heartbeat(0, node=node), timeout=5)
+            await until(lambda: {r.node for s in sched.app.plan.stages for r in s.replicas} == {
+                "n1", "n2"})  # fmt: skip
+            first = sched.app.plan.epoch
+            base = ["--target", f"127.0.0.1:{port}", "--token-file", str(token_file)]
+            waiting = asyncio.create_task(
+                asyncio.to_thread(ctl.main, [*base, "drain", "--node", "n2", "--wait"])
+            )
+            await until(lambda: sched.app.plan.epoch > first)
+            new = sched.app.plan
+            await control.Heartbeat(heartbeat(new.epoch, new, "n1"), timeout=5)
+            assert not waiting.done()  # n2 has not applied it yet
+            await control.Heartbeat(heartbeat(new.epoch, new, "n2"), timeout=5)
+            rc = await asyncio.wait_for(waiting, timeout=60)
+    assert rc == 0
+    assert f"in force (applied epoch {new.epoch})" in capsys.readouterr().err
 
 
 async def test_wait_fails_with_one_line_when_the_plan_is_not_in_force_in_time(
