@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument, Unavailable
+from common.progress import Progress
 from common.results import module_command, write_result
 from loadgen import children
 from scheduler import predictor
@@ -542,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.set == "held-out":
         check_disjoint(cases, TRAINING)
     rows: list[dict[str, Any]] = []
+    bar = Progress("co-locations", len(cases))
     for c in cases:
         preds = predict(c, profiles)
         together, solo = measure(
@@ -555,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"predicted {r['predicted_ms']} ms ({r['abs_pct_error']}%)",
                 flush=True,
             )
+        bar.advance()
+    bar.close()
     paths = write_result(
         args.name or ("predictor" if args.set == "held-out" else "predictor-training"),
         rows,

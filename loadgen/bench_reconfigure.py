@@ -121,8 +121,14 @@ async def run_mode(mode: str, args: argparse.Namespace, run_dir: Path) -> dict[s
             schedule = poisson(args.rate, args.duration_s, rng)
             load = asyncio.create_task(
                 run_open_loop(
-                    gw, schedule, Mix(((pipeline, 1.0),)), 1, 30, duration_s=args.duration_s
-                )
+                    gw,
+                    schedule,
+                    Mix(((pipeline, 1.0),)),
+                    1,
+                    30,
+                    duration_s=args.duration_s,
+                    progress=f"{mode}: load while re-planning",
+                )  # fmt: skip
             )
             changes = []
             t_start = time.monotonic()
