@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # Attempts per stage call: the first, plus retries on other replicas.
 STAGE_ATTEMPTS = 3
+# Copies below this size run on the event loop: a thread hand-off costs more than copying them
+# (about 0.1 ms of host time against ~10 us for 64 KiB; measured in docs/DATAPLANE.md).
+INLINE_COPY_BYTES = 256 * 1024
 
 
 class StageCaller(Protocol):
@@ -116,7 +119,11 @@ class QueryRunner:
     def close(self) -> None:
         self.copier.shutdown(wait=False)
 
-    async def _copy(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _copy(self, nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs a copy in or out of a buffer: on the copy thread when it is large enough to be
+        worth a hand-off (a hand-off costs more host time than a small copy), else here."""
+        if nbytes < INLINE_COPY_BYTES:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
 
     async def _specs(
@@ -174,7 +181,7 @@ class QueryRunner:
                         for name, _, _ in specs[step.name]
                     ]
             view = await self.buffers.view(refs[0])
-            await self._copy(_fill, view, item)
+            await self._copy(item.nbytes, _fill, view, item)
             result = await self._drive(
                 pipeline, refs[0], lease, transport, query_id, deadline_us, outputs
             )
@@ -255,7 +262,7 @@ class QueryRunner:
         else:
             assert self.buffers is not None
             view = await self.buffers.view(final)
-            out = await self._copy(lambda v: wire_from_array(to_host(v)), view)
+            out = await self._copy(final.nbytes, lambda v: wire_from_array(to_host(v)), view)
         return QueryResult(output=out, stages=[times[s.name] for s in pipeline.steps])
 
     async def _stage(

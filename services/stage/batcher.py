@@ -76,6 +76,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._arrivals = ArrivalRate()
+        self._arrived = asyncio.Event()
 
     @property
     def depth(self) -> int:
@@ -103,6 +104,7 @@ class Batcher:
         self._arrivals.arrived(item.arrived_us)
         self._idle.clear()
         self._queue.put_nowait(item)
+        self._arrived.set()
         return item.future
 
     async def _take(self) -> list[Item]:
@@ -114,16 +116,19 @@ class Batcher:
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 item = self._queue.get_nowait()
-            else:
-                wait_us = close_at - mono_us()
-                if wait_us <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), wait_us / 1e6)
-                except TimeoutError:
-                    break
-            item.taken_us = mono_us()
-            batch.append(item)
+                item.taken_us = mono_us()
+                batch.append(item)
+                continue
+            wait_us = close_at - mono_us()
+            if wait_us <= 0:
+                break
+            # one timer for the rest of the window (wait_for would make a task per item)
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(wait_us / 1e6):
+                    await self._arrived.wait()
+            except TimeoutError:
+                break
         return batch
 
     def _live(self, batch: list[Item]) -> list[Item]:
