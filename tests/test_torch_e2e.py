@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import grpc
 import numpy as np
 import pytest
 
@@ -13,7 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 
-from common import lifecycle  # noqa: E402
+from common import jpeg, lifecycle  # noqa: E402
 from common.backend import Backend  # noqa: E402
 from common.dtypes import array_from_wire, wire_from_array  # noqa: E402
 from common.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
@@ -58,6 +59,20 @@ async def test_each_query_through_the_mesh_answers_what_the_models_compute_direc
                     got = array_from_wire(r.output)
                     assert got.dtype == want.dtype and got.shape == want.shape
                     assert np.array_equal(got, want), (name, seed, transport)
+            if jpeg.is_jpeg_input(cfg.input.name, cfg.input.dtype, cfg.input.shape):
+                # bytes that are no JPEG: the client's error, and the replica serves on
+                bad = jpeg.pack(b"\xff\xd8 not a jpeg", cfg.input.shape[0])
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Submit(
+                        gateway_pb2.SubmitRequest(pipeline=name, input=wire_from_array(bad)),
+                        timeout=60,
+                    )
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                r = await stub.Submit(
+                    gateway_pb2.SubmitRequest(pipeline=name, input=wire_from_array(item)),
+                    timeout=60,
+                )
+                assert np.array_equal(array_from_wire(r.output), want)
     finally:
         clear_cache()
         await tm.mesh.stop_all()
