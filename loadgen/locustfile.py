@@ -93,7 +93,11 @@ class LocustSettings:
         )
 
 
-SETTINGS = LocustSettings.from_env()
+try:
+    SETTINGS = LocustSettings.from_env()
+except SettingsError as e:  # a bad CAMELOT_* value: one line, before Locust starts anything
+    sys.stderr.write(f"loadgen: {e}\n")
+    raise SystemExit(2) from None
 _user_numbers = itertools.count()
 
 
@@ -132,14 +136,20 @@ def _find_gateway(environment: Environment, **_kw: Any) -> None:
     target = _target(environment.host)
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     try:
-        gateway_pb2_grpc.GatewayStub(channel).ListPipelines(
+        reply = gateway_pb2_grpc.GatewayStub(channel).ListPipelines(
             gateway_pb2.ListPipelinesRequest(), timeout=PREFLIGHT_DEADLINE_S
         )
     except grpc.RpcError as e:
         code = e.code().name if isinstance(e, grpc.Call) else "UNAVAILABLE"
         _refuse(f"the gateway at {target} does not answer ListPipelines: {code}", headless)
+        return
     finally:
         channel.close()
+    if SETTINGS.mix is not None:
+        try:
+            SETTINGS.mix.check_served([p.name for p in reply.pipelines])
+        except CamelotError as e:  # once here, rather than once per user
+            _refuse(f"CAMELOT_MIX: {e.message}", headless)
 
 
 events.init.add_listener(_find_gateway)  # type: ignore[no-untyped-call]

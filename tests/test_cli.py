@@ -129,6 +129,11 @@ def test_load_without_a_mesh_refuses_at_once(tmp_path: Path) -> None:
     # a gateway named by --host must answer before a user starts
     p = call([*LOCUST, "-t", "30s", "--host", f"127.0.0.1:{free_port()}"], env)
     assert p.returncode == 2 and "does not answer ListPipelines: UNAVAILABLE" in p.stderr
+    # a bad setting is one line too, before anything starts
+    p = call([*LOCUST, "-t", "30s"], {**env, "CAMELOT_MIX": "text-to-img=lots"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    ours = [line for line in p.stderr.splitlines() if not line.startswith("[")]
+    assert len(ours) == 1 and ours[0].startswith("loadgen: CAMELOT_MIX='text-to-img=lots'")
     # and `make load` is that command
     p = call(["make", "-s", "-o", ".venv/.installed", "load"], env)
     assert p.returncode != 0 and "loadgen: no mesh is up" in p.stderr
