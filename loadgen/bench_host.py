@@ -97,6 +97,7 @@ class Trials:
     duration_s: float = 8.0
     warmup_s: float = 2.0
     prime_s: float = 3.0
+    idle_s: float = 3.0
     gap_s: float = 1.0
     client_processes: int = 4
     connections: int = 16
@@ -213,6 +214,18 @@ async def trial(
     return row
 
 
+async def idle_cpu_pct(tree: ProcessTree, seconds: float) -> dict[str, float]:
+    """Percent of one core each kind spends with no load (heartbeats, reports, scheduler ticks):
+    at a low rate this fixed cost, spread over few queries, is most of a query's figure."""
+    async with CpuSampler(tree) as sampler:
+        await asyncio.sleep(seconds)
+    w = sampler.window(sampler.samples[0].t_us, sampler.samples[-1].t_us)
+    kinds = w.by_kind()
+    mesh = sum(v for k, v in kinds.items() if k != LOADGEN)
+    return {"mesh": round(mesh / 10.0 / w.seconds, 2),
+            **{k: round(v / 10.0 / w.seconds, 2) for k, v in sorted(kinds.items())}}  # fmt: skip
+
+
 async def ladder(
     target: str, workload: Workload, t: Trials, tree: ProcessTree
 ) -> list[dict[str, Any]]:
@@ -223,6 +236,7 @@ async def ladder(
         p: t.p99_ms if t.p99_ms is not None else float(served[p].qos_p99_ms)
         for p in workload.pipelines
     }
+    idle = await idle_cpu_pct(tree, t.idle_s) if t.idle_s > 0 else {}
     if t.prime_s > 0:  # the first queries through new replicas and connections cost more
         prime = traces.poisson(t.rates[0], t.prime_s, np.random.default_rng(t.seed))
         await run_open_loop(
@@ -234,6 +248,7 @@ async def ladder(
     for i, rate in enumerate(t.rates):
         await asyncio.sleep(t.gap_s)
         row = await trial(target, workload, served, targets, rate, t, tree, t.seed + 1 + i)
+        row["idle_cpu_pct"] = idle
         rows.append(row)
         misses = 0 if row["held"] else misses + 1
         if row["collapsed"] or misses >= STOP_AFTER_MISSES:
@@ -265,14 +280,18 @@ async def mesh_for(
 
 
 def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    held = [r for r in rows if r["workload"] == workload and r["held"]]
+    rows = [r for r in rows if r["workload"] == workload]
+    held = [r for r in rows if r["held"]]
     best = max(held, key=lambda r: r["rate_qps"]) if held else None
-    collapsed = [r["rate_qps"] for r in rows if r["workload"] == workload and r["collapsed"]]
+    collapsed = [r["rate_qps"] for r in rows if r["collapsed"]]
     return {
         f"{workload}_max_qps": best["rate_qps"] if best else None,
         f"{workload}_cpu_ms_per_query": best["mesh_cpu_ms_per_query"] if best else None,
         f"{workload}_p99_ms_at_max": best["p99_ms"] if best else None,
         f"{workload}_collapsed_at_qps": collapsed[0] if collapsed else None,
+        f"{workload}_idle_mesh_cpu_pct": (
+            rows[0].get("idle_cpu_pct", {}).get("mesh") if rows else None
+        ),
     }
 
 
@@ -334,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-s", type=float, default=2.0, help="per trial, not measured")
     p.add_argument("--prime-s", type=float, default=3.0,
                    help="unmeasured load at the first rate after each mesh starts")  # fmt: skip
+    p.add_argument("--idle-s", type=float, default=3.0,
+                   help="the mesh's CPU with no load, measured first (0: skip)")  # fmt: skip
     p.add_argument("--gap-s", type=float, default=1.0, help="pause before each trial")
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--connections", type=int, default=16, help="split among the client processes")
@@ -364,7 +385,8 @@ def trials_of(args: argparse.Namespace) -> Trials:
         raise InvalidArgument(f"--rates must rise, got {text!r}")
     p99 = args.p99_ms if args.p99_ms is not None else (None if args.reference else P99_MS)
     return Trials(
-        rates, args.duration_s, args.warmup_s, args.prime_s, args.gap_s, args.client_processes,
+        rates, args.duration_s, args.warmup_s, args.prime_s, args.idle_s, args.gap_s,
+        args.client_processes,
         args.connections, args.deadline_s, p99, args.max_error_frac, args.seed,
     )  # fmt: skip
 
@@ -391,7 +413,9 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         f"open-loop Poisson, {t.duration_s:g} s per rate of which {t.warmup_s:g} s warm-up; a "
         f"rate holds at {target_text} and <= {100 * t.max_error_frac:g}% errors. CPU-ms per "
         "query: each kind's CPU time (all threads, /proc) over the measured window per query "
-        "sent in it; mesh = every kind but the load generator."
+        "sent in it; mesh = every kind but the load generator. It includes the mesh's idle cost "
+        "(heartbeats, reports, scheduler ticks; `<w>_idle_mesh_cpu_pct`, percent of one core "
+        "with no load), which at a low rate is most of a query's figure."
     )
     if args.note:
         notes += f"\n\n{args.note}"

@@ -121,14 +121,15 @@ def test_only_null_pipelines_are_taken_without_reference():
 @pytest.mark.timeout(300)
 async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_path):
     argv = ["--pipelines", "null3", "--backend", "host", "--rates", "15", "--duration-s", "3",
-            "--warmup-s", "0.5", "--prime-s", "0", "--gap-s", "0", "--client-processes", "2",
-            "--connections", "2", "--gateway-workers", "1", "--deadline-s", "20",
-            "--out-dir", str(tmp_path), "--name", "host-smoke"]  # fmt: skip
+            "--warmup-s", "0.5", "--prime-s", "0", "--idle-s", "1", "--gap-s", "0",
+            "--client-processes", "2", "--connections", "2", "--gateway-workers", "1",
+            "--deadline-s", "20", "--out-dir", str(tmp_path), "--name", "host-smoke"]  # fmt: skip
     json_path, md_path = await bench_host.run(bench_host.build_parser().parse_args(argv), argv)
     doc = json.loads(json_path.read_text())
     assert doc["name"] == "host-smoke" and doc["backend"] == "host"
     assert doc["command"].startswith("python -m loadgen.bench_host --pipelines null3")
     assert {"null3_max_qps", "null3_cpu_ms_per_query"} <= set(doc["summary"])
+    assert doc["summary"]["null3_idle_mesh_cpu_pct"] >= 0
     (row,) = doc["rows"]
     assert row["workload"] == "null3" and row["rate_qps"] == 15
     assert row["count"] > 0 and row["errors"] == 0
