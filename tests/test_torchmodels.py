@@ -79,6 +79,8 @@ def test_the_detector_returns_k_boxes_inside_the_image_and_the_same_weights_per_
     assert (boxes[..., 0] >= 0).all() and (boxes[..., 2] <= 96).all()
     assert (boxes[..., 1] >= 0).all() and (boxes[..., 3] <= 64).all()
     assert (out["scores"] > 0).any()
+    # calibrated BatchNorm: the backbone's features reach the head, so boxes score differently
+    assert len(np.unique(out["scores"][0])) > 1
     for k, v in b.infer({"image": image}).items():
         assert np.array_equal(v, out[k]), k
 

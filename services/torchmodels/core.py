@@ -87,6 +87,25 @@ def load_weights(module: Any, path: str | None, what: str) -> None:
         raise InvalidArgument(f"{what}: cannot load weights from {path}: {e}") from e
 
 
+def calibrate_batchnorm(torch: Any, module: Any, forward: Callable[[], Any]) -> None:
+    """BatchNorm's running statistics set from the network's own activations on `forward()`'s
+    inputs, as training leaves them. Random weights with the default statistics (mean 0,
+    variance 1) shrink or grow activations layer after layer: SSDlite's backbone loses ~10x a
+    stage and reaches fp16 zeros, so every box would score alike. Runs in train mode with a
+    cumulative average (one pass: each layer's statistics from already-normalised inputs)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    with torch.no_grad():
+        forward()
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    module.eval()
+
+
 class TorchStage:
     """Base of the PyTorch plug-ins. A subclass builds its modules between `seeded()` and
     `place()`, and implements `forward(*inputs) -> outputs` on torch batches (inputs in spec
@@ -114,7 +133,14 @@ class TorchStage:
 
     def seeded(self) -> None:
         """Seeds torch's generator for this stage's initialisation (stable across processes)."""
-        self.torch.manual_seed((self.ctx.seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**63)
+        self.torch.manual_seed(self._seed())
+
+    def generator(self) -> Any:
+        """A CPU generator seeded as `seeded()` seeds torch (calibration inputs and the like)."""
+        return self.torch.Generator().manual_seed(self._seed())
+
+    def _seed(self) -> int:
+        return (self.ctx.seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**63
 
     def place(self, module: Any, weights: str | None = None) -> Any:
         """`module` with its weights loaded (if a file is given), in eval mode, on the device, in

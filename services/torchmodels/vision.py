@@ -22,7 +22,7 @@ import numpy as np
 from common import jpeg
 from common.errors import InvalidArgument
 from services.stage.plugin import ModelContext
-from services.torchmodels.core import TorchStage, pair, positive, spec
+from services.torchmodels.core import TorchStage, calibrate_batchnorm, pair, positive, spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,6 +127,7 @@ class Detector(TorchStage):
         self.h, self.w = pair("image_size", image_size)
         self.k = positive("max_boxes", max_boxes)
         self.work = positive("work_size", work_size)
+        torch = self.torch
         self.seeded()
         net = ssdlite320_mobilenet_v3_large(
             weights=None,
@@ -135,6 +136,10 @@ class Detector(TorchStage):
             score_thresh=float(score_thresh),
             detections_per_img=self.k,
         )
+        if not weights:
+            # four images of noise at the work size, normalised as the stage does
+            noise = torch.rand((4, 3, self.work, self.work), generator=self.generator()) * 2 - 1
+            calibrate_batchnorm(torch, net, lambda: net.head(list(net.backbone(noise).values())))
         self.net = self.place(net, weights)
         self.normalise = Normalise(self, net.transform.image_mean, net.transform.image_std)
         # work-size boxes -> image pixels (x1, y1, x2, y2)
@@ -151,7 +156,6 @@ class Detector(TorchStage):
         ]
         self.dense = self.graphed("dense", self._dense, self.inputs)
         # anchors depend only on the feature map sizes: one image's, made once
-        torch = self.torch
         with torch.inference_mode():
             x = torch.zeros((1, 3, self.work, self.work), dtype=self.dtype, device=self.device)
             features = list(self.net.backbone(x).values())
