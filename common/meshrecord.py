@@ -79,11 +79,29 @@ def pid_alive(pid: int) -> bool:
         return True  # no /proc to ask
 
 
+def make_own(run_dir: Path) -> Path:
+    """Creates `run_dir` for this user alone (0700), or checks an existing one is this user's:
+    under /tmp a name can be taken first by someone else, with a record of their choosing."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_owner(run_dir)
+    return run_dir
+
+
+def check_owner(run_dir: Path) -> None:
+    try:
+        owner = run_dir.stat().st_uid
+    except OSError:
+        return  # nothing there: nothing to trust or distrust
+    if owner != os.getuid():
+        raise NoMesh(f"{run_dir} belongs to uid {owner}, not to you: pass another --run-dir")
+
+
 def read(run_dir: Path, flag: str = "--target") -> MeshRecord:
     """The live mesh's record in `run_dir`; NoMesh (one line, saying what to do, `flag` being
     the caller's way to name a target instead) otherwise."""
     path = run_dir / RECORD_FILE
     hint = f"start one with `camelot up` (or `make run ARGS=--serve`), or pass {flag}"
+    check_owner(run_dir)
     try:
         raw = json.loads(path.read_text())
         fields = {f.name for f in dataclasses.fields(MeshRecord)}

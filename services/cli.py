@@ -63,7 +63,9 @@ def is_camelot(pid: int) -> bool:
 
 
 def running_pid(run_dir: Path) -> int:
-    """The pid of the mesh up in `run_dir` other than this process (0 when none)."""
+    """The pid of the mesh up in `run_dir` other than this process (0 when none); NoMesh when
+    `run_dir` is another user's (its pid file is not to be trusted)."""
+    meshrecord.check_owner(run_dir)
     try:
         pid = int((run_dir / PID_FILE).read_text())
     except (OSError, ValueError):
@@ -326,7 +328,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             f"a mesh is already up in {run_dir} (pid {other}): stop it with `camelot down`, "
             "or give this one another --run-dir"
         )
-    mesh = Mesh(run_dir)
+    mesh = Mesh(meshrecord.make_own(run_dir))
     pid_file = mesh.run_dir / PID_FILE
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
     print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)
@@ -382,7 +384,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    meshrecord.make_own(run_dir)
     other = running_pid(run_dir)
     if other:
         raise UsageError(f"a mesh is already up in {run_dir} (pid {other}); `camelot down` first")

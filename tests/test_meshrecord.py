@@ -111,3 +111,21 @@ def test_an_exited_child_not_yet_reaped_is_not_alive() -> None:
     finally:
         proc.wait()
     assert meshrecord.pid_alive(os.getpid())
+
+
+def test_a_run_directory_is_made_for_this_user_alone(tmp_path: Path) -> None:
+    run_dir = meshrecord.make_own(tmp_path / "a" / "run")
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert meshrecord.make_own(run_dir) == run_dir  # again: already ours
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a directory away")
+def test_another_users_run_directory_is_not_trusted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "theirs"
+    run_dir.mkdir()
+    record(os.getpid()).write(run_dir)
+    os.chown(run_dir, 12345, 12345)
+    with pytest.raises(NoMesh, match="belongs to uid 12345"):
+        meshrecord.read(run_dir)
+    with pytest.raises(NoMesh, match="belongs to uid 12345"):
+        meshrecord.make_own(run_dir)
