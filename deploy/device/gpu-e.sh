@@ -37,7 +37,7 @@ if (( ! up )); then
   exit 1
 fi
 echo "mesh up after ${SECONDS}s" | tee -a "$R/steps.txt"
-SCHED=$(grep -o "scheduler [0-9.:]*" "$R/mesh.log" | cut -d' ' -f2)
+SCHED=$(python3 -c 'import json; print(json.load(open("/tmp/cam/mesh.json"))["scheduler"])')  # the mesh's record
 TOKEN=$(cat /tmp/cam/admin.token)
 for e in $EXP; do
   case $e in
