@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"camelotctl: {e}", file=sys.stderr)
         return 1
     except grpc.aio.AioRpcError as e:
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
             print(
                 f"camelotctl: cannot reach the scheduler at {a.target} (from {where}): "
                 f"{e.code().name}",

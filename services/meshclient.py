@@ -31,7 +31,7 @@ def gateway_target(args: argparse.Namespace) -> tuple[str, str]:
 
 def unreachable(what: str, target: str, where: str, e: grpc.aio.AioRpcError) -> UsageError:
     """One line for a call that failed, naming the target and where it came from."""
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
         return UsageError(f"cannot reach the {what} at {target} (from {where}): {e.code().name}")
     return UsageError(f"{e.code().name}: {e.details()}")
 
