@@ -5,13 +5,15 @@ Array code is written once against the namespace `xp` returned here.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
+import logging
 import threading
 from types import ModuleType
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Backend(enum.Enum):
@@ -72,14 +74,33 @@ BLOCKING_SYNC_FLAG = 0x04
 
 
 def use_device(device: int) -> None:
-    """Makes `device` current for this process, set to wait for the GPU without spinning."""
+    """Makes `device` current for this process, its primary context set (before it exists) to
+    wait for the GPU without spinning."""
     import cupy
 
-    cupy.cuda.runtime.setDevice(device)
-    # takes effect on the device's primary context, also when it already exists
-    with contextlib.suppress(cupy.cuda.runtime.CUDARuntimeError):
-        cupy.cuda.runtime.setDeviceFlags(BLOCKING_SYNC_FLAG)
+    blocking_sync(device)
     cupy.cuda.Device(device).use()
+
+
+def blocking_sync(device: int) -> bool:
+    """Sets the device's primary context to blocking sync (driver API through cuda-python,
+    which CuPy's runtime module does not expose); False, with a warning, where that cannot be
+    done: waits then spin, except those made through `wait_for`."""
+    try:
+        try:
+            from cuda.bindings import driver as cu
+        except ImportError:
+            from cuda import cuda as cu  # cuda-python < 12.6
+        cu.cuInit(0)
+        err, dev = cu.cuDeviceGet(device)
+        if int(err) == 0:
+            (err,) = cu.cuDevicePrimaryCtxSetFlags(dev, BLOCKING_SYNC_FLAG)
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA error {int(err)}")
+        return True
+    except Exception as e:
+        log.warning("device %d not set to blocking sync (%s): waits may spin", device, e)
+        return False
 
 
 _waits = threading.local()
