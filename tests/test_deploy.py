@@ -265,6 +265,16 @@ def test_admin_token_comes_from_a_secret(compose: dict[str, Any]) -> None:
     assert "CAMELOT_ADMIN_TOKEN" not in env_of(scheduler), "the token must not sit in `env`"
 
 
+def test_camelotctl_in_the_scheduler_container_finds_its_scheduler(
+    compose: dict[str, Any],
+) -> None:
+    """camelotctl has no fixed default port: DEPLOY.md's `exec scheduler camelotctl` relies on
+    the variable (and on the token file the scheduler itself reads)."""
+    scheduler = compose["services"]["scheduler"]
+    port = env_of(scheduler)["CAMELOT_SCHEDULER_PORT"]
+    assert env_of(scheduler)["CAMELOT_SCHEDULER_ADDR"] == f"127.0.0.1:{port}"
+
+
 def test_locust_is_behind_the_loadtest_profile(compose: dict[str, Any]) -> None:
     locust = compose["services"]["locust"]
     assert locust["profiles"] == ["loadtest"]
