@@ -122,6 +122,10 @@ def test_every_stage_answers_the_same_with_graphs_on_and_off(path, stage):
                         np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2)
                     else:
                         assert np.array_equal(g, w), (stage, spec.name, n)
+            # every part meant to replay as a graph did (none fell back to eager)
+            fell_back = {k: g.disabled for k, g in on._graphs.items() if g.disabled}
+            assert not fell_back, fell_back
+            assert all(g.replays > 0 for g in on._graphs.values())
     finally:
         clear_cache()
 
