@@ -44,8 +44,12 @@ def test_down_stops_a_mesh_served_by_run(tmp_path: Path) -> None:
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()  # on SIGTERM it stops its mesh; a SIGKILL would orphan it
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
     assert "camelot: stopped" in (tmp_path / "run.log").read_text()
     assert not (run_dir / "camelot.pid").exists()
