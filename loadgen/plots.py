@@ -113,3 +113,38 @@ def timeline(
     axes[2].set_xlabel("time (s)")
     axes[0].set_title(title)
     return _finish(fig, path)
+
+
+def policies_over_time(
+    trace: Sequence[tuple[float, float]],
+    offered: Mapping[str, Sequence[tuple[float, float]]],
+    over_qos: Mapping[str, Sequence[tuple[float, float | None]]],
+    sm_percent: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    *,
+    title: str = "load, p99 against QoS and SM share",
+) -> Path:
+    """Three stacked panels sharing time, one line per label (policy) on each: the trace's rate
+    with each policy's offered load, the worst pipeline's p99 over its target (1 = at the QoS),
+    and the plan's total SM share (steps, as sampled)."""
+    fig, axes = plt.subplots(3, 1, figsize=(7.2, 8.0), sharex=True)
+    if trace:
+        axes[0].step([t for t, _ in trace], [r for _, r in trace], where="post", color="black",
+                     linewidth=2, alpha=0.4, label="trace")  # fmt: skip
+    for label, load in offered.items():
+        axes[0].plot([t for t, _ in load], [q for _, q in load], marker=".", label=label)
+    axes[0].set_ylabel("load (queries/s)")
+    axes[0].legend(fontsize="small")
+    for label, ratios in over_qos.items():
+        ys = [np.nan if v is None else v for _, v in ratios]
+        axes[1].plot([t for t, _ in ratios], ys, marker=".", label=label)
+    axes[1].axhline(1.0, color="grey", linestyle="--", label="QoS")
+    axes[1].set_ylabel("worst p99 / QoS")
+    axes[1].set_yscale("log")
+    for label, shares in sm_percent.items():
+        if shares:
+            axes[2].step([t for t, _ in shares], [s for _, s in shares], where="post", label=label)
+    axes[2].set_ylabel("SM share (% of one GPU)")
+    axes[2].set_xlabel("time in the day (s)")
+    axes[0].set_title(title)
+    return _finish(fig, path)

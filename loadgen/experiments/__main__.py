@@ -3,6 +3,8 @@
     peak-load --mix M --policies max-load,even,exclusive   highest rate with p99 <= QoS per policy
     low-load  --mix M --rate R --policies min-resource,even SM share x time at a fixed rate
     diurnal   --mix M --policy min-resource --min-qps 5 --max-qps 50 --duration-s 600
+    follow-load --mix M --modes mps,green   a mesh per sharing mode: its peak, then a day
+                                            made from it under every policy (follow.py)
 
 A policy is `name` or `name:key=value[:key=value]` (options, e.g. `exclusive:sharing=mps`);
 --references lists policies measured beside the rest but not counted as baselines.
@@ -20,19 +22,26 @@ import os
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 from common import meshrecord
 from common.backend import label as backend_label
 from common.results import module_command, run_main, write_result
 from loadgen import traces
+from loadgen.experiments import follow
 from loadgen.experiments.admin import AdminClient
 from loadgen.experiments.harness import Harness
 from loadgen.experiments.runs import Outcome, diurnal, low_load, peak_load
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix, uniform_mix
 
-CAMELOT_DEFAULT = {"peak-load": "max-load", "low-load": "min-resource", "diurnal": "min-resource"}
+CAMELOT_DEFAULT = {
+    "peak-load": "max-load",
+    "low-load": "min-resource",
+    "diurnal": "min-resource",
+    "follow-load": "min-resource",
+}
 
 
 def _csv(text: str) -> list[str]:
@@ -108,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     day.add_argument("--duration-s", type=float, default=600.0)
     day.add_argument("--window-s", type=float, default=10.0)
     day.add_argument("--trace", default="", help="JSON [t_s, rate] file instead of the day curve")
+    follow.add_arguments(sub.add_parser("follow-load", parents=[common]))
     return p
 
 
@@ -145,9 +155,43 @@ def find_mesh(args: argparse.Namespace) -> None:
 async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path]:
     """Runs the experiment `args` describe and writes its result; returns the JSON and MD paths."""
     args.token = args.token or os.environ.get("CAMELOT_ADMIN_TOKEN", "")
-    find_mesh(args)
     out_dir = Path(args.out_dir)
     name = args.name or args.experiment
+    if args.experiment == "follow-load":
+        # it starts a mesh of its own for each sharing mode: none to find
+        outcome = await follow.follow_load(args, partial(harness, args), out_dir, name)
+    else:
+        find_mesh(args)
+        outcome = await against_mesh(args, out_dir, name)
+    backend = backend_label(args.backend)
+    settings = {k: v for k, v in vars(args).items() if k != "token"}
+    return write_result(
+        name,
+        outcome.rows,
+        outcome.summary,
+        backend,
+        out_dir,
+        command=module_command("loadgen.experiments", _redacted(argv)),
+        plots=outcome.plots,
+        extra={**outcome.extra, "settings": settings},
+    )
+
+
+def harness(args: argparse.Namespace, target: str, admin: AdminClient | None) -> Harness:
+    """The trial machinery with the common flags, against the gateway `target`."""
+    return Harness(
+        target=target, admin=admin, trial_s=args.trial_s, warmup_s=args.warmup_s,
+        gap_s=args.gap_s, arrivals=traces.Arrivals(args.arrivals), seed=args.seed,
+        deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
+        qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
+        transport=args.transport, connections=args.connections,
+        confirm_misses=args.confirm_misses, min_queries=args.min_queries,
+        client_processes=args.client_processes,
+    )  # fmt: skip
+
+
+async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Outcome:
+    """peak-load, low-load or diurnal against the mesh at `args.target`."""
     camelot = args.camelot_policy or CAMELOT_DEFAULT[args.experiment]
     async with AsyncExitStack() as stack:
         admin = None
@@ -155,15 +199,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             if not args.admin:
                 raise SystemExit("--admin HOST:PORT is required unless --no-admin")
             admin = await stack.enter_async_context(AdminClient(args.admin, args.token))
-        h = Harness(
-            target=args.target, admin=admin, trial_s=args.trial_s, warmup_s=args.warmup_s,
-            gap_s=args.gap_s, arrivals=traces.Arrivals(args.arrivals), seed=args.seed,
-            deadline_s=args.deadline_s, max_error_frac=args.max_error_frac,
-            qos_override_ms=args.qos_ms, settle_s=args.settle_s, prime_s=args.prime_s,
-            transport=args.transport, connections=args.connections,
-            confirm_misses=args.confirm_misses, min_queries=args.min_queries,
-            client_processes=args.client_processes,
-        )  # fmt: skip
+        h = harness(args, args.target, admin)
         await h.connect()
         mixes = [parse_mix(m) for m in args.mix] or [uniform_mix(sorted(h.pipelines))]
         outcome: Outcome
@@ -192,18 +228,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
             outcome = await diurnal(
                 h, mixes[0], policy, trace, args.window_s, args.sample_s, out_dir, name
             )
-    backend = backend_label(args.backend)
-    settings = {k: v for k, v in vars(args).items() if k != "token"}
-    return write_result(
-        name,
-        outcome.rows,
-        outcome.summary,
-        backend,
-        out_dir,
-        command=module_command("loadgen.experiments", _redacted(argv)),
-        plots=outcome.plots,
-        extra={**outcome.extra, "settings": settings},
-    )
+    return outcome
 
 
 def _redacted(argv: Sequence[str]) -> list[str]:
