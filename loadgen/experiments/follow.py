@@ -73,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", type=csv, default=["even", "exclusive", "feedback"])
     p.add_argument("--peak-policy", default="max-load", help="whose peak the day is made from")
     p.add_argument("--size", default="full", help="model size the mesh serves")
-    p.add_argument("--gateway-workers", type=int, default=1)
+    p.add_argument(
+        "--gateway-workers", type=int, default=0,
+        help="gateway processes (0: CAMELOT_GATEWAY_WORKERS as set, else 1)",
+    )  # fmt: skip
     p.add_argument("--run-dir", default="", help="keep each mode's mesh (and logs) under here")
     p.add_argument(
         "--loop-window-s", type=float, default=0.0,
@@ -162,7 +165,8 @@ async def mesh_for(
         else:
             where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-follow-")))
         mesh = Mesh(where)
-        mesh.env["CAMELOT_GATEWAY_WORKERS"] = str(args.gateway_workers)
+        if args.gateway_workers > 0:
+            mesh.env["CAMELOT_GATEWAY_WORKERS"] = str(args.gateway_workers)
         if args.loop_window_s > 0:
             mesh.env["CAMELOT_WINDOW_S"] = str(args.loop_window_s)
         if args.min_replan_interval_s > 0:
