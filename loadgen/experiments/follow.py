@@ -298,8 +298,9 @@ async def one_mode(
         got.rows += [{"mode": mode, **r} for r in out.rows]
         per[policy] = day_figures(out, args.min_windows_frac, h.max_error_frac)
         got.days.append({"mode": mode, "policy": policy, "plans": out.extra["day_plans"]})
-        offered[policy] = [(r["t_s"], r["offered_qps"]) for r in out.rows]
-        over_qos[policy] = [(r["t_s"], r["worst_p99_over_qos"]) for r in out.rows]
+        mid = args.window_s / 2  # a window's figures drawn at its middle, against the trace
+        offered[policy] = [(r["t_s"] + mid, r["offered_qps"]) for r in out.rows]
+        over_qos[policy] = [(r["t_s"] + mid, r["worst_p99_over_qos"]) for r in out.rows]
         sm[policy] = list(out.extra["sm_samples"])
     got.modes[mode].update(saving(per, camelot, args.baselines))
     got.figs.append(
