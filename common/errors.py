@@ -128,6 +128,12 @@ def from_rpc_error(err: grpc.RpcError) -> CamelotError:
 _BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
+def status_value(name: str) -> int:
+    """The numeric gRPC status of a code's name ("OK" -> 0); UNKNOWN (2) for any other name."""
+    code = grpc.StatusCode.__members__.get(name)
+    return int(code.value[0]) if code is not None else int(grpc.StatusCode.UNKNOWN.value[0])
+
+
 def error_for_status(
     code: int | grpc.StatusCode, message: str, retry_after_ms: int | None = None
 ) -> CamelotError:

@@ -105,6 +105,8 @@ class Trials:
     p99_ms: float | None = None  # None: each pipeline's QoS target
     max_error_frac: float = 0.01
     seed: int = 0
+    # clients on the node send on SubmitStream (the local client's path); "unary" as Locust does
+    submit: str = "stream"
 
     def __post_init__(self) -> None:
         if not self.rates or any(not r > 0 for r in self.rates):
@@ -176,6 +178,7 @@ async def trial(
         result = await run_open_loop(
             target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
             connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
+            submit=t.submit,
         )  # fmt: skip
     window = sampler.window(
         result.t0_us + int(t.warmup_s * 1e6), result.t0_us + int(t.duration_s * 1e6)
@@ -241,7 +244,7 @@ async def ladder(
         prime = traces.poisson(t.rates[0], t.prime_s, np.random.default_rng(t.seed))
         await run_open_loop(
             target, prime, workload.mix, t.seed, t.deadline_s, pipelines=served,
-            connections=t.connections, duration_s=t.prime_s, processes=1,
+            connections=t.connections, duration_s=t.prime_s, processes=1, submit=t.submit,
         )  # fmt: skip
     rows: list[dict[str, Any]] = []
     misses = 0
@@ -359,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--connections", type=int, default=16, help="split among the client processes")
     p.add_argument("--gateway-workers", type=int, default=3)
+    p.add_argument(
+        "--submit",
+        choices=("stream", "unary"),
+        default="stream",
+        help="how the clients send: many queries on one SubmitStream per connection (a local "
+        "client's path, the default) or a unary Submit each (as remote clients and Locust do)",
+    )
     p.add_argument("--deadline-s", type=float, default=2.0, help="per query")
     p.add_argument("--p99-ms", type=float, default=None,
                    help=f"the target a rate must hold (default {P99_MS:g}; with --reference each "
@@ -387,7 +397,7 @@ def trials_of(args: argparse.Namespace) -> Trials:
     return Trials(
         rates, args.duration_s, args.warmup_s, args.prime_s, args.idle_s, args.gap_s,
         args.client_processes,
-        args.connections, args.deadline_s, p99, args.max_error_frac, args.seed,
+        args.connections, args.deadline_s, p99, args.max_error_frac, args.seed, args.submit,
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 log = logging.getLogger(__name__)
 
 OK = "OK"
+SUBMITS = ("unary", "stream")
 # Time between building the schedule and its first arrival, so the first sends are not late.
 LEAD_S = 0.05
 DEFAULT_DURATION_S = 10.0
@@ -196,6 +197,7 @@ async def run_open_loop(
     duration_s: float | None = None,
     processes: int = 1,
     progress: str = "",
+    submit: str = "unary",
 ) -> Result:
     """Sends one request per schedule offset (seconds from start, ascending); waits for all.
 
@@ -205,7 +207,9 @@ async def run_open_loop(
     `processes` > 1 sends from that many processes (`loadgen.clients`), each every n-th arrival
     over `connections` split among them, on one shared timeline: one Python process serialising
     megabyte inputs falls behind its own schedule at a few hundred queries per second.
-    `progress`, when given, labels a bar of the run's seconds on stderr.
+    `progress`, when given, labels a bar of the run's seconds on stderr. `submit` "stream"
+    sends each connection's queries on one SubmitStream (a local client's cheaper path) instead
+    of a unary Submit each.
     """
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
@@ -222,8 +226,10 @@ async def run_open_loop(
     mix.check_served(list(pipelines))
     specs = {p: pipelines[p].input for p in mix.pipelines}
     rng = np.random.default_rng(seed)
+    if submit not in SUBMITS:
+        raise InvalidArgument(f"submit must be one of {', '.join(SUBMITS)}: {submit!r}")
     plan = Sends(target, list(schedule), mix.draw(rng, len(schedule)), seed, deadline_s,
-                 TRANSPORTS[transport], connections)  # fmt: skip
+                 TRANSPORTS[transport], connections, submit)  # fmt: skip
     if duration_s is None:
         duration_s = float(schedule[-1]) if len(schedule) else 0.0
     result = Result(target, mix, transport, 0, wall_us(), duration_s)
@@ -254,6 +260,8 @@ class Sends:
     deadline_s: float
     transport: tensor_pb2.Transport.ValueType
     connections: int
+    # how queries travel: one unary Submit each, or many on one SubmitStream per connection
+    submit: str = "unary"
 
 
 async def send(
@@ -271,6 +279,7 @@ async def send(
         for _ in range(plan.connections)
     ]
     stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
+    streams = [SubmitStreamClient(stub) for stub in stubs] if plan.submit == "stream" else []
     records: list[Record] = []
 
     async def one(i: int, name: str, intended_us: int) -> None:
@@ -284,7 +293,10 @@ async def send(
         epoch = 0
         parts = (0, 0, 0, 0)
         try:
-            reply = await stubs[i % len(stubs)].Submit(request, timeout=plan.deadline_s)
+            if streams:
+                reply = await streams[i % len(streams)].submit(request, plan.deadline_s)
+            else:
+                reply = await stubs[i % len(stubs)].Submit(request, timeout=plan.deadline_s)
             status, epoch = OK, reply.plan_epoch
             parts = (
                 reply.e2e_us,
@@ -294,6 +306,8 @@ async def send(
             )
         except grpc.aio.AioRpcError as e:
             status = e.code().name
+        except StreamStatus as e:
+            status = e.code_name
         except Exception as e:  # a client-side failure is still a failed request, not a crash
             log.warning("request %d failed in the client: %r", i, e)
             status = f"CLIENT_{type(e).__name__}"
@@ -310,9 +324,82 @@ async def send(
             tasks.append(asyncio.create_task(one(i, plan.names[i], intended)))
         await asyncio.gather(*tasks)
     finally:
+        for stream in streams:
+            await stream.close()
         for ch in channels:
             await ch.close()
     return t0_us, records
+
+
+class StreamStatus(Exception):
+    """A query's own failure on SubmitStream."""
+
+    def __init__(self, code_name: str, message: str) -> None:
+        super().__init__(f"{code_name}: {message}")
+        self.code_name = code_name
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(StreamStatus("DEADLINE_EXCEEDED", "no answer in time"))
+
+
+class SubmitStreamClient:
+    """Queries on one long-lived SubmitStream, matched by query id; each with its deadline
+    (sent to the gateway, and kept here too)."""
+
+    def __init__(self, stub: gateway_pb2_grpc.GatewayStub) -> None:
+        self._outbox: asyncio.Queue[gateway_pb2.SubmitRequest | None] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[gateway_pb2.SubmitResult]] = {}
+        self._call = stub.SubmitStream(self._requests())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _requests(self) -> Any:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        error: BaseException = StreamStatus("UNAVAILABLE", "the stream ended")
+        try:
+            async for result in self._call:
+                future = self._pending.pop(result.query_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+        except grpc.aio.AioRpcError as e:
+            error = StreamStatus(e.code().name, str(e.details()))
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
+
+    async def submit(
+        self, request: gateway_pb2.SubmitRequest, timeout_s: float
+    ) -> gateway_pb2.SubmitResponse:
+        request.deadline_ms = max(1, int(timeout_s * 1e3))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[gateway_pb2.SubmitResult] = loop.create_future()
+        self._pending[request.query_id] = future
+        self._outbox.put_nowait(request)
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            result = await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request.query_id, None)
+        if result.code != 0:
+            raise StreamStatus(_CODE_NAMES.get(result.code, "UNKNOWN"), result.message)
+        return result.response
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._reader, 5.0)
+        except (TimeoutError, asyncio.CancelledError):
+            self._call.cancel()
 
 
 async def lead_start() -> int:

@@ -23,23 +23,19 @@ def new_key() -> bytes:
 
 
 def _message(ref: tensor_pb2.TensorRef) -> bytes:
-    # NUL-separated fields: none of them can contain NUL (ids are checked printable names)
-    shape = ",".join(str(d) for d in ref.shape)
-    fields = (
-        ref.slab_id,
-        str(ref.slab_generation),
-        str(ref.offset),
-        str(ref.nbytes),
-        str(int(ref.dtype)),
-        shape,
-        ref.lease_id,
-    )
-    return "\0".join(fields).encode()
+    # NUL-separated fields: none of them can contain NUL (ids are checked printable names).
+    # One f-string: a ref is signed or checked at every hop, so this is on the query's path.
+    shape = ",".join(map(str, ref.shape))
+    return (
+        f"{ref.slab_id}\0{ref.slab_generation}\0{ref.offset}\0{ref.nbytes}\0"
+        f"{int(ref.dtype)}\0{shape}\0{ref.lease_id}"
+    ).encode()
 
 
 def sign(key: bytes, ref: tensor_pb2.TensorRef) -> bytes:
     """The tag of ref under key (ref.tag itself is not covered)."""
-    return hmac.new(key, _message(ref), hashlib.sha256).digest()[:TAG_BYTES]
+    # hmac.digest is the one-shot C path: a third of hmac.new(...).digest()'s cost
+    return hmac.digest(key, _message(ref), hashlib.sha256)[:TAG_BYTES]
 
 
 def verify(key: bytes, ref: tensor_pb2.TensorRef) -> bool:

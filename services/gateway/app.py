@@ -27,9 +27,10 @@ from protos import (
     stage_pb2_grpc,
     tensor_pb2,
 )
+from services.gateway.frontdoor import FrontDoor, PipelineEntry
 from services.gateway.query import PipelineRoute, QueryRunner, StageStep
 from services.gateway.routes import RouteTable
-from services.gateway.servicer import GatewayServicer, PipelineEntry
+from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import ReplicaStream
 from shmbroker.arena import ArenaBuffers
@@ -236,14 +237,16 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             tensor_pb2.TRANSPORT_WIRE if settings.transport == "wire" else tensor_pb2.TRANSPORT_REF
         )
         servicer = GatewayServicer(
-            pipelines,
-            runner,
-            reports,
-            settings.node,
-            transport,
-            settings.deadline_qos_multiple,
-            settings.max_payload_bytes,
-            settings.max_inflight,
+            FrontDoor(
+                pipelines,
+                runner,
+                reports,
+                settings.node,
+                transport,
+                settings.deadline_qos_multiple,
+                settings.max_payload_bytes,
+                settings.max_inflight,
+            )
         )
         server = lifecycle.new_server()
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

@@ -1,0 +1,162 @@
+"""The gateway's front door: a query is checked against its pipeline, admitted (or refused
+with RESOURCE_EXHAUSTED and a retry hint when too many are in flight), given its deadline, run,
+and reported. The servicer's Submit and SubmitStream both come here; nothing here knows gRPC.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import metrics
+from common.clock import mono_us, wall_us
+from common.dtypes import nbytes_of, to_numpy
+from common.errors import (
+    CamelotError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    status_value,
+)
+from common.reports import ReportSink
+from protos import gateway_pb2, report_pb2, tensor_pb2
+from services.gateway.query import PipelineRoute, QueryRunner
+
+RETRY_AFTER_MS = 50
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    route: PipelineRoute
+    input_name: str
+    input_dtype: np.dtype[np.generic]
+    input_shape: tuple[int, ...]
+    output_name: str
+    output_dtype: np.dtype[np.generic]
+    output_shape: tuple[int, ...]
+
+
+class FrontDoor:
+    def __init__(
+        self,
+        pipelines: Mapping[str, PipelineEntry],
+        runner: QueryRunner,
+        reports: ReportSink | None,
+        node: str,
+        default_transport: tensor_pb2.Transport.ValueType,
+        deadline_qos_multiple: float,
+        max_payload_bytes: int,
+        max_inflight: int,
+    ) -> None:
+        self.pipelines = dict(pipelines)
+        self.runner = runner
+        self.reports = reports
+        self.node = node
+        self.default_transport = default_transport
+        self.deadline_qos_multiple = deadline_qos_multiple
+        self.max_payload_bytes = max_payload_bytes
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        # per pipeline: the latency histogram and OK counter, labelled once
+        self._latency = {
+            p: metrics.LATENCY.labels("gateway", p, "") for p in [*self.pipelines, "unknown"]
+        }
+
+    def check(self, request: gateway_pb2.SubmitRequest) -> tuple[PipelineEntry, np.ndarray]:
+        """The pipeline and the input as an array (a view of the request's bytes, read once)."""
+        entry = self.pipelines.get(request.pipeline)
+        if entry is None:
+            raise NotFound(
+                f"unknown pipeline {request.pipeline!r}; serving {sorted(self.pipelines)}"
+            )
+        wire = request.input
+        data = wire.data  # protobuf makes a new bytes object on every access: read it once
+        if len(data) > self.max_payload_bytes:
+            raise ResourceExhausted(
+                f"payload of {len(data)} bytes is over the limit of {self.max_payload_bytes}"
+            )
+        dtype = to_numpy(wire.dtype)
+        if dtype != entry.input_dtype:
+            raise InvalidArgument(
+                f"input dtype {dtype} does not match the pipeline's {entry.input_dtype}"
+            )
+        shape = tuple(wire.shape)
+        if shape != entry.input_shape:
+            raise InvalidArgument(
+                f"input shape {list(shape)} does not match the pipeline's {list(entry.input_shape)}"
+            )
+        want = nbytes_of(wire.dtype, shape)
+        if len(data) != want:
+            raise InvalidArgument(
+                f"tensor data is {len(data)} bytes, dtype and shape {list(shape)} need {want}"
+            )
+        return entry, np.frombuffer(data, dtype=dtype).reshape(shape)
+
+    async def submit(
+        self, request: gateway_pb2.SubmitRequest, remaining_s: float | None
+    ) -> gateway_pb2.SubmitResponse:
+        """Runs one query; `remaining_s` is the caller's deadline (None: the QoS multiple).
+        Raises the query's Camelot error."""
+        start = mono_us()
+        query_id = request.query_id or uuid.uuid4().hex
+        code = "OK"
+        pipeline = request.pipeline if request.pipeline in self.pipelines else "unknown"
+        try:
+            entry, item = self.check(request)
+            budget_s = (
+                remaining_s
+                if remaining_s is not None
+                else entry.route.qos_p99_ms * self.deadline_qos_multiple / 1e3
+            )
+            if budget_s <= 0:
+                raise DeadlineExceeded("the deadline has already passed")
+            if self.inflight >= self.max_inflight:
+                raise ResourceExhausted(
+                    f"{self.inflight} queries in flight, the limit is {self.max_inflight}",
+                    retry_after_ms=RETRY_AFTER_MS,
+                )
+            transport = request.transport or self.default_transport
+            self.inflight += 1
+            try:
+                result = await self.runner.run(
+                    entry.route, item, transport, query_id, start + int(budget_s * 1e6)
+                )
+            finally:
+                self.inflight -= 1
+            return gateway_pb2.SubmitResponse(
+                output=result.output,
+                query_id=query_id,
+                e2e_us=mono_us() - start,
+                stages=result.stages,
+                plan_epoch=self.runner.routes.epoch,
+            )
+        except CamelotError as e:
+            code = e.code.name
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            self._record(pipeline, query_id, mono_us() - start, code)
+
+    def _record(self, pipeline: str, query_id: str, e2e_us: int, code: str) -> None:
+        metrics.REQUESTS.labels("gateway", pipeline, "", code).inc()
+        self._latency[pipeline].observe(e2e_us / 1e6)
+        if self.reports is None or pipeline == "unknown":
+            return
+        self.reports.add(
+            report_pb2.LatencyReport(
+                kind=report_pb2.REPORT_KIND_QUERY,
+                pipeline=pipeline,
+                node=self.node,
+                query_id=query_id,
+                end_unix_us=wall_us(),
+                total_us=e2e_us,
+                status_code=status_value(code),
+                plan_epoch=self.runner.routes.epoch,
+            )
+        )
