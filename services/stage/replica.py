@@ -114,6 +114,33 @@ def warm_sizes(max_batch: int) -> list[int]:
     )
 
 
+def _row_copier(backend: Backend, xp: Any) -> Any:
+    """copy(dst, batch, row): dst[...] = batch[row], by raw memcpy where both are contiguous."""
+    if backend is not Backend.CUDA:
+
+        def copy_host(dst: Any, batch: Any, row: int) -> None:
+            dst[...] = batch[row]
+
+        return copy_host
+    runtime = xp.cuda.runtime
+    stream = xp.cuda.get_current_stream().ptr
+
+    def copy_cuda(dst: Any, batch: Any, row: int) -> None:
+        nbytes = dst.nbytes
+        if (
+            batch.flags.c_contiguous
+            and dst.flags.c_contiguous
+            and batch.dtype == dst.dtype
+            and batch.strides[0] == nbytes
+        ):
+            src = batch.data.ptr + row * nbytes
+            runtime.memcpyAsync(dst.data.ptr, src, nbytes, runtime.memcpyDeviceToDevice, stream)
+        else:
+            dst[...] = batch[row]
+
+    return copy_cuda
+
+
 def _code_of(future: asyncio.Future[Any]) -> str:
     if future.cancelled():
         return "CANCELLED"
@@ -152,6 +179,7 @@ class Replica:
         self._labels = (identity.pipeline, identity.stage, identity.replica_id)
         self._queue_depth = metrics.QUEUE_DEPTH.labels(*self._labels)
         self._latency = metrics.LATENCY.labels("stage", *self._labels[:2])
+        self._requests: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,7 +242,12 @@ class Replica:
         return future
 
     def _count(self, code: str, total_us: int) -> None:
-        metrics.REQUESTS.labels("stage", *self._labels[:2], code).inc()
+        counter = self._requests.get(code)
+        if counter is None:
+            counter = self._requests[code] = metrics.REQUESTS.labels(
+                "stage", *self._labels[:2], code
+            )
+        counter.inc()
         self._latency.observe(total_us / 1e6)
 
     async def _on_gpu(self, fn: Any, *args: Any) -> Any:
@@ -271,11 +304,14 @@ class Replica:
     def _scatter_sync(
         self, out: Mapping[str, Any], views: list[list[Any]], rows: list[int]
     ) -> None:
-        """Copies row i of every output into its broker view (device to device), then syncs."""
+        """Copies row i of every output into its broker view (device to device), then syncs.
+        On CUDA a contiguous row is one cudaMemcpyAsync on the batch's stream (a few us of host
+        time, where an elementwise copy kernel costs CuPy ~15 us to launch)."""
         with self._stream_ctx():
+            copy = _row_copier(self.backend, self.xp)
             for row, row_views in zip(rows, views, strict=True):
                 for spec, view in zip(self.model.outputs, row_views, strict=True):
-                    view[...] = out[spec.name][row]
+                    copy(view, out[spec.name], row)
             self._sync()
 
     def _wire_sync(self, out: Mapping[str, Any], rows: list[int]) -> list[list[tensor_pb2.Tensor]]:
