@@ -71,7 +71,10 @@ ADDRESS_VARIABLES = ("CAMELOT_GATEWAY_ADDR", "CAMELOT_SCHEDULER_ADDR", "CAMELOT_
 
 
 def env_for(run_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ADDRESS_VARIABLES}
+    # MAKEFLAGS and MAKELEVEL: a suite run as `make test ARGS=...` must not hand ARGS on to the
+    # `make load` a test runs
+    skip = {*ADDRESS_VARIABLES, "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     return {**env, "CAMELOT_RUN_DIR": str(run_dir), **extra}
 
 
