@@ -10,7 +10,7 @@ GEN := $(PROTOS:.proto=_pb2.py)
 ARGS ?=
 
 help: ## show this help
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 # pip's own lines, filtered to one per package as it comes (the install takes about a minute)
 $(STAMP): pyproject.toml
