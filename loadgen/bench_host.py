@@ -40,7 +40,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,8 @@ class Trials:
     seed: int = 0
     # clients on the node send on SubmitStream (the local client's path); "unary" as Locust does
     submit: str = "stream"
+    # the broker a client on the node writes its inputs into (inputs by reference); "": bytes
+    shm_broker: str = ""
 
     def __post_init__(self) -> None:
         if not self.rates or any(not r > 0 for r in self.rates):
@@ -178,7 +180,7 @@ async def trial(
         result = await run_open_loop(
             target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
             connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
-            submit=t.submit,
+            submit=t.submit, shm_broker=t.shm_broker,
         )  # fmt: skip
     window = sampler.window(
         result.t0_us + int(t.warmup_s * 1e6), result.t0_us + int(t.duration_s * 1e6)
@@ -262,9 +264,9 @@ async def ladder(
 @asynccontextmanager
 async def mesh_for(
     workload: Workload, backend: str, gateway_workers: int, run_dir: str
-) -> AsyncIterator[tuple[str, dict[int, str]]]:
-    """A whole mesh serving `workload`: the gateway's address and the processes' roots (pid ->
-    kind). In a scratch folder, or in `run_dir/<workload>` (kept, with its logs)."""
+) -> AsyncIterator[tuple[str, dict[int, str], str]]:
+    """A whole mesh serving `workload`: the gateway's address, the processes' roots (pid ->
+    kind) and the broker. In a scratch folder, or in `run_dir/<workload>` (kept, with its logs)."""
     async with AsyncExitStack() as stack:
         if run_dir:
             where = Path(run_dir) / workload.name
@@ -279,7 +281,7 @@ async def mesh_for(
             mesh, backend, workload.size, workload.policy,
             pipelines=list(workload.pipelines), pipelines_dir=workload.directory,
         )  # fmt: skip
-        yield str(info["gateway"]), roots_of(mesh.procs)
+        yield str(info["gateway"]), roots_of(mesh.procs), str(info["broker"])
 
 
 def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -369,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the clients send: many queries on one SubmitStream per connection (a local "
         "client's path, the default) or a unary Submit each (as remote clients and Locust do)",
     )
+    p.add_argument(
+        "--shm",
+        action="store_true",
+        help="clients pass inputs by shared memory: each writes its input into a buffer it "
+        "borrowed from the mesh's broker and submits the ref (Triton's shared-memory extension)",
+    )
     p.add_argument("--deadline-s", type=float, default=2.0, help="per query")
     p.add_argument("--p99-ms", type=float, default=None,
                    help=f"the target a rate must hold (default {P99_MS:g}; with --reference each "
@@ -410,8 +418,13 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for w in loads:
-        async with mesh_for(w, backend, args.gateway_workers, args.run_dir) as (target, roots):
-            rows += await ladder(target, w, t, ProcessTree(roots))
+        async with mesh_for(w, backend, args.gateway_workers, args.run_dir) as (
+            target,
+            roots,
+            broker,
+        ):
+            tw = replace(t, shm_broker=broker if args.shm else "")
+            rows += await ladder(target, w, tw, ProcessTree(roots))
         summary.update(summarize(w.name, rows))
     target_text = (f"p99 <= {t.p99_ms:g} ms" if t.p99_ms is not None
                    else "every pipeline's p99 within its QoS target")  # fmt: skip

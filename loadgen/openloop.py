@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from common.clock import mono_us, wall_us
+from common.dtypes import array_from_wire
 from common.errors import InvalidArgument
 from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
 from common.lifecycle import channel as open_channel
@@ -198,6 +199,7 @@ async def run_open_loop(
     processes: int = 1,
     progress: str = "",
     submit: str = "unary",
+    shm_broker: str = "",
 ) -> Result:
     """Sends one request per schedule offset (seconds from start, ascending); waits for all.
 
@@ -209,7 +211,8 @@ async def run_open_loop(
     megabyte inputs falls behind its own schedule at a few hundred queries per second.
     `progress`, when given, labels a bar of the run's seconds on stderr. `submit` "stream"
     sends each connection's queries on one SubmitStream (a local client's cheaper path) instead
-    of a unary Submit each.
+    of a unary Submit each. `shm_broker` makes each sending process a client on the node: it
+    borrows an arena from that broker, writes each input there and submits its ref.
     """
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
@@ -229,7 +232,7 @@ async def run_open_loop(
     if submit not in SUBMITS:
         raise InvalidArgument(f"submit must be one of {', '.join(SUBMITS)}: {submit!r}")
     plan = Sends(target, list(schedule), mix.draw(rng, len(schedule)), seed, deadline_s,
-                 TRANSPORTS[transport], connections, submit)  # fmt: skip
+                 TRANSPORTS[transport], connections, submit, shm_broker)  # fmt: skip
     if duration_s is None:
         duration_s = float(schedule[-1]) if len(schedule) else 0.0
     result = Result(target, mix, transport, 0, wall_us(), duration_s)
@@ -262,6 +265,8 @@ class Sends:
     connections: int
     # how queries travel: one unary Submit each, or many on one SubmitStream per connection
     submit: str = "unary"
+    # a broker to borrow input buffers from (inputs by reference, as a client on the node)
+    shm_broker: str = ""
 
 
 async def send(
@@ -280,16 +285,20 @@ async def send(
     ]
     stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
     streams = [SubmitStreamClient(stub) for stub in stubs] if plan.submit == "stream" else []
+    shm = await SharedInputs.connect(plan.shm_broker, inputs) if plan.shm_broker else None
     records: list[Record] = []
 
     async def one(i: int, name: str, intended_us: int) -> None:
         request = gateway_pb2.SubmitRequest(
-            pipeline=name,
-            input=inputs[name][i % len(inputs[name])],
-            transport=plan.transport,
-            query_id=f"ol-{plan.seed}-{i}",
+            pipeline=name, transport=plan.transport, query_id=f"ol-{plan.seed}-{i}"
         )
+        lease = ""
         sent = mono_us()
+        if shm is not None:
+            lease, ref = await shm.place(name, i)
+            request.input_ref.CopyFrom(ref)
+        else:
+            request.input.CopyFrom(inputs[name][i % len(inputs[name])])
         epoch = 0
         parts = (0, 0, 0, 0)
         try:
@@ -312,6 +321,8 @@ async def send(
             log.warning("request %d failed in the client: %r", i, e)
             status = f"CLIENT_{type(e).__name__}"
         records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
+        if shm is not None:
+            shm.done(lease, ok=status == OK)
 
     try:
         t0_us = await start()
@@ -324,11 +335,59 @@ async def send(
             tasks.append(asyncio.create_task(one(i, plan.names[i], intended)))
         await asyncio.gather(*tasks)
     finally:
+        if shm is not None:
+            await shm.aclose()
         for stream in streams:
             await stream.close()
         for ch in channels:
             await ch.close()
     return t0_us, records
+
+
+class SharedInputs:
+    """A client on the node: inputs go into buffers borrowed from the broker (one arena per
+    pipeline), and the query carries their ref instead of the bytes."""
+
+    def __init__(self, client: Any, arenas: Any, arrays: Mapping[str, list[np.ndarray]]) -> None:
+        self.client = client
+        self.arenas = arenas
+        self.arrays = arrays
+
+    @classmethod
+    async def connect(
+        cls, broker: str, inputs: Mapping[str, Sequence[tensor_pb2.WireTensor]]
+    ) -> SharedInputs:
+        from shmbroker.arena import ArenaBuffers
+        from shmbroker.client import BrokerClient
+
+        client = await BrokerClient.connect(broker)
+        arenas = ArenaBuffers(client)
+        for name in inputs:
+            await arenas.warm_pool(name)
+        arrays = {n: [array_from_wire(w) for w in ws] for n, ws in inputs.items()}
+        return cls(client, arenas, arrays)
+
+    async def place(self, name: str, i: int) -> tuple[str, tensor_pb2.TensorRef]:
+        """Input i of pipeline `name` written into a new buffer: (its lease, its ref)."""
+        array = self.arrays[name][i % len(self.arrays[name])]
+        lease, (ref,) = await self.arenas.open_and_allocate(
+            [(array.dtype, array.shape)], pool=name, label=f"input {i}"
+        )
+        view = await self.arenas.view(ref)
+        if hasattr(view, "set"):
+            view.set(array)  # a client with a GPU writes device memory
+        else:
+            view[...] = array
+        return lease, ref
+
+    def done(self, lease: str, ok: bool) -> None:
+        # a failed query's stage may still read the buffer: it waits out a quarantine
+        if not self.arenas.release_local(lease, aborted=not ok):
+            log.warning("input lease %s was not an arena's", lease)
+
+    async def aclose(self) -> None:
+        await self.arenas.aclose()
+        await self.client.close()
 
 
 class StreamStatus(Exception):

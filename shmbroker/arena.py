@@ -191,6 +191,25 @@ class ArenaBuffers:
     async def view(self, ref: tensor_pb2.TensorRef) -> Any:
         return await self.client.view(ref)
 
+    def pool_of(self, slab_id: str) -> str:
+        return self.client.pool_of(slab_id)
+
+    async def open_broker_lease(
+        self,
+        items: Sequence[tuple[DTypeLike, tuple[int, ...]]],
+        *,
+        pool: str = "default",
+        ttl_s: float = 0.0,
+        label: str = "",
+        device: int = 0,
+    ) -> tuple[str, list[tensor_pb2.TensorRef]]:
+        """A lease of the broker's own (not an arena's): for a query whose stages allocate
+        their outputs themselves, which they can do only under a lease the broker knows."""
+        self._fallbacks += 1
+        return await self.client.open_and_allocate(
+            items, pool=pool, ttl_s=ttl_s, label=label, device=device
+        )
+
     def release_local(self, lease_id: str, *, aborted: bool = False) -> bool:
         """Ends a local lease at once, with no I/O; False when lease_id is not one."""
         if lease_id not in self._local:

@@ -19,6 +19,8 @@ from services.gateway.app import GatewayApp
 from services.gateway.app import create_server as create_gateway
 from services.gateway.settings import GatewaySettings
 from services.stage.app import StageApp
+from shmbroker.arena import ArenaBuffers
+from shmbroker.client import BrokerClient
 from tests.test_broker_server import MiB, start
 from tests.test_stage_stream import NULL_DIR, stage
 
@@ -61,7 +63,7 @@ async def close(m: Mesh) -> None:
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=16 * MiB, max_bytes=64 * MiB)
+    server, r, tmp = await start(slab_bytes=16 * MiB, max_bytes=128 * MiB)
     yield r
     await server.stop(0)
     await r.broker.close()
@@ -142,3 +144,58 @@ async def test_the_paths_kept_for_comparison_give_the_same_answers(broker, setti
     finally:
         await close(m)
     assert broker.broker.stats().live_leases == 0
+
+
+async def test_a_local_client_passes_its_input_and_gets_its_answer_by_shared_memory(mesh, broker):
+    client = await BrokerClient.connect(broker.target)
+    mine = ArenaBuffers(client)
+    await mine.warm_pool("null3")
+    try:
+        lease, (inp, out) = await mine.open_and_allocate(
+            [(np.uint8, (4096,)), (np.uint8, (4096,))], pool="null3"
+        )
+        (await mine.view(inp))[...] = 42
+        reply = await mesh.stub.Submit(
+            gateway_pb2.SubmitRequest(pipeline="null3", query_id="shm", input_ref=inp),
+            timeout=30,
+        )
+        assert (array_from_wire(reply.output) == 42).all()  # the answer as bytes
+        reply = await mesh.stub.Submit(
+            gateway_pb2.SubmitRequest(
+                pipeline="null3", query_id="shm2", input_ref=inp, output_ref=out
+            ),
+            timeout=30,
+        )
+        assert reply.output_ref == out and not reply.output.data
+        assert ((await mine.view(out)) == 42).all()  # the answer in the client's own buffer
+        await mine.release([lease])
+    finally:
+        await mine.aclose()
+        await client.close()
+
+
+async def test_refs_a_client_did_not_get_from_the_broker_are_refused(mesh, broker):
+    client = await BrokerClient.connect(broker.target)
+    mine = ArenaBuffers(client)
+    await mine.warm_pool("null3")
+    await mine.warm_pool("other")
+    try:
+        _, (inp,) = await mine.open_and_allocate([(np.uint8, (4096,))], pool="null3")
+        forged = type(inp)()
+        forged.CopyFrom(inp)
+        forged.offset += 256
+        _, (elsewhere,) = await mine.open_and_allocate([(np.uint8, (4096,))], pool="other")
+        _, (small,) = await mine.open_and_allocate([(np.uint8, (16,))], pool="null3")
+        for ref, code in (
+            (forged, grpc.StatusCode.INVALID_ARGUMENT),
+            (elsewhere, grpc.StatusCode.PERMISSION_DENIED),
+            (small, grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await mesh.stub.Submit(
+                    gateway_pb2.SubmitRequest(pipeline="null3", input_ref=ref), timeout=30
+                )
+            assert e.value.code() == code
+    finally:
+        await mine.aclose()
+        await client.close()

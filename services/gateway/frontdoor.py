@@ -19,6 +19,7 @@ from common.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     status_value,
 )
@@ -66,13 +67,46 @@ class FrontDoor:
             p: metrics.LATENCY.labels("gateway", p, "") for p in [*self.pipelines, "unknown"]
         }
 
-    def check(self, request: gateway_pb2.SubmitRequest) -> tuple[PipelineEntry, np.ndarray]:
-        """The pipeline and the input as an array (a view of the request's bytes, read once)."""
+    def entry(self, request: gateway_pb2.SubmitRequest) -> PipelineEntry:
         entry = self.pipelines.get(request.pipeline)
         if entry is None:
             raise NotFound(
                 f"unknown pipeline {request.pipeline!r}; serving {sorted(self.pipelines)}"
             )
+        return entry
+
+    async def client_refs(
+        self, entry: PipelineEntry, request: gateway_pb2.SubmitRequest
+    ) -> tuple[tensor_pb2.TensorRef, tensor_pb2.TensorRef | None]:
+        """A node-local client's input (and answer) buffers, checked: signed by the broker for
+        one lease of the client, in the pipeline's pool, of the pipeline's input spec."""
+        buffers = self.runner.buffers
+        if buffers is None:
+            raise InvalidArgument("an input by reference needs a broker; this gateway has none")
+        if request.HasField("input") and request.input.ByteSize():
+            raise InvalidArgument("give the input by value or by reference, not both")
+        refs = [request.input_ref]
+        if request.HasField("output_ref"):
+            refs.append(request.output_ref)
+        for ref in refs:
+            await buffers.view(ref)  # its tag, generation, slab and size
+            pool = buffers.pool_of(ref.slab_id)
+            if pool != entry.route.name:
+                raise PermissionDenied(f"a ref in pool {pool!r} is not {entry.route.name!r}'s")
+            if ref.lease_id != refs[0].lease_id or not ref.lease_id:
+                raise PermissionDenied("input_ref and output_ref must be of one client lease")
+        ref = request.input_ref
+        dtype, shape = to_numpy(ref.dtype), tuple(ref.shape)
+        if dtype != entry.input_dtype or shape != entry.input_shape:
+            raise InvalidArgument(
+                f"input_ref is {dtype} {list(shape)}; the pipeline takes {entry.input_dtype} "
+                f"{list(entry.input_shape)}"
+            )
+        return ref, (request.output_ref if request.HasField("output_ref") else None)
+
+    def check(self, request: gateway_pb2.SubmitRequest) -> tuple[PipelineEntry, np.ndarray]:
+        """The pipeline and the input as an array (a view of the request's bytes, read once)."""
+        entry = self.entry(request)
         wire = request.input
         data = wire.data  # protobuf makes a new bytes object on every access: read it once
         if len(data) > self.max_payload_bytes:
@@ -106,7 +140,15 @@ class FrontDoor:
         code = "OK"
         pipeline = request.pipeline if request.pipeline in self.pipelines else "unknown"
         try:
-            entry, item = self.check(request)
+            item: np.ndarray | tensor_pb2.TensorRef
+            output_ref = None
+            if request.HasField("input_ref"):
+                entry = self.entry(request)
+                item, output_ref = await self.client_refs(entry, request)
+            else:
+                if request.HasField("output_ref"):
+                    raise InvalidArgument("output_ref needs the input by reference too")
+                entry, item = self.check(request)
             budget_s = (
                 remaining_s
                 if remaining_s is not None
@@ -123,17 +165,21 @@ class FrontDoor:
             self.inflight += 1
             try:
                 result = await self.runner.run(
-                    entry.route, item, transport, query_id, start + int(budget_s * 1e6)
-                )
+                    entry.route, item, transport, query_id, start + int(budget_s * 1e6),
+                    output_ref,
+                )  # fmt: skip
             finally:
                 self.inflight -= 1
-            return gateway_pb2.SubmitResponse(
+            response = gateway_pb2.SubmitResponse(
                 output=result.output,
                 query_id=query_id,
                 e2e_us=mono_us() - start,
                 stages=result.stages,
                 plan_epoch=self.runner.routes.epoch,
             )
+            if result.output_ref is not None:
+                response.output_ref.CopyFrom(result.output_ref)
+            return response
         except CamelotError as e:
             code = e.code.name
             raise

@@ -67,6 +67,8 @@ class Buffers(Protocol):
 
     async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
 
+    def pool_of(self, slab_id: str) -> str: ...
+
     async def release(self, lease_ids: list[str], *, aborted: bool = False) -> Any: ...
 
 
@@ -90,6 +92,8 @@ class PipelineRoute:
 class QueryResult:
     output: tensor_pb2.WireTensor
     stages: list[gateway_pb2.StageTime] = field(default_factory=list)
+    # where the answer lies when the client gave its own buffer for it
+    output_ref: tensor_pb2.TensorRef | None = None
 
 
 class QueryRunner:
@@ -150,12 +154,20 @@ class QueryRunner:
     async def run(
         self,
         pipeline: PipelineRoute,
-        item: np.ndarray,
+        item: np.ndarray | tensor_pb2.TensorRef,
         transport: tensor_pb2.Transport.ValueType,
         query_id: str,
         deadline_us: int,
+        output_ref: tensor_pb2.TensorRef | None = None,
     ) -> QueryResult:
+        """Runs one query. `item` is the input: an array (its bytes came with the query), or a
+        ref to a node-local client's buffer, which stage one reads in place; `output_ref`, a
+        buffer of that client's lease the last stage writes the answer into (no bytes back)."""
+        by_ref = isinstance(item, tensor_pb2.TensorRef)
         if transport == tensor_pb2.TRANSPORT_WIRE:
+            if by_ref or output_ref is not None:
+                raise InvalidArgument("an input or output by reference needs transport ref")
+            assert isinstance(item, np.ndarray)
             return await self._drive(
                 pipeline, wire_from_array(item), None, transport, query_id, deadline_us
             )
@@ -163,28 +175,44 @@ class QueryRunner:
             raise InvalidArgument("transport ref needs a broker; this gateway has none")
         ttl_s = max(1.0, (deadline_us - mono_us()) / 1e6 + 5.0)
         specs = await self._specs(pipeline)
-        wanted: list[tuple[Any, tuple[int, ...]]] = [(item.dtype, tuple(item.shape))]
+        if specs is None and output_ref is not None:
+            raise Unavailable(f"pipeline {pipeline.name}'s output spec is not known yet")
+        wanted: list[tuple[Any, tuple[int, ...]]] = []
+        if not by_ref:
+            assert isinstance(item, np.ndarray)
+            wanted.append((item.dtype, tuple(item.shape)))
         if specs is not None:
             wanted += [(dt, shape) for step in pipeline.steps for _, dt, shape in specs[step.name]]
-        # the lease and every buffer of the query in one round trip
-        lease, refs = await self.buffers.open_and_allocate(
+        # the lease and every buffer of the query at once: from an arena, with no broker call,
+        # when every stage's outputs are known; else a broker lease the stages allocate under
+        open_ = self.buffers.open_and_allocate
+        if specs is None:
+            open_ = getattr(self.buffers, "open_broker_lease", open_)
+        lease, refs = await open_(
             wanted, pool=pipeline.name, ttl_s=ttl_s, label=query_id, device=self.device
         )
         ok = False
         try:
+            it = iter(refs)
+            first = item if isinstance(item, tensor_pb2.TensorRef) else next(it)
             outputs: dict[str, list[tensor_pb2.Tensor]] = {}
             if specs is not None:
-                it = iter(refs[1:])
                 for step in pipeline.steps:
                     outputs[step.name] = [
                         tensor_pb2.Tensor(name=name, ref=next(it))
                         for name, _, _ in specs[step.name]
                     ]
-            view = await self.buffers.view(refs[0])
-            await self._copy(item.nbytes, _fill, view, item)
+            if output_ref is not None:
+                assert specs is not None
+                _answer_into(pipeline, specs, outputs, output_ref)
+            if isinstance(item, np.ndarray):
+                view = await self.buffers.view(first)
+                await self._copy(item.nbytes, _fill, view, item)
+            client_lease = first.lease_id if by_ref else (output_ref.lease_id if output_ref else "")
             result = await self._drive(
-                pipeline, refs[0], lease, transport, query_id, deadline_us, outputs
-            )
+                pipeline, first, lease, transport, query_id, deadline_us, outputs, client_lease,
+                by_value=output_ref is None,
+            )  # fmt: skip
             ok = True
             return result
         finally:
@@ -221,6 +249,8 @@ class QueryRunner:
         query_id: str,
         deadline_us: int,
         outputs: dict[str, list[tensor_pb2.Tensor]] | None = None,
+        client_lease: str = "",
+        by_value: bool = True,
     ) -> QueryResult:
         values: dict[str, tensor_pb2.TensorRef | tensor_pb2.WireTensor] = {"input": first}
         outputs = outputs or {}
@@ -243,6 +273,7 @@ class QueryRunner:
                         query_id,
                         deadline_us,
                         outputs.get(s.name, ()),
+                        client_lease,
                     )  # fmt: skip
                     for s in ready
                 )
@@ -257,13 +288,16 @@ class QueryRunner:
         final = values.get(pipeline.output)
         if final is None:
             raise Unavailable(f"pipeline {pipeline.name} produced no {pipeline.output}")
+        stages = [times[s.name] for s in pipeline.steps]
         if isinstance(final, tensor_pb2.WireTensor):
-            out = final
-        else:
-            assert self.buffers is not None
-            view = await self.buffers.view(final)
-            out = await self._copy(final.nbytes, lambda v: wire_from_array(to_host(v)), view)
-        return QueryResult(output=out, stages=[times[s.name] for s in pipeline.steps])
+            return QueryResult(output=final, stages=stages)
+        if not by_value:
+            # the answer is in the client's own buffer: only its ref goes back
+            return QueryResult(output=tensor_pb2.WireTensor(), stages=stages, output_ref=final)
+        assert self.buffers is not None
+        view = await self.buffers.view(final)
+        out = await self._copy(final.nbytes, lambda v: wire_from_array(to_host(v)), view)
+        return QueryResult(output=out, stages=stages)
 
     async def _stage(
         self,
@@ -275,6 +309,7 @@ class QueryRunner:
         query_id: str,
         deadline_us: int,
         outputs: Sequence[tensor_pb2.Tensor] = (),
+        client_lease: str = "",
     ) -> tuple[stage_pb2.InferResponse, gateway_pb2.StageTime]:
         request = stage_pb2.InferRequest(
             query_id=query_id,
@@ -282,6 +317,7 @@ class QueryRunner:
             lease_id=lease or "",
             transport=transport,
             outputs=outputs,
+            client_lease_id=client_lease,
         )
         for name, src in step.inputs:
             v = values[src]
@@ -339,3 +375,24 @@ def _fill(view: Any, item: np.ndarray) -> None:
         wait_for()  # sleeps on an event: never spins a core
     else:
         view[...] = item
+
+
+def _answer_into(
+    pipeline: PipelineRoute,
+    specs: dict[str, list[tuple[str, np.dtype[Any], tuple[int, ...]]]],
+    outputs: dict[str, list[tensor_pb2.Tensor]],
+    output_ref: tensor_pb2.TensorRef,
+) -> None:
+    """Makes the client's buffer the last stage's output buffer, after checking it fits."""
+    stage, _, name = pipeline.output.partition(".")
+    for i, (out_name, dtype, shape) in enumerate(specs[stage]):
+        if out_name != name:
+            continue
+        if to_numpy(output_ref.dtype) != dtype or tuple(output_ref.shape) != shape:
+            raise InvalidArgument(
+                f"output_ref is {to_numpy(output_ref.dtype)} {list(output_ref.shape)}; the "
+                f"pipeline answers {dtype} {list(shape)}"
+            )
+        outputs[stage][i] = tensor_pb2.Tensor(name=name, ref=output_ref)
+        return
+    raise Unavailable(f"pipeline {pipeline.name} has no output {pipeline.output}")
