@@ -199,3 +199,14 @@ async def test_refs_a_client_did_not_get_from_the_broker_are_refused(mesh, broke
     finally:
         await mine.aclose()
         await client.close()
+
+
+def test_gateway_workers_default_to_what_the_cores_carry():
+    from services.gateway.settings import auto_workers, parse
+
+    assert auto_workers(16, shared_port=True) == 5
+    assert auto_workers(2, shared_port=True) == 1
+    assert auto_workers(128, shared_port=True) == 8
+    assert auto_workers(16, shared_port=False) == 1
+    assert parse(["--port", "0"], {}).workers == 1
+    assert parse(["--port", "50052", "--workers", "3"], {}).workers == 3

@@ -4,11 +4,12 @@ precedence; bad values are refused with a message naming the setting."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
 from common.settings import Flags, SettingsError
-from scheduler import settings as scheduler_settings
+from scheduler.service import settings as scheduler_settings
 from services.agent import settings as agent_settings
 from services.gateway import settings as gateway_settings
 from services.stage import settings as stage_settings
@@ -79,7 +80,9 @@ def test_agent_defaults_env_and_flags() -> None:
 
 def test_gateway_defaults_env_and_flags() -> None:
     base = gateway_settings.parse([], {})
-    assert base == gateway_settings.GatewaySettings()
+    # workers 0 means "as the host's cores carry": parse resolves it
+    cores = gateway_settings.auto_workers(os.cpu_count() or 1, shared_port=True)
+    assert base == dataclasses.replace(gateway_settings.GatewaySettings(), workers=cores)
     env = {"CAMELOT_GATEWAY_PORT": "6002", "CAMELOT_TRANSPORT": "wire", "CAMELOT_MAX_INFLIGHT": "7"}
     s = gateway_settings.parse(["--unix", "/g.sock", "--routes", "p/s=r@a:1"], env)
     assert changed(s, base) == {

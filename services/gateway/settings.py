@@ -40,8 +40,9 @@ class GatewaySettings:
     device: int = 0
     metrics_port: int = 0
     grace_s: float = 10.0
-    # gateway processes on the port (services.gateway.workers); 1: this process serves
-    workers: int = 1
+    # gateway processes on the port (services.gateway.workers); 1: this process serves; 0 (the
+    # default): as many as the host's cores carry (auto_workers)
+    workers: int = 0
     # fixed routes, for launchers without a scheduler: (pipeline, stage, replica_id, address)
     static_routes: tuple[tuple[str, str, str, str], ...] = ()
     # mutual TLS for hops that leave the node (CAMELOT_TLS_CERT/KEY/CA); Unix sockets stay plain
@@ -84,8 +85,9 @@ def parse(
     f.add(
         "--workers",
         env="GATEWAY_WORKERS",
-        check="positive",
-        help="gateway processes sharing the port (SO_REUSEPORT); needs a fixed --port",
+        check="nonnegative",
+        help="gateway processes sharing the port (SO_REUSEPORT; > 1 needs a fixed --port); "
+        "0, the default: one per CORES_PER_WORKER cores, at most MAX_AUTO_WORKERS",
     )
     f.add(
         "--routes",
@@ -100,7 +102,24 @@ def parse(
         f.parser.error(str(err))
     if a.workers > 1 and (a.port == 0 or a.unix):
         f.parser.error("--workers > 1 needs a fixed --port and no --unix (the workers share it)")
+    if a.workers == 0:
+        a.workers = auto_workers(os.cpu_count() or 1, shared_port=a.port != 0 and not a.unix)
     return f.settings(a, static_routes=static, arenas=a.arenas == "on", tls=TlsFiles.from_env(e))
+
+
+# One gateway worker spent 1.4-2.2 CPU-ms per query on the H200 host (docs/DATAPLANE.md), so
+# one core carries ~500-700 queries/s; a worker per three cores leaves the rest to the stages,
+# the broker and the scheduler, which the same runs needed about as much.
+CORES_PER_WORKER = 3
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(cpus: int, shared_port: bool) -> int:
+    """Workers for a host of `cpus` cores: one per CORES_PER_WORKER, 1 to MAX_AUTO_WORKERS; 1
+    when the port cannot be shared (port 0 or a Unix socket)."""
+    if not shared_port:
+        return 1
+    return max(1, min(MAX_AUTO_WORKERS, cpus // CORES_PER_WORKER))
 
 
 def parse_routes(spec: str) -> tuple[tuple[str, str, str, str], ...]:
