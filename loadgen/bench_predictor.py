@@ -5,9 +5,9 @@ stages of different pipelines share one GPU under MPS, each in its own process a
 and batch, all running batches back to back at the same time. Per stage the benchmark measures
 its median batch latency and its throughput while all of them run, and the same stage alone at
 that share just before (so a miss can be put on the profile or on the contention model), and
-compares them with what `scheduler.predictor.predict` says for that placement: solo latency from
-the profile at the share and batch, times the slowdown the predictor prices from the co-runners'
-pressures.
+compares them with what `scheduler.perfmodel.predictor.predict` says for that placement: solo
+latency from the profile at the share and batch, times the slowdown the predictor prices from the
+co-runners' pressures.
 
 Only samples from the interval in which every process of a co-location was running count (each
 process stamps its batches with the host's monotonic clock), so a process that starts or stops
@@ -16,7 +16,7 @@ does (services/profiler/worker.py): the query inputs run through the stages befo
 inputs are real; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE is set before CUDA starts.
 
     python -m loadgen.bench_predictor --out docs/results \\
-        --profiles scheduler/profiles_data/h100.json
+        --profiles scheduler/perfmodel/profiles_data/h100.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from common.errors import InvalidArgument, Unavailable
 from common.progress import Progress
 from common.results import module_command, write_result
 from loadgen import children
-from scheduler import predictor
+from scheduler.perfmodel import predictor
+from scheduler.perfmodel.profiles import MEASURED_PROFILES, StageProfile, load
 from scheduler.policy import (
     GpuInfo,
     NodeInfo,
@@ -49,7 +50,6 @@ from scheduler.policy import (
     StageAssignment,
     StageInfo,
 )
-from scheduler.profiles import MEASURED_PROFILES, StageProfile, load
 
 SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 NODE = "bench"
@@ -90,7 +90,7 @@ def _split(key: str) -> tuple[str, str]:
 
 
 # Held out: no profile saw two real stages together, and the contention calibration
-# (`TRAINING`, `scheduler.contention_fit`) never saw these stage pairs. Shares are mostly off the
+# (`TRAINING`, `loadgen.contention_fit`) never saw these stage pairs. Shares are mostly off the
 # profiled grid (10, 30, 50, 100) and some batches off theirs (1, 8, 16 or 32), so interpolation
 # is tested too.
 COLOCATIONS: tuple[Colocation, ...] = (
@@ -111,7 +111,7 @@ COLOCATIONS: tuple[Colocation, ...] = (
 )
 
 
-# Fitted on: the co-locations `scheduler.contention_fit` calibrates the pressure scale from.
+# Fitted on: the co-locations `loadgen.contention_fit` calibrates the pressure scale from.
 # No pair of stages here is also a pair in COLOCATIONS (`check_disjoint`).
 TRAINING: tuple[Colocation, ...] = (
     _co(("img-to-text/encode", 50, 8), ("video-analytics/detect", 50, 8)),
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(SETS),
         default="held-out",
         help="built-in co-locations: held-out (accuracy) or training (what "
-        "scheduler.contention_fit calibrates from)",
+        "loadgen.contention_fit calibrates from)",
     )
     parser.add_argument("--name", default="", help="result name (default: predictor, or "
                         "predictor-training for the training set)")  # fmt: skip
@@ -570,8 +570,8 @@ def main(argv: list[str] | None = None) -> None:
         notes=(
             "Each co-location runs its stages side by side in separate processes on one GPU "
             "under MPS, batches back to back; latency is the median CUDA-event batch time over "
-            "the interval all were running; predicted is scheduler.predictor's solo profile "
-            f"latency times its contention factor. Profiles: {args.profiles}."
+            "the interval all were running; predicted is scheduler.perfmodel.predictor's solo "
+            f"profile latency times its contention factor. Profiles: {args.profiles}."
         ),
         extra={"profiles": args.profiles, "window_s": args.window_s, "size": args.size},
     )

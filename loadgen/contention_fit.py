@@ -12,7 +12,7 @@ the scale minimising the mean absolute relative error of the predicted *slowdown
 the solo profiles, which the scale cannot fix, do not pull it), by a log-spaced grid search.
 
     python -m loadgen.contention_fit docs/results/predictor-training.json \\
-        --profiles scheduler/profiles_data/h100.json        # writes the scale into the profiles
+        --profiles scheduler/perfmodel/profiles_data/h100.json  # writes the scale into the profiles
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
 from loadgen.bench_predictor import Colocation, colocations_of, predict
-from scheduler.profiles import StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile, load
 
 GRID = np.geomspace(0.25, 40.0, 321)
 

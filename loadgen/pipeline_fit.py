@@ -31,11 +31,11 @@ from common.errors import InvalidArgument
 from common.results import module_command, write_result
 from loadgen.experiments.admin import parse_policy
 from loadgen.inputs import parse_mix
-from scheduler.pipelines import from_config
-from scheduler.policies import get_policy
+from scheduler.perfmodel.predictor import HopCosts, predict
+from scheduler.perfmodel.profiles import MEASURED_PROFILES, load, load_default
 from scheduler.policy import GpuInfo, NodeInfo, PlanSpec, PolicyInput
-from scheduler.predictor import HopCosts, predict
-from scheduler.profiles import MEASURED_PROFILES, load, load_default
+from scheduler.search.policies import get_policy
+from scheduler.service.pipelines import from_config
 
 # policies whose plan depends only on the world they are given (no measurements, no load)
 FROM_WORLD = ("max-load", "even", "exclusive")
@@ -61,7 +61,7 @@ def fit_rows(
     host: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per trial and pipeline; `host` adds options to every policy's (the gateway's
-    figures, scheduler.predictor.HopCosts.for_world)."""
+    figures, scheduler.perfmodel.predictor.HopCosts.for_world)."""
     mixes = mixes_of(doc)
     plans: dict[tuple[str, str], tuple[PolicyInput, PlanSpec, dict[str, float]]] = {}
     rows: list[dict[str, Any]] = []

@@ -8,8 +8,8 @@ import sys
 from common import logs
 from common.errors import CamelotError
 from common.settings import SettingsError
-from scheduler.server import serve
-from scheduler.settings import parse
+from scheduler.service.server import serve
+from scheduler.service.settings import parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ class PolicyInput:
     nodes: tuple[NodeInfo, ...]
     # offered load, queries/s per pipeline
     load_qps: Mapping[str, float]
-    # stage profiles keyed by "pipeline/stage" (format owned by scheduler.profiles)
+    # stage profiles keyed by "pipeline/stage" (format owned by scheduler.perfmodel.profiles)
     profiles: Mapping[str, Any] = field(default_factory=dict)
     # windowed measurements keyed by pipeline, and by "pipeline/stage"
     measured: Mapping[str, Measured] = field(default_factory=dict)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidArgument
-from scheduler import profile_merge
-from scheduler import profiles as P
+from scheduler.perfmodel import profiles as P
+from scheduler.tools import profile_merge
 
 SYN = json.loads(P.SYNTHETIC_PROFILES.read_text())
 

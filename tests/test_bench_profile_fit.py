@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.bench_profile_fit import isotonic_table, pava, run
-from scheduler.profiles import monotone_table
+from scheduler.perfmodel.profiles import monotone_table
+from scheduler.tools.bench_profile_fit import isotonic_table, pava, run
 
 
 def test_pava_is_the_nearest_monotone_sequence() -> None:
@@ -57,6 +57,6 @@ def test_isotonic_keeps_a_monotone_table_and_averages_an_outlier() -> None:
 
 
 def test_benchmark_runs_on_the_committed_profiles() -> None:
-    rows, summary = run("scheduler/profiles_data/h100.json")
+    rows, summary = run("scheduler/perfmodel/profiles_data/h100.json")
     assert rows and summary["held_out_cells"] == sum(r["cells"] for r in rows)
     assert 0 < summary["envelope_mape"] and 0 < summary["isotonic_mape"]

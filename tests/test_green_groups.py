@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidArgument
-from scheduler.groups import (
+from scheduler.policy import GpuInfo
+from scheduler.search.groups import (
     GroupSplit,
     assign_groups,
     assign_percent,
@@ -18,7 +19,6 @@ from scheduler.groups import (
     percent_to_groups,
     sms_to_groups,
 )
-from scheduler.policy import GpuInfo
 
 H100 = GroupSplit(n_groups=15, sms_per_group=8, total_sms=132)
 

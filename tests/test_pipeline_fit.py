@@ -10,11 +10,11 @@ import pytest
 from common import pipeline_config
 from common.errors import InvalidArgument
 from loadgen import pipeline_fit
-from scheduler.pipelines import from_config
-from scheduler.policies import get_policy
+from scheduler.perfmodel.predictor import predict
+from scheduler.perfmodel.profiles import load_default
 from scheduler.policy import NodeInfo, PolicyInput
-from scheduler.predictor import predict
-from scheduler.profiles import load_default
+from scheduler.search.policies import get_policy
+from scheduler.service.pipelines import from_config
 
 PROFILES = load_default()
 MIX = "pair:video-analytics=3,text-to-img=1"
@@ -65,7 +65,7 @@ def test_a_result_without_such_trials_is_refused(tmp_path):
 
 
 def test_the_gateways_tail_is_fitted_on_one_mix_and_priced_in_every_trial():
-    from scheduler.predictor import HopCosts
+    from scheduler.perfmodel.predictor import HopCosts
 
     rates = (20.0, 60.0, 100.0)
     plain = pipeline_fit.fit_rows(doc([row("even", r, 1.0, 1.0) for r in rates]), PROFILES)

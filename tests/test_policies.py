@@ -9,12 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidArgument
-from scheduler.bruteforce import best_load
-from scheduler.planning import check_plan, total_units
-from scheduler.policies.exclusive import Exclusive
-from scheduler.policies.feedback import Feedback
-from scheduler.policies.maxload import MaxLoad
-from scheduler.policies.minresource import MinResource, units_for
+from scheduler.perfmodel.predictor import predict
+from scheduler.perfmodel.profiles import load
 from scheduler.policy import (
     GpuInfo,
     Measured,
@@ -24,8 +20,12 @@ from scheduler.policy import (
     PolicyInput,
     StageInfo,
 )
-from scheduler.predictor import predict
-from scheduler.profiles import load
+from scheduler.search.bruteforce import best_load
+from scheduler.search.planning import check_plan, total_units
+from scheduler.search.policies.exclusive import Exclusive
+from scheduler.search.policies.feedback import Feedback
+from scheduler.search.policies.maxload import MaxLoad
+from scheduler.search.policies.minresource import MinResource, units_for
 
 PROFILES = load()
 PIPES: dict[str, list[str]] = {}
@@ -255,7 +255,7 @@ def test_exclusive_time_shares_when_stages_outnumber_gpus() -> None:
 
 def test_exclusive_marks_shared_gpus_time_sliced_and_the_plan_carries_it() -> None:
     from protos import plan_pb2
-    from scheduler.planstore import from_proto, to_proto
+    from scheduler.service.planstore import from_proto, to_proto
 
     w = world({"img-to-text": PIPES["img-to-text"]}, gpus=2)
     plan = Exclusive().plan(w)

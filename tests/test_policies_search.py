@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.bruteforce import best_load
-from scheduler.planning import check_plan
-from scheduler.policies.maxload import MaxLoad
+from scheduler.perfmodel.predictor import HopCosts, predict
+from scheduler.perfmodel.profiles import load
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
-from scheduler.predictor import HopCosts, predict
-from scheduler.profiles import load
+from scheduler.search.bruteforce import best_load
+from scheduler.search.planning import check_plan
+from scheduler.search.policies.maxload import MaxLoad
 
 PROFILES = load()
 SPACE = {"batches": "1,8,32", "share_step": "10", "max_replicas": "2", "tolerance": "0.002"}

@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import FailedPrecondition, InvalidArgument
-from scheduler import profiles as prof_mod
-from scheduler import queueing
-from scheduler.bias import BiasCorrector
+from scheduler.perfmodel import profiles as prof_mod
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.bias import BiasCorrector
+from scheduler.perfmodel.predictor import predict, stage_p99_ms
+from scheduler.perfmodel.profiles import StageProfile, load
 from scheduler.policy import (
     GpuInfo,
     Measured,
@@ -29,8 +31,6 @@ from scheduler.policy import (
     StageAssignment,
     StageInfo,
 )
-from scheduler.predictor import predict, stage_p99_ms
-from scheduler.profiles import StageProfile, load
 
 PROFILES = load()
 ENCODE = PROFILES["img-to-text/encode"]
@@ -71,7 +71,7 @@ def test_synthetic_set_is_marked_and_matches_pipeline_configs() -> None:
 
 
 def test_synthetic_model_reproduces_the_resnet_measurements() -> None:
-    from scheduler.synthetic_profiles import fit
+    from scheduler.tools.synthetic_profiles import fit
 
     _, err = fit()
     assert math.expm1(err) < 0.10
@@ -379,8 +379,8 @@ def test_a_query_pays_its_own_cost_outside_the_stages_once() -> None:
     """The client's send and the gateway's work: a constant plus the input's bytes, once per
     query whatever the stages; the configs give each pipeline its input's size."""
     from common.pipeline_config import load_pipeline
-    from scheduler.pipelines import from_config
-    from scheduler.predictor import HopCosts
+    from scheduler.perfmodel.predictor import HopCosts
+    from scheduler.service.pipelines import from_config
 
     video = from_config(load_pipeline("video-analytics", "full"))
     assert video.input_bytes == 720 * 1280 * 3
@@ -400,8 +400,8 @@ def test_a_query_pays_its_own_cost_outside_the_stages_once() -> None:
 def test_the_gateway_adds_queueing_that_grows_with_the_total_rate_and_caps_it() -> None:
     from dataclasses import replace
 
-    from scheduler.predictor import HopCosts
-    from scheduler.queueing import RHO_MAX
+    from scheduler.perfmodel.predictor import HopCosts
+    from scheduler.perfmodel.queueing import RHO_MAX
 
     w = world_of({"img-to-text": ["encode"], "video-analytics": ["crop"]})
     plan = PlanSpec("t", (one_stage_plan("img-to-text", "encode", 50.0, 8),
@@ -430,8 +430,8 @@ def test_the_gateway_adds_queueing_that_grows_with_the_total_rate_and_caps_it() 
 def test_max_load_plans_no_more_than_the_gateways_carry() -> None:
     from dataclasses import replace
 
-    from scheduler.policies.maxload import MaxLoad
-    from scheduler.queueing import RHO_MAX
+    from scheduler.perfmodel.queueing import RHO_MAX
+    from scheduler.search.policies.maxload import MaxLoad
 
     w = world_of({"video-analytics": ["detect", "crop", "classify"]}, qos=200.0)
     free = MaxLoad().plan(w).planned_qps["video-analytics"]

@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator
 from common.lifecycle import channel
 from common.reports import ReportWriter
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, plan_pb2, report_pb2
-from scheduler import planstore
-from scheduler.app import SchedulerApp
-from scheduler.planning import total_units
-from scheduler.policies.minresource import MinResource
+from scheduler.perfmodel.predictor import predict
+from scheduler.perfmodel.profiles import DEFAULT_PROFILES, load
 from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
-from scheduler.predictor import predict
-from scheduler.profiles import DEFAULT_PROFILES, load
-from scheduler.settings import SchedulerSettings
+from scheduler.search.planning import total_units
+from scheduler.search.policies.minresource import MinResource
+from scheduler.service import planstore
+from scheduler.service.app import SchedulerApp
+from scheduler.service.settings import SchedulerSettings
 from tests.test_scheduler_server import running
 
 PIPE = "img-to-text"

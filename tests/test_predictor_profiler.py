@@ -7,7 +7,7 @@ import json
 import pytest
 
 from common.errors import InvalidArgument
-from scheduler import profiles as prof_mod
+from scheduler.perfmodel import profiles as prof_mod
 from services.profiler import profile as prof
 
 

@@ -10,6 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidArgument
+from scheduler.perfmodel.predictor import predict
+from scheduler.perfmodel.profiles import load
+from scheduler.perfmodel.vectorised import Vectorised
 from scheduler.policy import (
     GpuInfo,
     NodeInfo,
@@ -20,9 +23,6 @@ from scheduler.policy import (
     StageAssignment,
     StageInfo,
 )
-from scheduler.predictor import predict
-from scheduler.profiles import load
-from scheduler.vectorised import Vectorised
 
 PROFILES = load()
 PIPES: dict[str, list[str]] = {}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidArgument
-from scheduler import queueing
-from scheduler.profiles import MEASURED_PROFILES, StageProfile, load, parse_document
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.profiles import MEASURED_PROFILES, StageProfile, load, parse_document
 
 GEN = load(MEASURED_PROFILES)["text-to-img/generate"]
 PLAIN = replace(GEN, batch_buckets="")

@@ -11,8 +11,8 @@ from common import metrics
 from common.clock import wall_us
 from common.reports import STREAM, ReportWriter
 from protos import report_pb2
-from scheduler.reader import ReportReader
-from scheduler.windows import Windows
+from scheduler.service.reader import ReportReader
+from scheduler.service.windows import Windows
 
 
 def rep(i: int = 0, pipeline: str = "p") -> report_pb2.LatencyReport:

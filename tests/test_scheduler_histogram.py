@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos import report_pb2
-from scheduler.histogram import RELATIVE_ERROR, Histogram, bucket_bounds, bucket_index
-from scheduler.windows import Windows
+from scheduler.service.histogram import RELATIVE_ERROR, Histogram, bucket_bounds, bucket_index
+from scheduler.service.windows import Windows
 
 samples = st.lists(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=400)
 

@@ -16,8 +16,6 @@ from common.errors import FailedPrecondition, InvalidArgument
 from common.lifecycle import channel, new_server
 from common.reports import ReportWriter
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, plan_pb2, report_pb2
-from scheduler import planstore
-from scheduler.policies import get_policy
 from scheduler.policy import (
     GpuInfo,
     NodeInfo,
@@ -26,8 +24,10 @@ from scheduler.policy import (
     StageInfo,
     follows_load,
 )
-from scheduler.server import Scheduler, create_server
-from scheduler.settings import SchedulerSettings
+from scheduler.search.policies import get_policy
+from scheduler.service import planstore
+from scheduler.service.server import Scheduler, create_server
+from scheduler.service.settings import SchedulerSettings
 
 TOKEN = "t0ken-for-tests"
 PIPES = (

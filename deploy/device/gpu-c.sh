@@ -15,7 +15,7 @@ step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
 step gpu-tests 140 python3 -m pytest -m gpu tests/gpu tests/test_bench_predictor.py -q -p no:cacheprovider -o addopts="" --timeout 120 -rfE
 step green-probe 130 python3 -m services.green.bench --out "$R/green-probe.json" --repeats 2
 step reconfigure 150 python3 -m loadgen.bench_reconfigure --backend cuda --size full --rate 60 --duration-s 24 --settle-s 4 --out "$R" --run-dir /tmp/rec
-step predictor 200 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json --out "$R" --window-s 2 --solo-repeats 10
+step predictor 200 python3 -m loadgen.bench_predictor --profiles scheduler/perfmodel/profiles_data/h100.json --out "$R" --window-s 2 --solo-repeats 10
 mps_stop
 tar czf "$OUT/c.tgz" -C /tmp res rec 2>/dev/null
 grep -E "passed|failed" "$R/gpu-tests.log" | tail -2; cat "$R/steps.txt"

@@ -2,9 +2,9 @@
 # On the lent GPU machine, in two calls (each fits the 600 s limit):
 #   PART=profile: profiles of PIPES (default all four) as stages run them (non-blocking stream,
 #                 CUDA graphs on for graph-safe models) ($OUT/g-profile.tgz); merge them here with
-#                 python -m scheduler.profile_merge merge <outputs> --note "..." (CPU);
+#                 python -m scheduler.tools.profile_merge merge <outputs> --note "..." (CPU);
 #   PART=training: the co-locations the contention calibration is fitted on ($OUT/g-training.tgz);
-#                 fit here with python -m scheduler.contention_fit (CPU), commit, then
+#                 fit here with python -m loadgen.contention_fit (CPU), commit, then
 #   PART=predictor: the predictor's held-out accuracy against the profiles in the tree (commit the
 #                 merged set first) with graphs on ($OUT/g-predictor.tgz).
 set -u
@@ -30,11 +30,11 @@ case $PART in
     done
     ;;
   predictor)
-    step predictor 520 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json \
+    step predictor 520 python3 -m loadgen.bench_predictor --profiles scheduler/perfmodel/profiles_data/h100.json \
       --out "$R" --window-s 2 --solo-repeats 15 --cuda-graphs on
     ;;
   training)
-    step training 520 python3 -m loadgen.bench_predictor --profiles scheduler/profiles_data/h100.json \
+    step training 520 python3 -m loadgen.bench_predictor --profiles scheduler/perfmodel/profiles_data/h100.json \
       --out "$R" --window-s 2 --solo-repeats 15 --cuda-graphs on --set training
     ;;
 esac

@@ -12,8 +12,8 @@ Per stage:
    slowdown at each level is its sensitivity; the bandwidth the co-runner loses beside the stage
    (over the peak) is the stage's pressure.
 
-The format is `camelot-profiles/1` (owned by scheduler.profiles; services do not import the
-scheduler, so the document is written here and validated there). Everything but the child
+The format is `camelot-profiles/1` (owned by scheduler.perfmodel.profiles; services do not import
+the scheduler, so the document is written here and validated there). Everything but the child
 processes is plain Python and is tested on the CPU.
 """
 

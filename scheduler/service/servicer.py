@@ -15,7 +15,7 @@ import grpc
 
 from common.errors import grpc_errors
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, plan_pb2
-from scheduler.app import SchedulerApp
+from scheduler.service.app import SchedulerApp
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InvalidArgument
+from scheduler.perfmodel.profiles import StageProfile, as_profiles
 from scheduler.policy import Measured, PlanSpec
-from scheduler.profiles import StageProfile, as_profiles
 
 
 class BiasCorrector:

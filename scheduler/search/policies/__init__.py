@@ -15,12 +15,12 @@ from common.errors import FailedPrecondition, InvalidArgument
 from scheduler.policy import Policy
 
 POLICIES: dict[str, str] = {
-    "static": "scheduler.policies.static",
-    "even": "scheduler.policies.even",
-    "exclusive": "scheduler.policies.exclusive",
-    "max-load": "scheduler.policies.maxload",
-    "min-resource": "scheduler.policies.minresource",
-    "feedback": "scheduler.policies.feedback",
+    "static": "scheduler.search.policies.static",
+    "even": "scheduler.search.policies.even",
+    "exclusive": "scheduler.search.policies.exclusive",
+    "max-load": "scheduler.search.policies.maxload",
+    "min-resource": "scheduler.search.policies.minresource",
+    "feedback": "scheduler.search.policies.feedback",
 }
 
 

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from common.reports import FIELD, REDIS_BACKOFF, STREAM
 from common.retry import Backoff
 from protos import report_pb2
-from scheduler.windows import Windows
+from scheduler.service.windows import Windows
 
 log = logging.getLogger(__name__)
 

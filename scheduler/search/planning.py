@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument
-from scheduler import queueing
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.profiles import StageProfile, as_profiles
 from scheduler.policy import (
     GpuInfo,
     PlanSpec,
@@ -25,7 +26,6 @@ from scheduler.policy import (
     ReplicaSpec,
     StageAssignment,
 )
-from scheduler.profiles import StageProfile, as_profiles
 
 
 @dataclass(frozen=True)

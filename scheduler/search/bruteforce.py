@@ -3,8 +3,8 @@
 The space is max-load's own: per stage one batch size, one share (in `share_step` units) for
 all its replicas, 1..`max_replicas` replicas, each on any GPU (several on one GPU allowed);
 per-GPU shares <= 100% and memory that fits. Every plan's load is scored with the same
-predictor (`scheduler.predictor.predict`). It is a branch and bound, exact: plans are visited
-by an upper bound on their load (each stage's solo capacity: contention and QoS only lower
+predictor (`scheduler.perfmodel.predictor.predict`). It is a branch and bound, exact: plans are
+visited by an upper bound on their load (each stage's solo capacity: contention and QoS only lower
 it), and a plan is only bisected for its load if it can beat the best found so far.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler import queueing
-from scheduler.planning import Grid, slots, stage_profiles
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PlanSpec, PolicyInput, ReplicaSpec, StageAssignment
-from scheduler.predictor import predict
+from scheduler.search.planning import Grid, slots, stage_profiles
 
 
 @dataclass(frozen=True)

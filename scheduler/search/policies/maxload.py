@@ -33,11 +33,11 @@ from dataclasses import replace
 import numpy as np
 
 from common.errors import InvalidArgument, ResourceExhausted
-from scheduler.planning import Choice, assemble, items_for, units_of
+from scheduler.perfmodel.predictor import predict
+from scheduler.perfmodel.vectorised import Vectorised
 from scheduler.policy import PlanSpec, PolicyInput
-from scheduler.predictor import predict
-from scheduler.solver import Solver
-from scheduler.vectorised import Vectorised
+from scheduler.search.planning import Choice, assemble, items_for, units_of
+from scheduler.search.solver import Solver
 
 
 def weights_follow_load(options: Mapping[str, str]) -> bool:

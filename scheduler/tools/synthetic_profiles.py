@@ -11,7 +11,7 @@ items can fill. `launch`, `mem`, `compute` and `n_bw` are fitted (grid search, l
 ResNet-50 fp16 batch-32 MPS measurements; the reference stages are then ResNet multiples,
 named and batch-capped as in services/pipelines/*.yaml.
 Sensitivity follows the memory-bound fraction of the stage's time; pressure is its achieved
-bandwidth over the device peak. Run `python -m scheduler.synthetic_profiles` to regenerate.
+bandwidth over the device peak. Run `python -m scheduler.tools.synthetic_profiles` to regenerate.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from scheduler.profiles import DEFAULT_PROFILES, StageProfile, save
+from scheduler.perfmodel.profiles import DEFAULT_PROFILES, StageProfile, save
 
 SM_COUNT = 132
 DEVICE = "NVIDIA H100 80GB HBM3 (synthetic)"

@@ -1,10 +1,10 @@
 """Benchmark: how close `max-load` gets to the exhaustive optimum, and how fast it decides.
 
-    python -m scheduler.bench_policy [--instances 20] [--seed 1] [--repeats 15]
+    python -m scheduler.tools.bench_policy [--instances 20] [--seed 1] [--repeats 15]
 
 1. Random small instances (1-2 pipelines, <= 3 stages in all, drawn from the profile set with
    random QoS; 1-2 H100s): max-load restricted to the brute-force space (batches 1,8,32,
-   10% share steps, <= 2 replicas a stage) against `scheduler.bruteforce`, both scored by the
+   10% share steps, <= 2 replicas a stage) against `scheduler.search.bruteforce`, both scored by the
    same predictor. gap = 1 - maxload_load / brute_load.
 2. Decision time of max-load for 4 pipelines x 4 stages on 8 H100s (median over repeats, wall
    and CPU: on a shared machine the wall time also holds other processes' turns).
@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from common.results import cpu_model, git_short_hash
-from scheduler.bruteforce import best_load
-from scheduler.policies.maxload import MaxLoad
+from scheduler.perfmodel.predictor import HopCosts, predict
+from scheduler.perfmodel.profiles import StageProfile, load
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
-from scheduler.predictor import HopCosts, predict
-from scheduler.profiles import StageProfile, load
-from scheduler.solver import Solver
+from scheduler.search.bruteforce import best_load
+from scheduler.search.policies.maxload import MaxLoad
+from scheduler.search.solver import Solver
 
 HOPS = HopCosts()
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     doc = {
         "name": "policy-optimality",
-        "command": "python -m scheduler.bench_policy "
+        "command": "python -m scheduler.tools.bench_policy "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": cpu_model(),
         "backend": "host",

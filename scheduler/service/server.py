@@ -10,12 +10,12 @@ import grpc
 from common import metrics
 from common.lifecycle import Health, bind, new_server, run_until_signalled
 from protos import admin_pb2_grpc
-from scheduler.agents import AgentClients
-from scheduler.app import SchedulerApp
-from scheduler.loop import ControlLoop
-from scheduler.pipelines import known_pipelines
-from scheduler.servicer import AdminAuth, AdminServicer, ControlServicer
-from scheduler.settings import SchedulerSettings
+from scheduler.service.agents import AgentClients
+from scheduler.service.app import SchedulerApp
+from scheduler.service.loop import ControlLoop
+from scheduler.service.pipelines import known_pipelines
+from scheduler.service.servicer import AdminAuth, AdminServicer, ControlServicer
+from scheduler.service.settings import SchedulerSettings
 
 SERVICES = ("camelot.v1.Admin", "camelot.v1.Control")
 

@@ -26,10 +26,10 @@ from common import metrics
 from common.errors import CamelotError, FailedPrecondition
 from common.retry import Backoff
 from protos import plan_pb2
-from scheduler.app import SchedulerApp
-from scheduler.decisions import Decision
-from scheduler.nodes import NodeState
 from scheduler.policy import follows_load
+from scheduler.service.app import SchedulerApp
+from scheduler.service.decisions import Decision
+from scheduler.service.nodes import NodeState
 
 # re-plan spacing when every node resizes in place (green contexts, ~2-15 ms a change)
 GREEN_REPLAN_INTERVAL_S = 0.5

@@ -1,6 +1,6 @@
 """How well a profile table predicts measurements it was not fitted on, for two monotone fits:
 
-    python -m scheduler.bench_profile_fit --out docs/results
+    python -m scheduler.tools.bench_profile_fit --out docs/results
 
 The predictor reads a stage's latency between the measured (share, batch) points of its profile.
 This takes each measured profile, drops one interior share row (or one interior batch column) at a
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.results import module_command, write_result
-from scheduler.profiles import StageProfile, load, monotone_table
+from scheduler.perfmodel.profiles import StageProfile, load, monotone_table
 
 Table = tuple[tuple[float, ...], ...]
 NAME = "profile-fit"
@@ -121,9 +121,9 @@ def run(profiles_path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m scheduler.bench_profile_fit", description=__doc__
+        prog="python -m scheduler.tools.bench_profile_fit", description=__doc__
     )
-    parser.add_argument("--profiles", default="scheduler/profiles_data/h100.json")
+    parser.add_argument("--profiles", default="scheduler/perfmodel/profiles_data/h100.json")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     rows, summary = run(args.profiles)
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out,
         ["stage", "cells", "envelope_mape", "isotonic_mape"],
         command=module_command(
-            "scheduler.bench_profile_fit", list(argv) if argv is not None else sys.argv[1:]
+            "scheduler.tools.bench_profile_fit", list(argv) if argv is not None else sys.argv[1:]
         ),
         notes=(
             f"Computed on the CPU from the committed GPU profiles ({args.profiles}, measured on "

@@ -25,7 +25,8 @@ class SchedulerSettings:
     # pipelines the scheduler knows; empty: read from the pipeline config (common.pipeline_config)
     pipelines: tuple[PipelineInfo, ...] = ()
     metrics_port: int = 0
-    # stage profiles for the predictive policies (scheduler.profiles); empty: the bundled ones
+    # stage profiles for the predictive policies (scheduler.perfmodel.profiles); empty: the
+    # bundled ones
     profiles_path: str = ""
     # the bearer token Admin calls must carry; empty refuses every Admin call
     admin_token: str = field(default="", repr=False)
@@ -44,8 +45,8 @@ class SchedulerSettings:
     min_load_qps: float = 1.0
     # samples a window needs before its p99 may trigger a re-plan
     min_samples: int = 50
-    # the gateway as the predictor prices it (scheduler.predictor.HopCosts; 0: not priced):
-    # its CPU per query, and the worker processes that share its port
+    # the gateway as the predictor prices it (scheduler.perfmodel.predictor.HopCosts; 0: not
+    # priced): its CPU per query, and the worker processes that share its port
     gateway_cpu_ms: float = 0.0
     gateway_workers: int = 1
     node_timeout_s: float = 15.0

@@ -21,10 +21,10 @@ from collections import Counter
 from dataclasses import replace
 
 from common.errors import InvalidArgument
-from scheduler.planning import slots, stage_profiles
-from scheduler.policies.maxload import weights, weights_follow_load
+from scheduler.perfmodel.predictor import predict, stage_p99_ms
 from scheduler.policy import PlanSpec, PolicyInput, ReplicaSpec, StageAssignment
-from scheduler.predictor import predict, stage_p99_ms
+from scheduler.search.planning import slots, stage_profiles
+from scheduler.search.policies.maxload import weights, weights_follow_load
 
 SHARING = ("time-slice", "mps")
 

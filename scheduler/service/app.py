@@ -25,12 +25,9 @@ from redis.exceptions import RedisError
 from common.broadcast import Broadcast
 from common.errors import CamelotError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from protos import admin_pb2, agent_pb2, plan_pb2
-from scheduler import decisions, planstore, profiles
-from scheduler.bias import BiasCorrector
-from scheduler.decisions import Decision, Decisions
-from scheduler.nodes import NodeState, replica_status
-from scheduler.planstore import PlanStore, PolicyChoice
-from scheduler.policies import get_policy
+from scheduler.perfmodel import profiles
+from scheduler.perfmodel.bias import BiasCorrector
+from scheduler.perfmodel.predictor import PlanPrediction, predict
 from scheduler.policy import (
     Measured,
     PipelineInfo,
@@ -38,10 +35,14 @@ from scheduler.policy import (
     Policy,
     PolicyInput,
 )
-from scheduler.predictor import PlanPrediction, predict
-from scheduler.reader import ReportReader
-from scheduler.settings import SchedulerSettings
-from scheduler.windows import Windows, WindowStat, admin_stats
+from scheduler.search.policies import get_policy
+from scheduler.service import decisions, planstore
+from scheduler.service.decisions import Decision, Decisions
+from scheduler.service.nodes import NodeState, replica_status
+from scheduler.service.planstore import PlanStore, PolicyChoice
+from scheduler.service.reader import ReportReader
+from scheduler.service.settings import SchedulerSettings
+from scheduler.service.windows import Windows, WindowStat, admin_stats
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from common.clock import wall_us
 from protos import admin_pb2, plan_pb2, report_pb2
-from scheduler.histogram import Histogram
+from scheduler.service.histogram import Histogram
 
 Key = tuple[str, str]
 

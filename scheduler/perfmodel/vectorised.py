@@ -1,5 +1,5 @@
 """The predictor over many plans at once, in NumPy, for searches: the same model as
-`scheduler.predictor.predict`, one row per replica (tests hold the two to agree)."""
+`scheduler.perfmodel.predictor.predict`, one row per replica (tests hold the two to agree)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument
-from scheduler import queueing
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.predictor import HopCosts, share_percent
+from scheduler.perfmodel.profiles import as_profiles, pow2_padded
 from scheduler.policy import PlanSpec, PolicyInput
-from scheduler.predictor import HopCosts, share_percent
-from scheduler.profiles import as_profiles, pow2_padded
 
 # below this many replica rows, finding the alike ones costs more than it saves
 DEDUP_ROWS = 2048

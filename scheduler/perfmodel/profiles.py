@@ -22,8 +22,8 @@ JSON document (`FORMAT`): {"format", "device", "date", "synthetic", "note", "pro
 
 The scheduler's default set (`load_default`) is the measured `h100.json` where present, with
 any stage it lacks taken from the synthetic set (such a stage stays marked `synthetic`).
-`python -m scheduler.profile_merge` builds `h100.json` from profiler outputs, a profiler log of
-a run cut short, and the synthetic set; each stage says where its numbers came from (`source`).
+`python -m scheduler.tools.profile_merge` builds `h100.json` from profiler outputs, a profiler log
+of a run cut short, and the synthetic set; each stage says where its numbers came from (`source`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 
 from common import pipeline_config
 from scheduler.policy import PipelineInfo, StageInfo
-from scheduler.settings import SchedulerSettings
+from scheduler.service.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
 

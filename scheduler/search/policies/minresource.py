@@ -25,7 +25,7 @@ the profiles said 5% shares carry 120 qps of every pipeline; the measured p99 wa
 MAX_GROWTH times its target until the new plan gives it more share than it has: the window says
 the capacity the model sees is not there, not by how much. The new plan records the real target
 as its planned load, so the shrink margin is measured from it. The learned correction across
-plans is the scheduler's bias (scheduler.bias).
+plans is the scheduler's bias (scheduler.perfmodel.bias).
 
 A kept plan is re-sized on paper: its `planned_qps` becomes the larger of what it was made for
 and the target it was just checked at, so the load it is known to carry is what an operator
@@ -42,11 +42,11 @@ from dataclasses import replace
 from typing import Any
 
 from common.errors import InvalidArgument, ResourceExhausted
-from scheduler.planning import total_units
-from scheduler.policies.maxload import search
+from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PlanSpec, PolicyInput
-from scheduler.predictor import predict
-from scheduler.solver import Solver
+from scheduler.search.planning import total_units
+from scheduler.search.policies.maxload import search
+from scheduler.search.solver import Solver
 
 # how far past the target a pipeline the window refutes is planned, at most (2, 4, ... x)
 MAX_GROWTH = 16.0

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidArgument
-from scheduler.planning import (
+from scheduler.perfmodel.predictor import HopCosts, predict
+from scheduler.policy import PlanSpec, PolicyInput
+from scheduler.search.planning import (
     PACKINGS,
     Candidates,
     Choice,
@@ -31,8 +33,6 @@ from scheduler.planning import (
     stage_profiles,
     units_of,
 )
-from scheduler.policy import PlanSpec, PolicyInput
-from scheduler.predictor import HopCosts, predict
 
 
 class Solver:

@@ -3,7 +3,7 @@ the log of a run that was cut short (no JSON written), and the synthetic set for
 missing. Each stage says where its numbers came from (`source`); a stage not wholly measured
 stays marked `synthetic`.
 
-    python -m scheduler.profile_merge merge out1.json out2.json --log cut.log --note "..."
+    python -m scheduler.tools.profile_merge merge out1.json out2.json --log cut.log --note "..."
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument
-from scheduler.profiles import (
+from scheduler.perfmodel.profiles import (
     FORMAT,
     MEASURED_PROFILES,
     SYNTHETIC_PROFILES,
@@ -162,7 +162,9 @@ def _from_log(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scheduler.profile_merge", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m scheduler.tools.profile_merge", description=__doc__
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge profiler outputs (and a cut-short log) into one set")
     m.add_argument("measured", nargs="+", help="profiles JSON written by services.profiler")

@@ -10,13 +10,13 @@ The two interact (busy fractions depend on the factors), so the per-GPU factors 
 
 Per stage: the load splits over its replicas in proportion to their capacity (the gateway
 routes to the least outstanding work, so a replica slowed by co-runners gets less); a
-replica's p99 comes from `scheduler.queueing`; the stage's p99 is its worst replica's,
+replica's p99 comes from `scheduler.perfmodel.queueing`; the stage's p99 is its worst replica's,
 times the stage's online bias. Per pipeline: stage p99s add (conservative), plus
 one hop per stage: a constant for refs, plus a peer copy of the item where adjacent stages sit
 on different GPUs, or a copy through the host and the wire on the `wire` transport.
 
-The same model over many plans at once is `scheduler.vectorised`; the online correction of its
-errors is `scheduler.bias`.
+The same model over many plans at once is `scheduler.perfmodel.vectorised`; the online correction of
+its errors is `scheduler.perfmodel.bias`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument
-from scheduler import queueing
+from scheduler.perfmodel import queueing
+from scheduler.perfmodel.profiles import StageProfile, as_profiles
 from scheduler.policy import GpuInfo, PlanSpec, PolicyInput, ReplicaSpec
-from scheduler.profiles import StageProfile, as_profiles
 
 
 @dataclass(frozen=True)
