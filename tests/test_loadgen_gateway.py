@@ -3,7 +3,15 @@
 It is the seam fake of the system under load: it implements protos/gateway.proto and
 protos/admin.proto for real (port 0, grpc.aio), checks every input against its pipeline's spec,
 and answers after a latency given by a model: a fixed sleep, an optional concurrency limit (so
-requests queue), or a latency that depends on the arrival rate it observes and the active policy.
+requests queue), or an overload that depends on how much load a run of the open-loop client
+brings under the active policy.
+
+Its time scale sits far from a loaded machine's noise, so that a test's verdicts do not depend on
+the machine: every pipeline's QoS target (500 ms) is two orders of magnitude above the scheduling
+delays a busy 2-core host adds to a query (tens of ms), and a slow query sleeps past it whatever
+the host does. Which queries are slow never depends on when they arrive (a delayed or bunched
+arrival on a loaded host must not read as a higher rate): it is decided by each query's place in
+its run, read from the open-loop client's query id.
 No tests live here; the other test_loadgen* modules import it.
 """
 
@@ -11,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -31,10 +37,18 @@ def spec(name: str, dtype: int, shape: list[int]) -> tensor_pb2.TensorSpec:
 
 
 PIPELINES = {
-    "img-to-text": (spec("image", tensor_pb2.DTYPE_UINT8, [3, 8, 8]), 50.0),
-    "speech-to-text": (spec("audio", tensor_pb2.DTYPE_FLOAT32, [160]), 50.0),
-    "bad-pipe": (spec("x", tensor_pb2.DTYPE_FLOAT16, [4]), 50.0),
+    "img-to-text": spec("image", tensor_pb2.DTYPE_UINT8, [3, 8, 8]),
+    "speech-to-text": spec("audio", tensor_pb2.DTYPE_FLOAT32, [160]),
+    "bad-pipe": spec("x", tensor_pb2.DTYPE_FLOAT16, [4]),
 }
+
+
+def place_in_run(query_id: str) -> int | None:
+    """The index of an open-loop query in its run's schedule ("ol-<seed>-<i>"); None for other
+    queries (a probe)."""
+    if not query_id.startswith("ol-"):
+        return None
+    return int(query_id.rsplit("-", 1)[1])
 
 
 @dataclass
@@ -44,12 +58,13 @@ class State:
     sleep_s: float = 0.0
     concurrency: int = 0  # 0: unlimited
     fail: dict[str, grpc.StatusCode] = field(default_factory=dict)
-    # Rate model: the median arrival gap over recent requests gives a rate; above the threshold of
-    # the active policy, latency is `slow_s`. History is forgotten after `idle_reset_s` without
-    # requests, so each trial starts fresh.
-    rate_threshold: dict[str, float] = field(default_factory=dict)
-    slow_s: float = 0.2
-    idle_reset_s: float = 0.3
+    # every pipeline's QoS target, as ListPipelines gives it
+    qos_p99_ms: float = 500.0
+    # Overload model: the active policy holds this many queries of one open-loop run; the run's
+    # queries past that many (by their place in the run) take `slow_s`. A fixed-length trial at
+    # rate r sends r * trial_s queries, so a capacity of c is a peak rate of c / trial_s.
+    run_capacity: dict[str, int] = field(default_factory=dict)
+    slow_s: float = 1.0
     transport_extra_s: dict[int, float] = field(default_factory=dict)
     # the next this many requests take `slow_s` whatever the rate (one slow event)
     spikes: int = 0
@@ -65,23 +80,17 @@ class State:
     # the clients' addresses ("ipv4:127.0.0.1:port"): one per connection
     peers: set[str] = field(default_factory=set)
     transports: Counter[int] = field(default_factory=Counter)
-    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     sem: asyncio.Semaphore | None = None
 
-    def latency_s(self) -> float:
+    def latency_s(self, query_id: str) -> float:
         if self.spikes > 0:
             self.spikes -= 1
             return self.slow_s
-        now = time.monotonic()
-        if self.arrivals and now - self.arrivals[-1] > self.idle_reset_s:
-            self.arrivals.clear()
-        self.arrivals.append(now)
-        threshold = self.rate_threshold.get(self.policy)
-        if threshold is None or len(self.arrivals) < 4:
-            return self.sleep_s
-        pts = list(self.arrivals)
-        gap = statistics.median(b - a for a, b in zip(pts, pts[1:], strict=False))
-        return self.slow_s if gap <= 0 or 1 / gap > threshold else self.sleep_s
+        capacity = self.run_capacity.get(self.policy)
+        place = place_in_run(query_id)
+        if capacity is not None and place is not None and place >= capacity:
+            return self.slow_s
+        return self.sleep_s
 
 
 class FakeGateway(gateway_pb2_grpc.GatewayServicer):
@@ -92,8 +101,10 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     async def ListPipelines(self, request, context):
         return gateway_pb2.ListPipelinesResponse(
             pipelines=[
-                gateway_pb2.PipelineInfo(name=n, input=s, output=s, stages=[f"{n}.a"], qos_p99_ms=q)
-                for n, (s, q) in PIPELINES.items()
+                gateway_pb2.PipelineInfo(
+                    name=n, input=s, output=s, stages=[f"{n}.a"], qos_p99_ms=self.state.qos_p99_ms
+                )
+                for n, s in PIPELINES.items()
             ]
         )
 
@@ -102,7 +113,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         st = self.state
         if request.pipeline not in PIPELINES:
             raise NotFound(f"unknown pipeline {request.pipeline!r}")
-        want = PIPELINES[request.pipeline][0]
+        want = PIPELINES[request.pipeline]
         if request.input.dtype != want.dtype or list(request.input.shape) != list(want.shape):
             raise InvalidArgument("input does not match the spec")
         array_from_wire(request.input)  # checks the byte count
@@ -110,7 +121,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         st.peers.add(context.peer())
         st.submits_while_applying += st.unapplied > 0
         st.transports[request.transport] += 1
-        delay = st.latency_s() + st.transport_extra_s.get(request.transport, 0.0)
+        delay = st.latency_s(request.query_id) + st.transport_extra_s.get(request.transport, 0.0)
         if request.pipeline in st.fail:
             await context.abort(st.fail[request.pipeline], "configured to fail")
         if st.sem is not None:
