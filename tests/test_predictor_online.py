@@ -93,7 +93,7 @@ async def report_slowly(url: str, stage_ms: dict[str, float], stop: asyncio.Even
 async def reporting_slower(url: str, app: SchedulerApp) -> AsyncIterator[None]:
     """While open, reports stream at RATE with every stage SLOWER than the model predicts for
     the plan in force."""
-    pred = predict(app.world(), planstore.from_proto(app.plan), {PIPE: RATE})
+    pred = predict(app.inforce.policy_input(), planstore.from_proto(app.plan), {PIPE: RATE})
     stage_ms = {s: SLOWER * pred.stage(PIPE, s).p99_ms for s in STAGES}
     stop = asyncio.Event()
     feeder = asyncio.create_task(report_slowly(url, stage_ms, stop))
@@ -117,14 +117,14 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
         deadline = await first_plan(app)
-        world = app.world()
+        world = app.inforce.policy_input()
         async with reporting_slower(redis_server.url, app):
             # an uncorrected plan for the load the scheduler planned for
             while True:
                 assert time.monotonic() < deadline + 20, "no corrected plan"
                 await asyncio.sleep(0.1)
                 plan = planstore.from_proto(app.plan)
-                if app.bias.factor(PIPE) <= 1.0 or not plan.planned_qps.get(PIPE):
+                if app.known.bias.factor(PIPE) <= 1.0 or not plan.planned_qps.get(PIPE):
                     continue
                 load = plan.planned_qps[PIPE] / 1.2  # min-resource's default headroom
                 plain = MinResource().plan(
@@ -133,11 +133,11 @@ async def test_measured_p99_above_prediction_raises_bias_and_share(redis_server)
                 if total_units(plan) > total_units(plain):
                     break
             # min-resource's hysteresis reads the long window: seconds of data in a minute
-            assert 0 < app.measured()[PIPE].arrival_qps < 0.5 * app.load_qps()[PIPE]
-        assert app.bias.factor(PIPE) > 1.0
-        assert all(app.bias.factor(f"{PIPE}/{s}") > 1.0 for s in STAGES)
+            assert 0 < app.known.measured()[PIPE].arrival_qps < 0.5 * app.known.load_qps()[PIPE]
+        assert app.known.bias.factor(PIPE) > 1.0
+        assert all(app.known.bias.factor(f"{PIPE}/{s}") > 1.0 for s in STAGES)
         # the plan in force was made with the bias: it predicts the measured latency better
-        assert app.planned_bias and app.planned_bias.get(PIPE, 1.0) > 1.0
+        assert app.inforce.planned_bias and app.inforce.planned_bias.get(PIPE, 1.0) > 1.0
 
 
 async def test_a_moved_bias_is_a_reason_to_replan(redis_server) -> None:
@@ -147,7 +147,7 @@ async def test_a_moved_bias_is_a_reason_to_replan(redis_server) -> None:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(gpu_heartbeat(), timeout=5)
         await first_plan(sched.app)
         assert sched.loop.trigger() == ("", False)
-        sched.app.bias.update(f"{PIPE}/encode", 2.0, 1.0)  # measured twice the prediction
+        sched.app.known.bias.update(f"{PIPE}/encode", 2.0, 1.0)  # measured twice the prediction
         reason, urgent = sched.loop.trigger()
         assert reason.startswith(f"model error: bias of {PIPE}/encode") and not urgent
         await sched.app.replan("test")
@@ -189,14 +189,14 @@ async def test_bias_learns_only_once_every_agent_runs_the_plan(redis_server) -> 
             deadline = await first_plan(app)
             async with reporting_slower(redis_server.url, app):
                 await asyncio.sleep(3 * settings.window_s)
-                assert app.plan_applied_at() is None
-                assert app.bias.factors() == {}
+                assert app.inforce.applied_at() is None
+                assert app.known.bias.factors() == {}
                 beat.applied_epoch, beat.sequence = app.plan.epoch, 2
                 await control.Heartbeat(beat, timeout=5)
-                while app.bias.factor(PIPE) <= 1.0:
+                while app.known.bias.factor(PIPE) <= 1.0:
                     assert time.monotonic() < deadline + 20, "no bias after the plan applied"
                     await asyncio.sleep(0.1)
-        assert app.plan_applied_at() is not None
+        assert app.inforce.applied_at() is not None
 
 
 async def test_a_moved_bias_replans_a_load_blind_plan_only_where_it_is_at_risk(
@@ -215,14 +215,14 @@ async def test_a_moved_bias_replans_a_load_blind_plan_only_where_it_is_at_risk(
         await first_plan(sched.app)
         assert sched.loop.trigger() == ("", False)
         # measured twice the prediction at no load: the factor moves, the plan still holds
-        sched.app.bias.update(f"{PIPE}/encode", 2.0, 1.0)
-        assert sched.app.bias_moved() == f"{PIPE}/encode"
-        assert not sched.app.plan_at_risk()
+        sched.app.known.bias.update(f"{PIPE}/encode", 2.0, 1.0)
+        assert sched.app.inforce.bias_moved() == f"{PIPE}/encode"
+        assert not sched.app.inforce.at_risk()
         assert sched.loop.trigger() == ("", False)
         # an error large enough to cross the target at this load is a reason to re-plan
         for s in STAGES:
-            sched.app.bias.update(f"{PIPE}/{s}", 1e3, 1.0)
-        sched.app.bias.update(PIPE, 1e3, 1.0)
-        assert sched.app.plan_at_risk()
+            sched.app.known.bias.update(f"{PIPE}/{s}", 1e3, 1.0)
+        sched.app.known.bias.update(PIPE, 1e3, 1.0)
+        assert sched.app.inforce.at_risk()
         reason, urgent = sched.loop.trigger()
         assert reason.startswith("model error: bias of") and not urgent

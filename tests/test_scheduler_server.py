@@ -97,7 +97,7 @@ async def test_epochs_grow_across_scheduler_restart(redis_server) -> None:
     async with running(s) as (port, sched):
         # the restarted scheduler resumes plan, policy and QoS from Redis
         assert sched.app.plan.epoch == first
-        assert sched.app.qos_of("q") == 33
+        assert sched.app.known.qos_of("q") == 33
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
             admin = admin_pb2_grpc.AdminStub(ch)
@@ -162,7 +162,7 @@ async def test_heartbeat_gets_assignment_and_agent_gets_apply(redis_server) -> N
             }
             beats = sched.loop.heartbeats
             await until(lambda: sched.loop.heartbeats > beats + 3)
-            assert sched.app.nodes["n2"].push_failures >= 1
+            assert sched.app.known.nodes["n2"].push_failures >= 1
     finally:
         await agent_server.stop(0)
 
@@ -186,17 +186,17 @@ async def test_loop_triggers_on_p99_and_load(redis_server) -> None:
                     )
                 )  # fmt: skip
         await until(lambda: sched.app.reader.reports_total >= 200)
-        await until(lambda: ("q", "") in sched.app.last_snapshot)
+        await until(lambda: ("q", "") in sched.app.known.last_snapshot)
         reason, urgent = sched.loop.trigger()
         assert reason.startswith("p99 near target: q") and not urgent
         # a higher target removes the p99 reason; the load change (0 -> 40 qps) remains
         await sched.app.set_qos("q", 100.0)
-        sched.app.planned_load["q"] = 0.0
+        sched.app.inforce.planned_load["q"] = 0.0
         reason, _ = sched.loop.trigger()
         assert reason.startswith("load moved: q")
         # a policy whose plan does not depend on load is not re-planned when load moves
         await sched.app.set_policy("even", {})
-        sched.app.planned_load["q"] = 0.0
+        sched.app.inforce.planned_load["q"] = 0.0
         assert sched.loop.trigger() == ("", False)
 
 
@@ -266,7 +266,7 @@ async def test_set_policy_static_with_bad_file_keeps_old_policy(redis_server, tm
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await admin.SetPolicy(req, metadata=auth())
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert sched.app.choice.name == "even"
+        assert sched.app.known.choice.name == "even"
 
 
 async def test_the_gateways_figures_reach_every_policy_unless_its_options_say_otherwise(
@@ -274,9 +274,11 @@ async def test_the_gateways_figures_reach_every_policy_unless_its_options_say_ot
 ) -> None:
     s = make_settings(redis_server.url, gateway_cpu_ms=7.25, gateway_workers=3)
     async with running(s) as (_port, sched):
-        options = sched.app.world().options
+        options = sched.app.inforce.policy_input().options
         assert options["gateway_cpu_ms"] == "7.25" and options["gateway_workers"] == "3"
         await sched.app.set_policy("even", {"gateway_workers": "1"})
-        assert sched.app.world().options["gateway_workers"] == "1"
+        assert sched.app.inforce.policy_input().options["gateway_workers"] == "1"
     async with running(make_settings(redis_server.url)) as (_port, sched):
-        assert "gateway_cpu_ms" not in sched.app.world().options  # not priced unless measured
+        assert (
+            "gateway_cpu_ms" not in sched.app.inforce.policy_input().options
+        )  # not priced unless measured

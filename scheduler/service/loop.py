@@ -93,7 +93,7 @@ class ControlLoop:
         """Shortest time between re-plans. Where every live node shares by green contexts a share
         change is an in-place resize of milliseconds, not a new process of seconds, so plans may
         follow load that much more closely (GREEN_REPLAN_INTERVAL_S)."""
-        nodes = self.app.live_nodes()
+        nodes = self.app.known.live_nodes()
         if nodes and all(n.inventory.mode == plan_pb2.SHARE_MODE_GREEN for n in nodes):
             return min(self.settings.min_replan_interval_s, GREEN_REPLAN_INTERVAL_S)
         return self.settings.min_replan_interval_s
@@ -103,8 +103,8 @@ class ControlLoop:
         app = self.app
         if not app.restored:
             await app.restore()
-        app.last_snapshot = app.windows.snapshot(self.settings.window_s)
-        app.observe_bias()
+        app.known.last_snapshot = app.known.windows.snapshot(self.settings.window_s)
+        app.inforce.observe_bias()
         self.export_gauges()
         t = self.evaluate()
         now = time.monotonic()
@@ -113,10 +113,10 @@ class ControlLoop:
         if t.urgent:
             due = not self._last_failed or since_attempt >= wait_s
         else:
-            due = since_attempt >= wait_s and now - app.last_plan_at >= wait_s
+            due = since_attempt >= wait_s and now - app.inforce.made_at >= wait_s
         if t.reason and app.restored and due:
             self._last_attempt = now
-            concerns = [t.pipeline] if t.pipeline else list(app.pipelines)
+            concerns = [t.pipeline] if t.pipeline else list(app.known.pipelines)
             app.decisions.record(Decision.TRIGGER, concerns, t.reason, app.plan.epoch)
             epoch = app.plan.epoch
             try:
@@ -145,31 +145,31 @@ class ControlLoop:
     def evaluate(self) -> Trigger:
         """The reason to re-plan now, if any, and the pipeline it concerns."""
         app, s = self.app, self.settings
-        placeable = frozenset(n.name for n in app.placeable_nodes())
+        placeable = frozenset(n.name for n in app.known.placeable_nodes())
         if not placeable:
             return Trigger()
         if app.plan.epoch == 0:
             return Trigger("initial plan", urgent=True)
-        if placeable != app.planned_nodes:
+        if placeable != app.inforce.planned_nodes:
             return Trigger(f"nodes changed: {', '.join(sorted(placeable)) or '-'}", urgent=True)
-        for name in app.pipelines:
-            stat = app.last_snapshot.get((name, ""))
-            qos = app.qos_of(name)
+        for name in app.known.pipelines:
+            stat = app.known.last_snapshot.get((name, ""))
+            qos = app.known.qos_of(name)
             if stat and stat.count >= s.min_samples and stat.p99_ms > s.p99_trigger_fraction * qos:
                 return Trigger(f"p99 near target: {name} {stat.p99_ms:.1f} of {qos:g} ms", name)
-        follows = follows_load(app.policy(), app.choice.options)
-        load = app.load_qps() if follows else {}
+        follows = follows_load(app.known.policy(), app.known.choice.options)
+        load = app.known.load_qps() if follows else {}
         for name, qps in load.items():
-            before = app.planned_load.get(name, 0.0)
+            before = app.inforce.planned_load.get(name, 0.0)
             if max(before, qps) < s.min_load_qps:
                 continue
             if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
                 return Trigger(f"load moved: {name} {before:.1f} -> {qps:.1f} qps", name)
-        moved = app.bias_moved()
+        moved = app.inforce.bias_moved()
         # a plan sized to the load is re-sized by a model error either way; any other plan is
         # replaced only where the error puts it at risk at this load
-        if moved and (follows or app.plan_at_risk()):
-            reason = f"model error: bias of {moved} now x{app.bias.factor(moved):.2f}"
+        if moved and (follows or app.inforce.at_risk()):
+            reason = f"model error: bias of {moved} now x{app.known.bias.factor(moved):.2f}"
             return Trigger(reason, moved.split("/")[0])
         return Trigger()
 
@@ -178,7 +178,7 @@ class ControlLoop:
         if app.push is None or app.plan.epoch == 0:
             return
         now = time.monotonic()
-        for node in app.live_nodes():
+        for node in app.known.live_nodes():
             if (
                 node.agent_address
                 and node.applied_epoch < app.plan.epoch
@@ -212,13 +212,13 @@ class ControlLoop:
 
     def export_gauges(self) -> None:
         app = self.app
-        for (pipeline, stage), s in app.last_snapshot.items():
+        for (pipeline, stage), s in app.known.last_snapshot.items():
             metrics.WINDOW_P99.labels(pipeline=pipeline, stage=stage).set(s.p99_ms / 1000)
-        for name, qps in app.load_qps().items():
+        for name, qps in app.known.load_qps().items():
             metrics.ARRIVAL_QPS.labels(pipeline=name).set(qps)
-            metrics.QOS_TARGET.labels(pipeline=name).set(app.qos_of(name) / 1000)
+            metrics.QOS_TARGET.labels(pipeline=name).set(app.known.qos_of(name) / 1000)
         metrics.PLAN_EPOCH.set(app.plan.epoch)
-        for name in app.pipelines:
+        for name in app.known.pipelines:
             metrics.PLANNED_QPS.labels(pipeline=name).set(app.plan.planned_qps.get(name, 0.0))
         metrics.SM_SHARE.clear()  # replicas come and go with plans: no stale series
         for st in app.plan.stages:

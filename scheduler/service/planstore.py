@@ -8,21 +8,26 @@
 Epochs are taken by a small Lua script that never returns less than a floor the caller gives (the
 newest epoch this process has seen): if Redis itself restarted empty, the counter jumps past
 that floor instead of going back to 1, which gateways and agents would ignore as stale.
-Also here: the conversion between the policies' `PlanSpec` and `plan_pb2.Plan`, and whether a
-spec places what a stored plan does (`same_placement`).
+Also here: the scheduler's one Redis client (`connect`) and how its errors reach callers
+(`redis_unavailable`), the conversion between the policies' `PlanSpec` and `plan_pb2.Plan`,
+and whether a spec places what a stored plan does (`same_placement`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from common.clock import wall_us
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, Unavailable
 from protos import plan_pb2
 from scheduler.policy import PlanSpec, ReplicaSpec, StageAssignment
 
@@ -40,6 +45,23 @@ if e <= floor then
 end
 return e
 """
+
+
+def connect(url: str) -> aioredis.Redis[bytes]:
+    """The scheduler's Redis client: short timeouts and no retries of its own (the control loop
+    tries again on its next pass; an admin call fails at once, retryable, as UNAVAILABLE)."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=RedisRetry(NoBackoff(), 0)
+    )
+
+
+@contextlib.contextmanager
+def redis_unavailable() -> Iterator[None]:
+    """Redis errors become UNAVAILABLE (retryable) instead of INTERNAL."""
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        raise Unavailable(f"redis unavailable: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""Re-planning: the policy run on the world, the drains applied, the plan stored under the next
+epoch (or the one in force kept), and what it changed recorded for the operator.
+
+Every plan goes through one lock, so epochs and the plan in force move together; the caller
+publishes the routes and wakes the control loop once a plan is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Mapping, Set
+
+from protos import plan_pb2
+from scheduler.policy import PlanSpec, Policy
+from scheduler.service import decisions, planstore
+from scheduler.service.decisions import Decision, Decisions
+from scheduler.service.inforce import PlanInForce
+from scheduler.service.planstore import PlanStore, PolicyChoice, redis_unavailable
+from scheduler.service.settings import SchedulerSettings
+from scheduler.service.world import World
+
+log = logging.getLogger(__name__)
+
+
+class Replanner:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        world: World,
+        inforce: PlanInForce,
+        store: PlanStore,
+        record: Decisions,
+    ) -> None:
+        self.settings = settings
+        self.world = world
+        self.inforce = inforce
+        self.store = store
+        self.decisions = record
+        self._lock = asyncio.Lock()
+
+    async def replan(
+        self,
+        reason: str,
+        policy: Policy | None = None,
+        choice: PolicyChoice | None = None,
+        force: bool = True,
+    ) -> tuple[plan_pb2.Plan, bool]:
+        """Runs the policy and stores its plan under a new epoch: (the plan, True). With
+        force=False a plan equal to the one in force is kept: (the plan in force, False)."""
+        async with self._lock:
+            world = self.inforce.policy_input()
+            if choice is not None:
+                world = dataclasses.replace(world, options=self.world.options(choice.options))
+            pol = policy if policy is not None else self.world.policy()
+            # policies are pure CPU work: off the event loop, so RPCs keep flowing
+            spec = await asyncio.to_thread(pol.plan, world)
+            why = f"{reason} ({spec.reason})" if spec.reason and spec.reason != reason else reason
+            spec = without_drained(spec, self.world.drained_nodes, self.world.drained_replicas)
+            spec = dataclasses.replace(spec, reason=why)
+            planstore.validate(spec)
+            self.inforce.made_for(world)
+            old = self.inforce.plan
+            # the same replicas sized for a load that moved is stored too: the plan then says
+            # what load it carries (the operator's planned-against-measured, the shrink margin)
+            if (
+                not force
+                and old.epoch
+                and planstore.same_placement(spec, old)
+                and not self._load_moved(old.planned_qps, spec.planned_qps)
+            ):
+                log.info("re-plan (%s): plan epoch %d kept as it is", reason, old.epoch)
+                self.decisions.record(Decision.KEPT, self.world.pipelines, reason, old.epoch)
+                return old, False
+            with redis_unavailable():
+                plan = await self.store.save(spec)
+            self.inforce.adopt(plan)
+            self._record(old, plan, reason)
+        return plan, True
+
+    def _load_moved(self, old: Mapping[str, float], new: Mapping[str, float]) -> dict[str, str]:
+        s = self.settings
+        return decisions.load_moved(old, new, s.load_change_fraction, s.min_load_qps)
+
+    def _record(self, old: plan_pb2.Plan, plan: plan_pb2.Plan, reason: str) -> None:
+        """Logs a stored plan and records, per pipeline, what it changed or re-sized; a plan
+        that clamped pipelines (no plan meets their QoS at this load) is a failed re-plan."""
+        changed = decisions.changes(old, plan)
+        resized = self._load_moved(old.planned_qps, plan.planned_qps)
+        what = "; ".join(f"{p}: {d}" for p, d in changed.items()) or "same replicas"
+        log.info("plan epoch %d by %s: %s [%s]", plan.epoch, plan.policy, plan.reason, what)
+        self.decisions.record(Decision.REPLANNED, changed, reason, plan.epoch, changed)
+        rest = {p: d for p, d in resized.items() if p not in changed}
+        self.decisions.record(Decision.RESIZED, rest, reason, plan.epoch, rest)
+        if plan.clamped:
+            log.warning(
+                "re-plan (%s) cannot meet the QoS of %s at this load; epoch %d is the best plan "
+                "there is: %s", reason, ", ".join(plan.clamped), plan.epoch, plan.reason,
+            )  # fmt: skip
+            self.decisions.record(
+                Decision.FAILED, plan.clamped, reason, plan.epoch, f"clamped: {plan.reason}"
+            )
+
+
+def without_drained(spec: PlanSpec, nodes: Set[str], replicas: Set[str]) -> PlanSpec:
+    """The spec without the drained nodes' and replicas' replicas, except a stage's last."""
+    if not replicas and not nodes:
+        return spec
+    stages = []
+    for st in spec.stages:
+        keep = tuple(r for r in st.replicas if r.replica_id not in replicas and r.node not in nodes)
+        if not keep and st.replicas:
+            # serving beats draining: a stage never loses its last replica to a drain
+            log.warning("drain of %s/%s lifted: it is the stage's only replica", st.pipeline,
+                        st.stage)  # fmt: skip
+            keep = st.replicas
+        stages.append(dataclasses.replace(st, replicas=keep))
+    return dataclasses.replace(spec, stages=tuple(stages))

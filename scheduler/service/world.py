@@ -1,0 +1,160 @@
+"""What the scheduler knows of the mesh, and the world a policy plans from.
+
+`World` holds the pipelines and their QoS targets (an operator's override, else the config's),
+the policy chosen, the nodes as their heartbeats describe them and the drains an operator asked
+for, the latest window of measurements, and the stage profiles with the online bias that
+corrects them. `policy_input` turns all that into a `PolicyInput`. No I/O and no plan in force
+here: `inforce.PlanInForce` says which measurements speak for the plan that runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from common.errors import CamelotError, InvalidArgument
+from protos import admin_pb2, plan_pb2
+from scheduler.perfmodel import profiles
+from scheduler.perfmodel.bias import BiasCorrector
+from scheduler.policy import Measured, PipelineInfo, Policy, PolicyInput
+from scheduler.search.policies import get_policy
+from scheduler.service import planstore
+from scheduler.service.nodes import NodeState
+from scheduler.service.planstore import PolicyChoice
+from scheduler.service.settings import SchedulerSettings
+from scheduler.service.windows import Windows, WindowStat
+
+log = logging.getLogger(__name__)
+
+# arrivals over this window (capped by the windows' horizon) are the long-window rate that
+# min-resource's hysteresis reads in PolicyInput.measured[pipeline].arrival_qps
+LONG_WINDOW_S = 60.0
+
+
+class World:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        pipelines: Sequence[PipelineInfo],
+        stage_profiles: Mapping[str, Any],
+        windows: Windows,
+    ) -> None:
+        self.settings = settings
+        self.pipelines: dict[str, PipelineInfo] = {p.name: p for p in pipelines}
+        self.profiles = stage_profiles
+        self.windows = windows
+        self.choice = PolicyChoice(settings.policy, dict(settings.policy_options))
+        self._policy: Policy | None = None
+        self.qos: dict[str, float] = {}
+        self.nodes: dict[str, NodeState] = {}
+        self.drained_nodes: set[str] = set()
+        self.drained_replicas: set[str] = set()
+        self.last_snapshot: dict[tuple[str, str], WindowStat] = {}
+        # online correction of the predictor: measured over predicted p99 of the plan in force
+        self.bias = BiasCorrector(min_count=settings.min_samples)
+
+    # -- the policy -----------------------------------------------------------------------------
+
+    def choose(self, choice: PolicyChoice, policy: Policy | None = None) -> None:
+        self.choice, self._policy = choice, policy
+
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = get_policy(self.choice.name)
+        return self._policy
+
+    def options(self, chosen: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The policy's options, with the host's figures where the policy does not set them."""
+        out = dict(self.choice.options if chosen is None else chosen)
+        if self.settings.gateway_cpu_ms > 0:
+            out.setdefault("gateway_cpu_ms", repr(self.settings.gateway_cpu_ms))
+            out.setdefault("gateway_workers", str(self.settings.gateway_workers))
+        return out
+
+    def qos_of(self, pipeline: str) -> float:
+        return self.qos.get(pipeline, self.pipelines[pipeline].qos_p99_ms)
+
+    # -- the nodes ------------------------------------------------------------------------------
+
+    def heard(self, hb: admin_pb2.NodeHeartbeat) -> bool:
+        """Takes in a node's heartbeat; True when the node is new."""
+        if not hb.node:
+            raise InvalidArgument("heartbeat without a node name")
+        node = self.nodes.get(hb.node)
+        joined = node is None
+        if node is None:
+            log.info("node %s joined (agent %s)", hb.node, hb.agent_address or "-")
+            node = self.nodes[hb.node] = NodeState(
+                hb.node, hb.agent_address, hb.inventory, list(hb.replicas), hb.applied_epoch, 0.0
+            )
+        node.agent_address = hb.agent_address
+        node.inventory.CopyFrom(hb.inventory)
+        node.endpoints = list(hb.replicas)
+        node.applied_epoch = hb.applied_epoch
+        node.last_seen = time.monotonic()
+        return joined
+
+    def live_nodes(self) -> list[NodeState]:
+        horizon = time.monotonic() - self.settings.node_timeout_s
+        return [n for n in self.nodes.values() if n.last_seen >= horizon]
+
+    def placeable_nodes(self) -> list[NodeState]:
+        return [n for n in self.live_nodes() if n.name not in self.drained_nodes]
+
+    # -- the measurements -----------------------------------------------------------------------
+
+    def load_qps(self) -> dict[str, float]:
+        """Offered load per pipeline: gateway records, else the first stage's arrivals."""
+        snap = self.last_snapshot
+        out: dict[str, float] = {}
+        for name, p in self.pipelines.items():
+            stat = snap.get((name, ""))
+            if stat is None and p.stages:
+                stat = snap.get((name, p.stages[0].name))
+            out[name] = stat.arrival_qps if stat is not None else 0.0
+        return out
+
+    def measured(self, long_window: bool = True) -> dict[str, Measured]:
+        """The windows as policies see them; a pipeline's arrival rate from the long window."""
+        long: dict[tuple[str, str], WindowStat] = {}
+        if long_window:
+            horizon_s = self.windows.horizon_us / 1e6
+            long = self.windows.snapshot(min(horizon_s, max(LONG_WINDOW_S, self.settings.window_s)))
+        measured: dict[str, Measured] = {}
+        for (pipeline, stage), s in self.last_snapshot.items():
+            key = pipeline if not stage else f"{pipeline}/{stage}"
+            arrival = s.arrival_qps
+            if not stage and (pipeline, "") in long:
+                arrival = long[(pipeline, "")].arrival_qps
+            measured[key] = Measured(s.p99_ms, arrival, s.service_qps, s.count)
+        return measured
+
+    # -- what a policy sees ---------------------------------------------------------------------
+
+    def policy_input(self, measured: Mapping[str, Measured], current: plan_pb2.Plan) -> PolicyInput:
+        return PolicyInput(
+            pipelines=tuple(
+                dataclasses.replace(p, qos_p99_ms=self.qos_of(p.name))
+                for p in self.pipelines.values()
+            ),
+            nodes=tuple(n.info() for n in sorted(self.placeable_nodes(), key=lambda n: n.name)),
+            load_qps=self.load_qps(),
+            profiles=self.bias.apply(self.profiles) if self.profiles else self.profiles,
+            measured=measured,
+            current=planstore.from_proto(current) if current.epoch else None,
+            options=self.options(),
+        )
+
+
+def load_profiles(path: str) -> Mapping[str, Any]:
+    """The given profiles (errors are fatal), else the bundled ones if they load, else none."""
+    if path:
+        return profiles.load(path)
+    try:
+        return profiles.load_default()
+    except CamelotError as e:
+        log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
+        return {}

@@ -1,0 +1,98 @@
+"""What the scheduler knows of the mesh (scheduler.service.world.World), without Redis or gRPC:
+nodes from heartbeats, drains, the load and the policy input built from the windows."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from common.errors import CamelotError
+from protos import admin_pb2, agent_pb2, plan_pb2
+from scheduler.policy import PipelineInfo, StageInfo
+from scheduler.service.settings import SchedulerSettings
+from scheduler.service.windows import Windows, WindowStat
+from scheduler.service.world import World
+
+PIPE = PipelineInfo("p", (StageInfo("a"), StageInfo("b")), qos_p99_ms=100.0)
+
+
+def make_world(**settings: object) -> World:
+    s = SchedulerSettings(**settings)  # type: ignore[arg-type]
+    return World(s, [PIPE], {}, Windows(bucket_s=0.25, horizon_s=120.0))
+
+
+def beat(node: str, agent: str = "127.0.0.1:1", epoch: int = 0) -> admin_pb2.NodeHeartbeat:
+    inv = agent_pb2.InventoryResponse(backend="host")
+    return admin_pb2.NodeHeartbeat(node=node, agent_address=agent, inventory=inv,
+                                   applied_epoch=epoch)  # fmt: skip
+
+
+def stat(stage: str, arrival_qps: float, count: int = 10) -> WindowStat:
+    return WindowStat("p", stage, count, 1.0, 2.0, 3.0, arrival_qps, arrival_qps, 0)
+
+
+def test_a_heartbeat_adds_a_node_once_and_updates_it_after() -> None:
+    w = make_world()
+    assert w.heard(beat("n1", epoch=1))
+    assert not w.heard(beat("n1", epoch=2))
+    assert w.nodes["n1"].applied_epoch == 2
+
+
+def test_a_heartbeat_without_a_node_name_is_invalid() -> None:
+    with pytest.raises(CamelotError) as e:
+        make_world().heard(beat(""))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_silent_node_is_not_live_and_a_drained_one_not_placeable() -> None:
+    w = make_world(node_timeout_s=15.0)
+    for n in ("n1", "n2", "n3"):
+        w.heard(beat(n))
+    w.nodes["n3"].last_seen = time.monotonic() - 60
+    w.drained_nodes.add("n2")
+    assert sorted(n.name for n in w.live_nodes()) == ["n1", "n2"]
+    assert [n.name for n in w.placeable_nodes()] == ["n1"]
+    assert [n.name for n in w.policy_input({}, plan_pb2.Plan()).nodes] == ["n1"]
+
+
+def test_load_is_the_gateways_record_else_the_first_stages_arrivals() -> None:
+    w = make_world()
+    assert w.load_qps() == {"p": 0.0}
+    w.last_snapshot = {("p", "a"): stat("a", 7.0), ("p", "b"): stat("b", 3.0)}
+    assert w.load_qps() == {"p": 7.0}
+    w.last_snapshot[("p", "")] = stat("", 9.0)
+    assert w.load_qps() == {"p": 9.0}
+
+
+def test_measured_keys_pipelines_and_their_stages() -> None:
+    w = make_world()
+    w.last_snapshot = {("p", ""): stat("", 9.0, count=5), ("p", "a"): stat("a", 7.0)}
+    m = w.measured(long_window=False)
+    assert m["p"].count == 5 and m["p"].arrival_qps == 9.0
+    assert m["p/a"].arrival_qps == 7.0
+
+
+def test_an_operators_qos_overrides_the_configs() -> None:
+    w = make_world()
+    assert w.qos_of("p") == 100.0
+    w.qos["p"] = 40.0
+    assert w.qos_of("p") == 40.0
+    assert w.policy_input({}, plan_pb2.Plan()).pipelines[0].qos_p99_ms == 40.0
+
+
+def test_the_gateways_price_is_an_option_only_when_measured_and_never_over_the_policys() -> None:
+    assert "gateway_cpu_ms" not in make_world().options()
+    w = make_world(gateway_cpu_ms=1.5, gateway_workers=3)
+    assert w.options() == {"gateway_cpu_ms": "1.5", "gateway_workers": "3"}
+    assert w.options({"gateway_workers": "1"})["gateway_workers"] == "1"
+
+
+def test_the_current_plan_is_in_the_input_only_once_there_is_one() -> None:
+    w = make_world()
+    assert w.policy_input({}, plan_pb2.Plan()).current is None
+    plan = plan_pb2.Plan(epoch=3, policy="even")
+    plan.stages.add(pipeline="p", stage="a").replicas.add(replica_id="r", node="n1", gpu=-1)
+    current = w.policy_input({}, plan).current
+    assert current is not None and current.stages[0].replicas[0].replica_id == "r"
