@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from common import profileformat
 from common.errors import InvalidArgument
 from scheduler.perfmodel import profiles as prof_mod
 from services.profiler import profile as prof
@@ -80,3 +81,13 @@ def test_profile_one_stage_on_the_gpu() -> None:
     assert p.batches == (1, 4) and p.shares == (50.0, 100.0)
     assert p.latency(100, 4) > 0 and p.weights_bytes > 0
     assert p.slowdown[0] == 1.0 and len(p.slowdown) == 2
+
+
+def test_both_sides_write_the_one_envelope() -> None:
+    doc = prof.document([measured()], device="dev", date="2026-02-03")
+    again = prof_mod.to_document(
+        prof_mod.parse_document(doc).values(), device="dev", date="2026-02-03", note=doc["note"]
+    )
+    assert list(again) == list(doc)
+    assert again["format"] == doc["format"] == profileformat.FORMAT
+    assert list(prof.redis_items(doc)) == list(profileformat.redis_items(again))

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from common import profileformat
 from common.errors import InvalidArgument
+from common.profileformat import FORMAT, REDIS_PREFIX
 
-FORMAT = "camelot-profiles/1"
-REDIS_PREFIX = "camelot:profile:"
 DATA_DIR = Path(__file__).parent / "profiles_data"
 SYNTHETIC_PROFILES = DATA_DIR / "h100-synthetic.json"
 MEASURED_PROFILES = DATA_DIR / "h100.json"
@@ -361,16 +361,10 @@ def to_document(
     note: str = "",
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "format": FORMAT,
-        "device": device,
-        "date": date,
-        "synthetic": synthetic,
-        "note": note,
-    }
-    doc.update(extra or {})
-    doc["profiles"] = {p.key: p.to_json() for p in profiles}
-    return doc
+    return profileformat.document(
+        {p.key: p.to_json() for p in profiles},
+        device=device, date=date, synthetic=synthetic, note=note, extra=extra,
+    )  # fmt: skip
 
 
 def load(path: str | Path = DEFAULT_PROFILES) -> dict[str, StageProfile]:
@@ -417,9 +411,9 @@ def as_profiles(raw: Mapping[str, Any]) -> dict[str, StageProfile]:
 
 
 def redis_value(p: StageProfile) -> str:
-    obj = p.to_json()
-    obj.update(device=p.device, date=p.date, synthetic=p.synthetic)
-    return json.dumps(obj)
+    return profileformat.redis_value(
+        p.to_json(), device=p.device, date=p.date, synthetic=p.synthetic
+    )
 
 
 async def store_redis(client: Any, profiles: Iterable[StageProfile]) -> int:

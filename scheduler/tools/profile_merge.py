@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import profileformat
 from common.errors import InvalidArgument
 from scheduler.perfmodel.profiles import (
-    FORMAT,
     MEASURED_PROFILES,
     SYNTHETIC_PROFILES,
     number_key,
@@ -111,14 +111,13 @@ def merge(
         parts.append(f"Partly measured (from a cut-short profiler log): {', '.join(from_log)}.")
     if from_syn:
         parts.append(f"Synthetic (not measured): {', '.join(from_syn)}.")
-    doc = {
-        "format": FORMAT,
-        "device": devices.pop(),
-        "date": max(str(d.get("date", "")) for d in docs),
-        "synthetic": False,
-        "note": " ".join(parts),
-        "profiles": out,
-    }
+    doc = profileformat.document(
+        out,
+        device=devices.pop(),
+        date=max(str(d.get("date", "")) for d in docs),
+        synthetic=False,
+        note=" ".join(parts),
+    )
     parse_document(doc)
     return doc
 

@@ -12,9 +12,9 @@ Per stage:
    slowdown at each level is its sensitivity; the bandwidth the co-runner loses beside the stage
    (over the peak) is the stage's pressure.
 
-The format is `camelot-profiles/1` (owned by scheduler.perfmodel.profiles; services do not import
-the scheduler, so the document is written here and validated there). Everything but the child
-processes is plain Python and is tested on the CPU.
+The format is `camelot-profiles/1` (common.profileformat, which both sides import; services do
+not import the scheduler, so the document is written here and validated there). Everything but
+the child processes is plain Python and is tested on the CPU.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import profileformat
 from common.errors import InvalidArgument, Unavailable
 
-FORMAT = "camelot-profiles/1"
-REDIS_PREFIX = "camelot:profile:"
 SHARE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 
@@ -114,23 +113,18 @@ def stage_json(r: StageResult) -> dict[str, Any]:
 def document(
     results: Sequence[StageResult], device: str, date: str, note: str = ""
 ) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "device": device,
-        "date": date,
-        "synthetic": False,
-        "note": note or "measured by python -m services.profiler",
-        "profiles": {f"{r.pipeline}/{r.stage}": stage_json(r) for r in results},
-    }
+    return profileformat.document(
+        {f"{r.pipeline}/{r.stage}": stage_json(r) for r in results},
+        device=device,
+        date=date,
+        synthetic=False,
+        note=note or "measured by python -m services.profiler",
+    )
 
 
 def redis_items(doc: Mapping[str, Any]) -> dict[str, str]:
     """Key -> value for Redis: one string per stage, the stage object plus device and date."""
-    out = {}
-    for key, obj in doc["profiles"].items():
-        value = dict(obj, device=doc["device"], date=doc["date"], synthetic=doc["synthetic"])
-        out[REDIS_PREFIX + key] = json.dumps(value)
-    return out
+    return profileformat.redis_items(doc)
 
 
 def _num(x: float) -> str:
