@@ -62,7 +62,7 @@ def format_plan(plan: plan_pb2.Plan) -> str:
                     r.replica_id,
                     r.node,
                     str(r.gpu) if r.gpu >= 0 else "host",
-                    f"{r.sm_percent:.1f}",
+                    f"{r.sm_percent:.1f}" if r.gpu >= 0 else "-",  # no SM shares on the host
                     ",".join(map(str, r.sm_groups)) or "-",
                     str(r.max_batch),
                     _MODES.get(r.mode, "-"),
@@ -83,6 +83,7 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
         ("PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms", "QOSms", "VERDICT", "ARRIVAL/s",
          "SERVICE/s", "ERR", "REPL", "SM%"),
     ]  # fmt: skip
+    on_gpu = _gpu_rows(resp.plan)
     for s in resp.stats:
         ok = (
             "-"
@@ -103,10 +104,30 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
                 f"{s.service_qps:.1f}",
                 str(s.errors),
                 str(s.replicas),
-                f"{s.sm_percent:.1f}",
+                f"{s.sm_percent:.1f}" if (s.pipeline, s.stage) in on_gpu else "-",
             )
         )
-    return "\n\n".join([head + "\n" + _table(rows), format_loop(resp), format_replicas(resp)])
+    table = head + "\n" + _table(rows) + "\n" + STATUS_LEGEND
+    return "\n\n".join([table, format_loop(resp), format_replicas(resp)])
+
+
+# what the windowed columns count: a reader compares them with a client's figures
+STATUS_LEGEND = (
+    "COUNT, ERR: every query the gateway reported in the window, from every client (probes too);\n"
+    "  ERR: those answered with an error, whoever sent them.\n"
+    "ARRIVAL/s, SERVICE/s: arrivals and completions per second averaged over the window, not a\n"
+    "  client's rate. SM%: the replicas' summed GPU share ('-' on the host: no SM shares)."
+)
+
+
+def _gpu_rows(plan: plan_pb2.Plan) -> set[tuple[str, str]]:
+    """The status rows (pipeline, stage; stage "" for the whole pipeline) that have a replica on
+    a GPU: only they hold SM shares."""
+    rows = set()
+    for st in plan.stages:
+        if any(r.gpu >= 0 for r in st.replicas):
+            rows |= {(st.pipeline, st.stage), (st.pipeline, "")}
+    return rows
 
 
 def _event(e: admin_pb2.LoopEvent) -> str:
