@@ -1,47 +1,35 @@
-"""Capped exponential backoff with full jitter, and the one retry loop built on it.
+"""Capped exponential backoff: the one way a component waits longer after each failure.
 
-Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried: both mean the request was not acted on.
+Attempt n (from 0) waits up to min(cap, base * 2^n). `jitter` is the share of that ceiling
+drawn at random: 1 is full jitter (uniform in [0, ceiling], for many clients that must not
+retry in step), 0 none (a supervisor's restart delay, logged and then slept).
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from common.errors import CamelotError, ResourceExhausted, Unavailable
-
-T = TypeVar("T")
-
-RETRYABLE: tuple[type[CamelotError], ...] = (Unavailable, ResourceExhausted)
+# 2.0 ** 1024 overflows a float; long before that every delay is the cap
+_MAX_EXPONENT = 512
 
 
 @dataclass(frozen=True)
 class Backoff:
     base_s: float = 0.05
     cap_s: float = 2.0
+    jitter: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+
+    def ceiling_s(self, attempt: int) -> float:
+        return float(min(self.cap_s, self.base_s * 2.0 ** min(max(attempt, 0), _MAX_EXPONENT)))
 
     def delay_s(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
-        return random.uniform(0.0, min(self.cap_s, self.base_s * (2**attempt)))
-
-
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 3
-    backoff: Backoff = Backoff()
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.attempts):
-            try:
-                return await fn()
-            except RETRYABLE as e:
-                if attempt == self.attempts - 1:
-                    raise
-                delay = self.backoff.delay_s(attempt)
-                if e.retry_after_ms is not None:
-                    delay = max(delay, e.retry_after_ms / 1000)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        """The ceiling, less a random share of it up to `jitter`."""
+        ceiling = self.ceiling_s(attempt)
+        if not self.jitter:
+            return ceiling
+        return ceiling * random.uniform(1.0 - self.jitter, 1.0)

@@ -295,7 +295,7 @@ class Agent:
 
     def _start_failed(self, replica_id: str, error: str) -> None:
         n = self._start_failures.get(replica_id, (0, 0.0, ""))[0] + 1
-        delay = min(self.settings.restart_backoff_cap_s, self.settings.restart_backoff_s * 2**n)
+        delay = self.policy.backoff.delay_s(n)
         self._start_failures[replica_id] = (n, time.monotonic() + delay, error)
         log.warning("replica %s failed to start (%d in a row); next try in %.1f s: %s",
                     replica_id, n, delay, error)  # fmt: skip

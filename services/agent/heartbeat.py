@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 
 import grpc
 
 from common.lifecycle import TlsFiles, channel
+from common.retry import Backoff
 from protos import admin_pb2, admin_pb2_grpc
 from services.agent.apply import Agent
 
@@ -46,12 +46,13 @@ class Heartbeat:
         self.timeout_s = timeout_s
         self.sequence = 0
         self.failures = 0
+        # after a failed beat: the interval, doubling to the cap, the latter half of it at random
+        self.backoff = Backoff(interval_s, max(BACKOFF_CAP_S, interval_s), jitter=0.5)
 
     def delay_s(self) -> float:
         if self.failures == 0:
             return self.interval_s
-        cap = max(BACKOFF_CAP_S, self.interval_s)
-        return float(min(cap, self.interval_s * 2 ** (self.failures - 1)) * random.uniform(0.5, 1))
+        return self.backoff.delay_s(self.failures - 1)
 
     async def beat(self, stub: admin_pb2_grpc.ControlStub) -> None:
         self.sequence += 1

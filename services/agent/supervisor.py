@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.retry import Backoff
 from services.agent.replicas import Instance, Launch, StartError, State
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,14 @@ class RestartPolicy:
     ready_timeout_s: float = 180.0
     kill_grace_s: float = 10.0
 
+    @property
+    def backoff(self) -> Backoff:
+        """Doubling from `backoff_s` to `backoff_cap_s`, without jitter (logged, then slept)."""
+        return Backoff(self.backoff_s, self.backoff_cap_s, jitter=0.0)
+
     def delay_s(self, failures: int) -> float:
         """Delay before the restart after `failures` consecutive failed runs (1, 2, ...)."""
-        return float(min(self.backoff_cap_s, self.backoff_s * 2 ** max(0, failures - 1)))
+        return self.backoff.delay_s(failures - 1)
 
 
 async def supervise(

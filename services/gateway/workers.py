@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from common.retry import Backoff
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 # a worker that ran this long before dying was healthy: its next restart starts the backoff over
 STABLE_S = 10.0
-BACKOFF_S = 0.5
-BACKOFF_CAP_S = 30.0
+RESTART_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=0.0)
 
 
 def worker_argv(argv: Sequence[str], index: int, metrics_port: int) -> list[str]:
@@ -110,7 +111,7 @@ class Supervisor:
                     assert w.proc is not None
                     lived = now - w.started_at
                     w.failures = 1 if lived >= STABLE_S else w.failures + 1
-                    delay = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (w.failures - 1))
+                    delay = RESTART_BACKOFF.delay_s(w.failures - 1)
                     w.restart_at = now + delay
                     log.warning("gateway worker %d (pid %d) exited with %s after %.1f s; "
                                 "restarting in %.1f s", w.index, w.proc.pid, w.proc.returncode,
