@@ -31,7 +31,7 @@ from common.pipeline_config import list_pipelines, load_pipeline
 from common.progress import step
 from common.results import module_command, write_result
 from loadgen import traces
-from loadgen.faults import broker_stats, replica_pids, settle
+from loadgen.faults import broker_stats, held_bytes, replica_pids, settle
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import run_open_loop
 from services.cli import start_mesh
@@ -141,7 +141,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             peak, steps = await find_peak(gateway, qos_ms, args.deadline_s)
             rate = max(1.0, args.load_fraction * peak)
         log.info("soak at %.1f qps for %.0f s", rate, args.duration_s)
-        await settle(broker, 30.0)
+        await settle(broker, 30.0, gateway)
         schedule = traces.poisson(rate, args.duration_s, np.random.default_rng(7))
         t0 = time.monotonic()
         rows = [await sample(mesh, broker, t0)]
@@ -160,7 +160,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait({load}, timeout=args.sample_s)
             rows.append(await sample(mesh, broker, t0))
         result = load.result()
-        after = await settle(broker, 60.0)
+        after, local_leases = await settle(broker, 60.0, gateway)
         rows.append({**(await sample(mesh, broker, t0)), "after_load": True})
     finally:
         await mesh.stop_all()
@@ -174,8 +174,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         # redis holds the report stream (XADD with MAXLEN) and the broker remembers the last
         # ENDED_REMEMBERED ended leases: both grow until their cap, then stay flat
         "rss_growth_pct_by_process": growth_by_process(during, args.warmup_s),
-        "live_leases_after": int(after.live_leases),
-        "broker_used_bytes_after": int(after.used_bytes),
+        # the broker's leases and the gateway's local ones in its arenas; bytes lent outside
+        # the arenas living gateway workers hold
+        "live_leases_after": int(after.live_leases) + local_leases,
+        "broker_used_bytes_after": held_bytes(after),
+        "arena_bytes_after": int(after.arena_bytes),
         "rate_qps": rate,
         "peak_qps": rate / args.load_fraction if not args.rate else None,
         "duration_s": args.duration_s,
