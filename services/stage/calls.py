@@ -38,6 +38,20 @@ def error_result(call_id: int, error: BaseException) -> stage_pb2.InferResult:
     return error_result(call_id, CamelotError(f"internal error: {type(error).__name__}"))
 
 
+def response_of(r: Result, replica_id: str) -> stage_pb2.InferResponse:
+    """A finished request's answer: its outputs and where its time went."""
+    return stage_pb2.InferResponse(
+        outputs=r.outputs,
+        timings=stage_pb2.StageTimings(
+            queue_us=r.queue_us,
+            batch_wait_us=r.batch_wait_us,
+            compute_us=r.compute_us,
+            batch_size=r.batch_size,
+        ),
+        replica_id=replica_id,
+    )
+
+
 class StreamCalls:
     def __init__(self, intake: Intake, replica_id: str) -> None:
         self.intake = intake
@@ -109,23 +123,8 @@ class StreamCalls:
         if error is not None:
             self._answer(error_result(call_id, error))
             return
-        r = future.result()
-        self._answer(
-            stage_pb2.InferResult(
-                call_id=call_id,
-                code=_OK,
-                response=stage_pb2.InferResponse(
-                    outputs=r.outputs,
-                    timings=stage_pb2.StageTimings(
-                        queue_us=r.queue_us,
-                        batch_wait_us=r.batch_wait_us,
-                        compute_us=r.compute_us,
-                        batch_size=r.batch_size,
-                    ),
-                    replica_id=self.replica_id,
-                ),
-            )
-        )
+        response = response_of(future.result(), self.replica_id)
+        self._answer(stage_pb2.InferResult(call_id=call_id, code=_OK, response=response))
 
 
 def _duplicate(call_id: int) -> CamelotError:

@@ -13,7 +13,7 @@ from common.clock import mono_us
 from common.dtypes import from_numpy
 from common.errors import InvalidArgument, grpc_errors
 from protos import stage_pb2, stage_pb2_grpc, tensor_pb2
-from services.stage.calls import StreamCalls
+from services.stage.calls import StreamCalls, response_of
 from services.stage.intake import Intake
 from services.stage.replica import Replica
 
@@ -35,16 +35,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         remaining = context.time_remaining()
         deadline_us = None if remaining is None else mono_us() + int(remaining * 1e6)
         result = await self.replica.infer(await self.intake.request_async(request, deadline_us))
-        return stage_pb2.InferResponse(
-            outputs=result.outputs,
-            timings=stage_pb2.StageTimings(
-                queue_us=result.queue_us,
-                batch_wait_us=result.batch_wait_us,
-                compute_us=result.compute_us,
-                batch_size=result.batch_size,
-            ),
-            replica_id=self.replica.identity.replica_id,
-        )
+        return response_of(result, self.replica.identity.replica_id)
 
     async def InferStream(
         self,
