@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from common.clock import mono_us
-from common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from common.errors import DeadlineExceeded, LeaseEnded, ResourceExhausted, Unavailable
 from services.stage.batcher import Batcher, Item
 
 
@@ -142,3 +142,17 @@ async def test_a_failing_batch_fails_its_requests_and_the_loop_goes_on():
         await b.submit(1)
     assert await b.submit(2) == 2
     await b.stop()
+
+
+async def test_a_batch_failing_with_a_status_fails_with_it_and_logs_no_traceback(caplog):
+    async def ended(items: list[Item]) -> None:
+        raise LeaseEnded("lease x has ended (done)")
+
+    b = Batcher(ended, max_batch=1, max_wait_us=0, max_queue=10)
+    b.start()
+    with pytest.raises(LeaseEnded):
+        await b.submit(1)
+    await b.stop()
+    failed = [r for r in caplog.records if "batch of 1 failed" in r.getMessage()]
+    assert failed and all(r.exc_info is None for r in failed)
+    assert "FAILED_PRECONDITION" in failed[0].getMessage()

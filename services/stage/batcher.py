@@ -19,7 +19,7 @@ from typing import Any
 
 from common.batching import ArrivalRate, effective_wait
 from common.clock import mono_us
-from common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from common.errors import CamelotError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,12 @@ class Batcher:
                             RuntimeError("run_batch left a request unsettled")
                         )
             except Exception as e:
-                # The loop never dies: the batch fails, the replica goes on.
-                log.exception("batch of %d failed", len(batch))
+                # The loop never dies: the batch fails, the replica goes on. A Camelot error is
+                # the request's fault (an ended lease, say) and carries its status: no traceback
+                if isinstance(e, CamelotError):
+                    log.warning("batch of %d failed: %s %s", len(batch), e.code.name, e.message)
+                else:
+                    log.exception("batch of %d failed", len(batch))
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(e)
