@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
-# Hopper's green-context granularity; the split is by this many SMs per group.
-GREEN_SMS_PER_GROUP = 8
+from common.errors import FailedPrecondition
+from services.green.driver import call, driver
+from services.green.split import split_device
 
 
 def _sm_count(index: int) -> int:
@@ -23,40 +23,19 @@ def _sm_count(index: int) -> int:
         return int(cupy.cuda.runtime.getDeviceProperties(index)["multiProcessorCount"])
     except ImportError:
         pass
-    from cuda.bindings import driver
-
-    _check(driver.cuInit(0))
-    dev = _check(driver.cuDeviceGet(index))
-    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-    return int(_check(driver.cuDeviceGetAttribute(attr, dev)))
+    attr = driver().CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+    return int(call("cuDeviceGetAttribute", attr, call("cuDeviceGet", index)))
 
 
-def _check(result: Any) -> Any:
-    """cuda.bindings returns (err, *values): raise on error, return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA driver error {err}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _green_split(index: int) -> tuple[int, int, int]:
-    """(groups, SMs per group, SMs left over) of the split by GREEN_SMS_PER_GROUP SMs."""
-    from cuda.bindings import driver
-
-    _check(driver.cuInit(0))
-    dev = _check(driver.cuDeviceGet(index))
-    whole = _check(
-        driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)
-    )
-    # nbGroups=0 asks how many groups the split makes
-    _, count, _ = _check(driver.cuDevSmResourceSplitByCount(0, whole, 0, GREEN_SMS_PER_GROUP))
-    groups, count, rest = _check(
-        driver.cuDevSmResourceSplitByCount(count, whole, 0, GREEN_SMS_PER_GROUP)
-    )
-    per_group = int(groups[0].sm.smCount) if count else 0
-    return int(count), per_group, int(rest.sm.smCount)
+def _green_split(index: int, sm_count: int) -> tuple[int, int, int]:
+    """(groups, SMs per group, SMs left over) of the split every replica makes (green.split);
+    no groups, all SMs left over, where the driver makes no equal groups."""
+    try:
+        info = split_device(index).info
+    except FailedPrecondition as e:
+        sys.stderr.write(f"no green split on GPU {index}: {e.message}\n")
+        return 0, 0, sm_count
+    return info.n_groups, info.sms_per_group, info.remainder_sms
 
 
 def probe(green: bool) -> list[dict[str, int]]:
@@ -71,7 +50,8 @@ def probe(green: bool) -> list[dict[str, int]]:
     for i in range(n):
         row = {"index": i, "sm_count": _sm_count(i), "sm_groups": 0, "sms_per_group": 0}
         if green:
-            row["sm_groups"], row["sms_per_group"], row["sm_leftover"] = _green_split(i)
+            split = _green_split(i, row["sm_count"])
+            row["sm_groups"], row["sms_per_group"], row["sm_leftover"] = split
         out.append(row)
     return out
 

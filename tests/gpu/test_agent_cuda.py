@@ -39,6 +39,20 @@ async def test_probe_reports_sms_and_the_green_split():
     assert gpu.sm_groups * gpu.sms_per_group <= gpu.sm_count
 
 
+async def test_the_probe_reports_the_split_every_replica_makes():
+    from services.green.split import verify_across_processes
+
+    probed = await inventory.run_probe(True, inventory.probe_env(environ()))
+    split = verify_across_processes(0, probe_sm_ids=False)  # fresh processes, as replicas
+    row = probed[0]
+    assert row["sm_count"] == split["total_sms"]
+    assert (row["sm_groups"], row["sms_per_group"], row["sm_leftover"]) == (
+        split["n_groups"],
+        split["sms_per_group"],
+        split["remainder_sms"],
+    )
+
+
 async def test_mps_share_limits_the_replica_multiprocessors(tmp_path):
     async with real_broker(tmp_path, "cuda") as broker:
         s = settings(
