@@ -45,14 +45,21 @@ MAX_ERROR_FRACTION = 0.01
 
 
 def rss_kib(pid: int) -> int | None:
-    """Resident memory of a process in KiB, None when it is gone."""
+    """Resident memory of a process in KiB, its shared-memory pages left out (None when it is
+    gone). The broker's slabs are shared memory that every process maps: a page counts in a
+    process's VmRSS once it touched it, so a gateway that sub-allocates across its arenas
+    "grows" up to the arenas' size without holding a byte more; a leak is private memory."""
     try:
+        fields = {}
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssShmem"):
+                fields[key] = int(value.split()[0])
+        if "VmRSS" not in fields:
+            return None
+        return fields["VmRSS"] - fields.get("RssShmem", 0)
     except (OSError, ValueError):
         return None
-    return None
 
 
 def replica_name(pid: int) -> str:
