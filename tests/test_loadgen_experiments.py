@@ -297,8 +297,18 @@ def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
         Harness("127.0.0.1:1", None, **{"trial_s": 1.0, **bad})
 
 
-async def test_the_share_sampler_keeps_each_plan_it_sees():
+async def samples_reach(sampler, n: int, timeout_s: float = 60.0) -> None:
+    """Waits until the sampler holds n samples (polled: it has no event to wait on)."""
     import asyncio
+
+    for _ in range(int(timeout_s / 0.01)):
+        if len(sampler.samples) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(sampler.samples)} samples after {timeout_s} s, wanted {n}")
+
+
+async def test_the_share_sampler_keeps_each_plan_it_sees():
 
     from loadgen.experiments.harness import ShareSampler
     from loadgen.inputs import parse_mix
@@ -309,12 +319,9 @@ async def test_the_share_sampler_keeps_each_plan_it_sees():
         async with AdminClient(gw.target, TOKEN) as admin:
             async with ShareSampler(admin, 0.05, parse_mix("img-to-text")) as sampler:
                 # sample counts, not sleeps: a loaded host may take any time to sample
-                while len(sampler.samples) < 2:
-                    await asyncio.sleep(0.01)
+                await samples_reach(sampler, 2)
                 st.policy, st.epoch = "later", st.epoch + 1  # the policy re-plans mid-run
-                seen = len(sampler.samples)
-                while len(sampler.samples) < seen + 2:
-                    await asyncio.sleep(0.01)
+                await samples_reach(sampler, len(sampler.samples) + 2)
     assert [p["epoch"] for p in sampler.plans] == [1, 2]
     assert [p["sm_percent"] for p in sampler.plans] == [30.0, 40.0]
     assert sampler.plans[1]["stages"][0]["sm_percent"] == [20.0, 20.0]
