@@ -87,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the scheduler's CAMELOT_MIN_REPLAN_INTERVAL_S (0: its default)",
     )  # fmt: skip
     # the peak search, as peak-load's flags
+    p.add_argument(
+        "--peak-qps", type=float, default=0.0,
+        help="the day's peak as given, no search (0: search it in the same run)",
+    )  # fmt: skip
     p.add_argument("--start-qps", type=float, default=10.0)
     p.add_argument("--min-qps", type=float, default=0.5)
     p.add_argument("--max-qps", type=float, default=100_000.0)
@@ -267,13 +271,21 @@ async def one_mode(
     got: Collected,
 ) -> None:
     """In the mesh `h` drives: the peak, the day made from it, the day under every policy."""
-    cfg = SearchConfig(args.start_qps, args.min_qps, args.max_qps, args.rel_tol, args.max_trials)
-    found = await peak_load(h, [mix], [args.peak_policy], cfg, args.peak_policy, out_dir,
-                            f"{name}-{mode}-peak")  # fmt: skip
-    got.figs += found.plots
-    peak = found.summary.get(f"{mix.name}.{args.peak_policy}_qps")
-    errors = {k: v for k, v in found.summary.items() if k.endswith("_error")}
-    got.peaks.append({"mode": mode, "peak_qps": peak, "rows": found.rows, **errors})
+    if args.peak_qps > 0:
+        # given, not searched (a smoke test, or a peak measured in an earlier run)
+        peak: float | None = args.peak_qps
+        errors: dict[str, Any] = {}
+        got.peaks.append({"mode": mode, "peak_qps": peak, "rows": [], "given": True})
+    else:
+        cfg = SearchConfig(
+            args.start_qps, args.min_qps, args.max_qps, args.rel_tol, args.max_trials
+        )
+        found = await peak_load(h, [mix], [args.peak_policy], cfg, args.peak_policy, out_dir,
+                                f"{name}-{mode}-peak")  # fmt: skip
+        got.figs += found.plots
+        peak = found.summary.get(f"{mix.name}.{args.peak_policy}_qps")
+        errors = {k: v for k, v in found.summary.items() if k.endswith("_error")}
+        got.peaks.append({"mode": mode, "peak_qps": peak, "rows": found.rows, **errors})
     if not peak:
         log.error("%s: no peak found under %s; no day to run", mode, args.peak_policy)
         got.modes[mode] = {"peak_qps": peak, "error": "no rate met the QoS", **errors}
