@@ -94,6 +94,8 @@ def one_line(p: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
+# many CLI processes, each importing the project: minutes on a loaded 2-core machine
+@pytest.mark.timeout(600)
 def test_each_user_error_is_one_line_without_a_mesh(tmp_path: Path) -> None:
     env = env_for(tmp_path / "run")
     closed = f"127.0.0.1:{free_port()}"
@@ -125,6 +127,8 @@ def test_each_user_error_is_one_line_without_a_mesh(tmp_path: Path) -> None:
         assert "Traceback" not in p.stderr
 
 
+# many CLI processes, each importing the project: minutes on a loaded 2-core machine
+@pytest.mark.timeout(600)
 def test_load_without_a_mesh_refuses_at_once(tmp_path: Path) -> None:
     env = env_for(tmp_path / "run")
     p = call([*LOCUST, "-t", "30s"], env)

@@ -70,6 +70,9 @@ def worlds(draw: st.DrawFn) -> PolicyInput:
 ALL = [MaxLoad(), MinResource(), Exclusive(), Feedback()]
 
 
+# A drawn world's repr can pass Hypothesis's size warning (104 kB seen); the warning is about
+# Hypothesis's report, not the policies, and warnings are errors here.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=worlds())
 def test_every_plan_of_every_policy_respects_the_constraints(w: PolicyInput) -> None:
