@@ -3,7 +3,7 @@
 The fake's latency jumps above the QoS once a trial brings it more queries than the policy holds
 (a per-policy peak rate over the trial's fixed length), so the peak search has a known answer to
 find. Which queries are slow is decided by their place in their run, never by when they arrive,
-and the QoS (500 ms) is far above a loaded machine's delays: the verdicts asserted here hold on a
+and the QoS (2 s) is far above a loaded machine's delays: the verdicts asserted here hold on a
 busy 2-core host (tests.test_loadgen_gateway says how).
 """
 
