@@ -174,7 +174,8 @@ async def test_a_replica_that_goes_away_fails_calls_unavailable_and_says_so(brok
         await app.server.stop(0)
         with pytest.raises(Unavailable):
             await stream.infer(wire_request(np.zeros(4096, np.uint8)), 30.0)
-        assert broken == ["replica"]
+        # told of the break (once per stream that broke: the call may have opened a new one)
+        assert broken and set(broken) == {"replica"}
     finally:
         await stream.close()
         await ch.close()
