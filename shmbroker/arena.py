@@ -53,14 +53,13 @@ MAX_ARENAS_PER_POOL = 8
 QUARANTINE_S = 2.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `in` on the release path must not compare refs
 class _Arena:
     lease_id: str
     pool: str
     device: int
     ref: tensor_pb2.TensorRef  # the whole arena
     free: FreeList
-    queries: int = 0  # local leases open in it
 
     @property
     def generation(self) -> int:
@@ -161,15 +160,13 @@ class ArenaBuffers:
             found = await self._place_after_lending(pool, device, total)
         if found is None:
             # larger than an arena, or every arena full: the broker's own lease, as before
-            self._fallbacks += 1
-            return await self.client.open_and_allocate(
+            return await self.open_broker_lease(
                 items, pool=pool, ttl_s=ttl_s, label=label, device=device
             )
         arena, offset = found
         self._seq += 1
         lease_id = f"{arena.lease_id}.{self._seq}"
         self._local[lease_id] = _Local(arena, offset)
-        arena.queries += 1
         key = self.client.ref_key
         out = []
         at = int(arena.ref.offset) + offset
@@ -203,8 +200,9 @@ class ArenaBuffers:
         label: str = "",
         device: int = 0,
     ) -> tuple[str, list[tensor_pb2.TensorRef]]:
-        """A lease of the broker's own (not an arena's): for a query whose stages allocate
-        their outputs themselves, which they can do only under a lease the broker knows."""
+        """A lease of the broker's own (not an arena's): for a query no arena has room for, or
+        whose stages allocate their outputs themselves, which they can do only under a lease
+        the broker knows. Counted as a fallback."""
         self._fallbacks += 1
         return await self.client.open_and_allocate(
             items, pool=pool, ttl_s=ttl_s, label=label, device=device
@@ -235,7 +233,6 @@ class ArenaBuffers:
 
     def _free(self, lease_id: str) -> None:
         local = self._local.pop(lease_id)
-        local.arena.queries -= 1
         if local.arena in self._arenas.get((local.arena.pool, local.arena.device), ()):
             local.arena.free.free(local.offset)
 
