@@ -60,10 +60,18 @@ def wire_from_array(array: np.ndarray) -> tensor_pb2.WireTensor:
 
 def array_from_wire(wire: tensor_pb2.WireTensor) -> np.ndarray:
     """A read-only NumPy view of a WireTensor's bytes, after checking they match dtype × shape."""
-    want = nbytes_of(wire.dtype, wire.shape)
-    data = wire.data  # protobuf makes a new bytes object on every access: read it once
+    # protobuf makes a new bytes object on every access: read it once
+    return array_from_bytes(wire.data, wire.dtype, tuple(wire.shape))
+
+
+def array_from_bytes(
+    data: bytes, dtype: tensor_pb2.DType.ValueType, shape: tuple[int, ...]
+) -> np.ndarray:
+    """A read-only NumPy view of `data` (a WireTensor's bytes, read once by the caller), after
+    checking they match dtype × shape."""
+    want = nbytes_of(dtype, shape)
     if len(data) != want:
         raise InvalidArgument(
-            f"tensor data is {len(data)} bytes, dtype and shape {list(wire.shape)} need {want}"
+            f"tensor data is {len(data)} bytes, dtype and shape {list(shape)} need {want}"
         )
-    return np.frombuffer(data, dtype=to_numpy(wire.dtype)).reshape(tuple(wire.shape))
+    return np.frombuffer(data, dtype=to_numpy(dtype)).reshape(shape)

@@ -13,7 +13,7 @@ import numpy as np
 
 from common import metrics
 from common.clock import mono_us, wall_us
-from common.dtypes import nbytes_of, to_numpy
+from common.dtypes import array_from_bytes, to_numpy
 from common.errors import (
     CamelotError,
     DeadlineExceeded,
@@ -123,12 +123,7 @@ class FrontDoor:
             raise InvalidArgument(
                 f"input shape {list(shape)} does not match the pipeline's {list(entry.input_shape)}"
             )
-        want = nbytes_of(wire.dtype, shape)
-        if len(data) != want:
-            raise InvalidArgument(
-                f"tensor data is {len(data)} bytes, dtype and shape {list(shape)} need {want}"
-            )
-        return entry, np.frombuffer(data, dtype=dtype).reshape(shape)
+        return entry, array_from_bytes(data, wire.dtype, shape)
 
     async def submit(
         self, request: gateway_pb2.SubmitRequest, remaining_s: float | None
