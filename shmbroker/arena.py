@@ -53,6 +53,12 @@ MAX_ARENAS_PER_POOL = 8
 QUARANTINE_S = 2.0
 
 
+def is_local_lease(lease_id: str) -> bool:
+    """True for an arena's local lease (`<arena lease>.<n>`): its holder alone knows whether it
+    is open; the broker knows only the arena's."""
+    return "." in lease_id
+
+
 @dataclass(eq=False)  # compared by identity: `in` on the release path must not compare refs
 class _Arena:
     lease_id: str
@@ -224,7 +230,7 @@ class ArenaBuffers:
         remote = [
             lease_id
             for lease_id in lease_ids
-            if not self.release_local(lease_id, aborted=aborted) and "." not in lease_id
+            if not self.release_local(lease_id, aborted=aborted) and not is_local_lease(lease_id)
         ]
         if remote:
             await self.client.release(remote, aborted=aborted)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from common import metrics
 from common.backend import Backend
 from common.dtypes import nbytes_of
-from common.errors import InvalidArgument, ResourceExhausted
+from common.errors import CamelotError, InvalidArgument, ResourceExhausted
 from protos import broker_pb2, tensor_pb2
 from shmbroker import refs
 from shmbroker.allocator import ALIGNMENT
@@ -140,6 +140,22 @@ class Broker:
 
     def renew(self, lease_id: str, ttl_s: float) -> broker_pb2.Lease:
         return _lease_pb(self.leases.renew(lease_id, ttl_s))
+
+    def closed_leases(self, lease_ids: Sequence[str]) -> list[broker_pb2.ClosedLease]:
+        """The leases among lease_ids that are not open, each with its status; changes none."""
+        if len(lease_ids) > MAX_ITEMS:
+            raise InvalidArgument(f"{len(lease_ids)} leases in one CheckLeases, over {MAX_ITEMS}")
+        closed = []
+        for lease_id in lease_ids:
+            try:
+                self.leases.get(lease_id)
+            except CamelotError as e:
+                closed.append(
+                    broker_pb2.ClosedLease(
+                        lease_id=lease_id, code=e.code.value[0], message=e.message
+                    )
+                )
+        return closed
 
     def open_and_allocate(
         self, open_: broker_pb2.OpenLeaseRequest, items: Sequence[broker_pb2.Allocation]

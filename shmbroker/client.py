@@ -29,7 +29,14 @@ import numpy as np
 
 from common.backend import Backend
 from common.dtypes import from_numpy, nbytes_of, to_numpy
-from common.errors import BadRef, InvalidArgument, StaleRef, from_rpc_error
+from common.errors import (
+    BadRef,
+    CamelotError,
+    InvalidArgument,
+    StaleRef,
+    error_for_status,
+    from_rpc_error,
+)
 from common.lifecycle import CHANNEL_OPTIONS
 from protos import broker_pb2, broker_pb2_grpc, tensor_pb2
 from shmbroker import refs
@@ -286,6 +293,15 @@ class BrokerClient:
         return await self._call(
             self._stub.Release, broker_pb2.ReleaseRequest(lease_ids=list(lease_ids), reason=reason)
         )
+
+    async def closed_leases(self, lease_ids: Sequence[str]) -> dict[str, CamelotError]:
+        """The leases among lease_ids that are not open, each with the error a use of it gets
+        (FailedPrecondition when it was released, expired or reclaimed; NotFound when the broker
+        never issued it or forgot it long ago). One RPC; changes nothing."""
+        resp: broker_pb2.CheckLeasesResponse = await self._call(
+            self._stub.CheckLeases, broker_pb2.CheckLeasesRequest(lease_ids=list(lease_ids))
+        )
+        return {c.lease_id: error_for_status(c.code, c.message) for c in resp.closed}
 
     async def stats(self) -> broker_pb2.StatsResponse:
         return await self._call(self._stub.Stats, broker_pb2.StatsRequest())

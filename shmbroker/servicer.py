@@ -65,6 +65,12 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         return self.broker.renew(request.lease_id, request.ttl_s)
 
     @grpc_errors
+    async def CheckLeases(  # noqa: N802
+        self, request: broker_pb2.CheckLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> broker_pb2.CheckLeasesResponse:
+        return broker_pb2.CheckLeasesResponse(closed=self.broker.closed_leases(request.lease_ids))
+
+    @grpc_errors
     async def Stats(  # noqa: N802
         self, request: broker_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> broker_pb2.StatsResponse:

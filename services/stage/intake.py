@@ -4,8 +4,9 @@ Refs are verified and viewed through the broker client (its tag, generation, sla
 broker call unless the slab table must be loaded), and every ref must belong to the query: to
 its lease, or to the node-local client's lease the request names. A replica works only on its
 own pipeline's memory (slabs are per pipeline). Caller-given output buffers must match the
-model's outputs exactly. Nothing here knows gRPC: the servicer adapts it to unary and stream
-calls alike.
+model's outputs exactly. The broker leases the refs lie under are kept on the request: the
+replica asks the broker once per batch whether they are still open (a view cannot tell). Nothing
+here knows gRPC: the servicer adapts it to unary and stream calls alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from common.dtypes import array_from_wire, to_numpy
 from common.errors import InvalidArgument, PermissionDenied
 from protos import stage_pb2, tensor_pb2
 from services.stage.replica import Replica, Request, check_inputs
+from shmbroker.arena import is_local_lease
 from shmbroker.client import NeedsRefresh
 
 
@@ -63,6 +65,8 @@ class Intake:
                 raise InvalidArgument(f"duplicate input names in {[i.name for i in proto.inputs]}")
             inputs[t.name] = self._tensor(t, leases)
         out_refs, out_views = self._outputs(proto, wire_out, leases)
+        used = {t.ref.lease_id for t in proto.inputs if t.WhichOneof("body") == "ref"}
+        used.update(r.lease_id for r in out_refs or ())
         return Request(
             query_id=proto.query_id,
             pipeline=proto.pipeline,
@@ -72,6 +76,7 @@ class Intake:
             deadline_us=deadline_us,
             out_refs=out_refs,
             out_views=out_views,
+            ref_leases=frozenset(lease for lease in used if not is_local_lease(lease)),
         )
 
     def _tensor(self, t: tensor_pb2.Tensor, leases: tuple[str, ...]) -> Any:

@@ -46,6 +46,8 @@ class BufferSource(Protocol):
 
     async def warm_pool(self, pool: str, device: int = 0) -> None: ...
 
+    async def closed_leases(self, lease_ids: Sequence[str]) -> dict[str, CamelotError]: ...
+
 
 @dataclass
 class Request:
@@ -60,6 +62,13 @@ class Request:
     # output buffers the caller allocated (refs and their views), in model output order
     out_refs: list[tensor_pb2.TensorRef] | None = None
     out_views: list[Any] | None = None
+    # broker leases its refs (inputs, given outputs) lie under, checked open before the batch
+    ref_leases: frozenset[str] = frozenset()
+
+    @property
+    def allocates(self) -> bool:
+        """The replica allocates this request's outputs (ref transport, none given)."""
+        return not self.wire_out and self.out_refs is None
 
 
 @dataclass
@@ -360,9 +369,36 @@ class Replica:
                 outs.append(e)
         return outs
 
+    async def _open_leases_only(self, items: list[Item]) -> list[Item]:
+        """The items whose refs' leases are all still open; the others fail with their lease's
+        status (FAILED_PRECONDITION once it has ended). A view cannot tell a released buffer
+        (its memory may already hold another query's), so the broker is asked, once for the
+        batch, before anything reads or writes them. An arena's local leases are not the
+        broker's to answer for: their holder quarantines what it aborts."""
+        wanted: list[frozenset[str]] = [i.payload.ref_leases for i in items]
+        if not any(wanted) or self.buffers is None:
+            return items
+        try:
+            closed = await self.buffers.closed_leases(sorted(set().union(*wanted)))
+        except CamelotError as e:
+            closed = {lease: e for leases in wanted for lease in leases}
+        if not closed:
+            return items
+        live = []
+        for item, leases in zip(items, wanted, strict=True):
+            ended = next((closed[lease] for lease in sorted(leases) if lease in closed), None)
+            if ended is None:
+                live.append(item)
+            elif not item.future.done():
+                item.future.set_exception(ended)
+        return live
+
     async def _run_batch(self, items: list[Item]) -> None:
+        items = await self._open_leases_only(items)
+        if not items:
+            return
         requests: list[Request] = [i.payload for i in items]
-        if any(not r.wire_out and r.out_refs is None for r in requests):
+        if any(r.allocates for r in requests):
             # some outputs need buffers from the broker: allocate beside the compute
             await self._on_gpu(self._begin_batch)
             try:
@@ -423,7 +459,7 @@ class Replica:
     async def _run_batch_on_slice(self, items: list[Item]) -> None:
         requests: list[Request] = [i.payload for i in items]
         # rows that need output buffers from the broker (ref transport, none given by the caller)
-        need = [n for n, r in enumerate(requests) if not r.wire_out and r.out_refs is None]
+        need = [n for n, r in enumerate(requests) if r.allocates]
         alloc: asyncio.Task[Any] | None = None
         if need:
             alloc = asyncio.create_task(self._allocate_outputs([requests[n] for n in need]))
