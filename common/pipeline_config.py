@@ -61,7 +61,8 @@ def pipelines_dir() -> Path:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Per-item spec of a tensor (same fields as services.stage.plugin.Spec)."""
+    """Per-item spec of a tensor (no batch dimension): a pipeline's query input, and a model's
+    inputs and outputs (services.stage.plugin); `tensor_pb2.TensorSpec` on the wire."""
 
     name: str
     dtype: np.dtype[Any]

@@ -12,11 +12,11 @@ from common.errors import InvalidArgument
 from services.models import layers as L
 from services.models.graphs import GraphedForward, capturable_matmul
 from services.models.layers import Init
-from services.stage.plugin import ModelContext, Spec
+from services.stage.plugin import ModelContext, TensorSpec
 
 
-def spec(name: str, dtype: Any, shape: Sequence[int]) -> Spec:
-    return Spec(name, np.dtype(dtype), tuple(int(d) for d in shape))
+def spec(name: str, dtype: Any, shape: Sequence[int]) -> TensorSpec:
+    return TensorSpec(name, np.dtype(dtype), tuple(int(d) for d in shape))
 
 
 def positive(name: str, value: Any) -> int:
@@ -45,8 +45,8 @@ class ReferenceModel:
     data-dependent shapes) sets `graph_safe`; on CUDA with `ctx.cuda_graphs` its `forward` then
     runs as a CUDA graph per batch bucket (services/models/graphs.py)."""
 
-    inputs: list[Spec]
-    outputs: list[Spec]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     graph_safe = False
 
     def __init__(self, ctx: ModelContext, name: str) -> None:

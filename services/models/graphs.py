@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.stage.plugin import Spec
+from services.stage.plugin import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class GraphedForward:
     """`forward` behind CUDA graphs on CuPy; see the module docstring."""
 
     def __init__(
-        self, name: str, xp: Any, forward: Forward, eager: Forward, inputs: Sequence[Spec]
+        self, name: str, xp: Any, forward: Forward, eager: Forward, inputs: Sequence[TensorSpec]
     ) -> None:
         """`forward` is what a graph records (its matmuls capturable); `eager` answers wherever
         no graph runs (the legacy stream, or after a capture failed, whatever its cause)."""

@@ -30,18 +30,18 @@ import numpy as np
 from common.errors import InvalidArgument
 from common.pipeline_config import DTYPES
 from services.models.base import positive
-from services.stage.plugin import ModelContext, Spec
+from services.stage.plugin import ModelContext, TensorSpec
 
 DEFAULT_SPECS: tuple[dict[str, Any], ...] = ({"name": "x", "dtype": "uint8", "shape": [4096]},)
 # the null pipelines' input (services/pipelines/null/*.yaml): 4 KiB
 PAYLOAD_BYTES = 4096
 
 
-def parse_specs(option: str, raw: Any) -> list[Spec]:
+def parse_specs(option: str, raw: Any) -> list[TensorSpec]:
     """`[{name, dtype, shape}, ...]` into specs; INVALID_ARGUMENT naming the option and entry."""
     if not isinstance(raw, list | tuple) or not raw:
         raise InvalidArgument(f"option {option}={raw!r} must be a non-empty list of specs")
-    specs: list[Spec] = []
+    specs: list[TensorSpec] = []
     for i, entry in enumerate(raw):
         where = f"option {option}[{i}]"
         if not isinstance(entry, Mapping) or set(entry) != {"name", "dtype", "shape"}:
@@ -54,21 +54,23 @@ def parse_specs(option: str, raw: Any) -> list[Spec]:
         if not isinstance(shape, list | tuple) or not shape:
             raise InvalidArgument(f"{where}.shape={shape!r} must be a non-empty list")
         dims = tuple(positive(f"{option}[{i}].shape", d) for d in shape)
-        specs.append(Spec(name, np.dtype(dtype), dims))
+        specs.append(TensorSpec(name, np.dtype(dtype), dims))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise InvalidArgument(f"option {option} names a tensor twice: {names}")
     return specs
 
 
-def nbytes(spec: Spec) -> int:
+def nbytes(spec: TensorSpec) -> int:
     return math.prod(spec.shape) * spec.dtype.itemsize
 
 
 class Null:
     """Inputs to outputs with no arithmetic (see the module docstring)."""
 
-    def __init__(self, ctx: ModelContext, inputs: list[Spec], outputs: list[Spec], copy: bool):
+    def __init__(
+        self, ctx: ModelContext, inputs: list[TensorSpec], outputs: list[TensorSpec], copy: bool
+    ):
         self.xp = ctx.xp
         self.inputs = inputs
         self.outputs = outputs
@@ -91,7 +93,7 @@ class Null:
                 out[spec.name] = array
         return out
 
-    def _recast(self, array: Any, spec: Spec) -> Any:
+    def _recast(self, array: Any, spec: TensorSpec) -> Any:
         """The batch's items' leading bytes, zero-padded, as items of `spec`."""
         xp = self.xp
         n = int(array.shape[0])

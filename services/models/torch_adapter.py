@@ -18,7 +18,7 @@ import numpy as np
 from common.backend import Backend
 from common.errors import FailedPrecondition, InvalidArgument
 from services.models.base import spec
-from services.stage.plugin import ModelContext, Spec, load_factory
+from services.stage.plugin import ModelContext, TensorSpec, load_factory
 
 _DTYPES = ("float16", "float32")
 
@@ -27,7 +27,7 @@ class TorchModel:
     """One input, one output; `module` is the wrapped torch module (exposed for tests)."""
 
     def __init__(
-        self, ctx: ModelContext, module: Any, inputs: list[Spec], outputs: list[Spec]
+        self, ctx: ModelContext, module: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]
     ) -> None:
         import torch
 

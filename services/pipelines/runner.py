@@ -16,7 +16,7 @@ import numpy as np
 from common.backend import to_host
 from common.errors import InvalidArgument
 from common.pipeline_config import ResolvedPipeline, TensorSpec, parse_source
-from services.stage.plugin import Model, ModelContext, Spec, build_model, load_factory
+from services.stage.plugin import Model, ModelContext, build_model, load_factory
 
 _CACHE: dict[tuple[Any, ...], dict[str, Model]] = {}
 
@@ -41,11 +41,11 @@ def _check_options(stage: str, path: str, options: Mapping[str, Any]) -> None:
         raise InvalidArgument(f"stage {stage!r}: {path} takes no option(s) {', '.join(unknown)}")
 
 
-def _same(a: Spec | TensorSpec, b: Spec) -> bool:
+def _same(a: TensorSpec, b: TensorSpec) -> bool:
     return np.dtype(a.dtype) == np.dtype(b.dtype) and tuple(a.shape) == tuple(b.shape)
 
 
-def _describe(s: Spec | TensorSpec) -> str:
+def _describe(s: TensorSpec) -> str:
     return f"{np.dtype(s.dtype).name}{list(s.shape)}"
 
 
@@ -62,7 +62,7 @@ def check_wiring(pipeline: ResolvedPipeline, models: Mapping[str, Model]) -> Non
         for name, source in stage.inputs.items():
             ref = parse_source(source)
             if ref is None:
-                have: Spec | TensorSpec = pipeline.input
+                have: TensorSpec = pipeline.input
             else:
                 outputs = {s.name: s for s in models[ref[0]].outputs}
                 if ref[1] not in outputs:
@@ -101,7 +101,7 @@ def build_models(pipeline: ResolvedPipeline, ctx: ModelContext) -> dict[str, Mod
     return models
 
 
-def output_spec(pipeline: ResolvedPipeline, ctx: ModelContext) -> Spec:
+def output_spec(pipeline: ResolvedPipeline, ctx: ModelContext) -> TensorSpec:
     """Per-item spec of the pipeline's result (builds the models if needed)."""
     stage, name = pipeline.output_ref
     return next(s for s in build_models(pipeline, ctx)[stage].outputs if s.name == name)

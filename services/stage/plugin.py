@@ -3,10 +3,11 @@
 A plug-in is named by an import path `package.module:factory` in the pipeline config. The factory
 is called once per replica process as `factory(ctx, **options)` and returns an object with:
 
-    inputs:  list[Spec]   per-item specs (no batch dimension), in order
-    outputs: list[Spec]   per-item specs
-    infer(batch) -> dict  batch maps input name -> array of shape (n, *spec.shape) on ctx.xp;
-                          returns output name -> array of shape (n, *spec.shape), same backend
+    inputs:  list[TensorSpec]   per-item specs (no batch dimension), in order
+    outputs: list[TensorSpec]   per-item specs
+    infer(batch) -> dict        batch maps input name -> array of shape (n, *spec.shape) on
+                                ctx.xp; returns output name -> array of shape (n, *spec.shape),
+                                same backend
 
 `infer` must be deterministic for a given (seed, input), must not keep references to its inputs
 after returning (their buffers go back to the broker), and runs on the replica's one GPU thread.
@@ -24,15 +25,9 @@ import numpy as np
 
 from common.backend import Backend
 from common.errors import InvalidArgument
+from common.pipeline_config import TensorSpec
 
-
-@dataclass(frozen=True)
-class Spec:
-    """Per-item spec of one input or output."""
-
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
+__all__ = ["Model", "ModelContext", "TensorSpec", "build_model", "load_factory"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +45,8 @@ class ModelContext:
 
 
 class Model(Protocol):
-    inputs: list[Spec]
-    outputs: list[Spec]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
     def infer(self, batch: Mapping[str, Any]) -> dict[str, Any]: ...
 

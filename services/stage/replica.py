@@ -26,7 +26,7 @@ from common.errors import CamelotError, InvalidArgument
 from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
-from services.stage.plugin import Model, Spec
+from services.stage.plugin import Model, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ReplicaIdentity:
 
 
 def check_inputs(
-    specs: Sequence[Spec],
+    specs: Sequence[TensorSpec],
     given: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]],
     what: str = "input",
 ) -> None:

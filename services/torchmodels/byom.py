@@ -25,17 +25,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.errors import InvalidArgument
-from services.stage.plugin import ModelContext, Spec, load_factory
+from services.stage.plugin import ModelContext, TensorSpec, load_factory
 from services.torchmodels.core import TorchStage, spec
 
 DTYPES = ("float16", "float32", "int32", "int64", "uint8", "bool")
 
 
-def parse_specs(raw: Any, what: str) -> list[Spec]:
+def parse_specs(raw: Any, what: str) -> list[TensorSpec]:
     """`[{name, dtype, shape}, ...]` from a YAML option; INVALID_ARGUMENT naming the entry."""
     if not isinstance(raw, list) or not raw:
         raise InvalidArgument(f"option {what} must be a non-empty list of {{name, dtype, shape}}")
-    out: list[Spec] = []
+    out: list[TensorSpec] = []
     for i, entry in enumerate(raw):
         where = f"option {what}[{i}]"
         if not isinstance(entry, Mapping) or set(entry) != {"name", "dtype", "shape"}:
@@ -61,8 +61,8 @@ class ModuleStage(TorchStage):
         ctx: ModelContext,
         factory: str,
         kwargs: Mapping[str, Any],
-        inputs: list[Spec],
-        outputs: list[Spec],
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
         weights: str | None,
         graphs: bool,
     ) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from common.backend import Backend
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.stage.plugin import ModelContext, Spec
+from services.stage.plugin import ModelContext, TensorSpec
 from services.torchmodels.graphs import TorchGraphs
 
 
@@ -42,8 +42,8 @@ def require_torch() -> Any:
     return torch
 
 
-def spec(name: str, dtype: Any, shape: Sequence[int]) -> Spec:
-    return Spec(name, np.dtype(dtype), tuple(int(d) for d in shape))
+def spec(name: str, dtype: Any, shape: Sequence[int]) -> TensorSpec:
+    return TensorSpec(name, np.dtype(dtype), tuple(int(d) for d in shape))
 
 
 def pair(name: str, value: Any) -> tuple[int, int]:
@@ -112,8 +112,8 @@ class TorchStage:
     order, on the device; float inputs already in the compute dtype); a graph-safe part of it
     goes through `self.graphed(...)`."""
 
-    inputs: list[Spec]
-    outputs: list[Spec]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
     def __init__(self, ctx: ModelContext, name: str) -> None:
         self.torch = torch = require_torch()
@@ -149,7 +149,7 @@ class TorchStage:
         return module.eval().to(device=self.device, dtype=self.dtype)
 
     def graphed(
-        self, key: str, fn: Callable[..., Any], specs: Sequence[Spec]
+        self, key: str, fn: Callable[..., Any], specs: Sequence[TensorSpec]
     ) -> Callable[..., Any]:
         """`fn` replayed as a CUDA graph per batch bucket where graphs are on (CUDA, the context
         asks for them); `fn` itself elsewhere. `specs` give the per-item inputs of `fn` as they
@@ -189,7 +189,7 @@ class TorchStage:
             self._streams[ptr] = stream
         return self.torch.cuda.stream(stream)
 
-    def to_torch(self, array: Any, want: Spec) -> Any:
+    def to_torch(self, array: Any, want: TensorSpec) -> Any:
         if isinstance(array, np.ndarray) and not array.flags.writeable:
             array = array.copy()  # DLPack cannot export a read-only NumPy array
         t = self.torch.from_dlpack(array)
@@ -197,7 +197,7 @@ class TorchStage:
             t = t.to(self.dtype)
         return t
 
-    def from_torch(self, tensor: Any, want: Spec) -> Any:
+    def from_torch(self, tensor: Any, want: TensorSpec) -> Any:
         t = tensor.to(torch_dtype(self.torch, want.dtype)).contiguous()
         if self.cuda:
             return self.ctx.xp.from_dlpack(t)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.models.graphs import bucket
-from services.stage.plugin import Spec
+from services.stage.plugin import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class TorchGraphs:
     docstring. `specs` are the per-item inputs (their dtypes as `fn` receives them)."""
 
     def __init__(
-        self, name: str, fn: Callable[..., Any], specs: Sequence[Spec], device: Any
+        self, name: str, fn: Callable[..., Any], specs: Sequence[TensorSpec], device: Any
     ) -> None:
         import torch
 
