@@ -468,7 +468,7 @@ async def test_time_sliced_replica_gets_its_own_context_and_mps_ones_find_the_da
     agent = Agent(settings(tmp_path), node, MpsDaemon("external", pipe, pipe + "-log"), environ())
 
     def env_of(ep: plan_pb2.Endpoint) -> dict[str, str]:
-        return agent._launch(Instance("i", ep, str(tmp_path / "i.sock"), 0)).env
+        return agent.launches.launch(Instance("i", ep, str(tmp_path / "i.sock"), 0)).env
 
     capped = env_of(replica("p.a.0", 30, gpu=0, mode=plan_pb2.SHARE_MODE_MPS))
     assert capped["CUDA_MPS_PIPE_DIRECTORY"] == pipe

@@ -17,11 +17,9 @@ recorded and the apply fails with UNAVAILABLE; re-applying the same assignment r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
-import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,70 +31,15 @@ from common.errors import CamelotError, Unavailable
 from protos import agent_pb2, plan_pb2
 from services.agent import diff, inventory
 from services.agent.diff import Action, NodeShape
+from services.agent.launch import Launches
 from services.agent.mps import MpsDaemon
-from services.agent.replicas import (
-    RPC_TIMEOUT_S,
-    Instance,
-    Launch,
-    StartError,
-    State,
-    mps_percentage,
-    render_command,
-    safe_name,
-    socket_path,
-)
+from services.agent.orphans import ORPHAN_GRACE_S, Orphans
+from services.agent.replicas import RPC_TIMEOUT_S, Instance, StartError, State, socket_path
 from services.agent.routes import RouteBoard
-from services.agent.settings import AgentSettings, python
+from services.agent.settings import AgentSettings
 from services.agent.supervisor import RestartPolicy, supervise
 
 log = logging.getLogger(__name__)
-
-# After a restarted agent's first apply, replicas left by its killed predecessor keep serving
-# this long (routes move to the new instances) before they are stopped.
-ORPHAN_GRACE_S = 3.0
-
-
-def find_orphans(sock_dir: str) -> dict[int, list[str]]:
-    """Stage processes (pid -> argv) listening under sock_dir that no agent of this boot started:
-    the replicas of an agent that was killed (they run in sessions of their own and outlive it)."""
-    out: dict[int, list[str]] = {}
-    prefix = os.path.join(sock_dir, "")
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in entries:
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                words = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "--unix" in words and words.index("--unix") + 1 < len(words):
-            if words[words.index("--unix") + 1].startswith(prefix):
-                out[int(name)] = words
-    return out
-
-
-def orphan_endpoint(argv: list[str]) -> plan_pb2.Endpoint | None:
-    """The route of an earlier agent's replica, read from its command line."""
-
-    def arg(flag: str) -> str:
-        return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
-
-    rid, pipeline, stage, unix = (
-        arg(f) for f in ("--replica-id", "--pipeline", "--stage", "--unix")
-    )
-    if not (rid and pipeline and stage and unix):
-        return None
-    return plan_pb2.Endpoint(
-        replica=plan_pb2.ReplicaPlan(replica_id=rid),
-        pipeline=pipeline,
-        stage=stage,
-        address=f"unix:{unix}",
-        state=plan_pb2.REPLICA_STATE_READY,
-    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +68,7 @@ class Agent:
             gpus={g.index: g.sm_groups for g in node.gpus},
             host=node.backend is Backend.HOST,
         )
-        self.base_env = dict(base_env)
+        self.launches = Launches(settings, node.backend, self.mode, mps, base_env)
         self.epoch = 0
         self.heartbeats = 0
         self.board = RouteBoard()
@@ -148,24 +91,16 @@ class Agent:
         )
         self._sock_dir = os.path.join(settings.run_dir, "replicas")
         # replicas of a killed predecessor: routed to until this agent's own serve, then stopped
-        found = find_orphans(self._sock_dir)
-        self._orphans = sorted(found)
-        self._orphan_routes = [e for e in map(orphan_endpoint, found.values()) if e is not None]
+        self.orphans = Orphans(self._sock_dir)
         self._reaper: asyncio.Task[None] | None = None
-        if self._orphans:
+        if self.orphans.pids:
             log.warning("replicas of an earlier agent still run (pids %s); they serve until "
-                        "this agent's own do", self._orphans)  # fmt: skip
-        self._log_dir = os.path.join(settings.run_dir, "logs")
-        # a pipe directory where no MPS daemon answers: time-sliced replicas make their own
-        # context there (the driver falls back to a plain context when it finds no daemon)
-        self._no_mps_dir = os.path.join(settings.run_dir, "no-mps")
-        # fail at start, not at the first apply, on a template with an unknown field
-        render_command(settings.replica_command, self._fields(_probe_target(), "", 0))
+                        "this agent's own do", self.orphans.pids)  # fmt: skip
 
     # -- views --------------------------------------------------------------------------------
 
     def endpoints(self) -> list[plan_pb2.Endpoint]:
-        return [i.endpoint() for i in self._all] + list(self._orphan_routes)
+        return [i.endpoint() for i in self._all] + list(self.orphans.routes)
 
     def status(self) -> agent_pb2.AgentStatusResponse:
         return agent_pb2.AgentStatusResponse(
@@ -276,10 +211,10 @@ class Agent:
             self._update_metrics()
             raise Unavailable(f"epoch {assignment.epoch} not applied: {'; '.join(failures)}")
         self.epoch = assignment.epoch
-        self._orphan_routes = []
+        self.orphans.routes = []
         self.publish()
         self._update_metrics()
-        if self._orphans and self._reaper is None:
+        if self.orphans.pids and self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_orphans(ORPHAN_GRACE_S))
         elapsed = mono_us() - t0
         log.info("applied epoch %d: %d started, %d stopped, %d resized in %d ms",
@@ -309,7 +244,7 @@ class Agent:
         inst = Instance(instance_id, target, socket_path(self._sock_dir, instance_id), slot)
         self._all.append(inst)
         try:
-            await inst.launch(self._launch(inst))
+            await inst.launch(self.launches.launch(inst))
             self.publish()
             await inst.wait_ready(self.settings.ready_timeout_s)
         except (StartError, OSError):
@@ -317,7 +252,7 @@ class Agent:
             self._all.remove(inst)
             raise
         inst.watcher = asyncio.create_task(
-            supervise(inst, self._launch, self.policy, self._on_instance_change)
+            supervise(inst, self.launches.launch, self.policy, self._on_instance_change)
         )
         return inst
 
@@ -368,53 +303,6 @@ class Agent:
             out.replica.node = self.settings.node
         return out
 
-    def _fields(self, target: plan_pb2.Endpoint, unix_path: str, slot: int) -> dict[str, object]:
-        plan = target.replica
-        base = self.settings.replica_metrics_base
-        return {
-            "python": python(),
-            "pipeline": target.pipeline,
-            "stage": target.stage,
-            "size": self.settings.size,
-            "replica_id": plan.replica_id,
-            "unix": unix_path,
-            "broker": self.settings.broker_addr,
-            "redis": self.settings.redis_url,
-            "backend": self.node.backend.value,
-            "max_batch": plan.max_batch,
-            "max_wait_us": plan.max_wait_us,
-            "sm_percent": f"{diff.sm_percent(plan, self.mode):g}",
-            "sm_groups": ",".join(str(g) for g in plan.sm_groups)
-            if diff.effective_mode(plan, self.mode) == diff.GREEN
-            else "",
-            "device": max(plan.gpu, 0),
-            "metrics_port": base + slot if base > 0 else 0,
-            "node": self.settings.node,
-        }
-
-    def _launch(self, inst: Instance) -> Launch:
-        fields = self._fields(inst.target, inst.unix_path, inst.slot)
-        env = dict(self.base_env)
-        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        env.update(self.mps.env())
-        # never set a percentage outside MPS mode: with a green split it fails (error 915)
-        env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
-        mode = diff.effective_mode(inst.target.replica, self.mode)
-        if mode == diff.TIME_SLICED:
-            # outside MPS, its own context: the GPU takes it in turns with every other context
-            # (CUDA IPC between it and MPS clients works both ways, probed on the H100)
-            os.makedirs(self._no_mps_dir, exist_ok=True)
-            env["CUDA_MPS_PIPE_DIRECTORY"] = self._no_mps_dir
-        elif mode == diff.MPS:
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = mps_percentage(
-                inst.target.replica.sm_percent
-            )
-        return Launch(
-            argv=render_command(self.settings.replica_command, fields),
-            env=env,
-            log_path=os.path.join(self._log_dir, safe_name(inst.instance_id) + ".log"),
-        )
-
     def _update_metrics(self) -> None:
         metrics.SM_SHARE.clear()
         metrics.REPLICAS.clear()
@@ -434,30 +322,19 @@ class Agent:
     # -- shutdown -----------------------------------------------------------------------------
 
     async def _reap_orphans(self, grace_s: float) -> None:
-        """SIGTERM (they drain), then SIGKILL, the replicas of an earlier agent still running."""
-        await asyncio.sleep(grace_s)
-        self._orphan_routes = []
-        live = set(find_orphans(self._sock_dir)) - {i.pid for i in self._all}
-        orphans = [pid for pid in self._orphans if pid in live]
-        self._orphans = []
-        for pid in orphans:
-            log.info("stopping pid %d, a replica of an earlier agent", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for _ in range(int(self.settings.kill_grace_s / 0.1)):
-            if not set(orphans) & set(find_orphans(self._sock_dir)):
-                return
-            await asyncio.sleep(0.1)
-        for pid in set(orphans) & set(find_orphans(self._sock_dir)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """Stops the earlier agent's replicas after `grace_s`, never one of this agent's own."""
+
+        def ours() -> set[int | None]:
+            return {i.pid for i in self._all}
+
+        await self.orphans.reap(grace_s, self.settings.kill_grace_s, ours)
 
     async def close(self) -> None:
         """Drains and stops every replica (routes show them DRAINING first)."""
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
-        if self._orphans:
+        if self.orphans.pids:
             self._reaper = asyncio.create_task(self._reap_orphans(0.0))
             await self._reaper
         if self._background is not None:
@@ -469,7 +346,3 @@ class Agent:
             await self._retire(retired)
             self.publish()
             self._update_metrics()
-
-
-def _probe_target() -> plan_pb2.Endpoint:
-    return plan_pb2.Endpoint(replica=plan_pb2.ReplicaPlan(replica_id="probe"))
