@@ -1,7 +1,7 @@
 """The search core of the predictive policies: a plan at given rates that the predictor passes.
 
 `Solver.attempt` turns per-pipeline rates into a packed, verified plan: each stage's Pareto
-choices (`planning.Candidates`), one combination per pipeline (`planning.merge`: fewest units,
+choices (`frontiers.Candidates`), one combination per pipeline (`frontiers.merge`: fewest units,
 or in slack mode the most latency headroom that still packs), packing (`planning.pack`), then
 the full contention-aware predictor; its contention factors price the next round.
 """
@@ -18,16 +18,14 @@ import numpy as np
 from common.errors import InvalidArgument
 from scheduler.perfmodel.predictor import HopCosts, predict
 from scheduler.policy import PlanSpec, PolicyInput
+from scheduler.search.frontiers import Candidates, Merged, merge
 from scheduler.search.planning import (
     PACKINGS,
-    Candidates,
     Choice,
     Grid,
-    Merged,
     Options,
     assemble,
     items_for,
-    merge,
     pack,
     slots,
     stage_profiles,
