@@ -45,7 +45,7 @@ test-gpu: codegen ## run the gpu tests (on a machine with CUDA)
 lint: codegen ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common shmbroker services scheduler loadgen
+	$(BIN)/mypy common contract shmbroker services scheduler loadgen
 
 fmt: venv ## format the code
 	$(BIN)/ruff format .

@@ -48,8 +48,8 @@ import numpy as np
 
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
-from common.pipeline_config import list_pipelines, pipelines_dir
 from common.results import REPO_ROOT, module_command, run_main, write_result
+from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import tails, traces
 from loadgen.hostcost import LOADGEN, STAGE, CpuSampler, ProcessTree, Window, roots_of
 from loadgen.inputs import Mix, uniform_mix

@@ -35,8 +35,8 @@ import numpy as np
 
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
-from common.pipeline_config import list_pipelines, pipelines_dir
 from common.results import module_command, run_main, write_result
+from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import traces
 from loadgen.bench_host import Workload, mesh_for, relative
 from loadgen.openloop import Record, percentiles_ms, run_open_loop

@@ -40,8 +40,8 @@ import grpc
 import numpy as np
 
 from common import lifecycle
-from common.pipeline_config import load_pipeline
 from common.results import module_command, write_result
+from contract.pipeline_config import load_pipeline
 from loadgen import traces
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import OK, Result, run_open_loop

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import pipeline_config
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
+from contract import pipeline_config
 from loadgen.experiments.admin import parse_policy
 from loadgen.inputs import parse_mix
 from scheduler.perfmodel.predictor import HopCosts, predict

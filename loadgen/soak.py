@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from common.pipeline_config import list_pipelines, load_pipeline
 from common.progress import step
 from common.results import module_command, write_result
+from contract.pipeline_config import list_pipelines, load_pipeline
 from loadgen import traces
 from loadgen.faults import broker_stats, held_bytes, replica_pids, settle
 from loadgen.inputs import uniform_mix

@@ -35,9 +35,9 @@ from common import lifecycle, meshrecord
 from common.backend import resolve
 from common.dtypes import to_numpy, wire_from_array
 from common.errors import CamelotError
-from common.pipeline_config import config_path, list_pipelines, load_pipeline
 from common.progress import Progress, step
 from common.settings import SettingsError
+from contract.pipeline_config import config_path, list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.launcher import Mesh, Proc, free_port, wait_healthy
 from services.meshclient import UsageError, cmd_query, cmd_status

@@ -14,7 +14,7 @@ import grpc
 
 from common import lifecycle, meshrecord
 from common.dtypes import wire_from_array
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from protos import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, plan_pb2, tensor_pb2
 
 

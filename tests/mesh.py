@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from services.launcher import Mesh, Proc, free_port, wait_healthy
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidArgument
-from common.pipeline_config import pipelines_dir
+from contract.pipeline_config import pipelines_dir
 from loadgen.bench_served import gather, pipeline_row, suggested_qos, summarize
 from loadgen.openloop import Record
 

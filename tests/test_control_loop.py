@@ -22,7 +22,7 @@ import pytest
 
 from common import lifecycle
 from common.dtypes import to_numpy, wire_from_array
-from common.pipeline_config import config_path
+from contract.pipeline_config import config_path
 from protos import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.launcher import Mesh, free_port, wait_healthy
 

@@ -13,7 +13,7 @@ import pytest
 from common import lifecycle
 from common.backend import Backend
 from common.dtypes import array_from_wire, wire_from_array
-from common.pipeline_config import list_pipelines, load_pipeline
+from contract.pipeline_config import list_pipelines, load_pipeline
 from protos import broker_pb2, broker_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.pipelines.runner import make_input, run_direct
 from services.stage.plugin import ModelContext

@@ -19,7 +19,7 @@ import pytest
 
 from common import lifecycle
 from common.dtypes import wire_from_array
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from loadgen import faults
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.pipelines.runner import make_input

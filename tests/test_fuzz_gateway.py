@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from common.dtypes import array_from_wire, wire_from_array
 from common.lifecycle import CHANNEL_OPTIONS
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from protos import broker_pb2, broker_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.pipelines.runner import make_input
 from tests import mesh as testmesh

@@ -12,7 +12,7 @@ from PIL import Image
 from common import jpeg
 from common.dtypes import array_from_wire
 from common.errors import InvalidArgument
-from common.pipeline_config import load_pipeline, pipelines_dir
+from contract.pipeline_config import load_pipeline, pipelines_dir
 from loadgen.inputs import make_input
 from protos import tensor_pb2
 from services.pipelines import runner

@@ -7,7 +7,7 @@ import pytest
 
 from common.backend import Backend
 from common.errors import InvalidArgument
-from common.pipeline_config import list_pipelines, load_pipeline
+from contract.pipeline_config import list_pipelines, load_pipeline
 from services.pipelines.runner import make_input
 from services.stage.plugin import ModelContext, build_model
 

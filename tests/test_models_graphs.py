@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from services.models.graphs import bucket
 from services.models.kernels import THREADS, plan
 from services.stage.plugin import ModelContext, build_model

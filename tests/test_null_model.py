@@ -9,7 +9,7 @@ import pytest
 
 from common.backend import Backend
 from common.errors import InvalidArgument
-from common.pipeline_config import list_pipelines, load_pipeline, pipelines_dir
+from contract.pipeline_config import list_pipelines, load_pipeline, pipelines_dir
 from services.models.null import null
 from services.pipelines import runner
 from services.stage.plugin import ModelContext

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from common import pipeline_config
 from common.errors import InvalidArgument
+from contract import pipeline_config
 from loadgen import pipeline_fit
 from scheduler.perfmodel.predictor import predict
 from scheduler.perfmodel.profiles import load_default

@@ -11,7 +11,7 @@ import yaml
 
 from common.backend import Backend
 from common.errors import InvalidArgument, NotFound
-from common.pipeline_config import (
+from contract.pipeline_config import (
     list_pipelines,
     load_config,
     load_pipeline,

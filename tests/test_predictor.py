@@ -218,7 +218,7 @@ def test_dynamic_batch_grows_with_rate_and_respects_max_wait() -> None:
 
 
 def test_a_batch_waits_only_when_company_is_likely() -> None:
-    """The batcher's rule (common.batching): at 5 qps nobody else comes within 20 ms, so a
+    """The batcher's rule (contract.batching): at 5 qps nobody else comes within 20 ms, so a
     request runs at once; at 200 qps four are expected, so the batch waits and grows."""
     svc = lambda b: 1.0 + 0.1 * b  # noqa: E731
     sparse = queueing.replica(5, 32, 20.0, svc)
@@ -378,7 +378,7 @@ async def test_profiles_round_trip_through_redis(redis_server) -> None:
 def test_a_query_pays_its_own_cost_outside_the_stages_once() -> None:
     """The client's send and the gateway's work: a constant plus the input's bytes, once per
     query whatever the stages; the configs give each pipeline its input's size."""
-    from common.pipeline_config import load_pipeline
+    from contract.pipeline_config import load_pipeline
     from scheduler.perfmodel.predictor import HopCosts
     from scheduler.service.pipelines import from_config
 

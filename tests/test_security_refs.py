@@ -18,7 +18,7 @@ import pytest
 from common import lifecycle
 from common.dtypes import from_numpy, wire_from_array
 from common.errors import RETRY_AFTER_KEY
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from protos import (
     broker_pb2,
     broker_pb2_grpc,

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from common import jpeg, lifecycle  # noqa: E402
 from common.backend import Backend  # noqa: E402
 from common.dtypes import array_from_wire, wire_from_array  # noqa: E402
-from common.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
+from contract.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2  # noqa: E402
 from services.pipelines.runner import clear_cache, make_input, run_direct  # noqa: E402
 from services.stage.plugin import ModelContext  # noqa: E402

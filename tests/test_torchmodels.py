@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from common import jpeg  # noqa: E402
 from common.backend import Backend  # noqa: E402
 from common.errors import InvalidArgument, NotFound  # noqa: E402
-from common.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
+from contract.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
 from services.pipelines import runner  # noqa: E402
 from services.stage.plugin import ModelContext, build_model  # noqa: E402
 from services.torchmodels import audio, byom, decoding, vision  # noqa: E402

@@ -2,7 +2,7 @@
 
 A replica dispatches when its queue holds `max_batch` requests or the oldest has waited
 `wait`: `max_wait` when λ·max_wait makes company likely, else 0 (the batcher's rule,
-`common.batching`). So its mean batch `b` settles where either the wait fills it (`1 + λ·wait`)
+`contract.batching`). So its mean batch `b` settles where either the wait fills it (`1 + λ·wait`)
 or the queue that built up during the previous batch does (`λ·S(b)`), capped at `max_batch`. A
 request's p99 is then
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.batching import effective_wait, effective_wait_array
+from contract.batching import effective_wait, effective_wait_array
 
 # above this capacity utilisation a replica is treated as unstable (tail not predictable)
 RHO_MAX = 0.92

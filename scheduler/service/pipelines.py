@@ -1,7 +1,7 @@
 """The pipelines the scheduler knows, as the policies see them (`PipelineInfo`).
 
 They come from the settings when given (tests, embedding), else from the shared pipeline config
-(`common.pipeline_config`: `list_pipelines(dir)` and `load_pipeline(name, size, dir)`).
+(`contract.pipeline_config`: `list_pipelines(dir)` and `load_pipeline(name, size, dir)`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common import pipeline_config
+from contract import pipeline_config
 from scheduler.policy import PipelineInfo, StageInfo
 from scheduler.service.settings import SchedulerSettings
 

@@ -22,7 +22,7 @@ class SchedulerSettings:
     policy_options: Mapping[str, str] = field(default_factory=dict)
     size: str = "tiny"
     pipelines_dir: str = ""
-    # pipelines the scheduler knows; empty: read from the pipeline config (common.pipeline_config)
+    # pipelines the scheduler knows; empty: read from the pipeline config (contract.pipeline_config)
     pipelines: tuple[PipelineInfo, ...] = ()
     metrics_port: int = 0
     # stage profiles for the predictive policies (scheduler.perfmodel.profiles); empty: the

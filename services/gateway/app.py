@@ -15,8 +15,8 @@ import numpy as np
 from common import lifecycle
 from common.backend import Backend, resolve, use_device
 from common.errors import CamelotError, from_rpc_error
-from common.pipeline_config import list_pipelines, load_pipeline
 from common.retry import Backoff
+from contract.pipeline_config import list_pipelines, load_pipeline
 from protos import (
     admin_pb2,
     admin_pb2_grpc,

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from common.backend import Backend
-from common.pipeline_config import load_pipeline
 from common.results import module_command, write_result
+from contract.pipeline_config import load_pipeline
 from services.pipelines import runner
 from services.pipelines.runner import make_input
 from services.stage.plugin import ModelContext, build_model

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidArgument
-from common.pipeline_config import DTYPES
+from contract.pipeline_config import DTYPES
 from services.models.base import positive
 from services.stage.plugin import ModelContext, TensorSpec
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from common.backend import to_host
 from common.errors import InvalidArgument
-from common.pipeline_config import ResolvedPipeline, TensorSpec, parse_source
+from contract.pipeline_config import ResolvedPipeline, TensorSpec, parse_source
 from services.stage.plugin import Model, ModelContext, build_model, load_factory
 
 _CACHE: dict[tuple[Any, ...], dict[str, Model]] = {}

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("services.profiler")
 
-    from common.pipeline_config import load_pipeline
+    from contract.pipeline_config import load_pipeline
 
     settings = Settings(
         tuple(args.pipelines),

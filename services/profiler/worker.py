@@ -38,7 +38,7 @@ def stage_main(
     import numpy as np
 
     from common.backend import Backend
-    from common.pipeline_config import load_pipeline
+    from contract.pipeline_config import load_pipeline
     from services.pipelines import runner
     from services.stage.plugin import ModelContext, build_model
 

@@ -15,7 +15,7 @@ from common import lifecycle
 from common.backend import Backend, resolve, use_device, xp_for
 from common.clock import mono_us
 from common.errors import InvalidArgument, NotFound
-from common.pipeline_config import load_pipeline
+from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import Replica, ReplicaIdentity

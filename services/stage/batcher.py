@@ -1,7 +1,7 @@
 """Dynamic batching: requests queue up; a batch closes at `max_batch` or `max_wait_us` after its
 first request was taken, whichever comes first, and runs while the next one fills. A batch waits
 only when the recent arrival rate makes company likely within `max_wait_us`
-(`common.batching`), so at low load a request never waits for others that are not coming.
+(`contract.batching`), so at low load a request never waits for others that are not coming.
 
 The batcher knows nothing of models or gRPC: it hands each closed batch to `run_batch`, which
 must settle every item's future. Times are integer microseconds on the monotonic clock.
@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.batching import ArrivalRate, effective_wait
 from common.clock import mono_us
 from common.errors import CamelotError, DeadlineExceeded, ResourceExhausted, Unavailable
+from contract.batching import ArrivalRate, effective_wait
 
 log = logging.getLogger(__name__)
 

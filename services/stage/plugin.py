@@ -25,7 +25,7 @@ import numpy as np
 
 from common.backend import Backend
 from common.errors import InvalidArgument
-from common.pipeline_config import TensorSpec
+from contract.pipeline_config import TensorSpec
 
 __all__ = ["Model", "ModelContext", "TensorSpec", "build_model", "load_factory"]
 

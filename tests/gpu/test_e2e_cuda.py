@@ -15,7 +15,7 @@ import pytest
 from common import lifecycle
 from common.backend import Backend
 from common.dtypes import array_from_wire, wire_from_array
-from common.pipeline_config import list_pipelines, load_pipeline
+from contract.pipeline_config import list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
 from services.pipelines.runner import clear_cache, make_input, run_direct
 from services.stage.plugin import ModelContext

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
-from common.pipeline_config import list_pipelines, load_pipeline
+from contract.pipeline_config import list_pipelines, load_pipeline
 from services.models.base import ReferenceModel, spec
 from services.models.cublas import gemm
 from services.models.graphs import bucket, capturable_matmul

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
-from common.pipeline_config import list_pipelines, load_pipeline
+from contract.pipeline_config import list_pipelines, load_pipeline
 from services.pipelines.runner import build_models, clear_cache, make_input, run_direct
 from services.stage.plugin import ModelContext, build_model
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
-from common.pipeline_config import load_pipeline, pipelines_dir
+from contract.pipeline_config import load_pipeline, pipelines_dir
 from services.models.null import null
 from services.pipelines.runner import make_input, run_batch
 from services.stage.plugin import ModelContext

@@ -54,8 +54,8 @@ _SIZE_KEYS = {"qos_p99_ms", "input", "options"}
 
 
 def pipelines_dir() -> Path:
-    """Where the bundled configs live (services/pipelines), found by path: common never imports
-    services."""
+    """Where the bundled configs live (services/pipelines), found by path: the contract never
+    imports services."""
     return Path(__file__).resolve().parent.parent / "services" / "pipelines"
 
 
