@@ -1,6 +1,7 @@
 """The stage profile document as it crosses processes: its format name, its envelope, and its
 keys in Redis. Only the format: what a profile means and how it is read is the scheduler's
-(`scheduler.perfmodel.profiles`), how it is measured the profiler's (`services.profiler`).
+(`scheduler.perfmodel.profiles`, `.profilestore`), how it is measured the profiler's
+(`services.profiler`).
 
     {"format": "camelot-profiles/1", "device", "date", "synthetic", "note", ...,
      "profiles": {"<pipeline>/<stage>": {...}}}

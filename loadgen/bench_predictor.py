@@ -39,7 +39,8 @@ from common.progress import Progress
 from common.results import module_command, write_result
 from loadgen import children
 from scheduler.perfmodel import predictor
-from scheduler.perfmodel.profiles import MEASURED_PROFILES, StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, load
 from scheduler.policy import (
     GpuInfo,
     NodeInfo,

@@ -29,7 +29,8 @@ import numpy as np
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
 from loadgen.bench_predictor import Colocation, colocations_of, predict
-from scheduler.perfmodel.profiles import StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import load
 
 GRID = np.geomspace(0.25, 40.0, 321)
 

@@ -32,7 +32,7 @@ from contract import pipeline_config
 from loadgen.experiments.admin import parse_policy
 from loadgen.inputs import parse_mix
 from scheduler.perfmodel.predictor import HopCosts, predict
-from scheduler.perfmodel.profiles import MEASURED_PROFILES, load, load_default
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, load, load_default
 from scheduler.policy import GpuInfo, NodeInfo, PlanSpec, PolicyInput
 from scheduler.search.policies import get_policy
 from scheduler.service.pipelines import from_config

@@ -11,7 +11,7 @@ import pytest
 from common.errors import InvalidArgument, Unavailable
 from common.results import write_result
 from loadgen import bench_predictor as bp
-from scheduler.perfmodel.profiles import MEASURED_PROFILES, SYNTHETIC_PROFILES, load
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, SYNTHETIC_PROFILES, load
 
 PROFILES = load(MEASURED_PROFILES)
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidArgument
-from scheduler.perfmodel import profiles as P
+from scheduler.perfmodel import profilestore as P
+from scheduler.perfmodel.profiles import StageProfile
 from scheduler.tools import profile_merge
 
 SYN = json.loads(P.SYNTHETIC_PROFILES.read_text())
 
 
-def noisy(**kw: object) -> P.StageProfile:
+def noisy(**kw: object) -> StageProfile:
     # launch-bound noise: slower at more SMs and at smaller batches in places
     table = ((10.0, 9.0, 12.0), (6.0, 11.0, 7.0), (8.0, 5.0, 9.0))
     args = dict(
@@ -24,7 +25,7 @@ def noisy(**kw: object) -> P.StageProfile:
         pressure=0.0,
     )  # fmt: skip
     args.update(kw)
-    return P.StageProfile(**args)  # type: ignore[arg-type]
+    return StageProfile(**args)  # type: ignore[arg-type]
 
 
 def test_non_monotone_measurements_interpolate_monotone() -> None:
@@ -86,7 +87,7 @@ something else entirely
 
 
 def measured_doc(device: str = "GPU X") -> dict[str, object]:
-    prof = P.StageProfile.from_json("text-to-img/encode", SYN["profiles"]["text-to-img/encode"])
+    prof = StageProfile.from_json("text-to-img/encode", SYN["profiles"]["text-to-img/encode"])
     obj = prof.to_json()
     obj["sensitivity"] = {"pressure": [0.0, 0.3, 0.7, 0.9], "slowdown": [1.0, 1.1, 1.2, 1.5]}
     doc = P.to_document([], device=device, date="2026-11-24", note="m")

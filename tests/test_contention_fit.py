@@ -11,7 +11,8 @@ import pytest
 from common.errors import InvalidArgument
 from loadgen import contention_fit
 from loadgen.bench_predictor import TRAINING, predict
-from scheduler.perfmodel.profiles import MEASURED_PROFILES, StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, load
 
 
 def test_pressure_scale_round_trips_and_scales_what_a_stage_exerts():
@@ -21,7 +22,7 @@ def test_pressure_scale_round_trips_and_scales_what_a_stage_exerts():
     back = StageProfile.from_json(q.key, q.to_json())
     assert back.pressure_scale == 2.5 and back.pressure == p.pressure
     bad = {**q.to_json(), "pressure_scale": 0}
-    from scheduler.perfmodel.profiles import parse_document
+    from scheduler.perfmodel.profilestore import parse_document
 
     with pytest.raises(InvalidArgument):
         parse_document({"format": "camelot-profiles/1", "profiles": {q.key: bad}})

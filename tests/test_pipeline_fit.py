@@ -11,7 +11,7 @@ from common.errors import InvalidArgument
 from contract import pipeline_config
 from loadgen import pipeline_fit
 from scheduler.perfmodel.predictor import predict
-from scheduler.perfmodel.profiles import load_default
+from scheduler.perfmodel.profilestore import load_default
 from scheduler.policy import NodeInfo, PolicyInput
 from scheduler.search.policies import get_policy
 from scheduler.service.pipelines import from_config

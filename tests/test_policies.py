@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from common.errors import InvalidArgument
 from scheduler.perfmodel.predictor import predict
-from scheduler.perfmodel.profiles import load
+from scheduler.perfmodel.profilestore import load
 from scheduler.policy import (
     GpuInfo,
     Measured,

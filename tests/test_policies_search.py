@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from scheduler.perfmodel.predictor import HopCosts, predict
-from scheduler.perfmodel.profiles import load
+from scheduler.perfmodel.profilestore import load
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
 from scheduler.search.bruteforce import best_load
 from scheduler.search.planning import check_plan

@@ -15,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import FailedPrecondition, InvalidArgument
-from scheduler.perfmodel import profiles as prof_mod
+from scheduler.perfmodel import profilestore as prof_mod
 from scheduler.perfmodel import queueing
 from scheduler.perfmodel.bias import BiasCorrector
 from scheduler.perfmodel.predictor import predict, stage_p99_ms
-from scheduler.perfmodel.profiles import StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import load
 from scheduler.policy import (
     GpuInfo,
     Measured,

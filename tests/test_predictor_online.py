@@ -17,7 +17,7 @@ from common.lifecycle import channel
 from common.reports import ReportWriter
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, plan_pb2, report_pb2
 from scheduler.perfmodel.predictor import predict
-from scheduler.perfmodel.profiles import DEFAULT_PROFILES, load
+from scheduler.perfmodel.profilestore import DEFAULT_PROFILES, load
 from scheduler.policy import PipelineInfo, PolicyInput, StageInfo
 from scheduler.search.planning import total_units
 from scheduler.search.policies.minresource import MinResource

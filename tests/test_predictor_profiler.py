@@ -8,7 +8,8 @@ import pytest
 
 from common import profileformat
 from common.errors import InvalidArgument
-from scheduler.perfmodel import profiles as prof_mod
+from scheduler.perfmodel import profilestore as prof_mod
+from scheduler.perfmodel.profiles import StageProfile
 from services.profiler import profile as prof
 
 
@@ -59,7 +60,7 @@ def test_redis_items_use_the_scheduler_keys() -> None:
     items = prof.redis_items(doc)
     assert list(items) == [prof_mod.REDIS_PREFIX + "img-to-text/encode"]
     value = json.loads(items[prof_mod.REDIS_PREFIX + "img-to-text/encode"])
-    p = prof_mod.StageProfile.from_json("img-to-text/encode", value)
+    p = StageProfile.from_json("img-to-text/encode", value)
     assert p.device == "dev" and p.latency(50, 1) == pytest.approx(2.0)
 
 

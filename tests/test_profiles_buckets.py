@@ -10,7 +10,8 @@ import pytest
 
 from common.errors import InvalidArgument
 from scheduler.perfmodel import queueing
-from scheduler.perfmodel.profiles import MEASURED_PROFILES, StageProfile, load, parse_document
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, load, parse_document
 
 GEN = load(MEASURED_PROFILES)["text-to-img/generate"]
 PLAIN = replace(GEN, batch_buckets="")

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.errors import CamelotError, InvalidArgument
 from protos import admin_pb2, plan_pb2
-from scheduler.perfmodel import profiles
+from scheduler.perfmodel import profilestore
 from scheduler.perfmodel.bias import BiasCorrector
 from scheduler.policy import Measured, PipelineInfo, Policy, PolicyInput
 from scheduler.search.policies import get_policy
@@ -152,9 +152,9 @@ class World:
 def load_profiles(path: str) -> Mapping[str, Any]:
     """The given profiles (errors are fatal), else the bundled ones if they load, else none."""
     if path:
-        return profiles.load(path)
+        return profilestore.load(path)
     try:
-        return profiles.load_default()
+        return profilestore.load_default()
     except CamelotError as e:
         log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
         return {}

@@ -28,7 +28,8 @@ from typing import Any
 
 from common.results import cpu_model, git_short_hash
 from scheduler.perfmodel.predictor import HopCosts, predict
-from scheduler.perfmodel.profiles import StageProfile, load
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import load
 from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PolicyInput, StageInfo
 from scheduler.search.bruteforce import best_load
 from scheduler.search.policies.maxload import MaxLoad

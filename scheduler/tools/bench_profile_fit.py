@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from common.results import module_command, write_result
-from scheduler.perfmodel.profiles import StageProfile, load, monotone_table
+from scheduler.perfmodel.profiles import StageProfile, monotone_table
+from scheduler.perfmodel.profilestore import load
 
 Table = tuple[tuple[float, ...], ...]
 NAME = "profile-fit"

@@ -19,12 +19,8 @@ from typing import Any
 
 from common import profileformat
 from common.errors import InvalidArgument
-from scheduler.perfmodel.profiles import (
-    MEASURED_PROFILES,
-    SYNTHETIC_PROFILES,
-    number_key,
-    parse_document,
-)
+from scheduler.perfmodel.profiles import number_key
+from scheduler.perfmodel.profilestore import MEASURED_PROFILES, SYNTHETIC_PROFILES, parse_document
 
 
 @dataclass

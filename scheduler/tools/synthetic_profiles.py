@@ -21,7 +21,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from scheduler.perfmodel.profiles import DEFAULT_PROFILES, StageProfile, save
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import DEFAULT_PROFILES, save
 
 SM_COUNT = 132
 DEVICE = "NVIDIA H100 80GB HBM3 (synthetic)"
