@@ -1,5 +1,9 @@
 """The `even` baseline: one replica per stage, GPUs split into equal SM shares.
 
+Option `replicas` (default 1): that many replicas of every stage, each dealt as a stage of its
+own (a benchmark of the host path scales a stage's processes this way; the GPU split is the same
+rule over more slots).
+
 Stages (every stage of every pipeline, in order) are dealt over the GPUs of all nodes in
 contiguous runs, so adjacent stages of a pipeline share a GPU when stages outnumber GPUs; each
 GPU's 100% is split equally among the stages on it. In green mode a GPU's SM groups are split
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from common.errors import FailedPrecondition
+from common.errors import FailedPrecondition, InvalidArgument
 from scheduler.policy import (
     GpuInfo,
     NodeInfo,
@@ -27,7 +31,17 @@ class EvenPolicy:
     follows_load = False  # equal shares whatever the load
 
     def plan(self, world: PolicyInput) -> PlanSpec:
-        stages = [(p, s) for p in world.pipelines for s in p.stages]
+        text = world.options.get("replicas", "1")
+        try:
+            copies = int(text)
+        except ValueError:
+            copies = 0
+        if copies < 1:
+            raise InvalidArgument(
+                f"even: option replicas must be a whole number >= 1, got {text!r}"
+            )
+        # every replica is dealt as a stage of its own: (pipeline, stage, replica index)
+        stages = [(p, s, r) for p in world.pipelines for s in p.stages for r in range(copies)]
         gpus: list[tuple[NodeInfo, GpuInfo | None]] = [
             (n, g) for n in world.nodes if n.backend == "cuda" for g in n.gpus
         ]
@@ -43,8 +57,8 @@ class EvenPolicy:
         on_slot: dict[int, list[int]] = {}
         for i, slot in enumerate(slot_of):
             on_slot.setdefault(slot, []).append(i)
-        out: list[StageAssignment] = []
-        for i, (p, s) in enumerate(stages):
+        replicas: dict[tuple[str, str], list[ReplicaSpec]] = {}
+        for i, (p, s, r) in enumerate(stages):
             node, gpu = gpus[slot_of[i]]
             peers = on_slot[slot_of[i]]
             k, j = len(peers), peers.index(i)
@@ -66,7 +80,7 @@ class EvenPolicy:
                 # floor to 0.01% so the shares of one GPU never add past 100
                 percent = math.floor(10_000 / k) / 100
             replica = ReplicaSpec(
-                replica_id=f"{p.name}.{s.name}.0",
+                replica_id=f"{p.name}.{s.name}.{r}",
                 node=node.name,
                 gpu=index,
                 sm_percent=percent,
@@ -74,5 +88,9 @@ class EvenPolicy:
                 max_wait_us=s.max_wait_us,
                 sm_groups=groups,
             )
-            out.append(StageAssignment(pipeline=p.name, stage=s.name, replicas=(replica,)))
-        return PlanSpec(policy=self.name, stages=tuple(out), planned_qps=dict(world.load_qps))
+            replicas.setdefault((p.name, s.name), []).append(replica)
+        out = tuple(
+            StageAssignment(pipeline=pipeline, stage=stage, replicas=tuple(specs))
+            for (pipeline, stage), specs in replicas.items()
+        )
+        return PlanSpec(policy=self.name, stages=out, planned_qps=dict(world.load_qps))
