@@ -60,13 +60,14 @@ async def green_mode(replica: Replica, servicer: StageServicer, settings: StageS
     """Runs the replica's batches on a green context over its SM groups; Resize switches it."""
     from services.green.context import GreenShare
 
-    share = await replica._on_gpu(GreenShare.create, settings.device, settings.sm_groups)
-    replica.switch = share.switch()
+    gpu = replica.gpu
+    share = await gpu.run(GreenShare.create, settings.device, settings.sm_groups)
+    gpu.switch = share.switch()
 
     async def resize(groups: tuple[int, ...]) -> tuple[int, int]:
         t0 = mono_us()
-        pending = await replica._on_gpu(share.prepare, groups)
-        installed = await replica._on_gpu(replica.switch.request, pending)
+        pending = await gpu.run(share.prepare, groups)
+        installed = await gpu.run(gpu.switch.request, pending)
         new = await asyncio.wrap_future(installed)
         return mono_us() - t0, int(new.multiprocessors)
 

@@ -16,7 +16,7 @@ import logging
 from common.errors import CamelotError, Cancelled, InvalidArgument
 from protos import stage_pb2
 from services.stage.intake import Intake
-from services.stage.replica import Result
+from services.stage.requests import Result
 from shmbroker.client import NeedsRefresh
 
 log = logging.getLogger(__name__)

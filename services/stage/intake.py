@@ -17,7 +17,8 @@ from common.clock import mono_us
 from common.dtypes import array_from_wire, to_numpy
 from common.errors import InvalidArgument, PermissionDenied
 from protos import stage_pb2, tensor_pb2
-from services.stage.replica import Replica, Request, check_inputs
+from services.stage.replica import Replica
+from services.stage.requests import Request, check_inputs
 from shmbroker.arena import is_local_lease
 from shmbroker.client import NeedsRefresh
 

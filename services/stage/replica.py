@@ -1,83 +1,30 @@
 """A stage replica's domain: validated requests in, batched model runs, outputs into broker buffers.
 
-Every piece of GPU work (gathering inputs, `infer`, scattering outputs, synchronizing) runs on the
-replica's one executor thread, on the replica's stream, so the event loop never blocks on the GPU
-and a batch's kernels are ordered. Outputs are synchronized before the answer leaves, so the next
-stage (another process) reads finished bytes.
+The replica queues checked requests (`requests.py`) in its batcher; for each batch it makes sure
+the refs' broker leases are still open, allocates the output buffers no caller gave (one broker
+call beside the compute), hands the batch to its GPU thread (`gputhread.py`: one hand-off when
+every output buffer is known), settles each request's future and reports its timings.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from common import metrics
-from common.backend import Backend, to_host, wait_for
+from common.backend import Backend
 from common.clock import mono_us, wall_us
-from common.dtypes import wire_from_array
-from common.errors import CamelotError, InvalidArgument
+from common.errors import CamelotError
 from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
-from services.stage.plugin import Model, TensorSpec
+from services.stage.gputhread import GpuThread
+from services.stage.plugin import Model
+from services.stage.requests import BufferSource, Request, Result, check_inputs
 
 log = logging.getLogger(__name__)
-
-
-class BufferSource(Protocol):
-    """What the replica needs from the broker client."""
-
-    async def allocate(
-        self, items: Sequence[tuple[str, Any, tuple[int, ...]]], device: int = 0
-    ) -> list[tensor_pb2.TensorRef]: ...
-
-    async def view(self, ref: tensor_pb2.TensorRef) -> Any: ...
-
-    def view_cached(self, ref: tensor_pb2.TensorRef) -> Any: ...
-
-    def pool_of(self, slab_id: str) -> str: ...
-
-    async def warm_pool(self, pool: str, device: int = 0) -> None: ...
-
-    async def closed_leases(self, lease_ids: Sequence[str]) -> dict[str, CamelotError]: ...
-
-
-@dataclass
-class Request:
-    """One validated request: inputs are per-item arrays on the replica's backend."""
-
-    query_id: str
-    pipeline: str
-    lease_id: str
-    inputs: dict[str, Any]
-    wire_out: bool
-    deadline_us: int | None = None
-    # output buffers the caller allocated (refs and their views), in model output order
-    out_refs: list[tensor_pb2.TensorRef] | None = None
-    out_views: list[Any] | None = None
-    # broker leases its refs (inputs, given outputs) lie under, checked open before the batch
-    ref_leases: frozenset[str] = frozenset()
-
-    @property
-    def allocates(self) -> bool:
-        """The replica allocates this request's outputs (ref transport, none given)."""
-        return not self.wire_out and self.out_refs is None
-
-
-@dataclass
-class Result:
-    outputs: list[tensor_pb2.Tensor]
-    queue_us: int
-    batch_wait_us: int
-    compute_us: int
-    batch_size: int
 
 
 @dataclass
@@ -91,63 +38,11 @@ class ReplicaIdentity:
     sm_groups: tuple[int, ...] = field(default_factory=tuple)
 
 
-def check_inputs(
-    specs: Sequence[TensorSpec],
-    given: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]],
-    what: str = "input",
-) -> None:
-    """INVALID_ARGUMENT unless the tensors are exactly the declared ones, in dtype and shape;
-    `what` names them in the message ("input", or "output buffer" for caller-given outputs)."""
-    want = {s.name: s for s in specs}
-    extra = sorted(set(given) - set(want))
-    if extra:
-        raise InvalidArgument(f"unexpected {what}s {extra}; the model takes {sorted(want)}")
-    for name, spec in want.items():
-        if name not in given:
-            raise InvalidArgument(f"missing {what} {name!r}")
-        dtype, shape = given[name]
-        if np.dtype(dtype) != spec.dtype:
-            raise InvalidArgument(
-                f"{what} {name!r} has dtype {np.dtype(dtype)}, expected {spec.dtype}"
-            )
-        if tuple(shape) != tuple(spec.shape):
-            raise InvalidArgument(
-                f"{what} {name!r} has shape {list(shape)}, expected {list(spec.shape)}"
-            )
-
-
 def warm_sizes(max_batch: int) -> list[int]:
     """The batch sizes a warm-up runs: 1, 2, 4, ... below max_batch, then max_batch."""
     return sorted(
         {1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch} | {max_batch}
     )
-
-
-def _row_copier(backend: Backend, xp: Any) -> Any:
-    """copy(dst, batch, row): dst[...] = batch[row], by raw memcpy where both are contiguous."""
-    if backend is not Backend.CUDA:
-
-        def copy_host(dst: Any, batch: Any, row: int) -> None:
-            dst[...] = batch[row]
-
-        return copy_host
-    runtime = xp.cuda.runtime
-    stream = xp.cuda.get_current_stream().ptr
-
-    def copy_cuda(dst: Any, batch: Any, row: int) -> None:
-        nbytes = dst.nbytes
-        if (
-            batch.flags.c_contiguous
-            and dst.flags.c_contiguous
-            and batch.dtype == dst.dtype
-            and batch.strides[0] == nbytes
-        ):
-            src = batch.data.ptr + row * nbytes
-            runtime.memcpyAsync(dst.data.ptr, src, nbytes, runtime.memcpyDeviceToDevice, stream)
-        else:
-            dst[...] = batch[row]
-
-    return copy_cuda
 
 
 def _code_of(future: asyncio.Future[Any]) -> str:
@@ -179,11 +74,7 @@ class Replica:
         self.xp = xp
         self.buffers = buffers
         self.reports = reports
-        self.stream = stream
-        # green-context mode: a ShareSwitch of slices; each batch runs whole on one slice
-        self.switch: Any = None
-        self._batch_stream: Any = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self.gpu = GpuThread(model, backend, xp, stream)
         self.batcher = Batcher(self._run_batch, max_batch, max_wait_us, max_queue)
         self._labels = (identity.pipeline, identity.stage, identity.replica_id)
         self._queue_depth = metrics.QUEUE_DEPTH.labels(*self._labels)
@@ -204,11 +95,11 @@ class Replica:
         for n in warm_sizes(self.batcher.max_batch):
             batch = {s.name: self.xp.zeros((n, *s.shape), dtype=s.dtype) for s in self.model.inputs}
             for _ in range(rounds):
-                await self._on_gpu(self._begin_batch)
+                await self.gpu.run(self.gpu.begin_batch)
                 try:
-                    await self._on_gpu(self._infer_sync, batch)
+                    await self.gpu.run(self.gpu.infer_sync, batch)
                 finally:
-                    await self._on_gpu(self._end_batch)
+                    await self.gpu.run(self.gpu.end_batch)
 
     async def drain(self) -> int:
         return await self.batcher.drain()
@@ -219,7 +110,7 @@ class Replica:
 
     async def close(self) -> None:
         await self.batcher.stop()
-        self.executor.shutdown(wait=True)
+        self.gpu.shutdown()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -258,85 +149,6 @@ class Replica:
             )
         counter.inc()
         self._latency.observe(total_us / 1e6)
-
-    async def _on_gpu(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    def _stream_ctx(self) -> Any:
-        stream = self._batch_stream if self._batch_stream is not None else self.stream
-        return stream if stream is not None else contextlib.nullcontext()
-
-    def _sync(self) -> None:
-        """Waits for this thread's current stream, sleeping rather than spinning: outputs are
-        final before the answer leaves."""
-        if self.backend is Backend.CUDA:
-            wait_for()
-
-    def _begin_batch(self) -> None:
-        """On the GPU thread: the slice this batch runs on (green mode), fixed until it ends."""
-        if self.switch is not None:
-            self._batch_stream = self.switch.begin_batch().stream
-
-    def _end_batch(self) -> None:
-        if self.switch is not None:
-            self._batch_stream = None
-            self.switch.end_batch()
-
-    def _infer_sync(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        with self._stream_ctx():
-            out = self.model.infer(batch)
-            self._sync()
-        return out
-
-    def _compute_sync(self, requests: list[Request]) -> dict[str, Any]:
-        with self._stream_ctx():
-            # inputs sent by value arrive as host arrays; they go to the device here, on the
-            # batch's stream, so the copy is ordered before the kernels that read it
-            batch = {
-                s.name: self.xp.stack([self.xp.asarray(r.inputs[s.name]) for r in requests])
-                for s in self.model.inputs
-            }
-            out = self.model.infer(batch)
-            for spec in self.model.outputs:
-                arr = out.get(spec.name)
-                if arr is None:
-                    raise RuntimeError(f"model returned no output {spec.name!r}")
-                if tuple(arr.shape) != (len(requests), *spec.shape):
-                    raise RuntimeError(
-                        f"model output {spec.name!r} has shape {list(arr.shape)}, "
-                        f"expected {[len(requests), *spec.shape]}"
-                    )
-                if arr.dtype != spec.dtype:
-                    out[spec.name] = arr.astype(spec.dtype)
-        return out
-
-    def _scatter_sync(
-        self, out: Mapping[str, Any], views: list[list[Any]], rows: list[int]
-    ) -> None:
-        """Copies row i of every output into its broker view (device to device), then syncs.
-        On CUDA a contiguous row is one cudaMemcpyAsync on the batch's stream (a few us of host
-        time, where an elementwise copy kernel costs CuPy ~15 us to launch)."""
-        with self._stream_ctx():
-            copy = _row_copier(self.backend, self.xp)
-            for row, row_views in zip(rows, views, strict=True):
-                for spec, view in zip(self.model.outputs, row_views, strict=True):
-                    copy(view, out[spec.name], row)
-            self._sync()
-
-    def _wire_sync(self, out: Mapping[str, Any], rows: list[int]) -> list[list[tensor_pb2.Tensor]]:
-        # On the batch's stream: a copy on this thread's default stream would not wait for a
-        # non-blocking stream's kernels and could read an output (or a graph's static output)
-        # before it is written.
-        with self._stream_ctx():
-            host = {spec.name: to_host(out[spec.name]) for spec in self.model.outputs}
-        result = []
-        for row in rows:
-            tensors = []
-            for spec in self.model.outputs:
-                wire = wire_from_array(host[spec.name][row])
-                tensors.append(tensor_pb2.Tensor(name=spec.name, wire=wire))
-            result.append(tensors)
-        return result
 
     async def _allocate_outputs(
         self, requests: list[Request]
@@ -400,41 +212,16 @@ class Replica:
         requests: list[Request] = [i.payload for i in items]
         if any(r.allocates for r in requests):
             # some outputs need buffers from the broker: allocate beside the compute
-            await self._on_gpu(self._begin_batch)
+            await self.gpu.run(self.gpu.begin_batch)
             try:
                 await self._run_batch_on_slice(items)
             finally:
-                await self._on_gpu(self._end_batch)
+                await self.gpu.run(self.gpu.end_batch)
             return
         # every output buffer is known: the whole batch is one hand-off to the GPU thread
         t0 = mono_us()
-        outputs = await self._on_gpu(self._whole_batch_sync, requests)
+        outputs = await self.gpu.run(self.gpu.whole_batch_sync, requests)
         self._settle(items, requests, outputs, mono_us() - t0)
-
-    def _whole_batch_sync(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
-        """On the GPU thread: slice, compute, outputs into their buffers or bytes, one wait."""
-        self._begin_batch()
-        try:
-            out = self._compute_sync(requests)
-            ref_rows = [n for n, r in enumerate(requests) if not r.wire_out]
-            outputs: dict[int, list[tensor_pb2.Tensor]] = {}
-            if ref_rows:
-                views = [requests[n].out_views or [] for n in ref_rows]
-                self._scatter_sync(out, views, ref_rows)
-                for n in ref_rows:
-                    outputs[n] = [
-                        tensor_pb2.Tensor(name=s.name, ref=ref)
-                        for s, ref in zip(
-                            self.model.outputs, requests[n].out_refs or [], strict=True
-                        )
-                    ]
-            wire_rows = [n for n, r in enumerate(requests) if r.wire_out]
-            if wire_rows:
-                for n, tensors in zip(wire_rows, self._wire_sync(out, wire_rows), strict=True):
-                    outputs[n] = tensors
-            return outputs
-        finally:
-            self._end_batch()
 
     def _settle(
         self,
@@ -465,7 +252,7 @@ class Replica:
             alloc = asyncio.create_task(self._allocate_outputs([requests[n] for n in need]))
         t0 = mono_us()
         try:
-            out = await self._on_gpu(self._compute_sync, requests)
+            out = await self.gpu.run(self.gpu.compute_sync, requests)
         except BaseException:
             if alloc is not None:
                 alloc.cancel()
@@ -485,7 +272,7 @@ class Replica:
         ]
         if ref_rows:
             views = [requests[n].out_views for n in ref_rows]
-            await self._on_gpu(self._scatter_sync, out, views, ref_rows)
+            await self.gpu.run(self.gpu.scatter_sync, out, views, ref_rows)
             for n in ref_rows:
                 refs = requests[n].out_refs or []
                 outputs[n] = [
@@ -495,7 +282,7 @@ class Replica:
         wire_rows = [n for n, r in enumerate(requests) if r.wire_out]
         if wire_rows:
             for n, tensors in zip(
-                wire_rows, await self._on_gpu(self._wire_sync, out, wire_rows), strict=True
+                wire_rows, await self.gpu.run(self.gpu.wire_sync, out, wire_rows), strict=True
             ):
                 outputs[n] = tensors
         self._settle(items, requests, outputs, mono_us() - t0)
