@@ -39,7 +39,8 @@ from common.progress import step
 from common.results import module_command, run_main, write_result
 from loadgen import tails, traces
 from loadgen.inputs import Mix
-from loadgen.openloop import Record, list_pipelines, run_open_loop, stats_of
+from loadgen.openloop import list_pipelines, run_open_loop
+from loadgen.records import Record, stats_of
 from services.cli import start_mesh
 from services.launcher import Mesh
 

@@ -28,7 +28,8 @@ from common.results import module_command, run_main, write_result
 from loadgen import traces
 from loadgen.bench_e2e import launched
 from loadgen.inputs import Mix
-from loadgen.openloop import list_pipelines, run_open_loop, stats_of
+from loadgen.openloop import list_pipelines, run_open_loop
+from loadgen.records import stats_of
 from loadgen.utilization import UtilizationSampler
 
 COLUMNS = ["rate_qps", "round", "queries", "errors", "p50_ms", "p99_ms", "gateway_cpu_ms_per_query"]

@@ -53,8 +53,9 @@ from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import tails, traces
 from loadgen.hostcost import LOADGEN, STAGE, CpuSampler, ProcessTree, Window, roots_of
 from loadgen.inputs import Mix, uniform_mix
-from loadgen.openloop import Record, percentiles_ms, run_open_loop
 from loadgen.openloop import list_pipelines as served_pipelines
+from loadgen.openloop import run_open_loop
+from loadgen.records import Record, percentiles_ms
 from services.cli import start_mesh
 from services.launcher import Mesh
 

@@ -39,8 +39,9 @@ from common.results import module_command, run_main, write_result
 from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import traces
 from loadgen.bench_host import Workload, mesh_for, relative
-from loadgen.openloop import Record, percentiles_ms, run_open_loop
 from loadgen.openloop import list_pipelines as served_pipelines
+from loadgen.openloop import run_open_loop
+from loadgen.records import Record, percentiles_ms
 
 COLUMNS = [
     "pipeline", "qos_p99_ms", "count", "errors", "p50_ms", "p99_ms", "max_ms",

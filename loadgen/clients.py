@@ -23,7 +23,8 @@ from typing import Any
 
 from loadgen import children
 from loadgen.inputs import make_inputs
-from loadgen.openloop import Record, Sends, lead_start, send
+from loadgen.records import Record
+from loadgen.sending import Sends, lead_start, send
 from protos import tensor_pb2
 
 log = logging.getLogger(__name__)

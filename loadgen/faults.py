@@ -44,7 +44,8 @@ from common.results import module_command, write_result
 from contract.pipeline_config import load_pipeline
 from loadgen import traces
 from loadgen.inputs import uniform_mix
-from loadgen.openloop import OK, Result, run_open_loop
+from loadgen.openloop import run_open_loop
+from loadgen.records import OK, Result
 from protos import broker_pb2, broker_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.cli import wait_routed
 from services.launcher import Mesh, Proc, free_port, wait_healthy

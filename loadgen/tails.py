@@ -1,7 +1,7 @@
 """Where the slow queries' time went: a trial's over-target queries split by component.
 
 A p99 that misses says that something was slow, not what. Every answered query carries the
-gateway's account of it (`openloop.Record`): its own end-to-end time, the round trips to its
+gateway's account of it (`records.Record`): its own end-to-end time, the round trips to its
 stages, the time inside the replicas and the compute alone. From the client's side the rest is
 known too: how late the query left (the client fell behind its timeline) and the time on the
 wire and in the gateway before it started timing. Split per query, these add up to its latency:
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from loadgen.openloop import Record
+from loadgen.records import Record
 
 PARTS = ("lag", "client", "gateway", "hops", "waiting", "compute")
 

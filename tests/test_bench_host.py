@@ -14,7 +14,7 @@ import pytest
 
 from loadgen import bench_host
 from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
-from loadgen.openloop import OK, Record
+from loadgen.records import OK, Record
 
 # a process that starts a replica-like child (its command line names services.stage) and a
 # plain child, then waits; the plain child burns CPU

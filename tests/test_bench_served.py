@@ -11,7 +11,7 @@ import pytest
 from common.errors import InvalidArgument
 from contract.pipeline_config import pipelines_dir
 from loadgen.bench_served import gather, pipeline_row, suggested_qos, summarize
-from loadgen.openloop import Record
+from loadgen.records import Record
 
 
 def rec(pipeline: str, latency_ms: float, status: str = "OK", compute_ms: float = 0.0) -> Record:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from common.dtypes import array_from_wire, wire_from_array
-from loadgen.openloop import StreamStatus, SubmitStreamClient
+from loadgen.submitstream import StreamStatus, SubmitStreamClient
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.gateway.app import GatewayApp
 from services.gateway.app import create_server as create_gateway

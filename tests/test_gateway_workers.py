@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadgen import openloop, traces
+from loadgen import openloop, records, traces
 from loadgen.inputs import parse_mix
 from services.gateway.workers import worker_argv
 from tests import mesh as testmesh
@@ -47,7 +47,7 @@ def cpu_ticks(pid: int) -> int:
 WAIT_S = 30.0
 
 
-async def load(target: str, qps: float, seconds: float) -> openloop.Result:
+async def load(target: str, qps: float, seconds: float) -> records.Result:
     rng = np.random.default_rng(1)
     schedule = traces.schedule(traces.constant(qps, seconds), rng, traces.Arrivals.UNIFORM)
     return await openloop.run_open_loop(

@@ -184,7 +184,7 @@ async def test_inputs_and_connections_are_made_before_the_timeline_starts(monkey
             time.sleep(0.1)
             return real_channel(*args, **kwargs)
 
-        monkeypatch.setattr(openloop.grpc.aio, "insecure_channel", slow_channel)
+        monkeypatch.setattr(grpc.aio, "insecure_channel", slow_channel)
     async with serve_fake() as gw:
         result = await run_open_loop(
             gw.target, [0.0, 0.01, 0.02], parse_mix("img-to-text"), connections=3

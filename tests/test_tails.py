@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadgen.openloop import Record
+from loadgen.records import Record
 from loadgen.tails import PARTS, breakdown, split_us
 
 

@@ -29,7 +29,8 @@ from loadgen.experiments.search import (
     plan_sm_percent,
 )
 from loadgen.inputs import Mix, make_input
-from loadgen.openloop import Result, list_pipelines, pooled_stats, run_open_loop
+from loadgen.openloop import list_pipelines, run_open_loop
+from loadgen.records import Result, pooled_stats
 from loadgen.utilization import UtilizationSampler
 from protos import gateway_pb2, gateway_pb2_grpc, plan_pb2
 

@@ -22,7 +22,7 @@ from loadgen import plots, traces
 from loadgen.experiments.harness import Harness, ShareSampler
 from loadgen.experiments.search import SearchConfig, Trial, find_peak, meets_qos
 from loadgen.inputs import Mix
-from loadgen.openloop import Record, Result, percentiles_ms
+from loadgen.records import Record, Result, percentiles_ms
 
 log = logging.getLogger(__name__)
 
