@@ -28,7 +28,8 @@ import numpy as np
 
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
-from loadgen.bench_predictor import Colocation, colocations_of, predict
+from loadgen.colocations import Colocation
+from loadgen.predictor_score import colocations_of, predict
 from scheduler.perfmodel.profiles import StageProfile
 from scheduler.perfmodel.profilestore import load
 

@@ -10,7 +10,8 @@ import pytest
 
 from common.errors import InvalidArgument
 from loadgen import contention_fit
-from loadgen.bench_predictor import TRAINING, predict
+from loadgen.colocations import COLOCATIONS, TRAINING
+from loadgen.predictor_score import predict, rescore, rows_for
 from scheduler.perfmodel.profiles import StageProfile
 from scheduler.perfmodel.profilestore import MEASURED_PROFILES, load
 
@@ -75,18 +76,16 @@ def test_bad_training_rows_are_refused():
 
 
 def test_rescore_keeps_the_measurements_and_predicts_again():
-    from loadgen import bench_predictor as bp
-
     profiles = contention_fit.scaled(load(MEASURED_PROFILES), 1.0)
-    c = bp.COLOCATIONS[0]
-    preds = bp.predict(c, profiles)
+    c = COLOCATIONS[0]
+    preds = predict(c, profiles)
     together = [(p.latency_ms * 1.2, 1000.0, 5) for p in preds]
-    rows = bp.rows_for(c, preds, together, [p.solo_ms * 1.1 for p in preds])
-    same = bp.rescore(rows, profiles)
+    rows = rows_for(c, preds, together, [p.solo_ms * 1.1 for p in preds])
+    same = rescore(rows, profiles)
     for old, new in zip(rows, same, strict=True):
         assert new["predicted_ms"] == old["predicted_ms"]
         assert new["abs_pct_error"] == pytest.approx(old["abs_pct_error"], abs=0.01)
-    again = bp.rescore(rows, contention_fit.scaled(profiles, 4.0))
+    again = rescore(rows, contention_fit.scaled(profiles, 4.0))
     for old, new in zip(rows, again, strict=True):
         assert new["measured_ms"] == old["measured_ms"]
         assert new["solo_measured_ms"] == old["solo_measured_ms"]
