@@ -5,17 +5,24 @@ JSON document (`FORMAT`): {"format", "device", "date", "synthetic", "note", "pro
 profile is one string at `camelot:profile:<pipeline>/<stage>` holding the per-stage object plus
 device and date.
 
-The scheduler's default set (`load_default`) is the measured `h100.json` where present, with
-any stage it lacks taken from the synthetic set (such a stage stays marked `synthetic`).
-`python -m scheduler.tools.profile_merge` builds `h100.json` from profiler outputs, a profiler log
-of a run cut short, and the synthetic set; each stage says where its numbers came from (`source`).
+Profiles are per device. The bundled sets live in `profiles_data/<slug>.json`, one per device,
+named by `device_slug` of the NVML name the profiler recorded ("NVIDIA H100 80GB HBM3" -> h100,
+"NVIDIA H200" -> h200); `<slug>-synthetic.json` is a roofline set that fills the stages a
+measured set lacks (such a stage stays marked `synthetic` and keeps its own `device`).
+`for_device(name)` is the set for a device: its own file where there is one, else the
+FALLBACK_DEVICE set, and the `ProfileSet` it returns says which device the numbers were measured
+on, so a planner never takes another GPU's numbers without saying so. `load_default` is the
+FALLBACK_DEVICE set. `python -m scheduler.tools.profile_merge` builds a device's file from
+profiler outputs, a profiler log of a run cut short, and the synthetic set; each stage says where
+its numbers came from (`source`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,10 @@ from common.profileformat import FORMAT, REDIS_PREFIX
 from scheduler.perfmodel.profiles import StageProfile
 
 DATA_DIR = Path(__file__).parent / "profiles_data"
-SYNTHETIC_PROFILES = DATA_DIR / "h100-synthetic.json"
-MEASURED_PROFILES = DATA_DIR / "h100.json"
+# the set a device without one of its own is planned with (the only measured set for long)
+FALLBACK_DEVICE = "h100"
+SYNTHETIC_PROFILES = DATA_DIR / f"{FALLBACK_DEVICE}-synthetic.json"
+MEASURED_PROFILES = DATA_DIR / f"{FALLBACK_DEVICE}.json"
 # what `load()` reads without a path (the synthetic set; the scheduler's default is load_default)
 DEFAULT_PROFILES = SYNTHETIC_PROFILES
 
@@ -61,12 +70,18 @@ def to_document(
     )  # fmt: skip
 
 
-def load(path: str | Path = DEFAULT_PROFILES) -> dict[str, StageProfile]:
+def read_document(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InvalidArgument(f"cannot read profiles {path}: {e}") from e
-    return parse_document(doc)
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"profiles {path} is not a JSON object")
+    return doc
+
+
+def load(path: str | Path = DEFAULT_PROFILES) -> dict[str, StageProfile]:
+    return parse_document(read_document(path))
 
 
 def save(
@@ -96,6 +111,69 @@ def load_default(
     return out
 
 
+# -- sets per device -------------------------------------------------------------------------
+
+_VENDOR = {"nvidia"}
+
+
+def device_slug(name: str) -> str:
+    """The short name a device's profile set is filed under: the first word of its NVML name
+    (vendor left out) that holds a digit, lower case ("NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA H200" -> "h200"); a name with no such word gives
+    its words joined by "-", an empty name "". Variants of one chip (memory size, PCIe or SXM)
+    share a set: they differ less than chips do, and a profile of the variant is better than
+    none; profile the variant and commit it as the chip's set where that matters."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in _VENDOR]
+    return next((w for w in words if any(c.isdigit() for c in w)), "-".join(words))
+
+
+def set_path(slug: str, data_dir: str | Path = DATA_DIR) -> Path:
+    """Where the bundled set of a device (by its slug) lives."""
+    return Path(data_dir) / f"{slug}.json"
+
+
+@dataclass(frozen=True)
+class ProfileSet:
+    """A set of stage profiles and where it came from: `source` (a file name or path),
+    `profiled_on` (the device its measured numbers come from, as its document says), and
+    `device` (the device it was chosen for; "" where none was named)."""
+
+    profiles: dict[str, StageProfile]
+    source: str
+    profiled_on: str
+    device: str = ""
+
+    @property
+    def matches(self) -> bool:
+        """Whether it was profiled on the device it was chosen for (True where none was named)."""
+        return not self.device or device_slug(self.device) == device_slug(self.profiled_on)
+
+    def describe(self) -> str:
+        """`h100.json (measured on NVIDIA H100 80GB HBM3; nodes: NVIDIA H200)`."""
+        node = f"; nodes: {self.device}" if self.device else ""
+        return f"{self.source} (measured on {self.profiled_on or 'an unnamed device'}{node})"
+
+
+def for_device(device: str, data_dir: str | Path = DATA_DIR) -> ProfileSet:
+    """The bundled set for `device` (an NVML name; "" for none): `<slug>.json` with the stages
+    it lacks from `<slug>-synthetic.json`, where the device has a file; else the
+    FALLBACK_DEVICE set, which then does not `match` (its profiles keep their own `device`)."""
+    slug = device_slug(device)
+    if not slug or not set_path(slug, data_dir).exists():
+        slug = FALLBACK_DEVICE
+    measured = set_path(slug, data_dir)
+    synthetic = Path(data_dir) / f"{slug}-synthetic.json"
+    if not synthetic.exists():
+        synthetic = Path(data_dir) / f"{FALLBACK_DEVICE}-synthetic.json"
+    profiles = load_default(measured, synthetic)
+    doc = read_document(measured if measured.exists() else synthetic)
+    return ProfileSet(profiles, measured.name if measured.exists() else synthetic.name,
+                      str(doc.get("device", "")), device)  # fmt: skip
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
 def redis_value(p: StageProfile) -> str:
     return profileformat.redis_value(
         p.to_json(), device=p.device, date=p.date, synthetic=p.synthetic
@@ -110,8 +188,11 @@ async def store_redis(client: Any, profiles: Iterable[StageProfile]) -> int:
     return len(items)
 
 
-async def load_redis(client: Any) -> dict[str, StageProfile]:
-    """Every profile stored under `camelot:profile:*` (redis.asyncio client)."""
+async def load_redis(
+    client: Any, on_error: Callable[[str, InvalidArgument], None] | None = None
+) -> dict[str, StageProfile]:
+    """Every profile stored under `camelot:profile:*` (redis.asyncio client). A malformed one
+    raises InvalidArgument, or with `on_error` is handed to it and left out."""
     keys = sorted([k async for k in client.scan_iter(match=REDIS_PREFIX + "*", count=500)])
     if not keys:
         return {}
@@ -122,8 +203,15 @@ async def load_redis(client: Any) -> dict[str, StageProfile]:
             continue  # deleted between SCAN and MGET
         name = (k.decode() if isinstance(k, bytes) else str(k))[len(REDIS_PREFIX) :]
         try:
-            obj = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise InvalidArgument(f"profile {name!r} in Redis is not JSON: {e}") from e
-        out[name] = StageProfile.from_json(name, obj)
+            try:
+                obj = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"profile {name!r} in Redis is not JSON: {e}") from e
+            if not isinstance(obj, Mapping):
+                raise InvalidArgument(f"profile {name!r} in Redis is not a JSON object")
+            out[name] = StageProfile.from_json(name, obj)
+        except InvalidArgument as e:
+            if on_error is None:
+                raise
+            on_error(name, e)
     return out

@@ -1,9 +1,13 @@
-"""Building the measured profile set (`h100.json`) from what the profiler left: its JSON outputs,
-the log of a run that was cut short (no JSON written), and the synthetic set for whatever is
+"""Building a device's measured profile set from what the profiler left: its JSON outputs, the
+log of a run that was cut short (no JSON written), and the synthetic set for whatever is
 missing. Each stage says where its numbers came from (`source`); a stage not wholly measured
-stays marked `synthetic`.
+stays marked `synthetic` and keeps the device of the set it came from.
 
     python -m scheduler.tools.profile_merge merge out1.json out2.json --log cut.log --note "..."
+
+writes `scheduler/perfmodel/profiles_data/<slug>.json`, the slug of the device the outputs were
+measured on (`profilestore.device_slug`: "NVIDIA H200" -> h200.json), which is the set the
+scheduler plans that device with once committed (`--out` to write elsewhere).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from typing import Any
 from common import profileformat
 from common.errors import InvalidArgument
 from scheduler.perfmodel.profiles import number_key
-from scheduler.perfmodel.profilestore import MEASURED_PROFILES, SYNTHETIC_PROFILES, parse_document
+from scheduler.perfmodel.profilestore import (
+    SYNTHETIC_PROFILES,
+    device_slug,
+    parse_document,
+    set_path,
+)
 
 
 @dataclass
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--log", action="append", default=[], help="log of a cut-short profiler run")
     m.add_argument("--synthetic", default=str(SYNTHETIC_PROFILES))
     m.add_argument("--note", default="", help="how the measurements were made")
-    m.add_argument("--out", default=str(MEASURED_PROFILES))
+    m.add_argument("--out", default="", help="default: the bundled set of the measured device")
     args = parser.parse_args(argv)
     try:
         docs = [json.loads(Path(p).read_text()) for p in args.measured]
@@ -177,8 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, json.JSONDecodeError) as e:
         parser.error(str(e))
     doc = merge(docs, synthetic, logged, note=args.note)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {len(doc['profiles'])} profiles to {args.out}: {doc['note']}")
+    slug = device_slug(str(doc["device"]))
+    if not args.out and not slug:
+        parser.error("the measured documents name no device: give --out")
+    out = Path(args.out) if args.out else set_path(slug)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {len(doc['profiles'])} profiles to {out}: {doc['note']}")
 
 
 if __name__ == "__main__":
