@@ -108,7 +108,9 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
             )
         )
     table = head + "\n" + _table(rows) + "\n" + STATUS_LEGEND
-    return "\n\n".join([table, format_loop(resp), format_replicas(resp)])
+    # what the predictive policies plan with, and whether it was measured on the nodes' GPU
+    profiles = [f"profiles: {resp.profiles}"] if resp.profiles else []
+    return "\n\n".join([table, *profiles, format_loop(resp), format_replicas(resp)])
 
 
 # what the windowed columns count: a reader compares them with a client's figures

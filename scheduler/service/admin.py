@@ -54,8 +54,9 @@ def status(
     reports_total: int,
     window_s: float,
 ) -> admin_pb2.StatusResponse:
-    """The plan, the policy, live nodes, per pipeline and stage the window's figures against
-    the plan's replicas, what the loop decided, and each replica's state."""
+    """The plan, the policy, live nodes, the profiles planned with, per pipeline and stage the
+    window's figures against the plan's replicas, what the loop decided, and each replica's
+    state."""
     if window_s < 0 or not math.isfinite(window_s):
         raise InvalidArgument(f"window_s must be >= 0, got {window_s}")
     window_s = window_s or world.settings.window_s
@@ -71,6 +72,7 @@ def status(
         reports_total=reports_total,
         window_s=window_s,
         applied_epoch=inforce.applied_epoch(),
+        profiles=world.profiles_note,
     )
     for name, p in world.pipelines.items():
         all_replicas = [r for s in p.stages for r in planned.get((name, s.name), [])]

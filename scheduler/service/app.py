@@ -5,30 +5,34 @@ force (`inforce.PlanInForce`), re-planning (`replanning.Replanner`), the operato
 Admin operations (set policy, set QoS, drain) re-plan at once; the control loop (loop.py)
 re-plans on measurements. Every stored plan is published as routes (plan epoch + the endpoints
 agents reported) to every watching gateway and wakes the loop. Redis failures surface as
-UNAVAILABLE; nothing here imports grpc.
+UNAVAILABLE; nothing here imports grpc. The stage profiles follow the nodes' GPU and what users
+stored in Redis (`refresh_profiles`, `profilechoice`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from redis.exceptions import RedisError
 
-from common.errors import FailedPrecondition
+from common.errors import CamelotError, FailedPrecondition
 from protos import admin_pb2, agent_pb2, plan_pb2
+from scheduler.perfmodel import profilestore
 from scheduler.policy import PipelineInfo, Policy
 from scheduler.search.policies import get_policy
 from scheduler.service import admin, planstore, routes
 from scheduler.service.decisions import Decisions
 from scheduler.service.inforce import PlanInForce
 from scheduler.service.planstore import PlanStore, PolicyChoice, redis_unavailable
+from scheduler.service.profilechoice import ProfileChoice
 from scheduler.service.reader import ReportReader
 from scheduler.service.replanning import Replanner
 from scheduler.service.settings import SchedulerSettings
 from scheduler.service.windows import Windows
-from scheduler.service.world import World, load_profiles
+from scheduler.service.world import World
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,12 @@ class SchedulerApp:
         self.reader = ReportReader(
             settings.redis_url, windows, stream=settings.stream, consumer=settings.consumer
         )
-        self.known = World(settings, pipelines, load_profiles(settings.profiles_path), windows)
+        self.profile_choice = ProfileChoice(settings.profiles_path)
+        self.known = World(settings, pipelines, self.profile_choice.profiles, windows)
+        self.known.profiles_note = self.profile_choice.describe()
+        self._profiles_read_at: float | None = None  # monotonic time Redis's profiles were read
+        self._profiles_unreadable = False
+        self._bad_profiles: set[str] = set()  # stored ones already said to be malformed
         self.inforce = PlanInForce(settings, self.known)
         self.decisions = Decisions()  # what the loop decided, for the operator
         self.replanner = Replanner(settings, self.known, self.inforce, self.store, self.decisions)
@@ -85,8 +94,51 @@ class SchedulerApp:
 
     async def start(self) -> None:
         await self.restore()
+        await self.refresh_profiles()
         await self.publish_routes()
         await self.reader.start()
+
+    async def refresh_profiles(self) -> None:
+        """Plans with the profiles of the device the nodes report: the bundled set is chosen
+        again when that device changes, and the profiles users stored in Redis are read at
+        start, on such a change and every `profiles_refresh_s` (an explicit --profiles file is
+        planned with as it is). A change after the first read marks the plan in force stale,
+        which the control loop re-plans on."""
+        choice, known = self.profile_choice, self.known
+        device = choice.device
+        choice.select(known.devices())
+        now = time.monotonic()
+        first = self._profiles_read_at is None
+        due = first or now - (self._profiles_read_at or 0.0) >= self.settings.profiles_refresh_s
+        if not choice.path and (due or choice.device != device):
+            try:
+                stored = await profilestore.load_redis(self.redis, on_error=self._bad_profile)
+            except (RedisError, OSError) as e:
+                if not self._profiles_unreadable:
+                    log.warning("cannot read stored profiles from redis: %s", e)
+                self._profiles_unreadable = True
+            else:
+                self._profiles_unreadable = False
+                self._profiles_read_at = now
+                choice.take_stored(stored)
+        note = choice.describe()
+        old, new = known.profiles, choice.profiles
+        if new == old:
+            known.profiles_note = note
+            return
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        why = known.profiles_changed
+        if not first:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            why = f"profiles changed for {choice.device or 'the host'}: {shown}"
+        log.info("stage profiles: %s (%d changed)", note, len(keys))
+        known.use_profiles(new, note, why)
+
+    def _bad_profile(self, key: str, e: CamelotError) -> None:
+        # one malformed value must not hide the others (nor stop the loop that reads them)
+        if key not in self._bad_profiles:
+            self._bad_profiles.add(key)
+            log.warning("stored profile %s left out: %s", key, e.message)
 
     async def aclose(self) -> None:
         await self.stop_watchers()

@@ -8,6 +8,7 @@ the gauges, and re-plans when
     - a pipeline's load moved by more than load_change_fraction     min_replan_interval_s)
       (for a policy whose plan follows load)
     - the predictor's bias for a pipeline or stage moved (the model was wrong)
+    - the stage profiles changed (the nodes' GPU, or profiles stored in Redis)
 
 then sends each node whose agent has not applied the newest epoch its assignment, in the
 background, so an agent that is slow or down holds up nobody. The loop never dies: every
@@ -103,6 +104,7 @@ class ControlLoop:
         app = self.app
         if not app.restored:
             await app.restore()
+        await app.refresh_profiles()
         app.known.last_snapshot = app.known.windows.snapshot(self.settings.window_s)
         app.inforce.observe_bias()
         self.export_gauges()
@@ -171,6 +173,8 @@ class ControlLoop:
         if moved and (follows or app.inforce.at_risk()):
             reason = f"model error: bias of {moved} now x{app.known.bias.factor(moved):.2f}"
             return Trigger(reason, moved.split("/")[0])
+        if app.known.profiles_changed:
+            return Trigger(app.known.profiles_changed)
         return Trigger()
 
     def push_agents(self) -> None:

@@ -50,6 +50,7 @@ class Replanner:
         """Runs the policy and stores its plan under a new epoch: (the plan, True). With
         force=False a plan equal to the one in force is kept: (the plan in force, False)."""
         async with self._lock:
+            profiles_version = self.world.profiles_version
             world = self.inforce.policy_input()
             if choice is not None:
                 world = dataclasses.replace(world, options=self.world.options(choice.options))
@@ -61,6 +62,7 @@ class Replanner:
             spec = dataclasses.replace(spec, reason=why)
             planstore.validate(spec)
             self.inforce.made_for(world)
+            self.world.planned_with_profiles(profiles_version)
             old = self.inforce.plan
             # the same replicas sized for a load that moved is stored too: the plan then says
             # what load it carries (the operator's planned-against-measured, the shrink margin)

@@ -25,9 +25,12 @@ class SchedulerSettings:
     # pipelines the scheduler knows; empty: read from the pipeline config (contract.pipeline_config)
     pipelines: tuple[PipelineInfo, ...] = ()
     metrics_port: int = 0
-    # stage profiles for the predictive policies (scheduler.perfmodel.profiles); empty: the
-    # bundled ones
+    # stage profiles for the predictive policies (scheduler.perfmodel.profiles), planned with as
+    # they are; empty: the bundled set of the nodes' GPU with the profiles stored in Redis
+    # (scheduler.service.profilechoice)
     profiles_path: str = ""
+    # how often the profiles users stored in Redis (`camelot profile --redis`) are read again
+    profiles_refresh_s: float = 30.0
     # the bearer token Admin calls must carry; empty refuses every Admin call
     admin_token: str = field(default="", repr=False)
     stream: str = STREAM
@@ -87,6 +90,7 @@ def parse(
     f.add("--size", env="SIZE", choices=("tiny", "full"))
     f.add("--pipelines-dir", env="PIPELINES_DIR")
     f.add("--profiles", field="profiles_path", env="PROFILES")
+    f.add("--profiles-refresh-s", env="PROFILES_REFRESH_S", check="positive")
     f.add("--metrics-port", env="METRICS_PORT")
     f.add("--window-s", env="WINDOW_S", check="positive")
     f.add("--tick-s", env="TICK_S", check="positive")

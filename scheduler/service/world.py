@@ -4,7 +4,8 @@
 the policy chosen, the nodes as their heartbeats describe them and the drains an operator asked
 for, the latest window of measurements, and the stage profiles with the online bias that
 corrects them. `policy_input` turns all that into a `PolicyInput`. No I/O and no plan in force
-here: `inforce.PlanInForce` says which measurements speak for the plan that runs.
+here: `inforce.PlanInForce` says which measurements speak for the plan that runs. Which profiles
+those are (the nodes' device, Redis) is `profilechoice`'s; `devices` is what the nodes report.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.errors import CamelotError, InvalidArgument
+from common.errors import InvalidArgument
 from protos import admin_pb2, plan_pb2
-from scheduler.perfmodel import profilestore
 from scheduler.perfmodel.bias import BiasCorrector
 from scheduler.policy import Measured, PipelineInfo, Policy, PolicyInput
 from scheduler.search.policies import get_policy
@@ -45,6 +46,10 @@ class World:
         self.settings = settings
         self.pipelines: dict[str, PipelineInfo] = {p.name: p for p in pipelines}
         self.profiles = stage_profiles
+        # what the operator reads of them, and why the plan in force is stale ("": it is not)
+        self.profiles_note = ""
+        self.profiles_changed = ""
+        self.profiles_version = 0  # counts the changes, so a plan knows which it was made with
         self.windows = windows
         self.choice = PolicyChoice(settings.policy, dict(settings.policy_options))
         self._policy: Policy | None = None
@@ -104,6 +109,21 @@ class World:
     def placeable_nodes(self) -> list[NodeState]:
         return [n for n in self.live_nodes() if n.name not in self.drained_nodes]
 
+    def devices(self) -> Counter[str]:
+        """GPUs of the placeable nodes by the name NVML gives them (nameless ones left out)."""
+        return Counter(g.name for n in self.placeable_nodes() for g in n.inventory.gpus if g.name)
+
+    def use_profiles(self, profiles: Mapping[str, Any], note: str, reason: str) -> None:
+        """Plans with `profiles` from now on; `reason` says why the plan in force is stale."""
+        self.profiles, self.profiles_note, self.profiles_changed = profiles, note, reason
+        self.profiles_version += 1
+
+    def planned_with_profiles(self, version: int) -> None:
+        """A plan was made with the profiles of `version`: not stale, unless they changed since
+        (while the policy ran)."""
+        if version == self.profiles_version:
+            self.profiles_changed = ""
+
     # -- the measurements -----------------------------------------------------------------------
 
     def load_qps(self) -> dict[str, float]:
@@ -147,14 +167,3 @@ class World:
             current=planstore.from_proto(current) if current.epoch else None,
             options=self.options(),
         )
-
-
-def load_profiles(path: str) -> Mapping[str, Any]:
-    """The given profiles (errors are fatal), else the bundled ones if they load, else none."""
-    if path:
-        return profilestore.load(path)
-    try:
-        return profilestore.load_default()
-    except CamelotError as e:
-        log.warning("no stage profiles (%s): predictive policies will refuse to plan", e.message)
-        return {}
