@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from common.errors import CamelotError
-from protos import admin_pb2, agent_pb2, plan_pb2
+from protos import admin_pb2, agent_pb2, plan_pb2, report_pb2
 from scheduler.policy import PipelineInfo, StageInfo
 from scheduler.service.settings import SchedulerSettings
 from scheduler.service.windows import Windows, WindowStat
@@ -96,3 +96,38 @@ def test_the_current_plan_is_in_the_input_only_once_there_is_one() -> None:
     plan.stages.add(pipeline="p", stage="a").replicas.add(replica_id="r", node="n1", gpu=-1)
     current = w.policy_input({}, plan).current
     assert current is not None and current.stages[0].replicas[0].replica_id == "r"
+
+
+def test_the_long_window_a_shrink_reads_is_the_long_window_s_setting() -> None:
+    now_us = 1_000_000_000_000
+    clock = [now_us]
+
+    def world(long_window_s: float) -> World:
+        s = SchedulerSettings(window_s=10.0, long_window_s=long_window_s)
+        w = World(s, [PIPE], {}, Windows(bucket_s=0.25, horizon_s=200.0, clock_us=lambda: clock[0]))
+        # one query a second for the last 100 s, as the gateway reports them
+        for t in range(100):
+            end = now_us - t * 1_000_000
+            w.windows.add(report_pb2.LatencyReport(
+                kind=report_pb2.REPORT_KIND_QUERY, pipeline="p", end_unix_us=end, total_us=1000
+            ))  # fmt: skip
+        w.last_snapshot = w.windows.snapshot(s.window_s)
+        return w
+
+    # a steady load reads the same over any long window
+    for span in (30.0, 90.0):
+        assert world(span).measured()["p"].arrival_qps == pytest.approx(1.0, rel=0.05)
+
+    # a load that doubled in the last 20 s: the long window sees less of the rise the longer it is
+    def rising(long_window_s: float) -> float:
+        w = world(long_window_s)
+        for t in range(20):
+            w.windows.add(report_pb2.LatencyReport(
+                kind=report_pb2.REPORT_KIND_QUERY, pipeline="p",
+                end_unix_us=now_us - t * 1_000_000 - 500_000, total_us=1000,
+            ))  # fmt: skip
+        w.last_snapshot = w.windows.snapshot(10.0)
+        return w.measured()["p"].arrival_qps
+
+    assert rising(30.0) == pytest.approx(1 + 20 / 30, rel=0.05)
+    assert rising(90.0) == pytest.approx(1 + 20 / 90, rel=0.05)

@@ -50,7 +50,10 @@ class SchedulerApp:
         self.push = push
         self.redis = planstore.connect(settings.redis_url)
         self.store = PlanStore(self.redis)
-        windows = Windows(bucket_s=settings.bucket_s, horizon_s=max(120.0, settings.window_s))
+        windows = Windows(
+            bucket_s=settings.bucket_s,
+            horizon_s=max(120.0, settings.window_s, settings.long_window_s),
+        )
         self.reader = ReportReader(
             settings.redis_url, windows, stream=settings.stream, consumer=settings.consumer
         )

@@ -36,6 +36,9 @@ class SchedulerSettings:
     stream: str = STREAM
     consumer: str = "scheduler-0"
     window_s: float = 10.0
+    # the long window whose arrivals min-resource's shrink hysteresis reads (capped by the
+    # windows' horizon): a shrink waits for the load to stay low this long
+    long_window_s: float = 60.0
     bucket_s: float = 0.25
     # control-loop tick, and the least time between two re-plans the loop starts itself
     tick_s: float = 0.5
@@ -93,6 +96,7 @@ def parse(
     f.add("--profiles-refresh-s", env="PROFILES_REFRESH_S", check="positive")
     f.add("--metrics-port", env="METRICS_PORT")
     f.add("--window-s", env="WINDOW_S", check="positive")
+    f.add("--long-window-s", env="LONG_WINDOW_S", check="positive")
     f.add("--tick-s", env="TICK_S", check="positive")
     f.add("--min-replan-interval-s", env="MIN_REPLAN_INTERVAL_S")
     f.add("--consumer", env="SCHEDULER_CONSUMER")

@@ -30,10 +30,6 @@ from scheduler.service.windows import Windows, WindowStat
 
 log = logging.getLogger(__name__)
 
-# arrivals over this window (capped by the windows' horizon) are the long-window rate that
-# min-resource's hysteresis reads in PolicyInput.measured[pipeline].arrival_qps
-LONG_WINDOW_S = 60.0
-
 
 class World:
     def __init__(
@@ -142,7 +138,9 @@ class World:
         long: dict[tuple[str, str], WindowStat] = {}
         if long_window:
             horizon_s = self.windows.horizon_us / 1e6
-            long = self.windows.snapshot(min(horizon_s, max(LONG_WINDOW_S, self.settings.window_s)))
+            # the long-window rate min-resource's hysteresis reads in measured[p].arrival_qps
+            span_s = max(self.settings.long_window_s, self.settings.window_s)
+            long = self.windows.snapshot(min(horizon_s, span_s))
         measured: dict[str, Measured] = {}
         for (pipeline, stage), s in self.last_snapshot.items():
             key = pipeline if not stage else f"{pipeline}/{stage}"
