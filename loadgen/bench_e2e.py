@@ -41,8 +41,8 @@ from loadgen import tails, traces
 from loadgen.inputs import Mix
 from loadgen.openloop import list_pipelines, run_open_loop
 from loadgen.records import Record, stats_of
-from services.cli import start_mesh
 from services.launcher import Mesh
+from services.localmesh import start_mesh
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ in host CPU per process kind. The benchmark of issue 23, for the data plane's be
     python -m loadgen.bench_host --reference --backend cuda   # the four full pipelines, exclusive
 
 It knows nothing of the data plane's insides: for each workload it starts a whole mesh of real
-processes (`services.cli.start_mesh`: redis, broker, scheduler, agent and its replicas, gateway
-with `--gateway-workers` workers), drives it through the gateway's public `Submit` with open-loop
-Poisson arrivals from `--client-processes` processes (`loadgen.clients`), at each rate of
-`--rates` in turn, and stops it.
+processes (`services.localmesh.start_mesh`: redis, broker, scheduler, agent and its replicas,
+gateway with `--gateway-workers` workers), drives it through the gateway's public `Submit` with
+open-loop Poisson arrivals from `--client-processes` processes (`loadgen.clients`), at each rate
+of `--rates` in turn, and stops it.
 
 - Null mode (default): each pipeline of services/pipelines/null (`null1`: one stage, `null3`: a
   three-stage chain, `null-dag`: the DAG of video-analytics; 4 KiB tensors, the null model of
@@ -56,8 +56,8 @@ from loadgen.inputs import Mix, uniform_mix
 from loadgen.openloop import list_pipelines as served_pipelines
 from loadgen.openloop import run_open_loop
 from loadgen.records import Record, percentiles_ms
-from services.cli import start_mesh
 from services.launcher import Mesh
+from services.localmesh import start_mesh
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,12 @@ import contextlib
 import json
 import logging
 import os
-import secrets
-import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +44,8 @@ from loadgen.inputs import uniform_mix
 from loadgen.openloop import run_open_loop
 from loadgen.records import OK, Result
 from protos import broker_pb2, broker_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from services.cli import wait_routed
-from services.launcher import Mesh, Proc, free_port, wait_healthy
+from services.launcher import Mesh
+from services.localmesh import LocalMesh, start_planned, wait_routed
 
 log = logging.getLogger(__name__)
 
@@ -60,70 +57,18 @@ SHM_DIR = Path("/dev/shm")
 
 
 @dataclass
-class Spec:
-    """How to (re)start one supervised process and how to tell it is up."""
+class FaultMesh(LocalMesh):
+    """A planned local mesh serving one pipeline, whose processes the harness kills (`kill`) and
+    starts again (`restart`)."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    health: str  # gRPC target, or "tcp:<port>" for redis
+    pipeline: str = ""
 
-
-@dataclass
-class FaultMesh:
-    """A live mesh whose supervised processes can be killed and started again."""
-
-    mesh: Mesh
-    pipeline: str
-    gateway: str
-    broker_tcp: str
-    scheduler: str
-    redis_url: str
-    token_file: str
-    specs: dict[str, Spec] = field(default_factory=dict)
-    procs: dict[str, Proc] = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.mesh.run_dir
-
-    async def spawn(self, name: str, timeout_s: float = 120.0) -> Proc:
-        spec = self.specs[name]
-        proc = self.mesh.spawn(name, spec.argv, spec.env)
-        self.procs[name] = proc
-        await wait_up(spec.health, timeout_s, proc)
-        return proc
-
-    def kill9(self, name: str) -> int:
-        proc = self.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            proc.popen.send_signal(signal.SIGKILL)
-        proc.popen.wait()
-        self.mesh.procs.remove(proc)
-        return proc.pid
-
-    async def stop(self) -> None:
-        await self.mesh.stop_all(grace_s=10.0)
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.mesh.stop_all(grace_s)
         # replicas are the agent's children in sessions of their own: a killed agent leaves them
         for pid in replica_pids(self.run_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-async def wait_up(target: str, timeout_s: float, proc: Proc | None = None) -> None:
-    if not target.startswith("tcp:"):
-        await wait_healthy(target, timeout_s, proc)
-        return
-    port = int(target[4:])
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis on {port} not up after {timeout_s:.0f} s") from None
-            await asyncio.sleep(0.05)
 
 
 def static_plan(pipeline: str, size: str, replicas: dict[str, int]) -> dict[str, Any]:
@@ -149,49 +94,15 @@ async def start(
     slab_bytes: int = 64 << 20,
 ) -> FaultMesh:
     """Starts redis, broker, scheduler (static plan), agent and gateway; returns once routed."""
-    mesh = Mesh(run_dir)
-    token_file = run_dir / "admin.token"
-    token_file.write_text(secrets.token_hex(16))
-    token_file.chmod(0o600)
+    fm = FaultMesh(Mesh(run_dir), pipeline=pipeline)
     plan_file = run_dir / "plan.json"
     plan_file.write_text(json.dumps(static_plan(pipeline, size, {two_replicas: 2})))
-    redis_port, broker_port, sched_port, agent_port, gw_port = (free_port() for _ in range(5))
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {"CAMELOT_ADMIN_TOKEN_FILE": str(token_file), "CAMELOT_REDIS_URL": redis_url}
-    sock = str(run_dir / "broker.sock")
-    broker_addr = f"unix:{sock}"
-    py = sys.executable
-    redis_exe = shutil.which("redis-server")
-    if redis_exe is None:
-        raise RuntimeError("redis-server is not on PATH")
-    sched = f"127.0.0.1:{sched_port}"
-    fm = FaultMesh(
-        mesh, pipeline, f"127.0.0.1:{gw_port}", f"127.0.0.1:{broker_port}", sched, redis_url,
-        str(token_file),
-    )  # fmt: skip
-    specs = [
-        Spec("redis", [redis_exe, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no", "--dir", str(run_dir)], {}, f"tcp:{redis_port}"),
-        Spec("broker", [py, "-m", "shmbroker", "--port", str(broker_port), "--socket", sock,
-                        "--backend", "host", "--slab-bytes", str(slab_bytes)], {},
-             fm.broker_tcp),
-        Spec("scheduler", [py, "-m", "scheduler", "--port", str(sched_port), "--redis", redis_url,
-                           "--policy", "static", "--option", f"file={plan_file}",
-                           "--size", size], env, sched),
-        Spec("agent", [py, "-m", "services.agent", "--node", "local", "--port", str(agent_port),
-                       "--broker", broker_addr, "--scheduler", sched, "--redis", redis_url,
-                       "--backend", "host", "--share-mode", "none", "--mps", "off",
-                       "--run-dir", str(run_dir), "--size", size], env,
-             f"127.0.0.1:{agent_port}"),
-        Spec("gateway", [py, "-m", "services.gateway", "--port", str(gw_port),
-                         "--broker", broker_addr, "--redis", redis_url, "--scheduler", sched,
-                         "--backend", "host", "--size", size], env, fm.gateway),
-    ]  # fmt: skip
-    fm.specs = {s.name: s for s in specs}
     try:
-        for s in specs:
-            await fm.spawn(s.name)
-        await wait_routed(fm.gateway, [pipeline], timeout_s=180, procs=mesh.procs)
+        # its own redis always (CAMELOT_REDIS_URL or not): one of the processes it kills
+        await start_planned(
+            fm, "host", size, "static", {"file": str(plan_file)}, slab_bytes=slab_bytes
+        )
+        await wait_routed(fm.gateway, [pipeline], timeout_s=180, procs=fm.mesh.procs)
     except BaseException:
         await fm.stop()
         raise
@@ -320,11 +231,11 @@ async def inject(fm: FaultMesh, fault: str, at_s: float, down_s: float) -> dict[
         return info
     if fault == "broker":
         info["old_segments"] = await broker_segments(fm.broker_tcp)
-    pid = fm.kill9(fault)
+    pid = fm.kill(fault)
     info["victim"] = f"{fault} pid {pid}"
     t0 = time.monotonic()
     await asyncio.sleep(down_s)
-    await fm.spawn(fault)
+    await fm.restart(fault)
     info["recovered_s"] = round(time.monotonic() - t0, 3)
     return info
 

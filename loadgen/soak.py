@@ -34,8 +34,8 @@ from loadgen import traces
 from loadgen.faults import broker_stats, held_bytes, replica_pids, settle
 from loadgen.inputs import uniform_mix
 from loadgen.openloop import run_open_loop
-from services.cli import start_mesh
 from services.launcher import Mesh
+from services.localmesh import start_mesh
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
-import shutil
 import signal
 import sys
 import time
@@ -33,23 +31,20 @@ import numpy as np
 
 from common import lifecycle, meshrecord
 from common.backend import resolve
-from common.dtypes import to_numpy, wire_from_array
+from common.dtypes import wire_from_array
 from common.errors import CamelotError
 from common.progress import Progress, step
 from common.settings import SettingsError
 from contract.pipeline_config import config_path, list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
-from services.launcher import Mesh, Proc, free_port, wait_healthy
+from services.launcher import Mesh
+from services.localmesh import start_mesh
 from services.meshclient import UsageError, cmd_query, cmd_status
 
 # the serving process's pid, in the run directory: what `camelot down` signals
 PID_FILE = "camelot.pid"
 UP_WAIT_S = 900.0
 DOWN_WAIT_S = 60.0
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def is_camelot(pid: int) -> bool:
@@ -72,148 +67,6 @@ def running_pid(run_dir: Path) -> int:
     except (OSError, ValueError):
         return 0
     return pid if pid != os.getpid() and is_camelot(pid) else 0
-
-
-def pipelines_subset(run_dir: Path, names: list[str], directory: str = "") -> str:
-    """A pipelines folder holding only `names` from `directory` (default: the bundled configs):
-    the whole mesh then serves just those."""
-    folder = run_dir / "pipelines"
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.yaml"):
-        old.unlink()
-    for name in names:
-        shutil.copy(config_path(name, directory or None), folder / f"{name}.yaml")
-    return str(folder)
-
-
-async def start_mesh(
-    mesh: Mesh,
-    backend: str,
-    size: str,
-    policy: str = "even",
-    share_mode: str = "",
-    pipelines: list[str] | None = None,
-    say: Callable[[str], None] = _quiet,
-    pipelines_dir: str = "",
-) -> dict[str, Any]:
-    """Starts the whole mesh on this node: redis (unless CAMELOT_REDIS_URL is set), broker,
-    scheduler, agent (which starts the replicas the scheduler's plan asks for) and gateway
-    (which follows the scheduler's routes); returns once every pipeline has a ready replica.
-    `say` is told each step as it starts and ends. `pipelines` (default: all) are taken from
-    `pipelines_dir` (default: the bundled configs)."""
-
-    async def up(proc: Proc, target: str, timeout_s: float) -> None:
-        t0 = time.monotonic()
-        say(f"camelot: {proc.name} starting (pid {proc.pid})")
-        await wait_healthy(target, timeout_s, proc)
-        say(f"camelot: {proc.name} serving on {target} after {time.monotonic() - t0:.1f} s")
-
-    redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
-    if not redis_url:
-        port = free_port()
-        redis = mesh.redis(port)
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        say(f"camelot: redis started on port {port} (pid {redis.pid})")
-    token_file = mesh.run_dir / "admin.token"
-    if not token_file.exists():
-        token_file.write_text(secrets.token_hex(16))
-        token_file.chmod(0o600)
-    env = {"CAMELOT_ADMIN_TOKEN_FILE": str(token_file), "CAMELOT_REDIS_URL": redis_url}
-    if pipelines:
-        env["CAMELOT_PIPELINES_DIR"] = pipelines_subset(mesh.run_dir, pipelines, pipelines_dir)
-    elif pipelines_dir:
-        env["CAMELOT_PIPELINES_DIR"] = pipelines_dir
-    sock = str(mesh.run_dir / "broker.sock")
-    broker_port = free_port()
-    broker = mesh.python(
-        "broker", "shmbroker", ["--port", str(broker_port), "--socket", sock, "--backend", backend]
-    )
-    await up(broker, f"127.0.0.1:{broker_port}", 60)
-    broker_addr = f"unix:{sock}"
-    sched_port = free_port()
-    scheduler = mesh.python(
-        "scheduler",
-        "scheduler",
-        ["--port", str(sched_port), "--redis", redis_url, "--policy", policy, "--size", size],
-        env,
-    )
-    sched_addr = f"127.0.0.1:{sched_port}"
-    await up(scheduler, sched_addr, 60)
-    mode = share_mode or ("mps" if backend == "cuda" else "none")
-    mps = os.environ.get("CAMELOT_MPS", "manage" if mode != "none" else "off")
-    agent_port = free_port()
-    agent = mesh.python(
-        "agent",
-        "services.agent",
-        ["--node", "local", "--port", str(agent_port), "--broker", broker_addr,
-         "--scheduler", sched_addr, "--redis", redis_url, "--backend", backend,
-         "--share-mode", mode, "--mps", mps,
-         "--run-dir", str(mesh.run_dir), "--size", size],
-        env,
-    )  # fmt: skip
-    await up(agent, f"127.0.0.1:{agent_port}", 120)
-    gw_port = int(os.environ.get("CAMELOT_GATEWAY_PORT", "0")) or free_port()
-    gateway = mesh.python(
-        "gateway",
-        "services.gateway",
-        ["--port", str(gw_port), "--broker", broker_addr, "--redis", redis_url,
-         "--scheduler", sched_addr, "--backend", backend, "--size", size],
-        env,
-    )  # fmt: skip
-    gw = f"127.0.0.1:{gw_port}"
-    await up(gateway, gw, 120)
-    names = pipelines or list_pipelines(pipelines_dir or None)
-    say(f"camelot: the agent starts the plan's replicas; waiting until {len(names)} "
-        "pipeline(s) answer")  # fmt: skip
-    t0 = time.monotonic()
-
-    def routed(name: str) -> None:
-        say(f"camelot: {name} answers after {time.monotonic() - t0:.1f} s")
-
-    probes = await wait_routed(gw, names, timeout_s=600, procs=mesh.procs, on_routed=routed)
-    return {"gateway": gw, "scheduler": sched_addr, "redis": redis_url, "broker": broker_addr,
-            "token_file": str(token_file), "agent": f"127.0.0.1:{agent_port}",
-            "probes": probes}  # fmt: skip
-
-
-async def wait_routed(
-    target: str,
-    pipelines: list[str],
-    timeout_s: float,
-    procs: list[Any],
-    on_routed: Callable[[str], None] = _quiet,
-) -> Counter[str]:
-    """Sends a probe query to each pipeline until all answer (the plan is applied and routed);
-    `on_routed` is told each pipeline as it first answers. The probes' outcomes by status code
-    ("OK" once per pipeline): the gateway reports them to the scheduler like any query."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(pipelines)
-    outcomes: Counter[str] = Counter()
-    async with lifecycle.channel(target) as ch:
-        stub = gateway_pb2_grpc.GatewayStub(ch)
-        listing = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=5)
-        probes = {
-            p.name: wire_from_array(np.zeros(tuple(p.input.shape), dtype=to_numpy(p.input.dtype)))
-            for p in listing.pipelines
-        }
-        while pending:
-            for p in procs:
-                if not p.alive():
-                    raise RuntimeError(f"{p.name} exited while the plan was applied:\n{p.tail()}")
-            name = pending[0]
-            item = probes[name]
-            try:
-                await stub.Submit(gateway_pb2.SubmitRequest(pipeline=name, input=item), timeout=30)
-                outcomes["OK"] += 1
-                on_routed(pending.pop(0))
-            except grpc.aio.AioRpcError as e:
-                outcomes[e.code().name] += 1
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"pipeline {name} not served after {timeout_s:.0f} s: {e.details()}"
-                    ) from e
-                await asyncio.sleep(0.5)
-    return outcomes
 
 
 async def admin_report(info: dict[str, Any]) -> str:

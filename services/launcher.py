@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -99,19 +98,6 @@ class Mesh:
         self, name: str, module: str, args: list[str], env: dict[str, str] | None = None
     ) -> Proc:
         return self.spawn(name, [sys.executable, "-m", module, *args], env)
-
-    def redis(self, port: int) -> Proc:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError(
-                "redis-server not found: install it (apt-get install redis-server) "
-                "or point CAMELOT_REDIS_URL at an existing one"
-            )
-        return self.spawn(
-            "redis",
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.run_dir)],
-        )  # fmt: skip
 
     async def stop(self, proc: Proc, grace_s: float = 15.0) -> None:
         if not proc.alive():

@@ -2,8 +2,8 @@
 traffic, keeping p99 under target with the least SM share?
 
 For each sharing mode (`--modes`: `mps`, `green`; green contexts exist only on the cuda
-backend) it starts a mesh of its own serving the mix's pipelines (`services.cli.start_mesh`, the
-agent in that share mode), and in it:
+backend) it starts a mesh of its own serving the mix's pipelines
+(`services.localmesh.start_mesh`, the agent in that share mode), and in it:
 
 1. finds the mesh's peak: `runs.peak_load` under `--peak-policy` (max-load), the same search as
    the peak-load experiment;
@@ -53,8 +53,8 @@ from loadgen.experiments.harness import Harness
 from loadgen.experiments.runs import Outcome, diurnal, peak_load
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import Mix, parse_mix, uniform_mix
-from services.cli import start_mesh
 from services.launcher import Mesh
+from services.localmesh import start_mesh
 
 log = logging.getLogger(__name__)
 
