@@ -8,7 +8,7 @@ from collections import Counter
 
 from protos import admin_pb2, plan_pb2
 from scheduler.ctl import format_plan, format_status
-from services.cli import format_table, scheduler_note
+from services.burst import format_table, scheduler_note
 
 
 def burst_row(**kw: object) -> dict[str, object]:
