@@ -31,8 +31,8 @@ from common.progress import step
 from common.results import module_command, write_result
 from contract.pipeline_config import list_pipelines, load_pipeline
 from loadgen import traces
-from loadgen.faults import broker_stats, held_bytes, replica_pids, settle
 from loadgen.inputs import uniform_mix
+from loadgen.meshstate import broker_stats, held_bytes, replica_pids, settle
 from loadgen.openloop import run_open_loop
 from services.launcher import Mesh
 from services.localmesh import start_mesh
