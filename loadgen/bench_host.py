@@ -33,256 +33,25 @@ held; None where none held), `<w>_cpu_ms_per_query` (mesh CPU per query there),
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
 from common.results import REPO_ROOT, module_command, run_main, write_result
 from contract.pipeline_config import list_pipelines, pipelines_dir
-from loadgen import tails, traces
-from loadgen.hostcost import LOADGEN, STAGE, CpuSampler, ProcessTree, Window, roots_of
-from loadgen.inputs import Mix, uniform_mix
-from loadgen.openloop import list_pipelines as served_pipelines
-from loadgen.openloop import run_open_loop
-from loadgen.records import Record, percentiles_ms
-from services.launcher import Mesh
-from services.localmesh import start_mesh
-
-log = logging.getLogger(__name__)
+from loadgen.hostcost import ProcessTree
+from loadgen.hostladder import COLUMNS, Trials, Workload, ladder, mesh_for
 
 NULL_DIR = pipelines_dir() / "null"
 NULL_PIPELINES = ("null1", "null3", "null-dag")
 NULL_RATES = "250,500,1000,1500,2000,3000,4000,5000,6000,8000"
 REFERENCE_RATES = "50,100,200,300,400,600,800,1200,1600,2400"
 P99_MS = 25.0
-# a rate collapses when a pipeline's median is over its target or this many queries fail
-COLLAPSE_ERROR_FRAC = 0.05
-STOP_AFTER_MISSES = 2
-KINDS = ("gateway", "broker", STAGE, "scheduler", "agent", "redis", "mps", LOADGEN)
-COLUMNS = [
-    "workload", "rate_qps", "achieved_qps", "count", "errors", "p50_ms", "p99_ms", "lag_p99_ms",
-    "held", "mesh_cpu_ms_per_query", *(f"cpu_ms.{k}" for k in KINDS), "host_cpu_pct",
-    "gpu_util_pct",
-]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one mesh serves and how it is loaded: `name` keys the summary."""
-
-    name: str
-    pipelines: tuple[str, ...]
-    directory: str  # "" for the bundled configs
-    size: str
-    policy: str
-
-    @property
-    def mix(self) -> Mix:
-        return uniform_mix(self.pipelines)
-
-
-@dataclass(frozen=True)
-class Trials:
-    rates: tuple[float, ...]
-    duration_s: float = 8.0
-    warmup_s: float = 2.0
-    prime_s: float = 3.0
-    idle_s: float = 3.0
-    gap_s: float = 1.0
-    client_processes: int = 4
-    connections: int = 16
-    deadline_s: float = 2.0
-    p99_ms: float | None = None  # None: each pipeline's QoS target
-    max_error_frac: float = 0.01
-    seed: int = 0
-    # clients on the node send on SubmitStream (the local client's path); "unary" as Locust does
-    submit: str = "stream"
-    # the broker a client on the node writes its inputs into (inputs by reference); "": bytes
-    shm_broker: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.rates or any(not r > 0 for r in self.rates):
-            raise InvalidArgument(f"rates must be positive queries/s, got {list(self.rates)}")
-        if not 0 <= self.warmup_s < self.duration_s:
-            raise InvalidArgument(
-                f"need duration_s > warmup_s >= 0, got {self.duration_s} and {self.warmup_s}"
-            )
-        if self.client_processes < 1 or self.connections < self.client_processes:
-            raise InvalidArgument(
-                f"need client_processes >= 1 and connections >= client_processes, got "
-                f"{self.client_processes} and {self.connections}"
-            )
-
-
-def judge(
-    records: Sequence[Record], targets: Mapping[str, float], max_error_frac: float
-) -> tuple[bool, bool, dict[str, dict[str, float | None]]]:
-    """(held, collapsed, per pipeline p50/p99) of a trial's measured queries."""
-    per: dict[str, dict[str, float | None]] = {}
-    for name in targets:
-        lat = [r.latency_us for r in records if r.ok and r.pipeline == name]
-        q = percentiles_ms(lat)
-        per[name] = {"p50_ms": q["p50_ms"], "p99_ms": q["p99_ms"]}
-    errors = sum(not r.ok for r in records) / len(records) if records else 1.0
-    held = errors <= max_error_frac and all(
-        v["p99_ms"] is not None and v["p99_ms"] <= targets[k] for k, v in per.items()
-    )
-    collapsed = not held and (
-        errors > COLLAPSE_ERROR_FRAC
-        or any(v["p50_ms"] is None or v["p50_ms"] > targets[k] for k, v in per.items())
-    )
-    return held, collapsed, per
-
-
-def cost_row(window: Window, queries: int) -> dict[str, Any]:
-    """CPU milliseconds per query per kind (and per stage), and the mesh's (loadgen excluded)."""
-    if queries <= 0:
-        return {"mesh_cpu_ms_per_query": None}
-    kinds = window.by_kind()
-    mesh = sum(v for k, v in kinds.items() if k != LOADGEN)
-    return {
-        "mesh_cpu_ms_per_query": round(mesh / queries, 4),
-        **{f"cpu_ms.{k}": round(kinds[k] / queries, 4) if k in kinds else None for k in KINDS},
-        "cpu_ms_by_stage": {
-            label.partition(":")[2]: round(ms / queries, 4)
-            for label, ms in sorted(window.cpu_ms.items())
-            if label.startswith(f"{STAGE}:")
-        },
-        "cpu_pct": {k: round(100.0 * v / 1000.0 / window.seconds, 1) for k, v in kinds.items()},
-        "host_cpu_pct": None if window.host_cpu_pct is None else round(window.host_cpu_pct, 1),
-        "gpu_util_pct": None if window.gpu_util_pct is None else round(window.gpu_util_pct, 1),
-    }
-
-
-async def trial(
-    target: str,
-    workload: Workload,
-    served: Mapping[str, Any],
-    targets: Mapping[str, float],
-    rate: float,
-    t: Trials,
-    tree: ProcessTree,
-    seed: int,
-) -> dict[str, Any]:
-    """One open-loop trial at `rate`, and its row."""
-    schedule = traces.poisson(rate, t.duration_s, np.random.default_rng(seed))
-    async with CpuSampler(tree) as sampler:
-        result = await run_open_loop(
-            target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
-            connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
-            submit=t.submit, shm_broker=t.shm_broker,
-        )  # fmt: skip
-    window = sampler.window(
-        result.t0_us + int(t.warmup_s * 1e6), result.t0_us + int(t.duration_s * 1e6)
-    )
-    records = [r for r in result.records if window.t0_us <= r.intended_us < window.t1_us]
-    held, collapsed, per = judge(records, targets, t.max_error_frac)
-    ok = [r for r in records if r.ok]
-    codes: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            codes[r.status] = codes.get(r.status, 0) + 1
-    lat = percentiles_ms([r.latency_us for r in ok])
-    lag = percentiles_ms([max(0, r.sent_us - r.intended_us) for r in records])
-    row: dict[str, Any] = {
-        "workload": workload.name,
-        "rate_qps": rate,
-        "window_s": round(window.seconds, 3),
-        "offered_qps": round(len(records) / window.seconds, 1),
-        "achieved_qps": round(len(ok) / window.seconds, 1),
-        "count": len(records),
-        "errors": len(records) - len(ok),
-        "error_codes": codes,
-        "p50_ms": lat["p50_ms"],
-        "p99_ms": lat["p99_ms"],
-        "max_ms": lat["max_ms"],
-        "lag_p99_ms": lag["p99_ms"],
-        "held": held,
-        "collapsed": collapsed,
-        **cost_row(window, len(records)),
-        "by_pipeline": per,
-        "tails": tails.breakdown(records, targets),
-    }
-    log.info("%s at %g qps: p50 %s ms, p99 %s ms, %d errors, mesh %s CPU-ms/query, %s",
-             workload.name, rate, row["p50_ms"], row["p99_ms"], row["errors"],
-             row["mesh_cpu_ms_per_query"], "held" if held else "missed")  # fmt: skip
-    return row
-
-
-async def idle_cpu_pct(tree: ProcessTree, seconds: float) -> dict[str, float]:
-    """Percent of one core each kind spends with no load (heartbeats, reports, scheduler ticks):
-    at a low rate this fixed cost, spread over few queries, is most of a query's figure."""
-    async with CpuSampler(tree) as sampler:
-        await asyncio.sleep(seconds)
-    w = sampler.window(sampler.samples[0].t_us, sampler.samples[-1].t_us)
-    kinds = w.by_kind()
-    mesh = sum(v for k, v in kinds.items() if k != LOADGEN)
-    return {"mesh": round(mesh / 10.0 / w.seconds, 2),
-            **{k: round(v / 10.0 / w.seconds, 2) for k, v in sorted(kinds.items())}}  # fmt: skip
-
-
-async def ladder(
-    target: str, workload: Workload, t: Trials, tree: ProcessTree
-) -> list[dict[str, Any]]:
-    """The rates in turn until one collapses or two in a row miss."""
-    served = await served_pipelines(target, 10.0)
-    workload.mix.check_served(list(served))
-    targets = {
-        p: t.p99_ms if t.p99_ms is not None else float(served[p].qos_p99_ms)
-        for p in workload.pipelines
-    }
-    idle = await idle_cpu_pct(tree, t.idle_s) if t.idle_s > 0 else {}
-    if t.prime_s > 0:  # the first queries through new replicas and connections cost more
-        prime = traces.poisson(t.rates[0], t.prime_s, np.random.default_rng(t.seed))
-        await run_open_loop(
-            target, prime, workload.mix, t.seed, t.deadline_s, pipelines=served,
-            connections=t.connections, duration_s=t.prime_s, processes=1, submit=t.submit,
-        )  # fmt: skip
-    rows: list[dict[str, Any]] = []
-    misses = 0
-    for i, rate in enumerate(t.rates):
-        await asyncio.sleep(t.gap_s)
-        row = await trial(target, workload, served, targets, rate, t, tree, t.seed + 1 + i)
-        row["idle_cpu_pct"] = idle
-        rows.append(row)
-        misses = 0 if row["held"] else misses + 1
-        if row["collapsed"] or misses >= STOP_AFTER_MISSES:
-            break
-    return rows
-
-
-@asynccontextmanager
-async def mesh_for(
-    workload: Workload, backend: str, gateway_workers: int, run_dir: str
-) -> AsyncIterator[tuple[str, dict[int, str], str]]:
-    """A whole mesh serving `workload`: the gateway's address, the processes' roots (pid ->
-    kind) and the broker. In a scratch folder, or in `run_dir/<workload>` (kept, with its logs)."""
-    async with AsyncExitStack() as stack:
-        if run_dir:
-            where = Path(run_dir) / workload.name
-        else:
-            where = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-host-")))
-        mesh = Mesh(where)
-        mesh.env["CAMELOT_GATEWAY_WORKERS"] = str(gateway_workers)
-        stack.push_async_callback(mesh.stop_all)
-        log.info("%s: starting the mesh (%s, size %s, policy %s) in %s", workload.name, backend,
-                 workload.size, workload.policy, where)  # fmt: skip
-        info = await start_mesh(
-            mesh, backend, workload.size, workload.policy,
-            pipelines=list(workload.pipelines), pipelines_dir=workload.directory,
-        )  # fmt: skip
-        yield str(info["gateway"]), roots_of(mesh.procs), str(info["broker"])
 
 
 def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -301,13 +70,25 @@ def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
 
 
+def policy_options(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """`--option K=V` values as pairs; one without `=` or a key is INVALID_ARGUMENT."""
+    out = []
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--option {kv!r} is not KEY=VALUE")
+        out.append((key, value))
+    return tuple(out)
+
+
 def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
+    options = policy_options(args.option)
     names = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     if args.reference:
         names = names or list_pipelines()
         # exclusive deals whole GPUs: on the host backend it has nothing to plan with
         policy = args.policy or ("exclusive" if backend == "cuda" else "even")
-        return [Workload("reference", tuple(names), "", args.size or "full", policy)]
+        return [Workload("reference", tuple(names), "", args.size or "full", policy, options)]
     names = names or list(NULL_PIPELINES)
     unknown = sorted(set(names) - set(list_pipelines(NULL_DIR)))
     if unknown:
@@ -315,7 +96,7 @@ def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
             f"not null pipelines: {', '.join(unknown)} (have {', '.join(list_pipelines(NULL_DIR))};"
             " --reference measures the bundled ones)"
         )
-    return [Workload(n, (n,), str(NULL_DIR), args.size or "tiny", args.policy or "even")
+    return [Workload(n, (n,), str(NULL_DIR), args.size or "tiny", args.policy or "even", options)
             for n in names]  # fmt: skip
 
 
@@ -386,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "full"], default="",
                    help="default: tiny (null), full (--reference)")  # fmt: skip
     p.add_argument("--policy", default="", help="default: even (null), exclusive (--reference)")
+    p.add_argument("--option", action="append", default=[], metavar="K=V",
+                   help="the policy's option, repeatable (e.g. replicas=3 for even)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="", help="keep each mesh's folder and logs here")
     p.add_argument("--note", default="", help="a line for the result's notes (the machine...)")
@@ -432,7 +215,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     notes = (
         f"{'Reference pipelines' if args.reference else 'Null pipelines'} "
         f"({', '.join(w.name + ': ' + '+'.join(w.pipelines) for w in loads)}), "
-        f"size {loads[0].size}, policy {loads[0].policy}, {args.gateway_workers} gateway "
+        f"size {loads[0].size}, policy {loads[0].policy}"
+        f"{''.join(f' {k}={v}' for k, v in loads[0].options)}, {args.gateway_workers} gateway "
         f"worker(s), {t.client_processes} client process(es) over {t.connections} connections; "
         f"open-loop Poisson, {t.duration_s:g} s per rate of which {t.warmup_s:g} s warm-up; a "
         f"rate holds at {target_text} and <= {100 * t.max_error_frac:g}% errors. CPU-ms per "

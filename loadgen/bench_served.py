@@ -5,7 +5,7 @@
 
 The configs of every `--from` folder (default: the bundled pipelines and the torch ones) go into
 one folder, and one mesh of real processes serves them all on this node's GPU
-(`bench_host.mesh_for`: redis, broker, scheduler, agent, replicas, gateway) under `--policy`
+(`hostladder.mesh_for`: redis, broker, scheduler, agent, replicas, gateway) under `--policy`
 (default `even`: every stage on the GPU with an equal SM share, a plan that needs no profile, so
 a pipeline never profiled is served too). It is loaded open-loop (Poisson) with
 `--per-pipeline-qps` for each pipeline for `--duration-s`, after a warm-up that is not measured.
@@ -38,7 +38,8 @@ from common.errors import InvalidArgument
 from common.results import module_command, run_main, write_result
 from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import traces
-from loadgen.bench_host import Workload, mesh_for, relative
+from loadgen.bench_host import relative
+from loadgen.hostladder import Workload, mesh_for
 from loadgen.openloop import list_pipelines as served_pipelines
 from loadgen.openloop import run_open_loop
 from loadgen.records import Record, percentiles_ms

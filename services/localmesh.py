@@ -268,6 +268,7 @@ async def start_mesh(
     pipelines: list[str] | None = None,
     say: Callable[[str], None] = _quiet,
     pipelines_dir: str = "",
+    policy_options: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The planned mesh as `camelot run` starts it on this node: redis (unless
     CAMELOT_REDIS_URL is set), broker, scheduler, agent and gateway (on CAMELOT_GATEWAY_PORT,
@@ -281,6 +282,7 @@ async def start_mesh(
     redis_url = os.environ.get("CAMELOT_REDIS_URL", "")
     lm = await start_planned(
         LocalMesh(mesh, say), backend, size, policy,
+        policy_options=policy_options,
         share_mode=mode,
         mps=os.environ.get("CAMELOT_MPS", "manage" if mode != "none" else "off"),
         redis_url=redis_url,

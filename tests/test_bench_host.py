@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from loadgen import bench_host
+from loadgen import bench_host, hostladder
 from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
 from loadgen.records import OK, Record
 
@@ -92,18 +92,18 @@ def record(pipeline: str, latency_ms: float, status: str = OK) -> Record:
 
 def test_a_rate_holds_within_target_and_collapses_past_it():
     fine = [record("a", 5)] * 99 + [record("a", 20)]
-    assert bench_host.judge(fine, {"a": 25.0}, 0.01)[:2] == (True, False)
+    assert hostladder.judge(fine, {"a": 25.0}, 0.01)[:2] == (True, False)
     tail = [record("a", 5)] * 90 + [record("a", 40)] * 10
-    assert bench_host.judge(tail, {"a": 25.0}, 0.01)[:2] == (False, False)
+    assert hostladder.judge(tail, {"a": 25.0}, 0.01)[:2] == (False, False)
     slow = [record("a", 40)] * 100
-    assert bench_host.judge(slow, {"a": 25.0}, 0.01)[:2] == (False, True)
+    assert hostladder.judge(slow, {"a": 25.0}, 0.01)[:2] == (False, True)
     failing = [record("a", 5)] * 90 + [record("a", 0, "DEADLINE_EXCEEDED")] * 10
-    assert bench_host.judge(failing, {"a": 25.0}, 0.01)[:2] == (False, True)
+    assert hostladder.judge(failing, {"a": 25.0}, 0.01)[:2] == (False, True)
     # a mix holds only when every pipeline holds its own target
     mix = [record("a", 5)] * 100 + [record("b", 50)] * 100
-    held, _, per = bench_host.judge(mix, {"a": 25.0, "b": 60.0}, 0.01)
+    held, _, per = hostladder.judge(mix, {"a": 25.0, "b": 60.0}, 0.01)
     assert held and per["b"]["p99_ms"] == 50.0
-    assert not bench_host.judge(mix, {"a": 25.0, "b": 40.0}, 0.01)[0]
+    assert not hostladder.judge(mix, {"a": 25.0, "b": 40.0}, 0.01)[0]
 
 
 def test_only_null_pipelines_are_taken_without_reference():
@@ -115,6 +115,10 @@ def test_only_null_pipelines_are_taken_without_reference():
     (ref,) = bench_host.workloads(args, "cuda")
     assert ref.size == "full" and ref.policy == "exclusive" and len(ref.pipelines) == 4
     assert bench_host.workloads(args, "host")[0].policy == "even"
+    args = bench_host.build_parser().parse_args(["--option", "replicas=3"])
+    assert {w.options for w in bench_host.workloads(args, "host")} == {(("replicas", "3"),)}
+    with pytest.raises(Exception, match="not KEY=VALUE"):
+        bench_host.workloads(bench_host.build_parser().parse_args(["--option", "x"]), "host")
 
 
 @pytest.mark.slow
@@ -123,7 +127,8 @@ async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_p
     argv = ["--pipelines", "null3", "--backend", "host", "--rates", "15", "--duration-s", "3",
             "--warmup-s", "0.5", "--prime-s", "0", "--idle-s", "1", "--gap-s", "0",
             "--client-processes", "2", "--connections", "2", "--gateway-workers", "1",
-            "--deadline-s", "20", "--out-dir", str(tmp_path), "--name", "host-smoke"]  # fmt: skip
+            "--deadline-s", "20", "--out-dir", str(tmp_path), "--name", "host-smoke",
+            "--option", "replicas=2", "--run-dir", str(tmp_path / "run")]  # fmt: skip
     json_path, md_path = await bench_host.run(bench_host.build_parser().parse_args(argv), argv)
     doc = json.loads(json_path.read_text())
     assert doc["name"] == "host-smoke" and doc["backend"] == "host"
@@ -138,7 +143,12 @@ async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_p
     assert sorted(row["cpu_ms_by_stage"]) == ["null3/a", "null3/b", "null3/c"]
     assert all(ms > 0 for ms in row["cpu_ms_by_stage"].values())
     # the mesh's figure leaves the load generator out and counts everything else
-    mesh = sum(row[f"cpu_ms.{k}"] or 0 for k in bench_host.KINDS if k != "loadgen")
+    mesh = sum(row[f"cpu_ms.{k}"] or 0 for k in hostladder.KINDS if k != "loadgen")
     assert row["mesh_cpu_ms_per_query"] == pytest.approx(mesh, rel=1e-3, abs=1e-3)
     assert doc["settings"]["workloads"][0]["directory"] == "services/pipelines/null"
+    # the policy's option reached the scheduler: even ran two replicas of every stage
+    assert doc["settings"]["workloads"][0]["options"] == [["replicas", "2"]]
+    logs = {p.name for p in (tmp_path / "run" / "null3").rglob("*.log")}
+    for stage in "abc":
+        assert any(f"null3.{stage}.1" in name for name in logs), (stage, sorted(logs))
     assert "mesh_cpu_ms_per_query" in md_path.read_text()
