@@ -15,8 +15,10 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,10 @@ def module_command(module: str, argv: Sequence[str]) -> str:
     return shlex.join(["python", "-m", module, *argv])
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_main(
     parser: argparse.ArgumentParser,
     run: Callable[[argparse.Namespace, list[str]], Coroutine[Any, Any, tuple[Path, Path]]],
@@ -90,7 +96,10 @@ def run_main(
     """The entry point of a program that writes one result: parses `argv` (default: the
     process's), logs at INFO, runs `run(args, argv)` and says where the result went. A user's
     mistake (no mesh to measure, a bad setting, a refused or unreachable target) is one line on
-    stderr and exit code 2, not a traceback."""
+    stderr and exit code 2, not a traceback. SIGTERM (a timeout's) unwinds like Ctrl-C, so a
+    mesh the program started is stopped, not orphaned."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(args_list)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -33,7 +33,6 @@ held; None where none held), `<w>_cpu_ms_per_query` (mesh CPU per query there),
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -237,13 +236,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     )  # fmt: skip
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERM (a timeout's) unwinds like Ctrl-C, so the mesh it started is stopped, not orphaned
-    signal.signal(signal.SIGTERM, _interrupt)
     return run_main(build_parser(), run, argv)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -187,12 +186,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     )  # fmt: skip
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
     return run_main(build_parser(), run, argv)
 
 
