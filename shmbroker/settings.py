@@ -1,34 +1,33 @@
-"""The broker's settings: one frozen dataclass built once in `main()` from flags and CAMELOT_* env.
+"""The broker's settings: one frozen dataclass built once in `main()` by `parse(argv, environ)`.
 
-CAMELOT_NODE            node name                         (default: host name)
-CAMELOT_BACKEND         auto | host | cuda                (default: auto)
-CAMELOT_BROKER_HOST     TCP listen address                (default: 127.0.0.1)
-CAMELOT_BROKER_PORT     TCP port, 0 picks one             (default: 50051)
-CAMELOT_BROKER_SOCKET   Unix socket path, "" for none     (default: /tmp/camelot/broker.sock)
-CAMELOT_SLAB_BYTES      bytes per slab, K/M/G[iB] allowed (default: 256 MiB host, 1 GiB cuda)
-CAMELOT_MAX_BYTES       cap on slab bytes per device      (default: 8 slabs)
-CAMELOT_LEASE_TTL_S     default lease time to live        (default: 30)
-CAMELOT_QUARANTINE_S    grace before an abandoned buffer is reused (default: 2)
-CAMELOT_METRICS_PORT    Prometheus port, 0 disables       (default: 0)
+Each flag defaults to its variable, which defaults to the dataclass (`common.settings.Flags`):
+
+--node              CAMELOT_NODE           node name (default: host name)
+--backend           CAMELOT_BACKEND        auto | host | cuda (default: auto)
+--host              CAMELOT_BROKER_HOST    TCP listen address (default: 127.0.0.1)
+--port              CAMELOT_BROKER_PORT    TCP port, 0 picks one (default: 50051)
+--socket            CAMELOT_BROKER_SOCKET  Unix socket path, "" for none
+                                           (default: /tmp/camelot/broker.sock)
+--slab-bytes        CAMELOT_SLAB_BYTES     bytes per slab, K/M/G[iB] allowed
+                                           (default: 256 MiB host, 1 GiB cuda)
+--max-bytes         CAMELOT_MAX_BYTES      cap on slab bytes per device (default: 8 slabs)
+--lease-ttl-s       CAMELOT_LEASE_TTL_S    default lease time to live (default: 30)
+--quarantine-s      CAMELOT_QUARANTINE_S   grace before an abandoned buffer is reused (default: 2)
+--sweep-interval-s                         how often expired leases are swept (default: 0.25)
+--metrics-port      CAMELOT_METRICS_PORT   Prometheus port, 0 disables (default: 0)
+--log-level         CAMELOT_LOG_LEVEL      (default: INFO)
 """
 
 from __future__ import annotations
 
+import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.backend import Backend
-from common.settings import (
-    PREFIX,
-    SettingsError,
-    env_choice,
-    env_float,
-    env_int,
-    env_str,
-    require_positive,
-)
+from common.settings import PREFIX, Flags, SettingsError, env_str, require_positive
 from shmbroker.allocator import ALIGNMENT
 
 MiB = 1 << 20
@@ -68,23 +67,6 @@ class BrokerSettings:
     grace_s: float = 2.0
     log_level: str = "INFO"
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> BrokerSettings:
-        d = cls()
-        return cls(
-            node=env_str("NODE", d.node, env),
-            backend=env_choice("BACKEND", d.backend, ("auto", "host", "cuda"), env),
-            host=env_str("BROKER_HOST", d.host, env),
-            port=env_int("BROKER_PORT", d.port, env),
-            socket_path=env_str("BROKER_SOCKET", d.socket_path, env),
-            slab_bytes=env_bytes("SLAB_BYTES", d.slab_bytes, env),
-            max_bytes=env_bytes("MAX_BYTES", d.max_bytes, env),
-            lease_ttl_s=env_float("LEASE_TTL_S", d.lease_ttl_s, env),
-            quarantine_s=env_float("QUARANTINE_S", d.quarantine_s, env),
-            metrics_port=env_int("METRICS_PORT", d.metrics_port, env),
-            log_level=env_str("LOG_LEVEL", d.log_level, env),
-        )
-
     def validate(self) -> BrokerSettings:
         """Checks ranges; errors name the setting and the bad value."""
         if self.backend not in ("auto", "host", "cuda"):
@@ -108,3 +90,43 @@ class BrokerSettings:
 
     def max_bytes_for(self, backend: Backend) -> int:
         return self.max_bytes or DEFAULT_SLABS_PER_DEVICE * self.slab_bytes_for(backend)
+
+
+def parse(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> BrokerSettings:
+    e = os.environ if environ is None else environ
+    f = Flags(BrokerSettings, "python -m shmbroker", "The per-node shared-memory broker.", e)
+    f.add("--node", env="NODE")
+    f.add("--backend", env="BACKEND", choices=("auto", "host", "cuda"))
+    f.add("--host", env="BROKER_HOST", help="TCP listen address")
+    f.add("--port", env="BROKER_PORT", help="TCP port; 0 picks a free one")
+    f.add(
+        "--socket", field="socket_path", env="BROKER_SOCKET", help='Unix socket path; "" for none'
+    )
+    # Sizes take units (256MiB), which an int flag would refuse: each variable is read here (a bad
+    # one refused naming it, as Flags does), and the flag's text is converted below, naming it.
+    f.add(
+        "--slab-bytes",
+        field=None,
+        default=str(env_bytes("SLAB_BYTES", 0, e)),
+        help="bytes per slab (256MiB, 1GiB, ...); 0: the backend's default",
+    )
+    f.add(
+        "--max-bytes",
+        field=None,
+        default=str(env_bytes("MAX_BYTES", 0, e)),
+        help="cap on slab bytes per device; 0: 8 slabs",
+    )
+    f.add("--lease-ttl-s", env="LEASE_TTL_S", check="positive")
+    f.add("--quarantine-s", env="QUARANTINE_S", check="nonnegative")
+    f.add("--sweep-interval-s", check="positive")
+    f.add("--metrics-port", env="METRICS_PORT")
+    f.add("--log-level", env="LOG_LEVEL")
+    a = f.parse(argv)
+    try:
+        slab_bytes = parse_bytes("--slab-bytes", a.slab_bytes)
+        max_bytes = parse_bytes("--max-bytes", a.max_bytes)
+    except SettingsError as err:
+        f.parser.error(str(err))
+    return f.settings(a, slab_bytes=slab_bytes, max_bytes=max_bytes).validate()

@@ -261,16 +261,16 @@ def test_tag_covers_every_field():
 # -- settings --------------------------------------------------------------------------------
 
 
-def test_settings_from_env_and_errors_name_the_variable():
-    s = BrokerSettings.from_env(
-        {"CAMELOT_SLAB_BYTES": "64MiB", "CAMELOT_BROKER_PORT": "0", "CAMELOT_BACKEND": "host",
-         "CAMELOT_LEASE_TTL_S": "2.5"}
-    )  # fmt: skip
-    assert (s.slab_bytes, s.port, s.backend, s.lease_ttl_s) == (64 << 20, 0, "host", 2.5)
+def test_sizes_take_binary_units_and_settings_check_their_ranges():
+    # parsing flags and variables: tests/test_settings.py
     assert parse_bytes("x", "1G") == 1 << 30 and parse_bytes("x", "4096") == 4096
-    with pytest.raises(SettingsError, match="CAMELOT_SLAB_BYTES"):
-        BrokerSettings.from_env({"CAMELOT_SLAB_BYTES": "lots"})
-    with pytest.raises(SettingsError, match="CAMELOT_BACKEND"):
-        BrokerSettings.from_env({"CAMELOT_BACKEND": "tpu"})
+    assert parse_bytes("x", "64MiB") == parse_bytes("x", "64m") == 64 << 20
+    for bad in ("lots", "1.5G", "-1", "1X"):
+        with pytest.raises(SettingsError, match="is not a byte size"):
+            parse_bytes("x", bad)
     with pytest.raises(SettingsError, match="slab_bytes"):
         BrokerSettings(slab_bytes=1000).validate()
+    with pytest.raises(SettingsError, match="max_bytes"):
+        BrokerSettings(slab_bytes=64 << 20, max_bytes=32 << 20).validate()
+    with pytest.raises(SettingsError, match="port"):
+        BrokerSettings(port=70000).validate()

@@ -11,7 +11,7 @@ from services import commandlines
 from services.agent import settings as agent_settings
 from services.gateway import settings as gateway_settings
 from services.stage import settings as stage_settings
-from shmbroker.__main__ import parse as parse_broker
+from shmbroker import settings as broker_settings
 
 
 def module_and_flags(argv: list[str], module: str) -> list[str]:
@@ -19,16 +19,15 @@ def module_and_flags(argv: list[str], module: str) -> list[str]:
     return argv[3:]
 
 
-def test_the_broker_reads_its_command_line(monkeypatch):
-    monkeypatch.delenv("CAMELOT_SLAB_BYTES", raising=False)
+def test_the_broker_reads_its_command_line():
     argv = commandlines.broker(5001, "/run/b.sock", "host", 64 << 20)
-    s = parse_broker(module_and_flags(argv, "shmbroker"))
+    s = broker_settings.parse(module_and_flags(argv, "shmbroker"), {})
     assert (s.port, s.socket_path, s.backend) == (5001, "/run/b.sock", "host")
     assert s.slab_bytes == 64 << 20
     # slab_bytes 0: the backend's default, as the process picks it
     default = commandlines.broker(5001, "/run/b.sock", "host")
     assert "--slab-bytes" not in default
-    assert parse_broker(module_and_flags(default, "shmbroker")).slab_bytes == 0
+    assert broker_settings.parse(module_and_flags(default, "shmbroker"), {}).slab_bytes == 0
 
 
 def test_the_scheduler_reads_its_command_line_with_the_policy_options():

@@ -13,6 +13,7 @@ from scheduler.service import settings as scheduler_settings
 from services.agent import settings as agent_settings
 from services.gateway import settings as gateway_settings
 from services.stage import settings as stage_settings
+from shmbroker import settings as broker_settings
 
 
 def changed(settings: object, baseline: object) -> dict[str, object]:
@@ -115,6 +116,56 @@ def test_stage_defaults_env_and_flags() -> None:
     for bad in (["--sm-percent", "0"], ["--sm-groups", "a"], ["--max-queue", "0"]):
         with pytest.raises(SystemExit):
             stage_settings.parse(["--pipeline", "p", "--stage", "s", *bad], {})
+
+
+def test_broker_defaults_env_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    base = broker_settings.parse([], {})
+    assert base == broker_settings.BrokerSettings()
+    env = {
+        "CAMELOT_NODE": "n3",
+        "CAMELOT_BACKEND": "host",
+        "CAMELOT_BROKER_HOST": "0.0.0.0",
+        "CAMELOT_BROKER_PORT": "6003",
+        "CAMELOT_BROKER_SOCKET": "/b.sock",
+        "CAMELOT_SLAB_BYTES": "64MiB",
+        "CAMELOT_MAX_BYTES": "1073741824",
+        "CAMELOT_LEASE_TTL_S": "2.5",
+        "CAMELOT_QUARANTINE_S": "0",
+        "CAMELOT_METRICS_PORT": "9101",
+        "CAMELOT_LOG_LEVEL": "DEBUG",
+    }
+    argv = ["--port", "0", "--socket", "", "--max-bytes", "256M", "--sweep-interval-s", "0.05"]
+    s = broker_settings.parse(argv, env)
+    assert changed(s, base) == {
+        "node": "n3",
+        "backend": "host",
+        "host": "0.0.0.0",
+        "port": 0,
+        "socket_path": "",
+        "slab_bytes": 64 << 20,
+        "max_bytes": 256 << 20,
+        "lease_ttl_s": 2.5,
+        "quarantine_s": 0.0,
+        "sweep_interval_s": 0.05,
+        "metrics_port": 9101,
+        "log_level": "DEBUG",
+    }
+    for var, bad in (("SLAB_BYTES", "lots"), ("BROKER_PORT", "x"), ("BACKEND", "tpu")):
+        with pytest.raises(SettingsError, match=f"CAMELOT_{var}={bad!r}"):
+            broker_settings.parse([], {f"CAMELOT_{var}": bad})
+    for bad, said in (
+        (["--slab-bytes", "lots"], "--slab-bytes='lots' is not a byte size"),
+        (["--lease-ttl-s", "0"], "--lease-ttl-s must be > 0"),
+        (["--quarantine-s", "-1"], "--quarantine-s must be >= 0"),
+    ):
+        with pytest.raises(SystemExit):
+            broker_settings.parse(bad, {})
+        assert said in capsys.readouterr().err
+    # ranges that hold between settings are the dataclass's own (validate), whichever source
+    with pytest.raises(SettingsError, match="slab_bytes 1000"):
+        broker_settings.parse([], {"CAMELOT_SLAB_BYTES": "1000"})
+    with pytest.raises(SettingsError, match="max_bytes"):
+        broker_settings.parse(["--slab-bytes", "64MiB", "--max-bytes", "32MiB"], {})
 
 
 @dataclasses.dataclass(frozen=True)
