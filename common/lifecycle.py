@@ -17,12 +17,16 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.errors import CamelotError
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,18 @@ def channel(target: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
     if tls is not None and not target.startswith("unix:"):
         return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def run_process(prog: str, main: Coroutine[Any, Any, None]) -> int:
+    """Runs a process's `main` coroutine to its end: 0, or 2 with one line on stderr where it
+    stopped on a Camelot error (a bad configuration found at start: an unknown pipeline, a
+    profile that does not load), never a traceback."""
+    try:
+        asyncio.run(main)
+    except CamelotError as e:
+        print(f"{prog}: {e.code.name}: {e.message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 async def run_until_signalled(

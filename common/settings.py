@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 PREFIX = "CAMELOT_"
+
+
+S = TypeVar("S")
 
 
 class SettingsError(ValueError):
@@ -53,12 +57,21 @@ def env_choice(
     return value
 
 
+def parse_or_exit(prog: str, parse: Callable[[list[str] | None], S], argv: list[str] | None) -> S:
+    """A process's settings, or one line naming the bad variable on stderr and exit code 2
+    (as argparse does for a bad flag), never a traceback."""
+    try:
+        return parse(argv)
+    except SettingsError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def require_positive(name: str, value: float) -> None:
     if value <= 0:
         raise SettingsError(f"{name} must be > 0, got {value!r}")
 
 
-S = TypeVar("S")
 Check = Literal["positive", "nonnegative"]
 
 

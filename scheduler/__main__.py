@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from common import logs
-from common.errors import CamelotError
-from common.settings import SettingsError
+from common.lifecycle import run_process
+from common.settings import parse_or_exit
 from scheduler.service.server import serve
 from scheduler.service.settings import parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = parse(argv)
-    except SettingsError as e:
-        print(f"scheduler: {e}", file=sys.stderr)
-        return 2
+    settings = parse_or_exit("scheduler", parse, argv)
     logs.setup("scheduler", node="-")
-    try:
-        asyncio.run(serve(settings))
-    except CamelotError as e:  # bad configuration found at start (profiles, pipelines)
-        print(f"scheduler: {e.message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_process("scheduler", serve(settings))
 
 
 if __name__ == "__main__":

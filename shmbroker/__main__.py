@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from common import logs
-from common.settings import SettingsError
+from common.settings import parse_or_exit
 from shmbroker.server import serve
 from shmbroker.settings import parse
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        settings = parse(argv)
-    except SettingsError as e:
-        sys.exit(f"shmbroker: {e}")
+    settings = parse_or_exit("shmbroker", parse, argv)
     logs.setup("shmbroker", settings.node, level=settings.log_level)
     asyncio.run(serve(settings))
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from common import logs, metrics
-from common.lifecycle import run_until_signalled
+from common.lifecycle import run_process, run_until_signalled
+from common.settings import parse_or_exit
 from services.agent.servicer import AgentApp, create_server
 from services.agent.settings import AgentSettings, parse
 
@@ -26,10 +26,10 @@ async def serve(settings: AgentSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse(argv)
+    settings = parse_or_exit("agent", parse, argv)
     logs.setup("agent", settings.node)
     metrics.start(settings.metrics_port)
-    asyncio.run(serve(settings))
+    sys.exit(run_process("agent", serve(settings)))
 
 
 if __name__ == "__main__":

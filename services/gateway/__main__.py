@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from common import logs, metrics
-from common.lifecycle import run_until_signalled
+from common.lifecycle import run_process, run_until_signalled
+from common.settings import parse_or_exit
 from services.gateway.app import create_server
 from services.gateway.settings import GatewaySettings, parse
 from services.gateway.workers import Supervisor
@@ -22,13 +22,13 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    settings = parse(argv)
+    settings = parse_or_exit("gateway", parse, argv)
     logs.setup("gateway", settings.node)
     if settings.workers > 1:
         sup = Supervisor(argv, settings.workers, settings.metrics_port, settings.grace_s)
         sys.exit(sup.run())
     metrics.start(settings.metrics_port)
-    asyncio.run(serve(settings))
+    sys.exit(run_process("gateway", serve(settings)))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from common import logs, metrics
-from common.lifecycle import run_until_signalled
+from common.lifecycle import run_process, run_until_signalled
+from common.settings import parse_or_exit
 from services.stage.app import create_server
 from services.stage.settings import StageSettings, parse
 
@@ -26,10 +26,10 @@ async def serve(settings: StageSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse(argv)
+    settings = parse_or_exit("stage", parse, argv)
     logs.setup("stage", settings.node, settings.name)
     metrics.start(settings.metrics_port)
-    asyncio.run(serve(settings))
+    sys.exit(run_process("stage", serve(settings)))
 
 
 if __name__ == "__main__":
