@@ -18,14 +18,14 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
   timeout "$t" "$@" > "$R/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$R/steps.txt"
   tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null; }
-step torch-e2e "${E2E_S:-240}" python3 -m loadgen.bench_served --backend cuda --size full \
-  --per-pipeline-qps "${QPS:-5}" --duration-s "${DUR_S:-40}" --warmup-s 10 --out-dir "$R" \
+step torch-e2e "${E2E_S:-200}" python3 -m loadgen.bench_served --backend cuda --size full \
+  --per-pipeline-qps "${QPS:-5}" --duration-s "${DUR_S:-30}" --warmup-s 10 --out-dir "$R" \
   --name torch-e2e --run-dir /tmp/cam/served
 tar czf "$OUT/logs.tgz" -C /tmp/cam served 2>/dev/null
 for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
-  step "profile-$p" "${STEP_S:-90}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
-    --size full --shares "${SHARES:-20,50,100}" --batches "${BATCHES:-1,4,16}" --repeats 6 \
+  step "profile-$p" "${STEP_S:-60}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
+    --size full --shares "${SHARES:-30,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
     --cuda-graphs on --out "$R/$p.json"
 done
-step byom 60 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
+step byom 40 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
   --shares 50,100 --batches 1,8 --out "$R/my-classifier.json"
