@@ -118,10 +118,12 @@ def format_status(
             for ep in sorted(eps, key=lambda e: e.replica.replica_id):
                 r = ep.replica
                 gpu = f"gpu {r.gpu}" if r.gpu >= 0 else "host"
+                # a replica on the host has no SM share: its plan's 100% would read as one
+                share = f"SM {r.sm_percent:5.1f}%" if r.gpu >= 0 else "SM     -"
                 restarts = f"  restarts {ep.restarts}" if ep.restarts else ""
                 lines.append(
                     f"  {stage:<16} {r.replica_id:<32} {_STATES.get(ep.state, '-'):<9} "
-                    f"node {r.node}  {gpu}  SM {r.sm_percent:5.1f}%  batch {r.max_batch}"
+                    f"node {r.node}  {gpu}  {share}  batch {r.max_batch}"
                     f"{restarts}"
                 )
     if note:

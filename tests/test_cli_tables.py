@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from protos import admin_pb2, plan_pb2
+from protos import admin_pb2, gateway_pb2, plan_pb2
 from scheduler.ctl import format_plan, format_status
 from services.burst import format_table, scheduler_note
 
@@ -99,3 +99,23 @@ def test_get_plan_shows_no_sm_share_for_a_replica_on_the_host():
     host = format_plan(plan(gpu=-1))
     assert cells(host, "img img.a")[3:6] == ["n0", "host", "-"]
     assert cells(format_plan(plan(gpu=0)), "img img.a")[3:6] == ["n0", "0", "100.0"]
+
+
+def test_camelot_status_shows_no_sm_share_for_a_replica_on_the_host():
+    from services.meshclient import format_status as camelot_status
+
+    listing = gateway_pb2.ListPipelinesResponse(
+        pipelines=[gateway_pb2.PipelineInfo(name="img", qos_p99_ms=300, stages=["img.a"])]
+    )
+
+    def routes(gpu: int) -> plan_pb2.Routes:
+        replica = plan_pb2.ReplicaPlan(
+            replica_id="img.a.0", node="n0", gpu=gpu, sm_percent=100.0, max_batch=8
+        )
+        ep = plan_pb2.Endpoint(pipeline="img", stage="img.a", replica=replica,
+                               state=plan_pb2.REPLICA_STATE_READY)  # fmt: skip
+        return plan_pb2.Routes(epoch=1, endpoints=[ep])
+
+    host = camelot_status(listing, routes(-1))
+    assert "host" in host and "100.0%" not in host
+    assert "SM 100.0%" in camelot_status(listing, routes(0))
