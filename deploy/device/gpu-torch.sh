@@ -6,18 +6,8 @@
 # so a call cut short still returns what finished; merge the profiles here with
 # python -m scheduler.tools.profile_merge (CPU). STEP_S bounds each profile, E2E_S the e2e run.
 set -u
-source .devcarry/setup.sh
-source deploy/device/reset.sh
-OUT=${OUT:-/tmp/out}
-R=/tmp/res; rm -rf "$R"; mkdir -p "$R" "$OUT"
-python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.proto
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$R/device.txt"
-mps_start
-export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
+source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
-step() { local name=$1 t=$2; shift 2; echo "== $name"; local s=$SECONDS
-  timeout "$t" "$@" > "$R/$name.log" 2>&1; echo "rc=$? ${name} $((SECONDS - s))s" | tee -a "$R/steps.txt"
-  tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null; }
 step torch-e2e "${E2E_S:-200}" python3 -m loadgen.bench_served --backend cuda --size full \
   --per-pipeline-qps "${QPS:-5}" --duration-s "${DUR_S:-30}" --warmup-s 10 --out-dir "$R" \
   --name torch-e2e --run-dir /tmp/cam/served
