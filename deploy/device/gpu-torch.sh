@@ -12,6 +12,7 @@ step torch-e2e "${E2E_S:-200}" python3 -m loadgen.bench_served --backend cuda --
   --per-pipeline-qps "${QPS:-5}" --duration-s "${DUR_S:-30}" --warmup-s 10 --out-dir "$R" \
   --name torch-e2e --run-dir /tmp/cam/served
 tar czf "$OUT/logs.tgz" -C /tmp/cam served 2>/dev/null
+[[ ${E2E_ONLY:-0} == 1 ]] && exit 0
 for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
   step "profile-$p" "${STEP_S:-60}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
     --size full --shares "${SHARES:-30,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
