@@ -3,6 +3,12 @@
 # code, the device's name in $R/device.txt, MPS up for the mesh's replicas, and `step NAME
 # SECONDS CMD...`, which runs one bounded step into $R/NAME.log and rewrites $OUT/res.tgz after
 # it, so a call cut short still returns what finished.
+#
+# Run from a `git archive` of HEAD (no .git there), naming the commit, so results say where they
+# come from:  git archive --format=tar.gz -o .devsrc/src.tgz HEAD; git rev-parse --short HEAD >
+# .devsrc/HEAD; carry .devcarry and .devsrc, and on the device:
+#   export CAMELOT_GIT_REV=$(cat .devsrc/HEAD); mkdir -p /tmp/src && tar xzf .devsrc/src.tgz \
+#     -C /tmp/src && cp -r .devcarry /tmp/src/ && cd /tmp/src && bash deploy/device/gpu-torch.sh
 source .devcarry/setup.sh
 source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
