@@ -41,7 +41,7 @@ from loadgen.bench_host import relative
 from loadgen.hostladder import Workload, mesh_for
 from loadgen.openloop import list_pipelines as served_pipelines
 from loadgen.openloop import run_open_loop
-from loadgen.records import Record, percentiles_ms
+from loadgen.records import Record, stats_of
 
 COLUMNS = [
     "pipeline", "qos_p99_ms", "count", "errors", "p50_ms", "p99_ms", "max_ms",
@@ -78,24 +78,15 @@ def pipeline_row(
     name: str, records: Sequence[Record], qos_ms: float, factor: float, round_ms: float
 ) -> dict[str, Any]:
     mine = [r for r in records if r.pipeline == name]
-    ok = [r for r in mine if r.ok]
-    codes: dict[str, int] = {}
-    for r in mine:
-        if not r.ok:
-            codes[r.status] = codes.get(r.status, 0) + 1
-    lat = percentiles_ms([r.latency_us for r in ok])
-    gpu = float(np.median([r.compute_us for r in ok])) / 1000.0 if ok else None
+    stats = stats_of(mine, 0.0)
+    compute = [r.compute_us for r in mine if r.ok]
+    gpu = float(np.median(compute)) / 1000.0 if compute else None
     return {
         "pipeline": name,
         "qos_p99_ms": qos_ms,
-        "count": len(mine),
-        "errors": len(mine) - len(ok),
-        "error_codes": codes,
-        "p50_ms": lat["p50_ms"],
-        "p99_ms": lat["p99_ms"],
-        "max_ms": lat["max_ms"],
+        **{k: stats[k] for k in ("count", "errors", "error_codes", "p50_ms", "p99_ms", "max_ms")},
         "gpu_ms_per_query": None if gpu is None else round(gpu, 3),
-        "suggested_qos_p99_ms": suggested_qos(lat["p99_ms"], factor, round_ms),
+        "suggested_qos_p99_ms": suggested_qos(stats["p99_ms"], factor, round_ms),
     }
 
 

@@ -28,7 +28,7 @@ from loadgen.hostcost import LOADGEN, STAGE, CpuSampler, ProcessTree, Window, ro
 from loadgen.inputs import Mix, uniform_mix
 from loadgen.openloop import list_pipelines as served_pipelines
 from loadgen.openloop import run_open_loop
-from loadgen.records import Record, percentiles_ms
+from loadgen.records import Record, percentiles_ms, stats_of
 from services.launcher import Mesh
 from services.localmesh import start_mesh
 
@@ -158,25 +158,15 @@ async def trial(
     )
     records = [r for r in result.records if window.t0_us <= r.intended_us < window.t1_us]
     held, collapsed, per = judge(records, targets, t.max_error_frac)
-    ok = [r for r in records if r.ok]
-    codes: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            codes[r.status] = codes.get(r.status, 0) + 1
-    lat = percentiles_ms([r.latency_us for r in ok])
+    stats = stats_of(records, window.seconds)
     lag = percentiles_ms([max(0, r.sent_us - r.intended_us) for r in records])
     row: dict[str, Any] = {
         "workload": workload.name,
         "rate_qps": rate,
         "window_s": round(window.seconds, 3),
-        "offered_qps": round(len(records) / window.seconds, 1),
-        "achieved_qps": round(len(ok) / window.seconds, 1),
-        "count": len(records),
-        "errors": len(records) - len(ok),
-        "error_codes": codes,
-        "p50_ms": lat["p50_ms"],
-        "p99_ms": lat["p99_ms"],
-        "max_ms": lat["max_ms"],
+        "offered_qps": round(stats["offered_qps"], 1),
+        "achieved_qps": round(stats["ok"] / window.seconds, 1),
+        **{k: stats[k] for k in ("count", "errors", "error_codes", "p50_ms", "p99_ms", "max_ms")},
         "lag_p99_ms": lag["p99_ms"],
         "held": held,
         "collapsed": collapsed,
