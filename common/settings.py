@@ -57,6 +57,18 @@ def env_choice(
     return value
 
 
+def options_of(pairs: Sequence[str], flag: str = "--option") -> dict[str, str]:
+    """Repeated `KEY=VALUE` flag values as a dict (a policy's options); SettingsError naming the
+    flag for one without `=` or a key."""
+    out: dict[str, str] = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"{flag} {kv!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def parse_or_exit(prog: str, parse: Callable[[list[str] | None], S], argv: list[str] | None) -> S:
     """A process's settings, or one line naming the bad variable on stderr and exit code 2
     (as argparse does for a bad flag), never a traceback."""

@@ -42,6 +42,7 @@ from typing import Any
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
 from common.results import REPO_ROOT, module_command, run_main, write_result
+from common.settings import options_of
 from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen.hostcost import ProcessTree
 from loadgen.hostladder import COLUMNS, Trials, Workload, ladder, mesh_for
@@ -69,19 +70,8 @@ def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
 
 
-def policy_options(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """`--option K=V` values as pairs; one without `=` or a key is INVALID_ARGUMENT."""
-    out = []
-    for kv in pairs:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"--option {kv!r} is not KEY=VALUE")
-        out.append((key, value))
-    return tuple(out)
-
-
 def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
-    options = policy_options(args.option)
+    options = tuple(options_of(args.option).items())
     names = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     if args.reference:
         names = names or list_pipelines()

@@ -29,7 +29,7 @@ import grpc
 
 from common import meshrecord
 from common.lifecycle import channel
-from common.settings import SettingsError
+from common.settings import SettingsError, options_of
 from protos import admin_pb2, admin_pb2_grpc, plan_pb2
 from scheduler.ctlwait import NotInForce, wait_in_force
 
@@ -214,12 +214,7 @@ async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
     async with channel(a.target) as ch:
         stub = admin_pb2_grpc.AdminStub(ch)
         if a.command == "set-policy":
-            options = {}
-            for kv in a.option:
-                key, sep, value = kv.partition("=")
-                if not sep or not key:
-                    raise SettingsError(f"--option {kv!r} is not KEY=VALUE")
-                options[key] = value
+            options = options_of(a.option)
             req = admin_pb2.SetPolicyRequest(policy=a.name, options=options)
             plan = await stub.SetPolicy(req, metadata=metadata, timeout=DEADLINE_S)
             out.write(format_plan(plan))

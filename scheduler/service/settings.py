@@ -103,11 +103,9 @@ def parse(
     f.add("--gateway-cpu-ms", env="GATEWAY_CPU_MS", check="nonnegative")
     f.add("--gateway-workers", env="GATEWAY_WORKERS", check="positive")
     a = f.parse(argv)
-    options: dict[str, str] = {}
-    for kv in a.option:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            f.parser.error(f"--option {kv!r} is not KEY=VALUE")
-        options[key] = value
+    try:
+        options = env.options_of(a.option)
+    except env.SettingsError as err:
+        f.parser.error(str(err))
     token = read_token(env.env_str("ADMIN_TOKEN_FILE", "", e), env.env_str("ADMIN_TOKEN", "", e))
     return f.settings(a, policy_options=options, admin_token=token, tls=TlsFiles.from_env(e))
