@@ -85,12 +85,17 @@ class LocalMesh:
     def run_dir(self) -> Path:
         return self.mesh.run_dir
 
-    async def start(self, spec: Spec) -> Proc:
-        """Starts `spec` and returns once it serves (RuntimeError if it exits first)."""
-        t0 = time.monotonic()
+    def spawn(self, spec: Spec) -> Proc:
+        """Starts `spec`'s process and keeps it by name, without waiting for it to serve."""
         proc = self.mesh.spawn(spec.name, spec.argv, spec.env)
         self.specs[spec.name] = spec
         self.procs[spec.name] = proc
+        return proc
+
+    async def start(self, spec: Spec) -> Proc:
+        """Starts `spec` and returns once it serves (RuntimeError if it exits first)."""
+        t0 = time.monotonic()
+        proc = self.spawn(spec)
         self.say(f"camelot: {proc.name} starting (pid {proc.pid})")
         await wait_up(spec.health, READY_TIMEOUT_S, proc)
         where = spec.health.removeprefix("tcp:")
@@ -233,10 +238,8 @@ async def start_static(
                 routes.append(f"{name}/{stage.name}={rid}@unix:{sock}")
     # all replicas start at once, then are waited for: their models load side by side
     for spec in specs:
-        proc = mesh.spawn(spec.name, spec.argv, spec.env)
+        proc = lm.replicas[spec.name] = lm.spawn(spec)
         proc.target = spec.health
-        lm.specs[spec.name] = spec
-        lm.procs[spec.name] = lm.replicas[spec.name] = proc
     for proc in lm.replicas.values():
         await wait_up(proc.target, READY_TIMEOUT_S, proc)
     port = free_port()
