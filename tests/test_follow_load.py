@@ -13,13 +13,14 @@ import pytest
 
 from common.errors import InvalidArgument
 from loadgen.experiments import __main__ as experiments
+from loadgen.experiments import day as days
 from loadgen.experiments import follow
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_day_climbs_from_the_trough_to_the_peak_and_back_in_distinct_steps():
-    day = follow.make_day(200.0, peak_frac=0.8, trough_frac=0.1, rungs=3, step_s=20.0)
+    day = days.make_day(200.0, peak_frac=0.8, trough_frac=0.1, rungs=3, step_s=20.0)
     assert day.levels[0] == day.levels[-1] == pytest.approx(20.0)
     assert max(day.levels) == pytest.approx(160.0) == day.trace.peak_qps()
     assert len(day.levels) == 7 and day.load_changes == 6
@@ -34,7 +35,7 @@ def test_the_day_climbs_from_the_trough_to_the_peak_and_back_in_distinct_steps()
         dict(peak_qps=10.0, peak_frac=0.8, trough_frac=0.1, rungs=0, step_s=1.0),
     ):
         with pytest.raises(InvalidArgument):
-            follow.make_day(**bad)
+            days.make_day(**bad)
 
 
 def plan(epoch: int, shares: list[list[float]], batches: list[list[int]] | None = None) -> dict:
@@ -85,6 +86,17 @@ def test_green_mode_is_refused_off_cuda_before_anything_starts():
     follow.check_modes(["mps", "green"], "cuda")
 
 
+def test_the_loop_needs_longer_to_answer_a_step_under_mps_than_with_green_contexts():
+    # two windows, the least re-plan interval and the apply (a new process under MPS)
+    assert days.loop_reaction_s("mps", 5, 5) == pytest.approx(2 * 5 + 5 + days.APPLY_S["mps"])
+    # green re-plans at most every 0.5 s and resizes in place
+    assert days.loop_reaction_s("green", 5, 5) == pytest.approx(10 + 0.5 + days.APPLY_S["green"])
+    # 0 is the scheduler's default: a 10 s window, 5 s between re-plans
+    assert days.loop_reaction_s("mps") == pytest.approx(25 + days.APPLY_S["mps"])
+    with pytest.raises(InvalidArgument, match="unknown sharing mode 'mig'"):
+        days.loop_reaction_s("mig")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_short_day_on_the_host_writes_the_result_and_records_the_replans(tmp_path):
@@ -110,6 +122,9 @@ async def test_a_short_day_on_the_host_writes_the_result_and_records_the_replans
         assert "mps" in s[key], key
     assert s["load_changes"]["mps"] == 4  # two rungs up, two down
     assert s["peak_qps"]["mps"] == 30.0
+    # 2 s levels are shorter than the loop's 2 x 2 + 1 + 3.4 s: the result says so
+    assert s["short_steps"]["mps"] is True
+    assert doc["per_mode"]["mps"]["loop_reaction_s"] == pytest.approx(8.4)
     day = s["replans"]["mps"]
     assert set(day) == {"even", "exclusive", "min-resource"}
     # exclusive deals whole GPUs, which the host has none of: it loses its own day only

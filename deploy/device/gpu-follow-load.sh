@@ -4,7 +4,12 @@
 # The experiment starts its own mesh (one per mode); the result (follow-load.json, .md, PNGs)
 # comes back in $OUT/res.tgz, the mesh's logs in $OUT/logs.tgz. Durations come from the
 # environment: STEP_S (each level of the day), RUNGS (steps from trough to peak), TRIAL_S and
-# TRIALS (the peak search), LIMIT_S (the experiment's own limit).
+# TRIALS (the peak search), LIMIT_S (the experiment's own limit), POLICIES and BASELINES.
+# The defaults hold each level 40 s, longer than the loop needs to answer a step under MPS
+# (loadgen/experiments/day.py: 2 x the 5 s loop window + 5 s + the 3.4 s apply): a 6 s level (the
+# first H100 run, docs/results/follow-load-h100-short.md) tested the triggers, not the day. Three
+# days fit one call: min-resource and two baselines; max-load in a call and a result of its own
+# (POLICIES=max-load BASELINES=even XARGS="--name follow-load-max-load").
 set -u
 source .devcarry/setup.sh
 source deploy/device/reset.sh
@@ -22,8 +27,9 @@ s=$SECONDS
 timeout "${LIMIT_S:-540}" python3 -m loadgen.experiments follow-load --backend cuda --size full \
   --modes "$MODE" --mix "$MIX" --gateway-workers 3 --client-processes 4 --settle-s 120 \
   --start-qps "${START:-60}" --max-trials "${TRIALS:-5}" --trial-s "${TRIAL_S:-5}" --rel-tol 0.15 \
-  --warmup-s 1 --gap-s 0.5 --prime-s 2 --rungs "${RUNGS:-2}" --step-s "${STEP_S:-6}" --window-s 3 \
-  --loop-window-s "${LOOP_WINDOW_S:-5}" --out-dir "$R" --run-dir /tmp/fl "${merge[@]}" ${XARGS:-} \
+  --warmup-s 1 --gap-s 0.5 --prime-s 2 --rungs "${RUNGS:-1}" --step-s "${STEP_S:-40}" --window-s "${WINDOW_S:-5}" \
+  --loop-window-s "${LOOP_WINDOW_S:-5}" --policies "${POLICIES:-min-resource}" \
+  --baselines "${BASELINES:-even,exclusive}" --out-dir "$R" --run-dir /tmp/fl "${merge[@]}" ${XARGS:-} \
   > "$R/follow-load.log" 2>&1
 echo "rc=$? follow-load $MODE $((SECONDS - s))s" | tee "$R/steps.txt"
 tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null

@@ -27,9 +27,12 @@ changed, seen by polling the plan every `--sample-s`), `plan_changes` (every new
 re-sized for a new load with the same replicas too), `windows_within_qos_frac` (windows whose
 every pipeline met its own target), `failed` (failed queries), `sm_gpu_s` and `qos_met` (at
 least `--min-windows-frac` of the windows within QoS and failures within `--max-error-frac`);
-per mode `peak_qps`, `load_changes` (the day's) and `sm_share_time_saving`: 1 - SM share x time
+per mode `peak_qps`, `load_changes` (the day's), `sm_share_time_saving`: 1 - SM share x time
 of `--camelot-policy` over that of the cheapest baseline that also met the QoS (None where none
-did). Rows are the day's windows; `peaks` keeps each mode's search, `days` each day's plans.
+did), and `short_steps`: true where a level held less than the loop needs to answer a step in
+that mode (`loop_reaction_s`: two loop windows, the least re-plan interval and the apply; a
+warning in the log too), so that day tested the triggers, not whether plans keep up. Rows are
+the day's windows; `peaks` keeps each mode's search, `days` each day's plans.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from typing import Any
 
 from common.backend import label as backend_label
 from common.errors import CamelotError, InvalidArgument
-from loadgen import plots, traces
+from loadgen import plots
 from loadgen.experiments.admin import AdminClient
+from loadgen.experiments.day import MODES, loop_reaction_s, make_day
 from loadgen.experiments.harness import Harness
 from loadgen.experiments.runs import Outcome, diurnal, peak_load
 from loadgen.experiments.search import SearchConfig
@@ -58,10 +62,8 @@ from services.localmesh import start_mesh
 
 log = logging.getLogger(__name__)
 
-MODES = ("mps", "green")
 # a window's summary figures are rounded to this many significant digits in the summary
 DIGITS = 4
-
 HarnessFactory = Callable[[str, AdminClient], Harness]
 
 
@@ -111,35 +113,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
-
-
-@dataclass(frozen=True)
-class Day:
-    """The day's trace and how many load changes it makes."""
-
-    trace: traces.Trace
-    levels: tuple[float, ...]
-
-    @property
-    def load_changes(self) -> int:
-        return sum(a != b for a, b in zip(self.levels, self.levels[1:], strict=False))
-
-
-def make_day(
-    peak_qps: float, peak_frac: float, trough_frac: float, rungs: int, step_s: float
-) -> Day:
-    """Night, morning rise, afternoon peak, evening fall: trough x r^i for i = 0..rungs and back
-    down, r = (peak / trough)^(1 / rungs), each held `step_s`."""
-    if peak_qps <= 0:
-        raise InvalidArgument(f"no peak to make a day from (peak {peak_qps:g} qps)")
-    if not 0 < trough_frac < peak_frac:
-        raise InvalidArgument(f"need 0 < trough_frac < peak_frac, got {trough_frac}, {peak_frac}")
-    if rungs < 1 or step_s <= 0:
-        raise InvalidArgument(f"need rungs >= 1 and step_s > 0, got {rungs}, {step_s}")
-    low, high = trough_frac * peak_qps, peak_frac * peak_qps
-    up = [low * (high / low) ** (i / rungs) for i in range(rungs + 1)]
-    levels = (*up, *reversed(up[:-1]))
-    return Day(traces.step(levels, step_s), tuple(levels))
 
 
 def replicas_changed(plans: Sequence[Mapping[str, Any]]) -> int:
@@ -293,8 +266,17 @@ async def one_mode(
     day = make_day(peak, args.peak_frac, args.trough_frac, args.rungs, args.step_s)
     log.info("%s: peak %.4g qps; the day: %s qps, %d load changes", mode, peak,
              ", ".join(f"{x:.3g}" for x in day.levels), day.load_changes)  # fmt: skip
+    reaction = loop_reaction_s(mode, args.loop_window_s, args.min_replan_interval_s)
+    short = args.step_s < reaction
+    if short:
+        log.warning(
+            "%s: each load level holds %.3g s, less than the %.3g s the loop needs to answer a "
+            "step in this mode: the day tests the triggers, not whether plans keep up",
+            mode, args.step_s, reaction,
+        )  # fmt: skip
     got.modes[mode] = {"peak_qps": peak, "load_changes": day.load_changes,
-                       "levels_qps": list(day.levels), "mix": mix.name}  # fmt: skip
+                       "levels_qps": list(day.levels), "mix": mix.name,
+                       "loop_reaction_s": round(reaction, 3), "short_steps": short}  # fmt: skip
     per: dict[str, dict[str, Any]] = {}
     got.per[mode] = per
     offered, over_qos, sm = {}, {}, {}
@@ -369,6 +351,7 @@ def summarize(
         "load_changes": by_mode("load_changes"),
         "peak_qps": by_mode("peak_qps"),
         "sm_share_time_baseline": by_mode("sm_share_time_baseline"),
+        "short_steps": by_mode("short_steps"),
         "plan_changes": by_policy("plan_changes"),
         "sm_gpu_s": by_policy("sm_gpu_s"),
         "qos_met": by_policy("qos_met"),

@@ -9,10 +9,18 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 from common.errors import InvalidArgument
-from services.profiler.profile import Settings, document, profile_stage, redis_items
+from services.profiler.profile import (
+    Settings,
+    StageResult,
+    document,
+    profile_stage,
+    redis_items,
+)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -72,9 +80,20 @@ def main(argv: list[str] | None = None) -> None:
         cuda_graphs=args.cuda_graphs == "on",
     )
     only = {s for s in args.stages.split(",") if s}
-    results = []
-    for name in settings.pipelines:
-        pipe = load_pipeline(name, settings.size)
+    results: list[StageResult] = []
+    # every config is read (and a bad one refused) before the GPU is asked anything
+    pipes = [(name, load_pipeline(name, settings.size)) for name in settings.pipelines]
+    device, today = device_name(), dt.date.today().isoformat()
+
+    def write() -> dict[str, Any]:
+        # after every stage (whole files only), so a run that is stopped keeps what it finished
+        doc = document(results, device, today)
+        part = Path(f"{args.out}.part")
+        part.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(part, args.out)
+        return doc
+
+    for name, pipe in pipes:
         for stage in pipe.stages:
             if only and stage.name not in only:
                 continue
@@ -83,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                     settings, pipe.name, stage.name, stage.max_batch, log.info, config=name
                 )
             )
-    doc = document(results, device_name(), dt.date.today().isoformat())
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+            write()
+    doc = write()
     log.info("wrote %d profiles to %s", len(results), args.out)
     if args.redis:
         import redis
