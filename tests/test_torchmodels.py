@@ -15,6 +15,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
 
 from common import jpeg  # noqa: E402
 from common.backend import Backend  # noqa: E402
@@ -22,7 +23,7 @@ from common.errors import InvalidArgument, NotFound  # noqa: E402
 from contract.pipeline_config import load_pipeline, pipelines_dir  # noqa: E402
 from services.pipelines import runner  # noqa: E402
 from services.stage.plugin import ModelContext, build_model  # noqa: E402
-from services.torchmodels import audio, byom, decoding, vision  # noqa: E402
+from services.torchmodels import audio, byom, decoding, detection, vision  # noqa: E402
 
 CTX = ModelContext(Backend.HOST, np, "tiny", seed=0)
 TORCH_DIR = pipelines_dir() / "torch"
@@ -83,6 +84,134 @@ def test_the_detector_returns_k_boxes_inside_the_image_and_the_same_weights_per_
     assert len(np.unique(out["scores"][0])) > 1
     for k, v in b.infer({"image": image}).items():
         assert np.array_equal(v, out[k]), k
+
+
+def ssd(k: int, score_thresh: float = 0.2):
+    """torchvision's SSDlite (3 foreground classes, random weights): the reference
+    post-processing, and the settings the fast one reads from it."""
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    return ssdlite320_mobilenet_v3_large(
+        weights=None,
+        weights_backbone=None,
+        num_classes=4,
+        score_thresh=score_thresh,
+        detections_per_img=k,
+    ).eval()
+
+
+def both_postprocessings(net, anchors, regression, logits, k):
+    """(torchvision's detections of image 0, the fast post-processing's) on the same head
+    outputs, at a 128 x 128 work size."""
+    fast = detection.from_ssd(net, anchors, 128, candidates=300, k=k)
+    with torch.inference_mode():
+        want = net.postprocess_detections(
+            {"bbox_regression": regression, "cls_logits": logits}, [anchors], [(128, 128)]
+        )[0]
+        got = fast(regression, logits)
+    return want, got
+
+
+def test_the_detector_keeps_what_torchvisions_ssd_keeps_where_suppressions_do_not_chain():
+    # four clusters of near-identical boxes (one crossing each edge: clipping), far apart:
+    # within a cluster every pair overlaps beyond the threshold, across clusters none does, so
+    # greedy NMS and Fast NMS keep the best box of each class in each cluster
+    origins = torch.tensor([[-6.0, 10.0], [40.0, 40.0], [96.0, 70.0], [60.0, 114.0]])
+    k = 8
+    net = ssd(k)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        corner = origins.repeat_interleave(3, 0) + torch.rand((12, 2), generator=gen) * 2 - 1
+        anchors = torch.cat([corner, corner + 20 + torch.rand((12, 2), generator=gen)], 1)
+        regression = torch.randn((1, 12, 4), generator=gen) * 0.3
+        logits = torch.randn((1, 12, 4), generator=gen) * 2
+        boxes = net.box_coder.decode_single(regression[0], anchors).clamp(0, 128)
+        iou = box_iou(boxes, boxes)
+        same = torch.arange(12)[:, None] // 3 == torch.arange(12)[None, :] // 3
+        assert (iou[same] > net.nms_thresh).all() and (iou[~same] == 0).all()  # the premise
+
+        want, (got_boxes, got_scores, got_labels) = both_postprocessings(
+            net, anchors, regression, logits, k
+        )
+        m = len(want["scores"])
+        assert m >= 4, seed
+        assert torch.equal(got_labels[0, :m], want["labels"]), seed
+        torch.testing.assert_close(got_scores[0, :m], want["scores"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_boxes[0, :m], want["boxes"], rtol=0, atol=1e-4)
+        assert not got_scores[0, m:].any() and not got_boxes[0, m:].any()
+        assert not got_labels[0, m:].any()
+
+
+def test_fast_nms_lets_a_suppressed_box_suppress_where_greedy_nms_would_keep_the_third():
+    # a > b > c of one class: a overlaps b, b overlaps c, a and c overlap less than 0.55
+    anchors = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [4, 0, 14, 10]])
+    logits = torch.tensor([[[0.0, 6, 0, 0], [0, 5, 0, 0], [0, 4, 0, 0]]])
+    net = ssd(k=4)
+    want, (boxes, scores, labels) = both_postprocessings(
+        net, anchors, torch.zeros((1, 3, 4)), logits, k=4
+    )
+    assert want["boxes"].tolist() == [anchors[0].tolist(), anchors[2].tolist()]
+    assert boxes[0].tolist() == [anchors[0].tolist(), [0.0] * 4, [0.0] * 4, [0.0] * 4]
+    assert labels[0].tolist() == [1, 0, 0, 0] and scores[0, 0] > 0.9 and not scores[0, 1:].any()
+
+
+def test_a_box_suppresses_its_own_class_only_and_the_unused_slots_are_zeros():
+    anchors = torch.tensor([[10.0, 10, 40, 40], [10, 10, 40, 40], [11, 11, 41, 41]])
+    net = ssd(k=5)
+    # the same place twice, another class each time: both kept; a third box of the first
+    # class overlapping the first: suppressed
+    logits = torch.tensor([[[0.0, 6, 0, 0], [0, 0, 6, 0], [0, 5, 0, 0]]])
+    _, (boxes, scores, labels) = both_postprocessings(
+        net, anchors, torch.zeros((1, 3, 4)), logits, k=5
+    )
+    assert labels[0].tolist() == [1, 2, 0, 0, 0]
+    assert boxes[0, :2].tolist() == [anchors[0].tolist()] * 2
+    assert (scores[0, :2] > 0.9).all()
+    assert not boxes[0, 2:].any() and not scores[0, 2:].any()
+
+
+def test_each_image_of_a_batch_gets_what_it_gets_alone():
+    stage = vision.detector(CTX, image_size=(64, 96), max_boxes=6, work_size=128, num_classes=5)
+    anchors = int(stage.anchor.shape[0])
+    gen = torch.Generator().manual_seed(7)
+    regression = torch.randn((3, anchors, 4), generator=gen)
+    logits = torch.randn((3, anchors, 5), generator=gen) * 3
+    with torch.inference_mode():
+        batch = stage.postprocess(regression, logits)
+        for i in range(3):
+            alone = stage.postprocess(regression[i : i + 1], logits[i : i + 1])
+            for b, a in zip(batch, alone, strict=True):
+                assert torch.equal(b[i : i + 1], a), i
+    assert (batch[1] > 0).all()  # every slot filled: rows differ by content, not by padding
+
+
+def test_the_post_processing_reads_nothing_on_the_host_and_has_fixed_shapes():
+    # meta tensors have shapes and no values: .item(), nonzero, masks and `if tensor` all raise
+    meta = torch.device("meta")
+    for anchors, classes, k in ((50, 5, 8), (2, 2, 4)):  # the second: fewer pairs than K
+        fast = detection.FastPostprocess(
+            torch.zeros((anchors, 4), device=meta),
+            (128, 128),
+            (10, 10, 5, 5),
+            4.0,
+            0.01,
+            0.5,
+            300,
+            k,
+        )
+        regression = torch.zeros((3, anchors, 4), device=meta, dtype=torch.float16)
+        boxes, scores, labels = fast(regression, torch.zeros((3, anchors, classes), device=meta))
+        assert boxes.shape == (3, k, 4) and boxes.dtype == torch.float32
+        assert scores.shape == (3, k) and scores.dtype == torch.float32
+        assert labels.shape == (3, k)
+
+
+@pytest.mark.parametrize("options", [{"candidates": 4}, {"num_classes": 1}])
+def test_fewer_detector_candidates_than_boxes_or_no_class_is_invalid_argument(options):
+    with pytest.raises(InvalidArgument) as e:
+        vision.detector(CTX, image_size=(64, 64), max_boxes=8, work_size=128, **options)
+    assert e.value.code.name == "INVALID_ARGUMENT"
 
 
 def test_a_crop_of_the_whole_image_at_its_size_is_the_normalised_image():

@@ -22,6 +22,7 @@ import numpy as np
 from common import jpeg
 from common.errors import InvalidArgument
 from services.stage.plugin import ModelContext
+from services.torchmodels import detection
 from services.torchmodels.core import TorchStage, calibrate_batchnorm, pair, positive, spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -105,10 +106,15 @@ def jpeg_decode(
 
 
 class Detector(TorchStage):
-    """torchvision's SSDlite320 on MobileNetV3-Large (COCO's 91 classes). The dense part (resize
-    to the work size, normalise, backbone, head) replays as a CUDA graph; anchor decoding, score
-    threshold and NMS (data-dependent sizes) run eagerly, and the K best detections per image are
-    returned in image pixels, zero-padded."""
+    """torchvision's SSDlite320 on MobileNetV3-Large (COCO's 91 classes): the K best detections
+    per image in image pixels, zero-padded. Resize to the work size, normalisation, backbone,
+    head and post-processing are one graph-safe function, a single CUDA graph replay per batch.
+
+    The post-processing is not torchvision's (a Python loop over images and classes with a host
+    sync per class) but services/torchmodels/detection.py: the `candidates` best (anchor, class)
+    pairs per image, then class-aware Fast NMS (Bolya et al., YOLACT, ICCV 2019), in which a
+    suppressed box can still suppress a lower-scored one of its class, so it keeps slightly fewer
+    boxes than greedy NMS; both keep the same where suppressions do not chain."""
 
     def __init__(
         self,
@@ -119,6 +125,7 @@ class Detector(TorchStage):
         num_classes: int,
         score_thresh: float,
         weights: str | None,
+        candidates: int,
     ) -> None:
         super().__init__(ctx, "detector")
         from torchvision.models.detection import ssdlite320_mobilenet_v3_large
@@ -127,12 +134,18 @@ class Detector(TorchStage):
         self.h, self.w = pair("image_size", image_size)
         self.k = positive("max_boxes", max_boxes)
         self.work = positive("work_size", work_size)
+        if positive("candidates", candidates) < self.k:
+            raise InvalidArgument(
+                f"option candidates={candidates} must be at least max_boxes={self.k}"
+            )
+        if positive("num_classes", num_classes) < 2:
+            raise InvalidArgument(f"option num_classes={num_classes} has no class but background")
         torch = self.torch
         self.seeded()
         net = ssdlite320_mobilenet_v3_large(
             weights=None,
             weights_backbone=None,
-            num_classes=positive("num_classes", num_classes),
+            num_classes=num_classes,
             score_thresh=float(score_thresh),
             detections_per_img=self.k,
         )
@@ -154,14 +167,15 @@ class Detector(TorchStage):
             spec("scores", np.float32, (self.k,)),
             spec("labels", np.int32, (self.k,)),
         ]
-        self.dense = self.graphed("dense", self._dense, self.inputs)
         # anchors depend only on the feature map sizes: one image's, made once
         with torch.inference_mode():
             x = torch.zeros((1, 3, self.work, self.work), dtype=self.dtype, device=self.device)
-            features = list(self.net.backbone(x).values())
+            features = [f.float() for f in self.net.backbone(x).values()]
             self.anchor = self.net.anchor_generator(
                 ImageList(x, [(self.work, self.work)]), features
             )[0]
+        self.postprocess = detection.from_ssd(self.net, self.anchor, self.work, candidates, self.k)
+        self.run = self.graphed("detect", self._detect, self.inputs)
 
     def _dense(self, image: Any) -> tuple[Any, Any]:
         torch = self.torch
@@ -175,23 +189,12 @@ class Detector(TorchStage):
         head = self.net.head(features)
         return head["bbox_regression"], head["cls_logits"]
 
+    def _detect(self, image: Any) -> tuple[Any, Any, Any]:
+        boxes, scores, labels = self.postprocess(*self._dense(image))
+        return boxes * self.scale, scores, labels.to(self.torch.int32)
+
     def forward(self, image: Any) -> list[Any]:
-        torch = self.torch
-        n = int(image.shape[0])
-        regression, logits = self.dense(image)
-        head = {"bbox_regression": regression.float(), "cls_logits": logits.float()}
-        dets = self.net.postprocess_detections(
-            head, [self.anchor.float()] * n, [(self.work, self.work)] * n
-        )
-        boxes = torch.zeros((n, self.k, 4), dtype=torch.float32, device=self.device)
-        scores = torch.zeros((n, self.k), dtype=torch.float32, device=self.device)
-        labels = torch.zeros((n, self.k), dtype=torch.int32, device=self.device)
-        for i, d in enumerate(dets):
-            m = min(self.k, int(d["boxes"].shape[0]))
-            boxes[i, :m] = d["boxes"][:m].float() * self.scale
-            scores[i, :m] = d["scores"][:m].float()
-            labels[i, :m] = d["labels"][:m].to(torch.int32)
-        return [boxes, scores, labels]
+        return list(self.run(image))
 
 
 def detector(
@@ -202,8 +205,13 @@ def detector(
     num_classes: int = 91,
     score_thresh: float = 0.001,
     weights: str | None = None,
+    candidates: int = 300,
 ) -> Detector:
-    return Detector(ctx, image_size, max_boxes, work_size, num_classes, score_thresh, weights)
+    """`candidates`: the (anchor, class) pairs per image that NMS considers (torchvision's
+    SSDlite takes up to 300 per class, far more than the K kept)."""
+    return Detector(
+        ctx, image_size, max_boxes, work_size, num_classes, score_thresh, weights, candidates
+    )
 
 
 class Crop(TorchStage):
