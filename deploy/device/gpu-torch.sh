@@ -9,7 +9,9 @@
 # that builds the model and captures its graphs; on the H100 none of the three finished in 165 s),
 # so the whole set takes two calls:
 #   call 1:  PIPES="torch-video-analytics torch-speech-to-text" bash deploy/device/gpu-torch.sh
-#   call 2:  E2E=0 PIPES=torch-captioning BYOM=1 bash deploy/device/gpu-torch.sh
+#   call 2:  E2E=0 PIPES=torch-captioning BYOM=1 TESTS=1 bash deploy/device/gpu-torch.sh
+# TESTS=1 runs the torch GPU tests last (stage against module, graphs on and off, every torch
+# pipeline through the mesh on both transports, the BYOM example): tests/gpu/test_torchmodels_cuda.py.
 # The profiler writes its file after every stage, so a step cut short keeps what it finished.
 set -u
 source deploy/device/prelude.sh
@@ -18,7 +20,9 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
   --per-pipeline-qps "${QPS:-5}" --duration-s "${DUR_S:-30}" --warmup-s 10 --out-dir "$R" \
   --name torch-e2e --run-dir /tmp/cam/served
 tar czf "$OUT/logs.tgz" -C /tmp/cam served 2>/dev/null
-[[ ${E2E_ONLY:-0} == 1 ]] && exit 0
+[[ ${E2E_ONLY:-0} == 1 ]] && [[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-240}" python3 -m pytest -q -m gpu \
+  tests/gpu/test_torchmodels_cuda.py -p no:cacheprovider
+exit 0
 for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
   step "profile-$p" "${STEP_S:-200}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
     --size full --shares "${SHARES:-30,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
@@ -26,4 +30,6 @@ for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; 
 done
 [[ ${BYOM:-0} == 1 ]] && step byom 60 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
   --shares 50,100 --batches 1,8 --out "$R/my-classifier.json"
+[[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-240}" python3 -m pytest -q -m gpu \
+  tests/gpu/test_torchmodels_cuda.py -p no:cacheprovider
 exit 0
