@@ -66,6 +66,52 @@ def test_load_is_the_gateways_record_else_the_first_stages_arrivals() -> None:
     assert w.load_qps() == {"p": 9.0}
 
 
+def _query(end_us: int) -> report_pb2.LatencyReport:
+    # a gateway record of a query that took 1 ms and ended at `end_us`
+    return report_pb2.LatencyReport(
+        kind=report_pb2.REPORT_KIND_QUERY, pipeline="p", end_unix_us=end_us, total_us=1000
+    )
+
+
+def _load(w: World, rates: list[tuple[float, float]]) -> None:
+    # queries at rate r for d seconds, in turn; then both snapshots as the loop's tick takes them
+    now = [0]
+    w.windows.clock_us = lambda: now[0]
+    for qps, seconds in rates:
+        gap = int(1e6 / qps)
+        for _ in range(int(qps * seconds)):
+            now[0] += gap
+            w.windows.add(_query(now[0]))
+    w.last_snapshot = w.windows.snapshot(w.settings.window_s)
+    w.recent_snapshot = w.windows.snapshot(w.settings.rise_window_s)
+
+
+def test_a_step_up_is_the_load_at_once_not_as_the_window_fills() -> None:
+    # 10 qps for 20 s, then 50 for 2 s: the 10 s window says ~18, the last 2 s say 50
+    w = make_world(window_s=10.0, rise_window_s=2.0)
+    _load(w, [(10.0, 20.0), (50.0, 2.0)])
+    assert w.last_snapshot[("p", "")].arrival_qps < 25
+    assert w.load_qps()["p"] == pytest.approx(50.0, rel=0.2)
+    # off: the window's rate, as before
+    w.settings = SchedulerSettings(window_s=10.0, rise_window_s=0.0)
+    w.recent_snapshot = {}
+    assert w.load_qps()["p"] < 25
+
+
+def test_a_steady_load_and_a_thin_rise_keep_the_windows_rate() -> None:
+    w = make_world(window_s=10.0, rise_window_s=2.0)
+    _load(w, [(20.0, 20.0)])
+    assert w.load_qps()["p"] == pytest.approx(w.last_snapshot[("p", "")].arrival_qps)
+    # 1 -> 4 qps is a fourfold rise, but 8 queries in 2 s are too few to plan on
+    w = make_world(window_s=10.0, rise_window_s=2.0)
+    _load(w, [(1.0, 20.0), (4.0, 2.0)])
+    assert w.load_qps()["p"] == pytest.approx(w.last_snapshot[("p", "")].arrival_qps)
+    # a fall is never taken from the short window: it waits for the window
+    w = make_world(window_s=10.0, rise_window_s=2.0)
+    _load(w, [(50.0, 20.0), (5.0, 2.0)])
+    assert w.load_qps()["p"] > 30
+
+
 def test_measured_keys_pipelines_and_their_stages() -> None:
     w = make_world()
     w.last_snapshot = {("p", ""): stat("", 9.0, count=5), ("p", "a"): stat("a", 7.0)}

@@ -106,6 +106,8 @@ class ControlLoop:
             await app.restore()
         await app.refresh_profiles()
         app.known.last_snapshot = app.known.windows.snapshot(self.settings.window_s)
+        rise_s = self.settings.rise_window_s
+        app.known.recent_snapshot = app.known.windows.snapshot(rise_s) if rise_s > 0 else {}
         app.inforce.observe_bias()
         self.export_gauges()
         t = self.evaluate()

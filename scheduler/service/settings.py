@@ -49,6 +49,12 @@ class SchedulerSettings:
     load_change_fraction: float = 0.25
     # loads below this (queries/s) are too thin to move a plan
     min_load_qps: float = 1.0
+    # a step up in load is measured over this short window (0: off): where it carries a rate more
+    # than `rise_fraction` above the window's, on at least `rise_min_arrivals` queries, the load
+    # is that rate, so a rise is planned for at its size at once, not as the window fills
+    rise_window_s: float = 2.0
+    rise_fraction: float = 0.5
+    rise_min_arrivals: int = 10
     # samples a window needs before its p99 may trigger a re-plan
     min_samples: int = 50
     # the gateway as the predictor prices it (scheduler.perfmodel.predictor.HopCosts; 0: not
@@ -97,6 +103,7 @@ def parse(
     f.add("--metrics-port", env="METRICS_PORT")
     f.add("--window-s", env="WINDOW_S", check="positive")
     f.add("--long-window-s", env="LONG_WINDOW_S", check="positive")
+    f.add("--rise-window-s", env="RISE_WINDOW_S", check="nonnegative")
     f.add("--tick-s", env="TICK_S", check="positive")
     f.add("--min-replan-interval-s", env="MIN_REPLAN_INTERVAL_S")
     f.add("--consumer", env="SCHEDULER_CONSUMER")

@@ -54,6 +54,8 @@ class World:
         self.drained_nodes: set[str] = set()
         self.drained_replicas: set[str] = set()
         self.last_snapshot: dict[tuple[str, str], WindowStat] = {}
+        # the same over the last `rise_window_s`, where a step up in load shows first
+        self.recent_snapshot: dict[tuple[str, str], WindowStat] = {}
         # online correction of the predictor: measured over predicted p99 of the plan in force
         self.bias = BiasCorrector(min_count=settings.min_samples)
 
@@ -123,15 +125,30 @@ class World:
     # -- the measurements -----------------------------------------------------------------------
 
     def load_qps(self) -> dict[str, float]:
-        """Offered load per pipeline: gateway records, else the first stage's arrivals."""
-        snap = self.last_snapshot
+        """Offered load per pipeline: gateway records, else the first stage's arrivals, over the
+        window; where the last `rise_window_s` carried a rate more than `rise_fraction` above the
+        window's on at least `rise_min_arrivals` queries (a step up), that rate. A rise is then
+        planned for at its size within a couple of seconds, not in steps as the window fills
+        (each a re-plan: under MPS a new process); a fall still waits for the window."""
+        s = self.settings
         out: dict[str, float] = {}
         for name, p in self.pipelines.items():
-            stat = snap.get((name, ""))
-            if stat is None and p.stages:
-                stat = snap.get((name, p.stages[0].name))
-            out[name] = stat.arrival_qps if stat is not None else 0.0
+            qps = self._arrivals(self.last_snapshot, name, p)
+            recent = self._arrivals(self.recent_snapshot, name, p)
+            if (
+                recent > qps * (1.0 + s.rise_fraction)
+                and recent * s.rise_window_s >= s.rise_min_arrivals
+            ):
+                qps = recent
+            out[name] = qps
         return out
+
+    @staticmethod
+    def _arrivals(snap: Mapping[tuple[str, str], WindowStat], name: str, p: PipelineInfo) -> float:
+        stat = snap.get((name, ""))
+        if stat is None and p.stages:
+            stat = snap.get((name, p.stages[0].name))
+        return stat.arrival_qps if stat is not None else 0.0
 
     def measured(self, long_window: bool = True) -> dict[str, Measured]:
         """The windows as policies see them; a pipeline's arrival rate from the long window."""
