@@ -168,9 +168,11 @@ async def test_heartbeat_gets_assignment_and_agent_gets_apply(redis_server) -> N
 
 
 async def test_loop_triggers_on_p99_and_load(redis_server) -> None:
+    # rise_window_s=0: a rise is planned for at once (the hold has its own test below)
     s = make_settings(
-        redis_server.url, min_samples=10, min_replan_interval_s=60.0, policy="feedback"
-    )
+        redis_server.url, min_samples=10, min_replan_interval_s=60.0, policy="feedback",
+        rise_window_s=0.0,
+    )  # fmt: skip
     async with running(s) as (port, sched):
         async with channel(f"127.0.0.1:{port}") as ch:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
@@ -282,3 +284,43 @@ async def test_the_gateways_figures_reach_every_policy_unless_its_options_say_ot
         assert (
             "gateway_cpu_ms" not in sched.app.inforce.policy_input().options
         )  # not priced unless measured
+
+
+async def test_a_rise_is_planned_for_once_it_has_lasted_the_rise_window(redis_server) -> None:
+    # a 60 s window: the reports stay in it however slow this machine is
+    s = make_settings(redis_server.url, min_replan_interval_s=60.0, policy="feedback",
+                      rise_window_s=2.0, window_s=60.0)  # fmt: skip
+    async with running(s) as (port, sched):
+        async with channel(f"127.0.0.1:{port}") as ch:
+            await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
+        await until(lambda: sched.app.plan.epoch >= 1)
+        now = [1000.0]
+        sched.loop.clock = lambda: now[0]
+        writer = ReportWriter(redis_server.url, "gw@n1")
+        async with writer:
+            for i in range(200):
+                writer.add(
+                    report_pb2.LatencyReport(
+                        kind=report_pb2.REPORT_KIND_QUERY, pipeline="q", query_id=str(i),
+                        end_unix_us=int(time.time() * 1e6), total_us=1_000,
+                    )
+                )  # fmt: skip
+        await until(lambda: ("q", "") in sched.app.known.last_snapshot)
+        await sched.app.set_qos("q", 1000.0)
+        # the load rose from the plan's 0 qps: held while the rise is younger than the window
+        sched.app.inforce.planned_load["q"] = 0.0
+        assert sched.loop.trigger() == ("", False)
+        now[0] += 1.0
+        assert sched.loop.trigger() == ("", False)
+        now[0] += 1.5
+        reason, _ = sched.loop.trigger()
+        assert reason.startswith("load moved: q 0.0 ->")
+        # a fall is planned for at once
+        sched.app.inforce.planned_load["q"] = 10_000.0
+        reason, _ = sched.loop.trigger()
+        assert reason.startswith("load moved: q 10000.0 ->")
+        # back within the band, a later rise waits for its own hold again
+        sched.app.inforce.planned_load["q"] = sched.app.known.load_qps()["q"]
+        assert sched.loop.trigger() == ("", False)
+        sched.app.inforce.planned_load["q"] = 0.0
+        assert sched.loop.trigger() == ("", False)

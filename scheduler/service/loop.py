@@ -57,6 +57,9 @@ class ControlLoop:
         self.replans = 0
         self._last_attempt = 0.0
         self._last_failed = ""  # the last failed re-plan's message ("" once one succeeds)
+        # when each pipeline's load first rose past the band of the plan in force
+        self._rise_since: dict[str, float] = {}
+        self.clock = time.monotonic
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -165,10 +168,14 @@ class ControlLoop:
         load = app.known.load_qps() if follows else {}
         for name, qps in load.items():
             before = app.inforce.planned_load.get(name, 0.0)
-            if max(before, qps) < s.min_load_qps:
+            if max(before, qps) < s.min_load_qps or abs(qps - before) <= (
+                s.load_change_fraction * max(before, s.min_load_qps)
+            ):
+                self._rise_since.pop(name, None)
                 continue
-            if abs(qps - before) > s.load_change_fraction * max(before, s.min_load_qps):
-                return Trigger(f"load moved: {name} {before:.1f} -> {qps:.1f} qps", name)
+            if qps > before and not self._risen_long_enough(name):
+                continue
+            return Trigger(f"load moved: {name} {before:.1f} -> {qps:.1f} qps", name)
         moved = app.inforce.bias_moved()
         # a plan sized to the load is re-sized by a model error either way; any other plan is
         # replaced only where the error puts it at risk at this load
@@ -178,6 +185,15 @@ class ControlLoop:
         if app.known.profiles_changed:
             return Trigger(app.known.profiles_changed)
         return Trigger()
+
+    def _risen_long_enough(self, name: str) -> bool:
+        """A rise is planned for once it has lasted the hold: the rise window (which then holds
+        only the new rate; World.load_qps), at most the re-plan interval. Planned at its leading
+        edge, a step would be sized for a fraction of itself and planned again a re-plan
+        interval later: under MPS, two new processes where one does."""
+        hold = min(self.settings.rise_window_s, self.replan_interval_s())
+        since = self._rise_since.setdefault(name, self.clock())
+        return self.clock() - since >= hold
 
     def push_agents(self) -> None:
         app = self.app
