@@ -123,6 +123,8 @@ class ControlLoop:
             due = since_attempt >= wait_s and now - app.inforce.made_at >= wait_s
         if t.reason and app.restored and due:
             self._last_attempt = now
+            # a plan is made now for the load as it is: a rise seen later is a rise of its own
+            self._rise_since.clear()
             concerns = [t.pipeline] if t.pipeline else list(app.known.pipelines)
             app.decisions.record(Decision.TRIGGER, concerns, t.reason, app.plan.epoch)
             epoch = app.plan.epoch
