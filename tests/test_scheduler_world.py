@@ -177,3 +177,21 @@ def test_the_long_window_a_shrink_reads_is_the_long_window_s_setting() -> None:
 
     assert rising(30.0) == pytest.approx(1 + 20 / 30, rel=0.05)
     assert rising(90.0) == pytest.approx(1 + 20 / 90, rel=0.05)
+
+
+def test_a_load_moves_only_past_the_band_and_past_the_noise_of_the_windows_count() -> None:
+    from scheduler.service.decisions import beyond_band
+
+    # at 12 qps over a 5 s window: the 25% band (3 qps) and 2 sigmas (3.1 qps) agree
+    assert not beyond_band(12.0, 14.9, 0.25, 1.0, 5.0, 2.0)
+    assert beyond_band(12.0, 96.0, 0.25, 1.0, 5.0, 2.0)
+    assert beyond_band(96.0, 12.0, 0.25, 1.0, 5.0, 2.0)
+    # at 1 qps a 25% band is Poisson noise (a sigma over 5 s is 0.45 qps): 1 -> 1.8 is not a move
+    assert beyond_band(1.0, 1.8, 0.25, 1.0)  # the band alone
+    assert not beyond_band(1.0, 1.8, 0.25, 1.0, 5.0, 2.0)
+    assert beyond_band(1.0, 2.0, 0.25, 1.0, 5.0, 2.0)
+    # below the floor nothing moves; from nothing, the floor sets the noise
+    assert not beyond_band(0.2, 0.8, 0.25, 1.0, 5.0, 2.0)
+    assert beyond_band(0.0, 2.0, 0.25, 1.0, 5.0, 2.0)
+    # a long window's count is precise: the band decides
+    assert beyond_band(100.0, 126.0, 0.25, 1.0, 600.0, 2.0)

@@ -10,6 +10,7 @@ the Prometheus metrics, so a dashboard sees the same as `camelotctl status`.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -110,13 +111,39 @@ def _replicas(rs: list[tuple[float, int]]) -> str:
     return f"{share}x{len(rs)} b{max(b for _, b in rs)}"
 
 
+def beyond_band(
+    a: float,
+    b: float,
+    fraction: float,
+    floor_qps: float,
+    window_s: float = 0.0,
+    sigmas: float = 0.0,
+) -> bool:
+    """Whether a load that was `a` qps and is measured at `b` moved past the band: `fraction` of
+    a (of `floor_qps` at least) and, where a window is given, `sigmas` standard deviations of the
+    rate a Poisson count of arrivals over `window_s` shows while the load is still a (at 1 qps
+    over 5 s a sigma is 0.45 qps, a band of 0.25 qps is noise; at 12 qps both are ~1.5-3 qps)."""
+    if max(a, b) < floor_qps:
+        return False
+    base = max(a, floor_qps)
+    band = fraction * base
+    if window_s > 0 and sigmas > 0:
+        band = max(band, sigmas * math.sqrt(base / window_s))
+    return abs(b - a) > band
+
+
 def load_moved(
-    old: Mapping[str, float], new: Mapping[str, float], fraction: float, floor_qps: float
+    old: Mapping[str, float],
+    new: Mapping[str, float],
+    fraction: float,
+    floor_qps: float,
+    window_s: float = 0.0,
+    sigmas: float = 0.0,
 ) -> dict[str, str]:
-    """Pipelines whose planned load moved past `fraction` (as the loop's trigger measures it)."""
+    """Pipelines whose planned load moved past the band (as the loop's trigger measures it)."""
     out = {}
     for p in sorted(set(old) | set(new)):
         a, b = old.get(p, 0.0), new.get(p, 0.0)
-        if max(a, b) >= floor_qps and abs(b - a) > fraction * max(a, floor_qps):
+        if beyond_band(a, b, fraction, floor_qps, window_s, sigmas):
             out[p] = f"planned load {a:.1f} -> {b:.1f} qps"
     return out

@@ -29,7 +29,7 @@ from common.retry import Backoff
 from protos import plan_pb2
 from scheduler.policy import follows_load
 from scheduler.service.app import SchedulerApp
-from scheduler.service.decisions import Decision
+from scheduler.service.decisions import Decision, beyond_band
 from scheduler.service.nodes import NodeState
 
 # re-plan spacing when every node resizes in place (green contexts, ~2-15 ms a change)
@@ -170,9 +170,10 @@ class ControlLoop:
         load = app.known.load_qps() if follows else {}
         for name, qps in load.items():
             before = app.inforce.planned_load.get(name, 0.0)
-            if max(before, qps) < s.min_load_qps or abs(qps - before) <= (
-                s.load_change_fraction * max(before, s.min_load_qps)
-            ):
+            if not beyond_band(
+                before, qps, s.load_change_fraction, s.min_load_qps, s.window_s,
+                s.load_noise_sigmas,
+            ):  # fmt: skip
                 self._rise_since.pop(name, None)
                 continue
             if qps > before and not self._risen_long_enough(name):

@@ -83,7 +83,9 @@ class Replanner:
 
     def _load_moved(self, old: Mapping[str, float], new: Mapping[str, float]) -> dict[str, str]:
         s = self.settings
-        return decisions.load_moved(old, new, s.load_change_fraction, s.min_load_qps)
+        return decisions.load_moved(
+            old, new, s.load_change_fraction, s.min_load_qps, s.window_s, s.load_noise_sigmas
+        )
 
     def _record(self, old: plan_pb2.Plan, plan: plan_pb2.Plan, reason: str) -> None:
         """Logs a stored plan and records, per pipeline, what it changed or re-sized; a plan

@@ -45,8 +45,10 @@ class SchedulerSettings:
     min_replan_interval_s: float = 5.0
     # re-plan when a pipeline's windowed p99 exceeds this fraction of its target ...
     p99_trigger_fraction: float = 0.9
-    # ... or its load moved by more than this fraction since the plan was made
+    # ... or its load moved by more than this fraction since the plan was made, and by more
+    # than this many standard deviations of the window's Poisson count (noise at low rates)
     load_change_fraction: float = 0.25
+    load_noise_sigmas: float = 2.0
     # loads below this (queries/s) are too thin to move a plan
     min_load_qps: float = 1.0
     # a step up in load is measured over this short window (0: off): where it carries a rate more
