@@ -70,6 +70,18 @@ def host_heartbeat(node: str = "n1", address: str = "", seq: int = 1) -> admin_p
     )
 
 
+async def write_queries(url: str, n: int, total_us: int) -> None:
+    """`n` gateway records of pipeline q, ending now and taking `total_us`, into Redis."""
+    async with ReportWriter(url, "gw@n1") as writer:
+        for i in range(n):
+            writer.add(
+                report_pb2.LatencyReport(
+                    kind=report_pb2.REPORT_KIND_QUERY, pipeline="q", query_id=str(i),
+                    end_unix_us=int(time.time() * 1e6), total_us=total_us,
+                )
+            )  # fmt: skip
+
+
 async def until(cond, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -178,15 +190,7 @@ async def test_loop_triggers_on_p99_and_load(redis_server) -> None:
             await admin_pb2_grpc.ControlStub(ch).Heartbeat(host_heartbeat(), timeout=5)
         await until(lambda: sched.app.plan.epoch >= 1)
         assert sched.loop.trigger() == ("", False)
-        writer = ReportWriter(redis_server.url, "gw@n1")
-        async with writer:
-            for i in range(200):
-                writer.add(
-                    report_pb2.LatencyReport(
-                        kind=report_pb2.REPORT_KIND_QUERY, pipeline="q", query_id=str(i),
-                        end_unix_us=int(time.time() * 1e6), total_us=19_500,
-                    )
-                )  # fmt: skip
+        await write_queries(redis_server.url, 200, total_us=19_500)
         await until(lambda: sched.app.reader.reports_total >= 200)
         await until(lambda: ("q", "") in sched.app.known.last_snapshot)
         reason, urgent = sched.loop.trigger()
@@ -296,15 +300,7 @@ async def test_a_rise_is_planned_for_once_it_has_lasted_the_rise_window(redis_se
         await until(lambda: sched.app.plan.epoch >= 1)
         now = [1000.0]
         sched.loop.clock = lambda: now[0]
-        writer = ReportWriter(redis_server.url, "gw@n1")
-        async with writer:
-            for i in range(200):
-                writer.add(
-                    report_pb2.LatencyReport(
-                        kind=report_pb2.REPORT_KIND_QUERY, pipeline="q", query_id=str(i),
-                        end_unix_us=int(time.time() * 1e6), total_us=1_000,
-                    )
-                )  # fmt: skip
+        await write_queries(redis_server.url, 200, total_us=1_000)
         await until(lambda: ("q", "") in sched.app.known.last_snapshot)
         await sched.app.set_qos("q", 1000.0)
         # the load rose from the plan's 0 qps: held while the rise is younger than the window

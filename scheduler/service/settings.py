@@ -52,11 +52,11 @@ class SchedulerSettings:
     # loads below this (queries/s) are too thin to move a plan
     min_load_qps: float = 1.0
     # a step up in load is measured over this short window (0: off): where it carries a rate more
-    # than `rise_fraction` above the window's, on at least `rise_min_arrivals` queries, the load
-    # is that rate, so a rise is planned for at its size at once, not as the window fills (the
-    # loop holds a rise this long before it plans for it, so a shorter spike is not planned for)
+    # than the band (`load_change_fraction`) above the window's, on at least `rise_min_arrivals`
+    # queries, the load is that rate, so a rise is planned for at its size at once, not as the
+    # window fills (the loop holds a rise this long before it plans for it, so a shorter spike is
+    # not planned for)
     rise_window_s: float = 2.0
-    rise_fraction: float = 0.25
     rise_min_arrivals: int = 10
     # samples a window needs before its p99 may trigger a re-plan
     min_samples: int = 50

@@ -126,17 +126,18 @@ class World:
 
     def load_qps(self) -> dict[str, float]:
         """Offered load per pipeline: gateway records, else the first stage's arrivals, over the
-        window; where the last `rise_window_s` carried a rate more than `rise_fraction` above the
-        window's on at least `rise_min_arrivals` queries (a step up), that rate. A rise is then
-        planned for at its size within a couple of seconds, not in steps as the window fills
-        (each a re-plan: under MPS a new process); a fall still waits for the window."""
+        window; where the last `rise_window_s` carried a rate more than the band
+        (`load_change_fraction`) above the window's on at least `rise_min_arrivals` queries (a
+        step up), that rate. A rise is then planned for at its size within a couple of seconds,
+        not in steps as the window fills (each a re-plan: under MPS a new process); a fall still
+        waits for the window."""
         s = self.settings
         out: dict[str, float] = {}
         for name, p in self.pipelines.items():
             qps = self._arrivals(self.last_snapshot, name, p)
             recent = self._arrivals(self.recent_snapshot, name, p)
             if (
-                recent > qps * (1.0 + s.rise_fraction)
+                recent > qps * (1.0 + s.load_change_fraction)
                 and recent * s.rise_window_s >= s.rise_min_arrivals
             ):
                 qps = recent
