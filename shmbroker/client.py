@@ -18,6 +18,7 @@ failed RPC is raised as the matching `common.errors` class.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import os
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_S = 5.0
 T = TypeVar("T")
 DTypeLike = np.dtype[Any] | type
+# (wire dtype, shape) -> (NumPy dtype, bytes) of the refs seen, bounded (a ref's shape is the
+# sender's to choose)
+MAX_LAYOUTS = 1024
 
 
 class NeedsRefresh(BadRef):
@@ -65,6 +69,7 @@ class BrokerClient:
         self._key = b""
         self._infos: dict[str, broker_pb2.SlabInfo] = {}
         self._open: dict[str, Mapping] = {}
+        self._layouts: dict[tuple[int, tuple[int, ...]], tuple[np.dtype[Any], int]] = {}
         self._dirty = False
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -316,37 +321,50 @@ class BrokerClient:
 
     def view_cached(self, ref: tensor_pb2.TensorRef) -> Any:
         """`view` without I/O; NeedsRefresh when the slab table must be fetched first."""
-        if self._dirty or ref.slab_generation > self.generation or ref.slab_id not in self._infos:
-            raise NeedsRefresh(f"slab {ref.slab_id!r} is not loaded in this process yet")
-        return self._view(ref)
+        return self._view(ref, cached=True)
 
-    def _view(self, ref: tensor_pb2.TensorRef) -> Any:
-        if ref.slab_generation < self.generation:
+    def _view(self, ref: tensor_pb2.TensorRef, cached: bool = False) -> Any:
+        # every field read once: a ref is checked at every hop of every query, and a protobuf
+        # field read costs about as much as the check that uses it
+        slab_id, generation = ref.slab_id, ref.slab_generation
+        info = self._infos.get(slab_id)
+        if cached and (self._dirty or generation > self.generation or info is None):
+            raise NeedsRefresh(f"slab {slab_id!r} is not loaded in this process yet")
+        if generation < self.generation:
             raise StaleRef(
-                f"stale ref: generation {ref.slab_generation} is older than the broker's "
+                f"stale ref: generation {generation} is older than the broker's "
                 f"{self.generation} (the broker restarted)"
             )
-        if ref.slab_generation > self.generation:
-            raise BadRef(f"ref generation {ref.slab_generation} is newer than the broker's")
-        info = self._infos.get(ref.slab_id)
+        if generation > self.generation:
+            raise BadRef(f"ref generation {generation} is newer than the broker's")
         if info is None:
-            raise BadRef(f"unknown slab {ref.slab_id!r}")
-        if not refs.verify(self._key, ref):
+            raise BadRef(f"unknown slab {slab_id!r}")
+        offset, nbytes, wire_dtype, shape = ref.offset, ref.nbytes, ref.dtype, tuple(ref.shape)
+        tag = refs.tag_of(
+            self._key, slab_id, generation, offset, nbytes, wire_dtype, shape, ref.lease_id
+        )
+        if not hmac.compare_digest(tag, ref.tag):
             raise BadRef("forged ref: its tag does not match")
-        if ref.offset + ref.nbytes > info.nbytes:
+        if offset + nbytes > info.nbytes:
             raise BadRef(
-                f"ref [{ref.offset}, {ref.offset + ref.nbytes}) lies outside slab "
-                f"{ref.slab_id} of {info.nbytes} bytes"
+                f"ref [{offset}, {offset + nbytes}) lies outside slab "
+                f"{slab_id} of {info.nbytes} bytes"
             )
-        shape = tuple(int(d) for d in ref.shape)
-        try:
-            dtype = to_numpy(ref.dtype)
-            want = nbytes_of(ref.dtype, shape)
-        except InvalidArgument as e:
-            raise BadRef(f"bad ref: {e.message}") from None
-        if want != ref.nbytes:
+        layout = self._layouts.get((wire_dtype, shape))
+        if layout is None:
+            try:
+                layout = (to_numpy(wire_dtype), nbytes_of(wire_dtype, shape))
+            except InvalidArgument as e:
+                raise BadRef(f"bad ref: {e.message}") from None
+            if len(self._layouts) < MAX_LAYOUTS:
+                self._layouts[(wire_dtype, shape)] = layout
+        dtype, want = layout
+        if want != nbytes:
             raise BadRef(
-                f"ref nbytes {ref.nbytes} != {dtype} x {list(shape)} = "
+                f"ref nbytes {nbytes} != {dtype} x {list(shape)} = "
                 f"{dtype.itemsize * math.prod(shape)} bytes"
             )
-        return self._mapping(ref.slab_id).view(ref.offset, ref.nbytes, dtype, shape)
+        mapping = self._open.get(slab_id)
+        if mapping is None:
+            mapping = self._mapping(slab_id)
+        return mapping.view(offset, nbytes, dtype, shape)

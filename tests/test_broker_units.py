@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import subprocess
 import sys
 import time
@@ -256,6 +258,17 @@ def test_tag_covers_every_field():
     forged.CopyFrom(ref)
     forged.shape[:] = [2, 8]
     assert not refs.verify(key, forged)
+
+
+def test_tag_is_hmac_sha256_of_the_fields_truncated():
+    ref = tensor_pb2.TensorRef(
+        slab_id="p.host.0", slab_generation=9, offset=512, nbytes=64,
+        dtype=tensor_pb2.DTYPE_FLOAT32, shape=[4, 4], lease_id="L.3",
+    )  # fmt: skip
+    message = b"p.host.0\x009\x00512\x0064\x00" + str(tensor_pb2.DTYPE_FLOAT32).encode()
+    message += b"\x004,4\x00L.3"
+    for key in (refs.new_key(), b"k", bytes(range(100))):  # short, and longer than a block
+        assert refs.sign(key, ref) == hmac.digest(key, message, hashlib.sha256)[:16]
 
 
 # -- settings --------------------------------------------------------------------------------

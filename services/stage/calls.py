@@ -21,8 +21,6 @@ from shmbroker.client import NeedsRefresh
 
 log = logging.getLogger(__name__)
 
-_OK = 0  # grpc.StatusCode.OK
-
 
 def error_result(call_id: int, error: BaseException) -> stage_pb2.InferResult:
     """A call's answer for an error: its Camelot status, or INTERNAL for anything else."""
@@ -40,16 +38,21 @@ def error_result(call_id: int, error: BaseException) -> stage_pb2.InferResult:
 
 def response_of(r: Result, replica_id: str) -> stage_pb2.InferResponse:
     """A finished request's answer: its outputs and where its time went."""
-    return stage_pb2.InferResponse(
-        outputs=r.outputs,
-        timings=stage_pb2.StageTimings(
-            queue_us=r.queue_us,
-            batch_wait_us=r.batch_wait_us,
-            compute_us=r.compute_us,
-            batch_size=r.batch_size,
-        ),
-        replica_id=replica_id,
-    )
+    response = stage_pb2.InferResponse()
+    fill_response(response, r, replica_id)
+    return response
+
+
+def fill_response(response: stage_pb2.InferResponse, r: Result, replica_id: str) -> None:
+    """`response_of` into a message that already lies where it is sent (a stream's answer
+    batch): a message built apart and then placed is copied once more."""
+    response.outputs.extend(r.outputs)
+    timings = response.timings
+    timings.queue_us = r.queue_us
+    timings.batch_wait_us = r.batch_wait_us
+    timings.compute_us = r.compute_us
+    timings.batch_size = r.batch_size
+    response.replica_id = replica_id
 
 
 class StreamCalls:
@@ -57,7 +60,8 @@ class StreamCalls:
         self.intake = intake
         self.replica_id = replica_id
         self._calls: dict[int, asyncio.Future[Result]] = {}
-        self._answers: list[stage_pb2.InferResult] = []
+        # the answers ready to send, built in the message that carries them
+        self._answers = stage_pb2.InferResultBatch()
         self._ready = asyncio.Event()
         self._closed = False
 
@@ -67,6 +71,7 @@ class StreamCalls:
 
     async def take(self, batch: stage_pb2.InferBatch) -> None:
         """Starts the batch's calls and applies its cancellations."""
+        submit = self.intake.replica.submit
         for proto in batch.requests:
             call_id = proto.call_id
             if call_id in self._calls:
@@ -78,14 +83,13 @@ class StreamCalls:
                     request = self.intake.request(proto, deadline_us)
                 except NeedsRefresh:
                     request = await self.intake.request_async(proto, deadline_us)
-                future = self.intake.replica.submit(request)
+                future = submit(request, functools.partial(self._settled, call_id))
             except Exception as e:
                 if not isinstance(e, CamelotError):
                     log.exception("call %d refused", call_id)
                 self._answer(error_result(call_id, e))
                 continue
             self._calls[call_id] = future
-            future.add_done_callback(functools.partial(self._settled, call_id))
         for call_id in batch.cancel:
             queued = self._calls.get(call_id)
             if queued is not None:
@@ -102,16 +106,16 @@ class StreamCalls:
 
     async def next_batch(self) -> stage_pb2.InferResultBatch | None:
         """The answers ready now (waiting for one), or None when the stream is over."""
-        while not self._answers:
+        while not self._answers.results:
             if self._closed and not self._calls:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        answers, self._answers = self._answers, []
-        return stage_pb2.InferResultBatch(results=answers)
+        answers, self._answers = self._answers, stage_pb2.InferResultBatch()
+        return answers
 
     def _answer(self, result: stage_pb2.InferResult) -> None:
-        self._answers.append(result)
+        self._answers.results.append(result)
         self._ready.set()
 
     def _settled(self, call_id: int, future: asyncio.Future[Result]) -> None:
@@ -123,8 +127,10 @@ class StreamCalls:
         if error is not None:
             self._answer(error_result(call_id, error))
             return
-        response = response_of(future.result(), self.replica_id)
-        self._answer(stage_pb2.InferResult(call_id=call_id, code=_OK, response=response))
+        answer = self._answers.results.add()
+        answer.call_id = call_id  # code OK is the default
+        fill_response(answer.response, future.result(), self.replica_id)
+        self._ready.set()
 
 
 def _duplicate(call_id: int) -> CamelotError:

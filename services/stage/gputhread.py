@@ -4,7 +4,8 @@ Gathering inputs, `infer`, scattering outputs into broker buffers or copying the
 and synchronizing all run on one executor thread, so the event loop never blocks on the GPU and
 a batch's kernels are ordered. Outputs are synchronized before the answer leaves, so the next
 stage (another process) reads finished bytes. In green-context mode each batch runs whole on
-one slice of the SMs (`switch`), fixed from `begin_batch` to `end_batch`.
+one slice of the SMs (`switch`), fixed from `begin_batch` to `end_batch`. On the host backend,
+where there is no GPU to wait for, a batch that takes less than a hand-off runs on the event loop.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common.backend import Backend, to_host, wait_for
+from common.clock import mono_us
 from common.dtypes import wire_from_array
 from protos import tensor_pb2
 from services.stage.plugin import Model
 from services.stage.requests import Request
+
+# On the host backend a batch whose work took less than this (recently, on average) runs on the
+# event loop: handing it to the thread and back costs more host CPU than such a batch (two
+# wake-ups, and the GIL passed to and fro around every NumPy copy that releases it; 0.2-0.3 ms
+# per batch of one on `null3`, docs/notes/stage-cost.md), and the loop is held no longer than
+# it is by the thread's own Python. Longer work (a real model) stays on the thread.
+INLINE_BATCH_US = 500
+# weight of the newest batch in the running average of a batch's time
+BATCH_US_WEIGHT = 0.2
 
 
 def _row_copier(backend: Backend, xp: Any) -> Any:
@@ -61,6 +72,8 @@ class GpuThread:
         self.switch: Any = None
         self._batch_stream: Any = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        # the running average of a whole batch's time (None: none measured yet)
+        self.batch_us: float | None = None
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
@@ -68,6 +81,27 @@ class GpuThread:
     async def run(self, fn: Any, *args: Any) -> Any:
         """fn(*args) on the GPU thread, awaited from the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def run_whole_batch(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
+        """`whole_batch_sync`, on the event loop where that costs less than a hand-off (the
+        host backend, short batches), else on the thread."""
+        if (
+            self.backend is Backend.HOST
+            and self.batch_us is not None
+            and self.batch_us < INLINE_BATCH_US
+        ):
+            return self._timed_whole_batch(requests)
+        out: dict[int, list[tensor_pb2.Tensor]] = await self.run(self._timed_whole_batch, requests)
+        return out
+
+    def _timed_whole_batch(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
+        t0 = mono_us()
+        try:
+            return self.whole_batch_sync(requests)
+        finally:
+            took = mono_us() - t0
+            last = self.batch_us
+            self.batch_us = took if last is None else last + BATCH_US_WEIGHT * (took - last)
 
     def _stream_ctx(self) -> Any:
         stream = self._batch_stream if self._batch_stream is not None else self.stream
