@@ -51,6 +51,8 @@ ARENA_TTL_S = 30.0
 MAX_ARENAS_PER_POOL = 8
 # How long an aborted query's block waits before reuse (the broker's default quarantine).
 QUARANTINE_S = 2.0
+# Distinct buffer lists whose layout is kept (a gateway asks for one per pipeline).
+MAX_LAYOUTS = 256
 
 
 def is_local_lease(lease_id: str) -> bool:
@@ -67,9 +69,29 @@ class _Arena:
     ref: tensor_pb2.TensorRef  # the whole arena
     free: FreeList
 
-    @property
-    def generation(self) -> int:
-        return int(self.ref.slab_generation)
+    def __post_init__(self) -> None:
+        # the ref's fields every query's buffers repeat, read once
+        self.slab_id: str = self.ref.slab_id
+        self.generation: int = int(self.ref.slab_generation)
+        self.offset: int = int(self.ref.offset)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A query's buffers, laid out once per list of (dtype, shape) a gateway asks for."""
+
+    # (wire dtype, shape, bytes, aligned bytes) per buffer
+    buffers: tuple[tuple[tensor_pb2.DType.ValueType, tuple[int, ...], int, int], ...]
+    total: int
+
+
+def _layout(items: Sequence[tuple[DTypeLike, tuple[int, ...]]]) -> _Layout:
+    buffers = []
+    for dt, shape in items:
+        dtype, dims = np.dtype(dt), tuple(int(d) for d in shape)
+        nbytes = dtype.itemsize * math.prod(dims)
+        buffers.append((from_numpy(dtype), dims, nbytes, align_up(nbytes)))
+    return _Layout(tuple(buffers), sum(b[3] for b in buffers))
 
 
 @dataclass
@@ -102,6 +124,7 @@ class ArenaBuffers:
     _seq: int = 0
     _fallbacks: int = 0
     _lend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _layouts: dict[tuple[Any, ...], _Layout] = field(default_factory=dict)
     _renewer: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,9 +181,13 @@ class ArenaBuffers:
             # the broker may have restarted: arenas of an older generation are gone
             await self.client.refresh()
         self._drain_quarantine()
-        shapes = [(np.dtype(dt), tuple(int(d) for d in shape)) for dt, shape in items]
-        sizes = [align_up(dt.itemsize * math.prod(shape)) for dt, shape in shapes]
-        total = sum(sizes)
+        key = tuple(items)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _layout(items)
+            if len(self._layouts) < MAX_LAYOUTS:
+                self._layouts[key] = layout
+        total = layout.total
         found = self._place(pool, device, total)
         if found is None:
             found = await self._place_after_lending(pool, device, total)
@@ -173,20 +200,24 @@ class ArenaBuffers:
         self._seq += 1
         lease_id = f"{arena.lease_id}.{self._seq}"
         self._local[lease_id] = _Local(arena, offset)
-        key = self.client.ref_key
+        ref_key = self.client.ref_key
         out = []
-        at = int(arena.ref.offset) + offset
-        for (dt, shape), size in zip(shapes, sizes, strict=True):
+        at = arena.offset + offset
+        slab_id, generation = arena.slab_id, arena.generation
+        for wire_dtype, shape, nbytes, size in layout.buffers:
             ref = tensor_pb2.TensorRef(
-                slab_id=arena.ref.slab_id,
-                slab_generation=arena.ref.slab_generation,
+                slab_id=slab_id,
+                slab_generation=generation,
                 offset=at,
-                nbytes=dt.itemsize * math.prod(shape),
-                dtype=from_numpy(dt),
+                nbytes=nbytes,
+                dtype=wire_dtype,
                 shape=shape,
                 lease_id=lease_id,
+                # signed from the values at hand: reading them back from the ref costs more
+                tag=refs.tag_of(
+                    ref_key, slab_id, generation, at, nbytes, wire_dtype, shape, lease_id
+                ),
             )
-            ref.tag = refs.sign(key, ref)
             out.append(ref)
             at += size
         return lease_id, out

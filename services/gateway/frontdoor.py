@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,10 +63,11 @@ class FrontDoor:
         self.max_payload_bytes = max_payload_bytes
         self.max_inflight = max_inflight
         self.inflight = 0
-        # per pipeline: the latency histogram and OK counter, labelled once
+        # per pipeline: the latency histogram, and a counter per code, labelled once
         self._latency = {
             p: metrics.LATENCY.labels("gateway", p, "") for p in [*self.pipelines, "unknown"]
         }
+        self._requests: dict[tuple[str, str], Any] = {}
 
     def entry(self, request: gateway_pb2.SubmitRequest) -> PipelineEntry:
         entry = self.pipelines.get(request.pipeline)
@@ -185,7 +187,12 @@ class FrontDoor:
             self._record(pipeline, query_id, mono_us() - start, code)
 
     def _record(self, pipeline: str, query_id: str, e2e_us: int, code: str) -> None:
-        metrics.REQUESTS.labels("gateway", pipeline, "", code).inc()
+        counter = self._requests.get((pipeline, code))
+        if counter is None:
+            counter = self._requests[(pipeline, code)] = metrics.REQUESTS.labels(
+                "gateway", pipeline, "", code
+            )
+        counter.inc()
         self._latency[pipeline].observe(e2e_us / 1e6)
         if self.reports is None or pipeline == "unknown":
             return

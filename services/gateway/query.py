@@ -42,6 +42,11 @@ STAGE_ATTEMPTS = 3
 INLINE_COPY_BYTES = 256 * 1024
 
 
+# a stage's output specs: (name, dtype, shape) each; a buffer a query needs: (dtype, shape)
+Specs = list[tuple[str, np.dtype[Any], tuple[int, ...]]]
+Buffer = tuple[Any, tuple[int, ...]]
+
+
 class StageCaller(Protocol):
     async def __call__(
         self, address: str, request: stage_pb2.InferRequest, timeout_s: float
@@ -114,6 +119,9 @@ class QueryRunner:
         self.output_specs: dict[
             tuple[str, str], list[tuple[str, np.dtype[Any], tuple[int, ...]]]
         ] = {}
+        # pipeline name -> (its route, every stage's output specs, the buffers they need), once
+        # every stage's specs are known: what each query of it would otherwise work out again
+        self._known: dict[str, tuple[PipelineRoute, dict[str, Specs], list[Buffer]]] = {}
         self.buffers = buffers
         self.backend = backend
         self.device = device
@@ -174,15 +182,25 @@ class QueryRunner:
         if self.buffers is None:
             raise InvalidArgument("transport ref needs a broker; this gateway has none")
         ttl_s = max(1.0, (deadline_us - mono_us()) / 1e6 + 5.0)
-        specs = await self._specs(pipeline)
+        specs: dict[str, Specs] | None
+        known = self._known.get(pipeline.name)
+        if known is not None and known[0] is pipeline:
+            _, specs, buffers = known
+        else:
+            specs = await self._specs(pipeline)
+            buffers = []
+            if specs is not None:
+                buffers = [
+                    (dt, shape) for step in pipeline.steps for _, dt, shape in specs[step.name]
+                ]
+                self._known[pipeline.name] = (pipeline, specs, buffers)
         if specs is None and output_ref is not None:
             raise Unavailable(f"pipeline {pipeline.name}'s output spec is not known yet")
         wanted: list[tuple[Any, tuple[int, ...]]] = []
         if not by_ref:
             assert isinstance(item, np.ndarray)
-            wanted.append((item.dtype, tuple(item.shape)))
-        if specs is not None:
-            wanted += [(dt, shape) for step in pipeline.steps for _, dt, shape in specs[step.name]]
+            wanted.append((item.dtype, item.shape))
+        wanted += buffers
         # the lease and every buffer of the query at once: from an arena, with no broker call,
         # when every stage's outputs are known; else a broker lease the stages allocate under
         open_ = self.buffers.open_and_allocate
@@ -262,22 +280,23 @@ class QueryRunner:
                 raise InvalidArgument(
                     f"pipeline {pipeline.name} has a stage whose inputs never come"
                 )
-            results = await asyncio.gather(
-                *(
-                    self._stage(
-                        pipeline.name,
-                        s,
-                        values,
-                        lease,
-                        transport,
-                        query_id,
-                        deadline_us,
-                        outputs.get(s.name, ()),
-                        client_lease,
-                    )  # fmt: skip
-                    for s in ready
-                )
-            )
+            calls = [
+                self._stage(
+                    pipeline.name,
+                    s,
+                    values,
+                    lease,
+                    transport,
+                    query_id,
+                    deadline_us,
+                    outputs.get(s.name, ()),
+                    client_lease,
+                )  # fmt: skip
+                for s in ready
+            ]
+            # a lone stage (every step of a chain) is awaited here: gather would wrap it in a
+            # task of its own and wake this one through a second future
+            results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
             for step, (response, stage_time) in zip(ready, results, strict=True):
                 times[step.name] = stage_time
                 for t in response.outputs:
@@ -321,10 +340,11 @@ class QueryRunner:
         )
         for name, src in step.inputs:
             v = values[src]
+            # built in place: a Tensor built apart would be copied in once more
             if isinstance(v, tensor_pb2.TensorRef):
-                request.inputs.append(tensor_pb2.Tensor(name=name, ref=v))
+                request.inputs.add(name=name).ref.CopyFrom(v)
             else:
-                request.inputs.append(tensor_pb2.Tensor(name=name, wire=v))
+                request.inputs.add(name=name).wire.CopyFrom(v)
         tried: set[str] = set()
         last: CamelotError | None = None
         for _ in range(STAGE_ATTEMPTS):
@@ -332,7 +352,7 @@ class QueryRunner:
             if remaining_s <= 0:
                 raise DeadlineExceeded(f"deadline passed before stage {step.name}")
             try:
-                replica = self.routes.pick(pipeline, step.name, frozenset(tried))
+                replica = self.routes.pick(pipeline, step.name, tried)
             except Unavailable:
                 if last is not None:
                     raise last from None

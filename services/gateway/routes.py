@@ -4,7 +4,7 @@ requests, from the newest plan epoch seen."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from common.clock import mono_us
@@ -64,12 +64,13 @@ class RouteTable:
     def replicas(self, pipeline: str, stage: str) -> list[Replica]:
         return list(self._stages.get((pipeline, stage), ()))
 
-    def pick(self, pipeline: str, stage: str, exclude: frozenset[str] = frozenset()) -> Replica:
+    def pick(self, pipeline: str, stage: str, exclude: Container[str] = ()) -> Replica:
         """Least outstanding requests among ready, non-suspect replicas; ties broken at random."""
+        replicas = self._stages.get((pipeline, stage), ())
+        if len(replicas) == 1 and replicas[0].address not in exclude:
+            return replicas[0]  # the only one: whatever its state, every rule below picks it
         now = mono_us()
-        candidates = [
-            r for r in self._stages.get((pipeline, stage), ()) if r.address not in exclude
-        ]
+        candidates = [r for r in replicas if r.address not in exclude]
         if not candidates:
             raise Unavailable(f"no replica of {pipeline}/{stage} is ready")
         for preferred in (
