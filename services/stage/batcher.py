@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One request waiting for a batch; `payload` is whatever `run_batch` needs."""
 
@@ -70,7 +71,9 @@ class Batcher:
         self.max_queue = max_queue
         self.state = State.IDLE
         self.completed = 0
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        # a deque and one event, not an asyncio.Queue: a queue wakes its getter through a future
+        # of its own per item, on top of the event the batch window waits on
+        self._queue: deque[Item] = deque()
         self._task: asyncio.Task[None] | None = None
         self._busy = False
         self._idle = asyncio.Event()
@@ -80,7 +83,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def start(self) -> None:
         self.state = State.RUNNING
@@ -96,26 +99,31 @@ class Batcher:
         replica is not running or its queue is full."""
         if self.state is not State.RUNNING:
             raise Unavailable(f"replica is {self.state.value}, not taking requests")
-        if self._queue.qsize() >= self.max_queue:
+        if len(self._queue) >= self.max_queue:
             raise ResourceExhausted(
                 f"queue full ({self.max_queue} waiting)", retry_after_ms=RETRY_AFTER_MS
             )
-        item = Item(payload=payload, deadline_us=deadline_us)
-        self._arrivals.arrived(item.arrived_us)
+        now = mono_us()
+        item = Item(payload, deadline_us, now, future=asyncio.get_running_loop().create_future())
+        self._arrivals.arrived(now)
         self._idle.clear()
-        self._queue.put_nowait(item)
+        self._queue.append(item)
         self._arrived.set()
         return item.future
 
     async def _take(self) -> list[Item]:
-        first = await self._queue.get()
+        queue = self._queue
+        while not queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = queue.popleft()
         first.taken_us = mono_us()
         batch = [first]
         wait_us = effective_wait(self._arrivals.per_us(first.taken_us), self.max_wait_us)
         close_at = first.taken_us + int(wait_us)
         while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                item = self._queue.get_nowait()
+            if queue:
+                item = queue.popleft()
                 item.taken_us = mono_us()
                 batch.append(item)
                 continue
@@ -174,7 +182,7 @@ class Batcher:
                         item.future.set_exception(e)
             finally:
                 self._busy = False
-                if self._queue.empty():
+                if not self._queue:
                     self._idle.set()
 
     async def drain(self) -> int:
@@ -182,7 +190,7 @@ class Batcher:
         if self.state is State.RUNNING:
             self.state = State.DRAINING
         before = self.completed
-        while not (self._queue.empty() and not self._busy):
+        while self._queue or self._busy:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 0.05)
@@ -194,7 +202,7 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        while self._queue:
+            item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(Unavailable("replica stopped"))
