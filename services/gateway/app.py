@@ -27,12 +27,13 @@ from protos import (
     stage_pb2_grpc,
     tensor_pb2,
 )
+from services.gateway.forwarding import RouteSender
 from services.gateway.frontdoor import FrontDoor, PipelineEntry
 from services.gateway.query import PipelineRoute, QueryRunner, StageStep
 from services.gateway.routes import RouteTable
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
-from services.gateway.streams import ReplicaStream
+from services.gateway.streams import Forwarded, ReplicaStream
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
 
@@ -45,9 +46,13 @@ class StageChannels:
     """One channel per replica address, reused; calls go on one long-lived stream per replica
     (`streams`, the default) or as unary calls; errors map to Camelot's."""
 
-    def __init__(self, tls: lifecycle.TlsFiles | None = None, streams: bool = True) -> None:
+    def __init__(
+        self, tls: lifecycle.TlsFiles | None = None, streams: bool = True, forward: bool = False
+    ) -> None:
         self.tls = tls
         self.streams = streams
+        # forward mode: streams announce themselves and share one registry of forwarded calls
+        self.forwarded = Forwarded() if forward else None
         self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub]] = {}
         self._streams: dict[str, ReplicaStream] = {}
         self._closing: set[asyncio.Future[None]] = set()
@@ -66,11 +71,7 @@ class StageChannels:
         self, address: str, request: stage_pb2.InferRequest, timeout_s: float
     ) -> stage_pb2.InferResponse:
         if self.streams:
-            stream = self._streams.get(address)
-            if stream is None:
-                stream = ReplicaStream(self.stub(address), address, self._broken)
-                self._streams[address] = stream
-            return await stream.infer(request, timeout_s)
+            return await self.stream(address).infer(request, timeout_s)
         try:
             response: stage_pb2.InferResponse = await self.stub(address).Infer(
                 request, timeout=timeout_s
@@ -78,6 +79,14 @@ class StageChannels:
             return response
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from e
+
+    def stream(self, address: str) -> ReplicaStream:
+        """The long-lived stream to a replica (opened by its first call)."""
+        stream = self._streams.get(address)
+        if stream is None:
+            stream = ReplicaStream(self.stub(address), address, self._broken, self.forwarded)
+            self._streams[address] = stream
+        return stream
 
     def _broken(self, address: str, error: CamelotError) -> None:
         log.warning("stream to %s broke (%s); reconnecting on a new channel", address, error)
@@ -211,12 +220,20 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         routes = RouteTable()
         if settings.static_routes:
             routes.set_static(settings.static_routes)
-        channels = StageChannels(settings.tls, streams=settings.stage_calls == "stream")
+        forward = settings.stage_calls == "forward"
+        channels = StageChannels(
+            settings.tls, streams=settings.stage_calls in ("stream", "forward"), forward=forward
+        )
         stack.push_async_callback(channels.close)
         channels.on_broken = routes.suspect_address
         runner = QueryRunner(
-            routes, channels, broker, backend, settings.device, describe=channels.describe
-        )
+            routes, channels, broker, backend, settings.device, describe=channels.describe,
+            forward=(
+                RouteSender(channels.stream, channels.forwarded)
+                if channels.forwarded is not None
+                else None
+            ),
+        )  # fmt: skip
         stack.callback(runner.close)
         stack.push_async_callback(runner.flush_releases)
         watch = (

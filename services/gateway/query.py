@@ -7,6 +7,9 @@ reused buffer). Transport `wire`: bytes go to and from every stage, the baseline
 
 A stage call that fails with UNAVAILABLE (replica died or is draining) or RESOURCE_EXHAUSTED (its
 queue is full) is retried on another replica while the deadline allows.
+
+With a `forward` sender (`--stage-calls forward`, `forwarding.py`) a chain's query is sent to its
+first stage only and the stages pass it on; everything else here is the same.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from common.errors import (
     Unavailable,
 )
 from protos import gateway_pb2, stage_pb2, tensor_pb2
+from services.gateway.forwarding import Forwarding, drive_chain, is_chain, step_requests
 from services.gateway.routes import RouteTable
 
 log = logging.getLogger(__name__)
@@ -110,9 +114,14 @@ class QueryRunner:
         backend: Backend,
         device: int = 0,
         describe: Describer | None = None,
+        forward: Forwarding | None = None,
     ) -> None:
         self.routes = routes
         self.call = call
+        # forward mode: how a chain's query is sent along its route; per pipeline name, whether
+        # it is a chain (for the route object it was worked out from)
+        self.forward = forward
+        self._chains: dict[str, tuple[PipelineRoute, bool]] = {}
         self.describe = describe
         self._releases: set[asyncio.Future[Any]] = set()
         # (pipeline, stage) -> output specs (name, dtype, shape), learned from a replica
@@ -227,6 +236,13 @@ class QueryRunner:
                 view = await self.buffers.view(first)
                 await self._copy(item.nbytes, _fill, view, item)
             client_lease = first.lease_id if by_ref else (output_ref.lease_id if output_ref else "")
+            if self.forward is not None and specs is not None and self._is_chain(pipeline):
+                result = await self._drive_forward(
+                    pipeline, first, lease, query_id, deadline_us, outputs, client_lease,
+                    by_value=output_ref is None,
+                )  # fmt: skip
+                ok = True
+                return result
             result = await self._drive(
                 pipeline, first, lease, transport, query_id, deadline_us, outputs, client_lease,
                 by_value=output_ref is None,
@@ -237,6 +253,48 @@ class QueryRunner:
             # Off the query's path, but never skipped: a failed or cancelled query gives its
             # buffers back too (ABORTED: they are quarantined while a stage may still write).
             self._release_later(lease, aborted=not ok)
+
+    def _is_chain(self, pipeline: PipelineRoute) -> bool:
+        known = self._chains.get(pipeline.name)
+        if known is None or known[0] is not pipeline:
+            known = self._chains[pipeline.name] = (pipeline, is_chain(pipeline.steps))
+        return known[1]
+
+    async def _drive_forward(
+        self,
+        pipeline: PipelineRoute,
+        first: tensor_pb2.TensorRef,
+        lease: str,
+        query_id: str,
+        deadline_us: int,
+        outputs: dict[str, list[tensor_pb2.Tensor]],
+        client_lease: str,
+        by_value: bool,
+    ) -> QueryResult:
+        """A chain's query by forwarding: every step's request built here from the refs already
+        allocated, sent along the route by the stages themselves."""
+        assert self.forward is not None
+        values = {"input": first}
+        for step in pipeline.steps:
+            for t in outputs[step.name]:
+                values[f"{step.name}.{t.name}"] = t.ref
+        requests = step_requests(
+            pipeline.steps, values, outputs, pipeline.name, lease, query_id, client_lease
+        )
+        stages = await drive_chain(
+            self.routes,
+            self.forward,
+            pipeline.name,
+            [s.name for s in pipeline.steps],
+            requests,
+            query_id,
+            deadline_us,
+            STAGE_ATTEMPTS,
+        )
+        final = values.get(pipeline.output)
+        if final is None:
+            raise Unavailable(f"pipeline {pipeline.name} produced no {pipeline.output}")
+        return await self._answer(final, stages, by_value)
 
     def _release_later(self, lease: str, aborted: bool) -> None:
         assert self.buffers is not None
@@ -310,6 +368,12 @@ class QueryRunner:
         stages = [times[s.name] for s in pipeline.steps]
         if isinstance(final, tensor_pb2.WireTensor):
             return QueryResult(output=final, stages=stages)
+        return await self._answer(final, stages, by_value)
+
+    async def _answer(
+        self, final: tensor_pb2.TensorRef, stages: list[gateway_pb2.StageTime], by_value: bool
+    ) -> QueryResult:
+        """The query's result from the ref of its output: its bytes, or the ref alone."""
         if not by_value:
             # the answer is in the client's own buffer: only its ref goes back
             return QueryResult(output=tensor_pb2.WireTensor(), stages=stages, output_ref=final)

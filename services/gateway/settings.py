@@ -26,7 +26,9 @@ class GatewaySettings:
     size: str = "tiny"
     transport: str = "ref"
     # how stage calls travel: many in flight on one long-lived stream per replica, or one
-    # unary call each (the design before streams, kept for comparison)
+    # unary call each (the design before streams, kept for comparison), or `forward`: a chain's
+    # query goes to its first stage only and each stage sends the next one's request
+    # (services/gateway/forwarding.py; other pipelines as `stream`)
     stage_calls: str = "stream"
     # query buffers from arenas borrowed from the broker (no broker call per query), or one
     # broker lease per query (before arenas, kept for comparison); arena_bytes 0: broker default
@@ -65,7 +67,13 @@ def parse(
     f.add("--backend", env="BACKEND", choices=("auto", "host", "cuda"))
     f.add("--size", env="SIZE", choices=("tiny", "full"))
     f.add("--transport", env="TRANSPORT", choices=("ref", "wire"))
-    f.add("--stage-calls", env="GATEWAY_STAGE_CALLS", choices=("stream", "unary"))
+    f.add(
+        "--stage-calls",
+        env="GATEWAY_STAGE_CALLS",
+        choices=("stream", "unary", "forward"),
+        help="stage calls on a stream per replica (the default), unary, or forward: a chain's "
+        "stages pass its query on and the last answers (docs/DATAPLANE.md)",
+    )
     f.add(
         "--arenas",
         field=None,

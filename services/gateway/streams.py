@@ -11,13 +11,23 @@ back as the call's own status (RESOURCE_EXHAUSTED with its retry-after, UNAVAILA
 draining), and a stream that breaks (the replica died, or was stopped) fails every call in
 flight on it with UNAVAILABLE, so the gateway retries them on another replica; the next call
 opens a new stream.
+
+Forward mode (`forwarding.py`) adds to a stream: its first message names it (`stream_id`, a
+random id per opened stream) and the replica acknowledges, so replicas may answer forwarded
+calls on it (`wait_ready`); forwarded calls' answers, which come on whichever stream of their
+route answers, are matched by call id in the gateway's `Forwarded` registry (call ids are then
+unique among all of the gateway's streams); and a stream that breaks answers UNAVAILABLE for
+every forwarded call routed through its replica, as it fails its own calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -33,7 +43,26 @@ from protos import stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RETRY_AFTER_KEY", "ReplicaStream"]
+__all__ = ["RETRY_AFTER_KEY", "ForwardAnswer", "Forwarded", "ReplicaStream"]
+
+
+@dataclass(slots=True)
+class ForwardAnswer:
+    """How a forwarded attempt ended: the answer of the replica that answered (the last step's
+    outputs, or an error with the steps finished), or `broken`: the address of a replica on the
+    route whose stream broke (how far the query got is then unknown)."""
+
+    result: stage_pb2.InferResult
+    broken: str = ""
+
+
+@dataclass
+class Forwarded:
+    """Forwarded calls in flight, shared by the gateway's streams: one id space for every call
+    of every stream, so an answer on any stream finds its call."""
+
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    calls: dict[int, asyncio.Future[ForwardAnswer]] = field(default_factory=dict)
 
 
 class ReplicaStream:
@@ -42,6 +71,7 @@ class ReplicaStream:
         stub: stage_pb2_grpc.StageStub,
         address: str,
         on_broken: Callable[[str, CamelotError], None] | None = None,
+        forwarded: Forwarded | None = None,
     ) -> None:
         self.stub = stub
         self.address = address
@@ -57,6 +87,13 @@ class ReplicaStream:
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # forward mode: the shared registry, this stream's announced id and its acknowledgement,
+        # and the forwarded calls whose route passes this replica
+        self.forwarded = forwarded
+        self.stream_id = ""
+        self._acked: asyncio.Future[None] | None = None
+        self._routed: set[int] = set()
+        self._ids = forwarded.ids if forwarded is not None else None
 
     @property
     def in_flight(self) -> int:
@@ -70,8 +107,11 @@ class ReplicaStream:
             raise Unavailable(f"stream to {self.address} is closed")
         if self._call is None:
             self._open()
-        self._next_id += 1
-        call_id = self._next_id
+        if self._ids is None:
+            self._next_id += 1
+            call_id = self._next_id
+        else:
+            call_id = next(self._ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[stage_pb2.InferResponse] = loop.create_future()
         self._pending[call_id] = future
@@ -87,6 +127,40 @@ class ReplicaStream:
         finally:
             timer.cancel()
             self._pending.pop(call_id, None)
+
+    # -- forward mode ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Open and acknowledged: replicas may answer forwarded calls on it."""
+        return self._acked is not None and self._acked.done() and self._call is not None
+
+    async def wait_ready(self) -> None:
+        """Opens the stream if needed and waits for the replica to acknowledge its id; raises
+        Unavailable if the stream breaks first."""
+        if self._closed:
+            raise Unavailable(f"stream to {self.address} is closed")
+        if self._call is None:
+            self._open()
+        assert self._acked is not None
+        await asyncio.shield(self._acked)
+
+    def send_forward(self, call_id: int, request: stage_pb2.InferRequest, timeout_s: float) -> None:
+        """Sends a forwarded query's first step; its answer comes through `Forwarded`."""
+        self._outbox.append((call_id, asyncio.get_running_loop().time() + timeout_s, request))
+        self._wake.set()
+
+    def route(self, call_id: int) -> None:
+        self._routed.add(call_id)
+
+    def unroute(self, call_id: int) -> None:
+        self._routed.discard(call_id)
+
+    def cancel(self, call_id: int) -> None:
+        """Tells the replica to drop the call (a forwarded one: wherever it is queued here)."""
+        if self._call is not None:
+            self._cancels.append(call_id)
+            self._wake.set()
 
     async def close(self) -> None:
         self._closed = True
@@ -105,19 +179,25 @@ class ReplicaStream:
     # -- inside ------------------------------------------------------------------------------
 
     def _open(self) -> None:
+        if self.forwarded is not None:
+            self.stream_id = secrets.token_hex(8)
+            self._acked = asyncio.get_running_loop().create_future()
         call = self.stub.InferStream(self._messages())
         self._call = call
         self._reader = asyncio.get_running_loop().create_task(self._read(call))
 
     async def _messages(self) -> AsyncIterator[stage_pb2.InferBatch]:
         """What the stream sends: everything queued since the last message, as one message."""
+        if self.stream_id:
+            yield stage_pb2.InferBatch(stream_id=self.stream_id)
+        forwarded = self.forwarded.calls if self.forwarded is not None else {}
         while True:
             await self._wake.wait()
             self._wake.clear()
             now = asyncio.get_running_loop().time()
             requests = []
             for call_id, deadline, request in self._outbox:
-                if call_id not in self._pending:
+                if call_id not in self._pending and call_id not in forwarded:
                     continue  # expired or cancelled before it was sent
                 request.call_id = call_id
                 request.budget_us = max(1, int((deadline - now) * 1e6))
@@ -133,10 +213,18 @@ class ReplicaStream:
     async def _read(self, call: Any) -> None:
         error: CamelotError
         try:
+            forwarded = self.forwarded.calls if self.forwarded is not None else {}
             async for answers in call:
+                if self._acked is not None and not self._acked.done() and answers.stream_id:
+                    self._acked.set_result(None)
                 for result in answers.results:
                     future = self._pending.get(result.call_id)
-                    if future is None or future.done():
+                    if future is None:
+                        routed = forwarded.get(result.call_id)
+                        if routed is not None and not routed.done():
+                            routed.set_result(ForwardAnswer(result))
+                        continue
+                    if future.done():
                         continue
                     if result.code == 0:
                         future.set_result(result.response)
@@ -169,6 +257,16 @@ class ReplicaStream:
             if not future.done():
                 future.set_exception(type(error)(error.message))
         self._pending.clear()
+        if self._acked is not None and not self._acked.done():
+            self._acked.set_exception(type(error)(error.message))
+            self._acked.exception()  # retrieved: nobody may be waiting for it
+        if self.forwarded is not None and self._routed:
+            broken = stage_pb2.InferResult(code=error.code.value[0], message=error.message)
+            for call_id in self._routed:
+                routed = self.forwarded.calls.get(call_id)
+                if routed is not None and not routed.done():
+                    routed.set_result(ForwardAnswer(broken, broken=self.address))
+            self._routed.clear()
 
     def _cancel(self, call_id: int) -> None:
         self._pending.pop(call_id, None)

@@ -17,6 +17,7 @@ from common.clock import mono_us
 from common.errors import InvalidArgument, NotFound
 from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
+from services.stage.forward import Forwarder
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import Replica, ReplicaIdentity
 from services.stage.servicer import StageServicer
@@ -136,7 +137,11 @@ async def create_server(settings: StageSettings) -> StageApp:
         )
         replica.start()
         stack.push_async_callback(replica.close)
-        servicer = StageServicer(replica, stage.model, multiprocessors(backend, settings.device))
+        forwarder = Forwarder(settings.tls)
+        stack.push_async_callback(forwarder.close)
+        servicer = StageServicer(
+            replica, stage.model, multiprocessors(backend, settings.device), forwarder
+        )
         if settings.sm_groups:
             if backend is not Backend.CUDA:
                 raise InvalidArgument("--sm-groups needs the cuda backend (green contexts)")

@@ -5,6 +5,14 @@ call is checked and queued at once (no task per call: the batcher's future carri
 answer (outputs, or its own status) joins the outgoing batch when its future settles, so the
 calls of one replica batch leave in one message. A cancelled call still queued is dropped and
 answered CANCELLED. When the caller closes its side, the stream ends after the last answer.
+
+Forward mode (`forward.py`): a gateway's stream names itself in its first message (`stream_id`,
+acknowledged at once) and is registered in `peers`. A request with `forward` set, whichever
+stream it came by, is adopted by the stream it names as `reply_stream`: it is queued there under
+the gateway's `reply_call_id`, so the gateway's cancel on that stream reaches it, and its error,
+or the last step's answer, goes out there. A step that is not the last sends the next step's
+request through the `Forwarder` instead of answering. A forwarded request naming a stream this
+replica does not hold is dropped: that stream's end has already told the gateway to retry.
 """
 
 from __future__ import annotations
@@ -12,28 +20,41 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import deque
+from collections.abc import Iterable
 
-from common.errors import CamelotError, Cancelled, InvalidArgument
+from common.clock import mono_us
+from common.errors import CamelotError, Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from protos import stage_pb2
+from services.stage.forward import Forwarder
 from services.stage.intake import Intake
 from services.stage.requests import Result
 from shmbroker.client import NeedsRefresh
 
 log = logging.getLogger(__name__)
 
+# Cancels of forwarded calls not (yet) here that a gateway stream remembers, so a call that
+# arrives after its cancel is not run: the last ones only.
+REMEMBERED_CANCELS = 1024
 
-def error_result(call_id: int, error: BaseException) -> stage_pb2.InferResult:
-    """A call's answer for an error: its Camelot status, or INTERNAL for anything else."""
-    if isinstance(error, CamelotError):
-        return stage_pb2.InferResult(
-            call_id=call_id,
-            code=error.code.value[0],
-            message=error.message,
-            retry_after_ms=error.retry_after_ms or 0,
-        )
+
+def error_result(
+    call_id: int, error: BaseException, done: Iterable[stage_pb2.InferResponse] = ()
+) -> stage_pb2.InferResult:
+    """A call's answer for an error: its Camelot status, or INTERNAL for anything else; `done`,
+    a forwarded query's finished steps."""
     if isinstance(error, asyncio.CancelledError):
-        return error_result(call_id, Cancelled("the call was cancelled"))
-    return error_result(call_id, CamelotError(f"internal error: {type(error).__name__}"))
+        error = Cancelled("the call was cancelled")
+    elif not isinstance(error, CamelotError):
+        error = CamelotError(f"internal error: {type(error).__name__}")
+    assert isinstance(error, CamelotError)
+    return stage_pb2.InferResult(
+        call_id=call_id,
+        code=error.code.value[0],
+        message=error.message,
+        retry_after_ms=error.retry_after_ms or 0,
+        done=done,
+    )
 
 
 def response_of(r: Result, replica_id: str) -> stage_pb2.InferResponse:
@@ -56,14 +77,27 @@ def fill_response(response: stage_pb2.InferResponse, r: Result, replica_id: str)
 
 
 class StreamCalls:
-    def __init__(self, intake: Intake, replica_id: str) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        replica_id: str,
+        peers: dict[str, StreamCalls] | None = None,
+        forwarder: Forwarder | None = None,
+    ) -> None:
         self.intake = intake
         self.replica_id = replica_id
+        # the gateways' streams on this replica by the ids they announced (forward mode)
+        self.peers: dict[str, StreamCalls] = {} if peers is None else peers
+        self.forwarder = forwarder
+        self.stream_id = ""
         self._calls: dict[int, asyncio.Future[Result]] = {}
         # the answers ready to send, built in the message that carries them
         self._answers = stage_pb2.InferResultBatch()
         self._ready = asyncio.Event()
         self._closed = False
+        self._ack = False
+        self._cancelled: set[int] = set()
+        self._cancelled_order: deque[int] = deque()
 
     @property
     def in_flight(self) -> int:
@@ -71,8 +105,13 @@ class StreamCalls:
 
     async def take(self, batch: stage_pb2.InferBatch) -> None:
         """Starts the batch's calls and applies its cancellations."""
+        if batch.stream_id:
+            self._announce(batch.stream_id)
         submit = self.intake.replica.submit
         for proto in batch.requests:
+            if proto.HasField("forward"):
+                await self._take_forwarded(proto)
+                continue
             call_id = proto.call_id
             if call_id in self._calls:
                 self._answer(error_result(call_id, _duplicate(call_id)))
@@ -94,6 +133,114 @@ class StreamCalls:
             queued = self._calls.get(call_id)
             if queued is not None:
                 queued.cancel()
+            elif self.stream_id:
+                self._remember_cancel(call_id)
+
+    def _announce(self, stream_id: str) -> None:
+        """A gateway named this stream: forwarded calls may now name it to answer on."""
+        if self.stream_id:
+            self.peers.pop(self.stream_id, None)
+        self.stream_id = stream_id
+        self.peers[stream_id] = self
+        self._answers.stream_id = stream_id
+        self._ack = True
+        self._ready.set()
+
+    def _remember_cancel(self, call_id: int) -> None:
+        self._cancelled.add(call_id)
+        self._cancelled_order.append(call_id)
+        if len(self._cancelled_order) > REMEMBERED_CANCELS:
+            self._cancelled.discard(self._cancelled_order.popleft())
+
+    async def _take_forwarded(self, proto: stage_pb2.InferRequest) -> None:
+        """A step of a forwarded query, queued on the gateway's stream it names."""
+        reply = self.peers.get(proto.forward.reply_stream)
+        if reply is None or reply._closed:
+            log.warning(
+                "forwarded call of %s names stream %r, which is not open here; dropped",
+                proto.query_id,
+                proto.forward.reply_stream,
+            )
+            return
+        await reply.adopt(proto)
+
+    async def adopt(self, proto: stage_pb2.InferRequest) -> None:
+        """Queues a forwarded step on this (the gateway's) stream under the gateway's call id."""
+        forward = proto.forward
+        call_id = forward.reply_call_id
+        if call_id in self._cancelled:
+            self._answer(error_result(call_id, Cancelled("cancelled by the caller")))
+            return
+        if call_id in self._calls:
+            self._answer(error_result(call_id, _duplicate(call_id), forward.done))
+            return
+        deadline_us = self.intake.deadline(proto.budget_us)
+        try:
+            try:
+                request = self.intake.request(proto, deadline_us)
+            except NeedsRefresh:
+                request = await self.intake.request_async(proto, deadline_us)
+            future = self.intake.replica.submit(
+                request, functools.partial(self._forward_settled, call_id, proto, deadline_us)
+            )
+        except Exception as e:
+            if not isinstance(e, CamelotError):
+                log.exception("forwarded call %d refused", call_id)
+            self._answer(error_result(call_id, e, forward.done))
+            return
+        self._calls[call_id] = future
+
+    def _forward_settled(
+        self,
+        call_id: int,
+        proto: stage_pb2.InferRequest,
+        deadline_us: int | None,
+        future: asyncio.Future[Result],
+    ) -> None:
+        """A forwarded step finished: answer the gateway (last step, or an error), or send the
+        next step's request with the steps done so far and the query's remaining budget."""
+        self._calls.pop(call_id, None)
+        forward = proto.forward
+        if future.cancelled():
+            self._answer(error_result(call_id, Cancelled("cancelled by the caller"), forward.done))
+            return
+        error = future.exception()
+        if error is not None:
+            self._answer(error_result(call_id, error, forward.done))
+            return
+        hops = forward.hops
+        if not hops:
+            answer = self._answers.results.add()
+            answer.call_id = call_id
+            answer.done.extend(forward.done)
+            fill_response(answer.response, future.result(), self.replica_id)
+            self._ready.set()
+            return
+        hop = hops[0]
+        request = stage_pb2.InferRequest()
+        request.CopyFrom(hop.request)
+        onward = request.forward
+        onward.hops.extend(hops[1:])
+        onward.done.extend(forward.done)
+        fill_response(onward.done.add(), future.result(), self.replica_id)
+        if deadline_us is not None:
+            budget_us = deadline_us - mono_us()
+            if budget_us <= 0:
+                self._answer(
+                    error_result(call_id, DeadlineExceeded("deadline passed"), onward.done)
+                )
+                return
+            request.budget_us = budget_us
+        if self.forwarder is None:
+            self._answer(
+                error_result(call_id, Unavailable("this replica does not forward"), onward.done)
+            )
+            return
+        self.forwarder.send(
+            hop.address,
+            request,
+            lambda e: self._answer(error_result(call_id, e, onward.done)),
+        )
 
     def close(self) -> None:
         """The caller closed its side: end once every call is answered."""
@@ -106,11 +253,12 @@ class StreamCalls:
 
     async def next_batch(self) -> stage_pb2.InferResultBatch | None:
         """The answers ready now (waiting for one), or None when the stream is over."""
-        while not self._answers.results:
+        while not self._answers.results and not self._ack:
             if self._closed and not self._calls:
                 return None
             self._ready.clear()
             await self._ready.wait()
+        self._ack = False
         answers, self._answers = self._answers, stage_pb2.InferResultBatch()
         return answers
 

@@ -14,6 +14,7 @@ from common.dtypes import from_numpy
 from common.errors import InvalidArgument, grpc_errors
 from protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from services.stage.calls import StreamCalls, response_of
+from services.stage.forward import Forwarder
 from services.stage.intake import Intake
 from services.stage.replica import Replica
 
@@ -21,8 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
-    def __init__(self, replica: Replica, model_path: str, multiprocessors: int) -> None:
+    def __init__(
+        self,
+        replica: Replica,
+        model_path: str,
+        multiprocessors: int,
+        forwarder: Forwarder | None = None,
+    ) -> None:
         self.replica = replica
+        # forward mode: the gateways' streams by announced id, and the streams to next replicas
+        self.peers: dict[str, StreamCalls] = {}
+        self.forwarder = forwarder
         self.intake = Intake(replica)
         self.model_path = model_path
         self.multiprocessors = multiprocessors
@@ -43,7 +53,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[stage_pb2.InferResultBatch]:
         """Reads batches of calls in a task of its own; yields answers as calls finish."""
-        calls = StreamCalls(self.intake, self.replica.identity.replica_id)
+        calls = StreamCalls(
+            self.intake, self.replica.identity.replica_id, self.peers, self.forwarder
+        )
 
         async def read() -> None:
             try:
@@ -62,6 +74,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         finally:
             reader.cancel()
             calls.cancel_all()
+            if calls.stream_id and self.peers.get(calls.stream_id) is calls:
+                del self.peers[calls.stream_id]
 
     @grpc_errors
     async def Describe(
