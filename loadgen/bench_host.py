@@ -33,6 +33,7 @@ held; None where none held), `<w>_cpu_ms_per_query` (mesh CPU per query there),
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -148,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients pass inputs by shared memory: each writes its input into a buffer it "
         "borrowed from the mesh's broker and submits the ref (Triton's shared-memory extension)",
     )
+    p.add_argument(
+        "--stage-calls",
+        choices=("stream", "forward", "unary"),
+        default="stream",
+        help="the gateway's stage calls (its --stage-calls): a stream per replica (the "
+        "default), forward (a chain's stages pass its query on; docs/DATAPLANE.md) or unary",
+    )
     p.add_argument("--deadline-s", type=float, default=2.0, help="per query")
     p.add_argument("--p99-ms", type=float, default=None,
                    help=f"the target a rate must hold (default {P99_MS:g}; with --reference each "
@@ -188,6 +196,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         raise InvalidArgument(f"--gateway-workers must be >= 1, got {args.gateway_workers}")
     t = trials_of(args)
     loads = workloads(args, backend)
+    # the mesh's processes take their environment from this one (services.launcher.Mesh)
+    os.environ["CAMELOT_GATEWAY_STAGE_CALLS"] = args.stage_calls
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for w in loads:
@@ -206,7 +216,8 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         f"({', '.join(w.name + ': ' + '+'.join(w.pipelines) for w in loads)}), "
         f"size {loads[0].size}, policy {loads[0].policy}"
         f"{''.join(f' {k}={v}' for k, v in loads[0].options)}, {args.gateway_workers} gateway "
-        f"worker(s), {t.client_processes} client process(es) over {t.connections} connections; "
+        f"worker(s) with --stage-calls {args.stage_calls}, {t.client_processes} client "
+        f"process(es) over {t.connections} connections; "
         f"open-loop Poisson, {t.duration_s:g} s per rate of which {t.warmup_s:g} s warm-up; a "
         f"rate holds at {target_text} and <= {100 * t.max_error_frac:g}% errors. CPU-ms per "
         "query: each kind's CPU time (all threads, /proc) over the measured window per query "
@@ -221,6 +232,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         args.name, rows, summary, backend, args.out_dir, COLUMNS,
         command=module_command("loadgen.bench_host", argv), notes=notes,
         extra={"settings": {**asdict(t), "gateway_workers": args.gateway_workers,
+                            "stage_calls": args.stage_calls,
                             "workloads": [{**asdict(w), "directory": relative(w.directory)}
                                           for w in loads]}},
     )  # fmt: skip
