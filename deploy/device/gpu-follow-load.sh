@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: follow-load (#17), one sharing mode per call (each fits the call's
 # limit): MODE=mps, then, with that result in docs/results, MODE=green, which merges it in.
+# MIX picks the pipelines (default all four; on an H100 their peak is the host's and the
+# trough plan carries it, docs/results/follow-load-h100.md; MIX="t2i:text-to-img=1" is a day the
+# GPU share decides, docs/results/follow-load.md).
 # The experiment starts its own mesh (one per mode); the result (follow-load.json, .md, PNGs)
 # comes back in $OUT/res.tgz, the mesh's logs in $OUT/logs.tgz. Durations come from the
 # environment: STEP_S (each level of the day), RUNGS (steps from trough to peak), TRIAL_S and
