@@ -226,3 +226,26 @@ async def test_a_stage_that_cannot_reach_the_next_answers_unavailable_with_its_s
         await ch.close()
         await a.server.stop(0)
         await a.aclose()
+
+
+async def test_a_stopping_replica_ends_the_streams_its_callers_keep_open(broker):
+    # a's forwarder keeps its stream to b open while a lives: a b that is told to stop must end
+    # it (and the gateway's) once drained, or its server waits out the whole grace period
+    m = await mesh_of(broker, (("a", "a"), ("b", "b1"), ("b", "b2"), ("c", "c")))
+    try:
+        first = await m.stub.Submit(query(1), timeout=30)
+        used = m.stages[1] if first.stages[1].replica_id == "b1" else m.stages[2]
+        other = m.stages[2] if used is m.stages[1] else m.stages[1]
+        assert f"127.0.0.1:{used.port}" in m.stages[0].servicer.forwarder.addresses
+        assert len(used.servicer.streams) >= 2  # the gateway's and a's
+        await used.drain()
+        await until(lambda: not used.servicer.streams)
+        # the mesh goes on through the other b; a stream opened on the stopping one ends at once
+        for i in range(2, 6):
+            reply = await m.stub.Submit(query(i), timeout=30)
+            assert (array_from_wire(reply.output) == i).all()
+            assert reply.stages[1].replica_id == other.settings.name
+        assert not used.servicer.streams
+        await until(lambda: no_leases(m, broker))
+    finally:
+        await close(m)

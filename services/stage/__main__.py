@@ -19,7 +19,7 @@ async def serve(settings: StageSettings) -> None:
             app.health,
             app.settings.grace_s,
             warm_up=app.replica.warm_up,
-            on_stop=app.replica.drain_and_report,
+            on_stop=app.drain,
         )
     finally:
         await app.aclose()

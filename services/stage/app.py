@@ -43,6 +43,16 @@ class StageApp:
         await self.replica.warm_up()
         await self.health.set(True)
 
+    async def drain(self) -> None:
+        """On stop, before the server's: the replica finishes what it holds, then its open
+        streams end (a previous replica's forward stream stays open while that replica lives)
+        and its own forward streams close, so the server stops without waiting out its grace."""
+        await self.replica.drain_and_report()
+        ended = self.servicer.end_streams()
+        if self.servicer.forwarder is not None:
+            await self.servicer.forwarder.close()
+        log.info("ended %d open stream(s)", ended)
+
     async def aclose(self) -> None:
         await self.stack.aclose()
 

@@ -33,6 +33,10 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         # forward mode: the gateways' streams by announced id, and the streams to next replicas
         self.peers: dict[str, StreamCalls] = {}
         self.forwarder = forwarder
+        # every InferStream open on this replica (the gateways' and, in forward mode, the
+        # previous replicas'), so that a stop can end them once the replica is drained
+        self.streams: set[StreamCalls] = set()
+        self._ending = False
         self.intake = Intake(replica)
         self.model_path = model_path
         self.multiprocessors = multiprocessors
@@ -56,6 +60,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         calls = StreamCalls(
             self.intake, self.replica.identity.replica_id, self.peers, self.forwarder
         )
+        self.streams.add(calls)
+        if self._ending:
+            # a stream opened while the replica stops: it ends at once, its caller retries
+            # elsewhere (a draining replica takes no calls anyway)
+            calls.close()
 
         async def read() -> None:
             try:
@@ -72,10 +81,21 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             while (answers := await calls.next_batch()) is not None:
                 yield answers
         finally:
+            self.streams.discard(calls)
             reader.cancel()
             calls.cancel_all()
             if calls.stream_id and self.peers.get(calls.stream_id) is calls:
                 del self.peers[calls.stream_id]
+
+    def end_streams(self) -> int:
+        """Ends every open InferStream once its calls are answered (on stop, after the drain):
+        a caller that keeps its stream open, as a previous replica's forwarder does, would
+        otherwise hold the server's stop for its whole grace. Returns how many were open."""
+        self._ending = True
+        open_ = list(self.streams)
+        for calls in open_:
+            calls.close()
+        return len(open_)
 
     @grpc_errors
     async def Describe(
