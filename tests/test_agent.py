@@ -307,6 +307,24 @@ async def test_removed_replica_is_drained_and_older_epochs_refused(tmp_path):
         assert app.agent.epoch == 2 and list(app.agent.primary) == ["p.a.0"]
 
 
+async def test_a_stopping_agent_applies_no_new_assignment(tmp_path):
+    # seen at the end of a soak: the scheduler's next plan reached the agent while it drained on
+    # SIGTERM, and it started fresh replicas only to stop them again
+    async with running_agent(settings(tmp_path)) as (app, stub):
+        await stub.Apply(assignment(1, replica("p.a.0")), timeout=30)
+        pid = instance_pid(app, "p.a.0")
+        closing = asyncio.create_task(app.agent.close())
+        await asyncio.sleep(0)  # close() has begun
+        app.agent.submit(assignment(2, replica("p.a.0"), replica("p.b.0")))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Apply(assignment(3, replica("p.a.0"), replica("p.b.0")), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        await closing
+        assert app.agent.epoch == 1
+        assert app.agent.instances("p.a.0") == [] and app.agent.instances("p.b.0") == []
+        assert process_gone(pid)
+
+
 async def test_killed_replica_is_restarted_with_the_same_plan(tmp_path):
     async with running_agent(settings(tmp_path)) as (app, stub):
         await stub.Apply(assignment(1, replica("p.a.0", 40)), timeout=30)

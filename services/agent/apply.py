@@ -79,6 +79,9 @@ class Agent:
         self._generation = itertools.count(1)
         self._pending: agent_pb2.Assignment | None = None
         self._background: asyncio.Task[None] | None = None
+        # set when close() begins: no assignment is applied after it (a heartbeat's or an
+        # Apply's would start replicas while the agent stops the ones it has)
+        self._closing = False
         # replica_id -> (starts failed in a row, monotonic time of the next try, last error): a
         # replica that cannot start (a crash in its warm-up, say) is retried with a doubling
         # delay, not at every heartbeat that re-sends the assignment
@@ -132,11 +135,15 @@ class Agent:
 
     async def apply(self, assignment: agent_pb2.Assignment) -> agent_pb2.ApplyResponse:
         async with self._lock:
+            if self._closing:
+                raise Unavailable(
+                    f"agent is stopping; assignment epoch {assignment.epoch} not applied"
+                )
             return await self._apply(assignment)
 
     def submit(self, assignment: agent_pb2.Assignment) -> None:
         """Applies in the background (heartbeat answers); the newest pending assignment wins."""
-        if assignment.epoch <= self.epoch:
+        if assignment.epoch <= self.epoch or self._closing:
             return
         self._pending = assignment
         if self._background is None or self._background.done():
@@ -331,6 +338,7 @@ class Agent:
 
     async def close(self) -> None:
         """Drains and stops every replica (routes show them DRAINING first)."""
+        self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
