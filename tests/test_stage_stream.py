@@ -182,6 +182,37 @@ async def test_a_replica_that_goes_away_fails_calls_unavailable_and_says_so(brok
         await app.aclose()
 
 
+async def test_a_broken_stream_leaves_no_request_sender_behind(broker):
+    # gRPC consumes a stream's requests in a task of its own; were the generator of a call that
+    # ended left waiting, that task stayed pending ("Task was destroyed but it is pending" at
+    # exit, seen in the fault runs) and would take the next call's requests at its next wake-up
+    app = await stage(broker)
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    stream = ReplicaStream(stage_pb2_grpc.StageStub(ch), "replica", lambda address, e: None)
+
+    def senders() -> list[asyncio.Task]:
+        return [
+            t for t in asyncio.all_tasks()
+            if not t.done() and "_consume_request_iterator" in repr(t.get_coro())
+        ]  # fmt: skip
+
+    try:
+        await stream.infer(wire_request(np.zeros(4096, np.uint8)), 30.0)
+        assert senders()
+        await app.server.stop(0)
+        with pytest.raises(Unavailable):
+            await stream.infer(wire_request(np.zeros(4096, np.uint8)), 30.0)
+        for _ in range(1500):
+            if not senders():
+                break
+            await asyncio.sleep(0.02)
+        assert not senders()
+    finally:
+        await stream.close()
+        await ch.close()
+        await app.aclose()
+
+
 async def test_unary_infer_still_serves(channel):
     answer = await stage_pb2_grpc.StageStub(channel).Infer(
         wire_request(np.full(4096, 3, np.uint8)), timeout=30

@@ -85,6 +85,9 @@ class ReplicaStream:
         self._wake = asyncio.Event()
         self._next_id = 0
         self._call: Any = None
+        # which call's request generator is the live one: a generator whose call ended returns
+        # at its next wake-up instead of taking the outbox that the next call's should send
+        self._gen = 0
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         # forward mode: the shared registry, this stream's announced id and its acknowledgement,
@@ -182,17 +185,23 @@ class ReplicaStream:
         if self.forwarded is not None:
             self.stream_id = secrets.token_hex(8)
             self._acked = asyncio.get_running_loop().create_future()
-        call = self.stub.InferStream(self._messages())
+        self._gen += 1
+        call = self.stub.InferStream(self._messages(self._gen))
         self._call = call
         self._reader = asyncio.get_running_loop().create_task(self._read(call))
 
-    async def _messages(self) -> AsyncIterator[stage_pb2.InferBatch]:
-        """What the stream sends: everything queued since the last message, as one message."""
+    async def _messages(self, gen: int) -> AsyncIterator[stage_pb2.InferBatch]:
+        """What the stream sends: everything queued since the last message, as one message.
+        Once its call has ended (`gen` is not the live one) it returns at its next wake-up, so
+        gRPC's task that consumes it finishes rather than stay pending, and the outbox is left
+        to the next call's generator."""
         if self.stream_id:
             yield stage_pb2.InferBatch(stream_id=self.stream_id)
         forwarded = self.forwarded.calls if self.forwarded is not None else {}
         while True:
             await self._wake.wait()
+            if gen != self._gen:
+                return
             self._wake.clear()
             now = asyncio.get_running_loop().time()
             requests = []
@@ -246,6 +255,8 @@ class ReplicaStream:
         finally:
             if self._call is call:
                 self._call = None
+                self._gen += 1
+                self._wake.set()  # this call's request generator returns
                 self._outbox = []
                 self._cancels = []
                 self._fail_all(error)
