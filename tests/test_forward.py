@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from common.dtypes import array_from_wire
+from common.errors import CamelotError, Unavailable
 from protos import gateway_pb2, stage_pb2, stage_pb2_grpc, tensor_pb2
 from services.gateway.app import create_server as create_gateway
 from services.gateway.app import pipeline_entry
-from services.gateway.forwarding import is_chain
+from services.gateway.forwarding import RouteSender, is_chain
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import ForwardAnswer, Forwarded, ReplicaStream
 from services.stage.app import StageApp
+from services.stage.forward import Forwarder
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
 from tests.test_broker_server import MiB, start
@@ -249,3 +251,65 @@ async def test_a_stopping_replica_ends_the_streams_its_callers_keep_open(broker)
         await until(lambda: no_leases(m, broker))
     finally:
         await close(m)
+
+
+async def test_each_finished_step_comes_back_with_its_timings_and_replica_not_its_outputs(broker):
+    # the gateway allocated every step's buffers: a step's entry in `done` carries what it reads
+    # (timings, replica); the answering step's response still names its outputs
+    stages = [await stage(broker, pipeline="null3", stage=name) for name in ("a", "b", "c")]
+    addresses = [f"127.0.0.1:{s.port}" for s in stages]
+    channels = [grpc.aio.insecure_channel(address) for address in addresses]
+    forwarded = Forwarded()
+    streams = {
+        address: ReplicaStream(stage_pb2_grpc.StageStub(ch), address, forwarded=forwarded)
+        for address, ch in zip(addresses, channels, strict=True)
+    }
+    client = await BrokerClient.connect(broker.target)
+    buffers = ArenaBuffers(client)
+    await buffers.warm_pool("null3")
+    try:
+        lease, refs = await buffers.open_and_allocate([(np.uint8, (4096,))] * 4, pool="null3")
+        (await buffers.view(refs[0]))[...] = 5
+        requests = [
+            stage_pb2.InferRequest(
+                query_id="q",
+                pipeline="null3",
+                lease_id=lease,
+                transport=tensor_pb2.TRANSPORT_REF,
+                inputs=[tensor_pb2.Tensor(name="x", ref=refs[k])],
+                outputs=[tensor_pb2.Tensor(name="x", ref=refs[k + 1])],
+            )  # fmt: skip
+            for k in range(3)
+        ]
+        send = RouteSender(streams.__getitem__, forwarded)
+        for _ in range(3):  # each on the streams and senders the first opened
+            answer = await send(list(zip(addresses, requests, strict=True)), 30.0)
+            assert answer.result.code == 0
+            assert [d.replica_id for d in answer.result.done] == ["null3.a", "null3.b"]
+            for d in answer.result.done:
+                assert not d.outputs and d.timings.batch_size >= 1
+            assert [t.ref for t in answer.result.response.outputs] == [refs[3]]
+            assert answer.result.response.replica_id == "null3.c"
+        assert int((await buffers.view(refs[3]))[0]) == 5
+        await buffers.release([lease])
+    finally:
+        for stream in streams.values():
+            await stream.close()
+        await buffers.aclose()
+        await client.close()
+        for ch in channels:
+            await ch.close()
+        for app in stages:
+            await app.server.stop(0)
+            await app.aclose()
+
+
+async def test_a_closed_forwarder_takes_no_request_and_tells_why():
+    forwarder = Forwarder()
+    await forwarder.close()
+    with pytest.raises(Unavailable):
+        forwarder.request("127.0.0.1:1", lambda e: None)
+    errors: list[CamelotError] = []
+    forwarder.send("127.0.0.1:1", stage_pb2.InferRequest(query_id="q"), errors.append)
+    assert [type(e) for e in errors] == [Unavailable]
+    assert forwarder.addresses == []

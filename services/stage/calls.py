@@ -76,6 +76,26 @@ def fill_response(response: stage_pb2.InferResponse, r: Result, replica_id: str)
     response.replica_id = replica_id
 
 
+def fill_timings(response: stage_pb2.InferResponse, r: Result, replica_id: str) -> None:
+    """A forwarded step's entry in `Forward.done`: where its time went and its replica, not its
+    outputs (the gateway allocated their buffers and knows their refs)."""
+    timings = response.timings
+    timings.queue_us = r.queue_us
+    timings.batch_wait_us = r.batch_wait_us
+    timings.compute_us = r.compute_us
+    timings.batch_size = r.batch_size
+    response.replica_id = replica_id
+
+
+def _finished(
+    done: Iterable[stage_pb2.InferResponse], r: Result, replica_id: str
+) -> list[stage_pb2.InferResponse]:
+    """The steps done, this one's included, for an error that stops a forwarded query here."""
+    entry = stage_pb2.InferResponse()
+    fill_timings(entry, r, replica_id)
+    return [*done, entry]
+
+
 class StreamCalls:
     def __init__(
         self,
@@ -216,31 +236,39 @@ class StreamCalls:
             fill_response(answer.response, future.result(), self.replica_id)
             self._ready.set()
             return
-        hop = hops[0]
-        request = stage_pb2.InferRequest()
-        request.CopyFrom(hop.request)
-        onward = request.forward
-        onward.hops.extend(hops[1:])
-        onward.done.extend(forward.done)
-        fill_response(onward.done.add(), future.result(), self.replica_id)
+        result = future.result()
+        budget_us = 0
         if deadline_us is not None:
             budget_us = deadline_us - mono_us()
             if budget_us <= 0:
-                self._answer(
-                    error_result(call_id, DeadlineExceeded("deadline passed"), onward.done)
-                )
+                late = DeadlineExceeded("deadline passed")
+                done = _finished(forward.done, result, self.replica_id)
+                self._answer(error_result(call_id, late, done))
                 return
-            request.budget_us = budget_us
-        if self.forwarder is None:
-            self._answer(
-                error_result(call_id, Unavailable("this replica does not forward"), onward.done)
+        hop = hops[0]
+        # the next request is built where it is sent (in the sender's next message) from the
+        # hop's request, the hops after it and the steps done; this step's entry there has no
+        # outputs: the gateway allocated their buffers, and reads only timings and replica
+        try:
+            if self.forwarder is None:
+                raise Unavailable("this replica does not forward")
+            request = self.forwarder.request(
+                hop.address,
+                lambda e: self._answer(error_result(call_id, e, request.forward.done)),
             )
+        except CamelotError as e:
+            self._answer(error_result(call_id, e, _finished(forward.done, result, self.replica_id)))
             return
-        self.forwarder.send(
-            hop.address,
-            request,
-            lambda e: self._answer(error_result(call_id, e, onward.done)),
-        )
+        call = request.call_id
+        request.CopyFrom(hop.request)  # faster than MergeFrom (upb merges through the wire)
+        request.call_id = call
+        if deadline_us is not None:
+            request.budget_us = budget_us
+        onward = request.forward
+        if len(hops) > 1:
+            onward.hops.extend(hops[1:])
+        onward.done.extend(forward.done)
+        fill_timings(onward.done.add(), result, self.replica_id)
 
     def close(self) -> None:
         """The caller closed its side: end once every call is answered."""

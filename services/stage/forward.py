@@ -44,13 +44,26 @@ class Forwarder:
     def send(self, address: str, request: stage_pb2.InferRequest, on_error: OnError) -> None:
         """Queues `request` for `address`; requests queued in one turn of the loop share a
         message. `on_error` runs (once) if the request could not be written."""
-        if self._closed:
-            on_error(Unavailable("this replica is shutting down; it forwards nothing more"))
+        try:
+            queued = self.request(address, on_error)
+        except CamelotError as e:
+            on_error(e)
             return
+        call_id = queued.call_id
+        queued.MergeFrom(request)
+        queued.call_id = call_id
+
+    def request(self, address: str, on_error: OnError) -> stage_pb2.InferRequest:
+        """A new request for `address` (only its call id set), to be filled by the caller before
+        it yields to the loop: it already lies in the message the sender writes next (a request
+        built apart would be copied once more into it). `on_error` runs (once) if the request
+        could not be written. Raises UNAVAILABLE when this replica forwards nothing more."""
+        if self._closed:
+            raise Unavailable("this replica is shutting down; it forwards nothing more")
         sender = self._senders.get(address)
         if sender is None:
             sender = self._senders[address] = _Sender(address, self.tls, self._gone)
-        sender.send(request, on_error)
+        return sender.add(on_error)
 
     @property
     def addresses(self) -> list[str]:
@@ -69,35 +82,43 @@ class Forwarder:
 
 
 class _Sender:
-    """The stream to one next replica: a writer task sends everything queued as one message."""
+    """The stream to one next replica: a writer task sends everything queued as one message.
+
+    Requests are built in the batch that carries them (`add`); the writer task is woken once
+    per batch, by the first request queued while it waits, not once per request."""
 
     def __init__(self, address: str, tls: lifecycle.TlsFiles | None, gone: Callable[..., None]):
         self.address = address
         self._channel = lifecycle.channel(address, tls)
         self._gone = gone
-        self._outbox: list[tuple[stage_pb2.InferRequest, OnError]] = []
+        self._outbox = stage_pb2.InferBatch()
+        self._errors: list[OnError] = []
         self._wake = asyncio.Event()
         self._next_id = 0
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def send(self, request: stage_pb2.InferRequest, on_error: OnError) -> None:
+    def add(self, on_error: OnError) -> stage_pb2.InferRequest:
         self._next_id += 1
+        request = self._outbox.requests.add()
         request.call_id = self._next_id
-        self._outbox.append((request, on_error))
-        self._wake.set()
+        if not self._errors:
+            self._wake.set()
+        self._errors.append(on_error)
+        return request
 
     async def _run(self) -> None:
         error: CamelotError = Unavailable(f"forward stream to {self.address} closed")
         call = stage_pb2_grpc.StageStub(self._channel).InferStream()
-        sending: list[tuple[stage_pb2.InferRequest, OnError]] = []
+        sending: list[OnError] = []
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                sending, self._outbox = self._outbox, []
-                if not sending:
+                if not self._errors:
                     continue
-                await call.write(stage_pb2.InferBatch(requests=[r for r, _ in sending]))
+                batch, self._outbox = self._outbox, stage_pb2.InferBatch()
+                sending, self._errors = self._errors, []
+                await call.write(batch)
                 sending = []
         except asyncio.CancelledError:
             raise
@@ -108,9 +129,10 @@ class _Sender:
             log.warning("%s", error.message)
         finally:
             self._gone(self)
-            for _, on_error in (*sending, *self._outbox):
+            for on_error in (*sending, *self._errors):
                 on_error(error)
-            self._outbox = []
+            self._errors = []
+            self._outbox = stage_pb2.InferBatch()
             call.cancel()
             await self._channel.close()
 
