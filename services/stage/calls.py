@@ -21,7 +21,7 @@ import asyncio
 import functools
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from common.clock import mono_us
 from common.errors import CamelotError, Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
@@ -127,7 +127,6 @@ class StreamCalls:
         """Starts the batch's calls and applies its cancellations."""
         if batch.stream_id:
             self._announce(batch.stream_id)
-        submit = self.intake.replica.submit
         for proto in batch.requests:
             if proto.HasField("forward"):
                 await self._take_forwarded(proto)
@@ -137,18 +136,9 @@ class StreamCalls:
                 self._answer(error_result(call_id, _duplicate(call_id)))
                 continue
             deadline_us = self.intake.deadline(proto.budget_us)
-            try:
-                try:
-                    request = self.intake.request(proto, deadline_us)
-                except NeedsRefresh:
-                    request = await self.intake.request_async(proto, deadline_us)
-                future = submit(request, functools.partial(self._settled, call_id))
-            except Exception as e:
-                if not isinstance(e, CamelotError):
-                    log.exception("call %d refused", call_id)
-                self._answer(error_result(call_id, e))
-                continue
-            self._calls[call_id] = future
+            await self._start(
+                proto, call_id, deadline_us, functools.partial(self._settled, call_id)
+            )
         for call_id in batch.cancel:
             queued = self._calls.get(call_id)
             if queued is not None:
@@ -195,18 +185,29 @@ class StreamCalls:
             self._answer(error_result(call_id, _duplicate(call_id), forward.done))
             return
         deadline_us = self.intake.deadline(proto.budget_us)
+        on_done = functools.partial(self._forward_settled, call_id, proto, deadline_us)
+        await self._start(proto, call_id, deadline_us, on_done, forward.done)
+
+    async def _start(
+        self,
+        proto: stage_pb2.InferRequest,
+        call_id: int,
+        deadline_us: int | None,
+        on_done: Callable[[asyncio.Future[Result]], None],
+        done: Iterable[stage_pb2.InferResponse] = (),
+    ) -> None:
+        """Checks a call's request and queues it on the replica under `call_id`, or answers
+        with the error (`done`: a forwarded query's finished steps)."""
         try:
             try:
                 request = self.intake.request(proto, deadline_us)
             except NeedsRefresh:
                 request = await self.intake.request_async(proto, deadline_us)
-            future = self.intake.replica.submit(
-                request, functools.partial(self._forward_settled, call_id, proto, deadline_us)
-            )
+            future = self.intake.replica.submit(request, on_done)
         except Exception as e:
             if not isinstance(e, CamelotError):
-                log.exception("forwarded call %d refused", call_id)
-            self._answer(error_result(call_id, e, forward.done))
+                log.exception("call %d refused", call_id)
+            self._answer(error_result(call_id, e, done))
             return
         self._calls[call_id] = future
 
