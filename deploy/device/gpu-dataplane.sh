@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, one call (issue 23): the null 3-stage chain with REPLICAS replicas per
-# stage and GW gateway workers (host-path.json), then, as time allows, the transport bench
+# stage and GW gateway workers (host-path.json; MODES="stream forward" measures both stage-call modes), then, as time allows, the transport bench
 # (transport.json) and ref against wire end to end at low load (e2e.json). The archive
 # $OUT/res.tgz is rewritten after each step, so a call cut short returns what finished.
 set -u
 source deploy/device/prelude.sh
-step host-path "${HP_S:-240}" python3 -m loadgen.bench_host --pipelines "${PIPES:-null3}" \
-  --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" --gateway-workers "${GW:-10}" \
-  --option "replicas=${REPLICAS:-3}" --rates "${RATES:-2000,3000,4000,5000}" --out-dir "$R" \
-  --name host-path --run-dir /tmp/cam/hp
+# MODES: the gateway's --stage-calls to measure, each its own file (host-path-<mode>.json) but the
+# first, which is host-path.json
+first=1
+for mode in ${MODES:-stream}; do
+  name=host-path; [[ $first == 1 ]] || name=host-path-$mode; first=0
+  step "$name" "${HP_S:-240}" python3 -m loadgen.bench_host --pipelines "${PIPES:-null3}" \
+    --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" --gateway-workers "${GW:-10}" \
+    --option "replicas=${REPLICAS:-3}" --rates "${RATES:-2000,3000,4000,5000}" --out-dir "$R" \
+    --stage-calls "$mode" --name "$name" --run-dir "/tmp/cam/$name"
+done
 [[ ${ONLY_HP:-0} == 1 ]] && exit 0
 step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats 10
 export CAMELOT_CUDA_GRAPHS=on
