@@ -76,12 +76,116 @@ def test_profile_one_stage_on_the_gpu() -> None:
         corunner_mib=256,
         window_s=0.5,
     )
-    r = prof.profile_stage(settings, "video-analytics", "classify", 4, log=lambda _: None)
-    doc = prof.document([r], device="gpu", date="2026-02-03")
-    p = prof_mod.parse_document(doc)["video-analytics/classify"]
-    assert p.batches == (1, 4) and p.shares == (50.0, 100.0)
-    assert p.latency(100, 4) > 0 and p.weights_bytes > 0
-    assert p.slowdown[0] == 1.0 and len(p.slowdown) == 2
+    # two stages sharing the run's co-runners, as `python -m services.profiler` runs them
+    with prof.CoRunners(settings) as runners:
+        rs = [
+            prof.profile_stage(
+                settings, "video-analytics", s, 4, log=lambda _: None, corunners=runners
+            )
+            for s in ("classify", "crop")
+        ]
+    doc = prof.document(rs, device="gpu", date="2026-02-03")
+    for s in ("classify", "crop"):
+        p = prof_mod.parse_document(doc)[f"video-analytics/{s}"]
+        assert p.batches == (1, 4) and p.shares == (50.0, 100.0)
+        assert p.latency(100, 4) > 0
+        assert p.slowdown[0] == 1.0 and len(p.slowdown) == 2
+    assert prof_mod.parse_document(doc)["video-analytics/classify"].weights_bytes > 0
+
+
+class _CoRunner:
+    """A co-runner as CoRunners sees one: answers `stop` with its bandwidth (its share in GB/s)."""
+
+    started: list[float] = []
+
+    def __init__(self, args: list[str], share: float) -> None:
+        assert args[0] == "corunner"
+        self.share, self.windows, self.closed = share, 0, False
+        _CoRunner.started.append(share)
+
+    def send(self, cmd: str) -> None:
+        assert not self.closed
+
+    def ask(self, cmd: str) -> dict[str, float]:
+        assert cmd == "stop" and not self.closed
+        self.windows += 1
+        return {"gbs": self.share}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_runs_co_runners_are_started_and_measured_once_for_all_its_stages() -> None:
+    _CoRunner.started = []
+    settings = prof.Settings(("p",), pressure_shares=(10, 25), window_s=0.0)
+    with prof.CoRunners(settings, child=_CoRunner) as runners:  # type: ignore[arg-type]
+        for _stage in range(3):
+            assert runners.peak() == 100.0
+            for share in (10, 25):
+                c, alone = runners.level(share)
+                assert alone == share and c.share == share
+        kept = list(runners._children.values())
+    # one process per share for the whole run, its bandwidth alone measured once
+    assert sorted(_CoRunner.started) == [10, 25, 100]
+    assert all(c.windows == 1 and c.closed for c in kept)  # type: ignore[attr-defined]
+
+
+class _Worker(_CoRunner):
+    """A profiler worker as profile_stage drives one: a stage whose batch takes `batch` ms at
+    100% of the SMs, (100 / share) times that below, 1.5x that beside a running co-runner."""
+
+    stages: list[float] = []
+    running = False
+
+    def __init__(self, args: list[str], share: float) -> None:
+        self.share, self.windows, self.closed, self.kind = share, 0, False, args[0]
+        if self.kind == "corunner":
+            _CoRunner.started.append(share)
+        else:
+            _Worker.stages.append(share)
+        self.hello = {"weights_bytes": 7, "batch_buckets": "pow2"}
+
+    def send(self, cmd: str) -> None:
+        if self.kind == "corunner" and cmd == "start":
+            _Worker.running = True
+
+    def __enter__(self) -> _Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ask(self, cmd: str, **kw: float) -> dict[str, float]:
+        if self.kind == "corunner":
+            _Worker.running = False
+            return super().ask(cmd)
+        ms = kw["batch"] * 100 / self.share * (1.5 if _Worker.running else 1.0)
+        return {"ms": ms, "working_bytes": 8 * kw["batch"], "output_bytes_per_item": 3}
+
+
+@pytest.mark.parametrize(
+    ("contention", "stage_children"), [(50.0, [50.0, 100.0]), (40.0, [50.0, 100.0, 40.0])]
+)
+def test_the_contention_levels_run_in_the_child_of_a_profiled_share(
+    monkeypatch: pytest.MonkeyPatch, contention: float, stage_children: list[float]
+) -> None:
+    monkeypatch.setattr(prof, "Child", _Worker)
+    _CoRunner.started, _Worker.stages = [], []
+    settings = prof.Settings(
+        ("p",),
+        shares=(50, 100),
+        batches=(1, 4),
+        pressure_shares=(25,),
+        window_s=0.0,
+        contention_share=contention,
+    )
+    r = prof.profile_stage(settings, "p", "s", 4, log=lambda _: None)
+    # a stage child per profiled share, and one more only where contention's share is not one
+    assert _Worker.stages == stage_children
+    assert r.latency_ms == {50: {1: 2.0, 4: 8.0}, 100: {1: 1.0, 4: 4.0}}
+    assert r.weights_bytes == 7 and r.activation_bytes_per_item == 8
+    assert r.slowdown == [1.0, 1.5] and r.pressure_levels == [0.0, 0.25]
+    assert sorted(_CoRunner.started) == [25.0, 100.0]
 
 
 def test_both_sides_write_the_one_envelope() -> None:

@@ -13,6 +13,8 @@
 # TESTS=1 runs the torch GPU tests last (stage against module, graphs on and off, every torch
 # pipeline through the mesh on both transports, the BYOM example): tests/gpu/test_torchmodels_cuda.py.
 # The profiler writes its file after every stage, so a step cut short keeps what it finished.
+# Shares 50,100: the contention levels run in the 50% child (two model builds per stage, not
+# three), and the co-runners are started once per run.
 set -u
 source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
@@ -23,7 +25,7 @@ tar czf "$OUT/logs.tgz" -C /tmp/cam served 2>/dev/null
 [[ ${E2E_ONLY:-0} == 1 ]] && exit 0
 for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
   step "profile-$p" "${STEP_S:-200}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
-    --size full --shares "${SHARES:-30,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
+    --size full --shares "${SHARES:-50,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
     --cuda-graphs on --out "$R/$p.json"
 done
 [[ ${BYOM:-0} == 1 ]] && step byom 60 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \

@@ -15,6 +15,7 @@ from typing import Any
 
 from common.errors import InvalidArgument
 from services.profiler.profile import (
+    CoRunners,
     Settings,
     StageResult,
     document,
@@ -93,16 +94,24 @@ def main(argv: list[str] | None = None) -> None:
         os.replace(part, args.out)
         return doc
 
-    for name, pipe in pipes:
-        for stage in pipe.stages:
-            if only and stage.name not in only:
-                continue
-            results.append(
-                profile_stage(
-                    settings, pipe.name, stage.name, stage.max_batch, log.info, config=name
+    # one set of co-runners for the run: their bandwidths are the device's, not a stage's
+    with CoRunners(settings) as corunners:
+        for name, pipe in pipes:
+            for stage in pipe.stages:
+                if only and stage.name not in only:
+                    continue
+                results.append(
+                    profile_stage(
+                        settings,
+                        pipe.name,
+                        stage.name,
+                        stage.max_batch,
+                        log.info,
+                        config=name,
+                        corunners=corunners,
+                    )
                 )
-            )
-            write()
+                write()
     doc = write()
     log.info("wrote %d profiles to %s", len(results), args.out)
     if args.redis:

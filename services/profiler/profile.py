@@ -10,7 +10,9 @@ Per stage:
    copy) at each pressure level (its SM share; its level is its solo bandwidth over the device
    peak, the co-runner at 100% alone) runs beside the stage at `contention_share`: the stage's
    slowdown at each level is its sensitivity; the bandwidth the co-runner loses beside the stage
-   (over the peak) is the stage's pressure.
+   (over the peak) is the stage's pressure. The co-runners' own bandwidths (the peak, each level
+   alone) are the device's, so a run measures them once and keeps its co-runners for every
+   stage (`CoRunners`).
 
 The format is `camelot-profiles/1` (common.profileformat, which both sides import; services do
 not import the scheduler, so the document is written here and validated there). Everything but
@@ -190,9 +192,11 @@ def profile_stage(
     max_batch: int,
     log: Callable[[str], None] = print,
     config: str = "",
+    corunners: CoRunners | None = None,
 ) -> StageResult:
     """Runs on the GPU: every share x batch alone, then beside the co-runner levels. `config`
-    is the pipeline's config path where it is not a bundled one (a user's own YAML)."""
+    is the pipeline's config path where it is not a bundled one (a user's own YAML);
+    `corunners`, a run's co-runners shared by its stages (else this stage starts its own)."""
     res = StageResult(pipeline, stage)
     batches = batches_for(max_batch, settings.batches)
     args = [
@@ -204,44 +208,112 @@ def profile_stage(
         str(settings.seed),
         "on" if settings.cuda_graphs else "off",
     ]
-    for share in settings.shares:
-        with Child(args, share) as w:
-            row = {}
-            for b in batches:
-                got = w.ask(cmd="time", batch=b, repeats=settings.repeats, warmup=settings.warmup)
-                row[b] = float(got["ms"])
-                if share == max(settings.shares) and b == max(batches):
-                    res.weights_bytes = int(w.hello["weights_bytes"])
-                    res.batch_buckets = str(w.hello.get("batch_buckets", ""))
-                    res.activation_bytes_per_item = int(got["working_bytes"]) // b
-                    res.output_bytes_per_item = int(got["output_bytes_per_item"])
-            res.latency_ms[share] = row
-            log(f"{pipeline}/{stage} @ {share}%: {row}")
-    # contention: the co-runner's own bandwidth at each share, alone, sets the pressure scale
-    mib = str(settings.corunner_mib)
-    with Child(["corunner", mib], 100.0) as c:
-        peak = _window(c, settings.window_s)
-    beside: dict[float, float] = {}
     b = max(batches)
-    with Child(args, settings.contention_share) as w:
-        solo = float(w.ask(cmd="time", batch=b, repeats=settings.repeats)["ms"])
-        for level_share in settings.pressure_shares:
-            with Child(["corunner", mib], level_share) as c:
-                alone = _window(c, settings.window_s)
-                c.send(cmd="start")
-                ms = float(
-                    w.ask(cmd="time", batch=b, repeats=settings.repeats, min_s=settings.window_s)[
-                        "ms"
-                    ]
-                )
-                during = float(c.ask(cmd="stop")["gbs"])
-            level = alone / peak
-            beside[level] = ms
-            if level_share == max(settings.pressure_shares):
-                res.pressure = pressure_of(alone, during, peak)
-            log(f"{pipeline}/{stage} beside a {level_share}% co-runner: {ms / solo:.2f}x")
-    res.pressure_levels, res.slowdown = sensitivity(solo, beside)
+    own = corunners is None
+    runners = CoRunners(settings) if corunners is None else corunners
+    try:
+        shares = list(settings.shares)
+        # the contention levels run in the child of the contention share where that share is
+        # profiled too (one model build and graph capture fewer), else in a child of its own
+        if settings.contention_share not in shares:
+            shares.append(settings.contention_share)
+        for share in shares:
+            with Child(args, share) as w:
+                if share in settings.shares:
+                    res.latency_ms[share] = _solo_row(settings, res, w, share, batches)
+                    log(f"{pipeline}/{stage} @ {share}%: {res.latency_ms[share]}")
+                if share == settings.contention_share:
+                    _contention(settings, res, w, runners, b, pipeline, stage, log)
+    finally:
+        if own:
+            runners.close()
     return res
+
+
+def _solo_row(
+    settings: Settings, res: StageResult, w: Child, share: float, batches: list[int]
+) -> dict[int, float]:
+    """Every batch timed alone in the child at `share`; memory from the largest share's."""
+    row = {}
+    for b in batches:
+        got = w.ask(cmd="time", batch=b, repeats=settings.repeats, warmup=settings.warmup)
+        row[b] = float(got["ms"])
+        if share == max(settings.shares) and b == max(batches):
+            res.weights_bytes = int(w.hello["weights_bytes"])
+            res.batch_buckets = str(w.hello.get("batch_buckets", ""))
+            res.activation_bytes_per_item = int(got["working_bytes"]) // b
+            res.output_bytes_per_item = int(got["output_bytes_per_item"])
+    return row
+
+
+def _contention(
+    settings: Settings,
+    res: StageResult,
+    w: Child,
+    runners: CoRunners,
+    b: int,
+    pipeline: str,
+    stage: str,
+    log: Callable[[str], None],
+) -> None:
+    """The stage's slowdown at batch `b` beside each co-runner level, and its pressure."""
+    peak = runners.peak()
+    solo = float(w.ask(cmd="time", batch=b, repeats=settings.repeats)["ms"])
+    beside: dict[float, float] = {}
+    for level_share in settings.pressure_shares:
+        c, alone = runners.level(level_share)
+        c.send(cmd="start")
+        ms = float(
+            w.ask(cmd="time", batch=b, repeats=settings.repeats, min_s=settings.window_s)["ms"]
+        )
+        during = float(c.ask(cmd="stop")["gbs"])
+        beside[alone / peak] = ms
+        if level_share == max(settings.pressure_shares):
+            res.pressure = pressure_of(alone, during, peak)
+        log(f"{pipeline}/{stage} beside a {level_share}% co-runner: {ms / solo:.2f}x")
+    res.pressure_levels, res.slowdown = sensitivity(solo, beside)
+
+
+class CoRunners:
+    """The co-runner processes of one profiling run, one per share, started when first needed
+    and kept (idle, blocked on their stdin) for every stage after: its bandwidth at full share
+    (the pressure scale) and alone at each level depend on the device, not on the stage, so
+    they are measured once per run, not once per stage (each is a process start, a CuPy
+    context and a window)."""
+
+    def __init__(self, settings: Settings, child: Callable[..., Child] | None = None) -> None:
+        self.settings = settings
+        self._child = child if child is not None else Child
+        self._children: dict[float, Child] = {}
+        self._alone: dict[float, float] = {}
+
+    def _get(self, share: float) -> tuple[Child, float]:
+        c = self._children.get(share)
+        if c is None:
+            c = self._children[share] = self._child(
+                ["corunner", str(self.settings.corunner_mib)], share
+            )
+            self._alone[share] = _window(c, self.settings.window_s)
+        return c, self._alone[share]
+
+    def peak(self) -> float:
+        """The co-runner's bandwidth alone at 100% of the SMs."""
+        return self._get(100.0)[1]
+
+    def level(self, share: float) -> tuple[Child, float]:
+        """The co-runner at `share` (idle) and its bandwidth alone there."""
+        return self._get(share)
+
+    def close(self) -> None:
+        for c in self._children.values():
+            c.close()
+        self._children.clear()
+
+    def __enter__(self) -> CoRunners:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _window(c: Child, seconds: float) -> float:
