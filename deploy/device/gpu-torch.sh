@@ -23,13 +23,16 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
   --name torch-e2e --run-dir /tmp/cam/served
 tar czf "$OUT/logs.tgz" -C /tmp/cam served 2>/dev/null
 [[ ${E2E_ONLY:-0} == 1 ]] && exit 0
-for p in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
-  step "profile-$p" "${STEP_S:-200}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
+# a PIPES entry "pipeline:stage,stage" profiles only those stages (into <pipeline>-rest.json)
+for entry in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-text}; do
+  p=${entry%%:*}; stages=""; out=$p
+  [[ $entry == *:* ]] && { stages=${entry#*:}; out=$p-rest; }
+  step "profile-$out" "${STEP_S:-200}" python3 -m services.profiler "services/pipelines/torch/$p.yaml" \
     --size full --shares "${SHARES:-50,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
-    --cuda-graphs on --out "$R/$p.json"
+    --cuda-graphs on --stages "$stages" --out "$R/$out.json"
 done
 [[ ${BYOM:-0} == 1 ]] && step byom 60 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
   --shares 50,100 --batches 1,8 --out "$R/my-classifier.json"
 [[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-240}" python3 -m pytest -q -m gpu \
-  tests/gpu/test_torchmodels_cuda.py -p no:cacheprovider
+  tests/gpu/test_torchmodels_cuda.py ${TESTS_EXTRA:-} -p no:cacheprovider
 exit 0
