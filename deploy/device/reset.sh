@@ -8,4 +8,7 @@ timeout 10 bash -c 'echo quit | nvidia-cuda-mps-control' >/dev/null 2>&1
 pkill -9 -x nvidia-cuda-mps-control 2>/dev/null
 pkill -9 -x nvidia-cuda-mps-server 2>/dev/null
 sleep 1
+# a daemon killed with -9 leaves its pid file and pipes: the next `nvidia-cuda-mps-control -d`
+# then says "An instance of this daemon is already running" and starts none, and CUDA is unusable
+rm -rf "${CUDA_MPS_PIPE_DIRECTORY:?}"/* "${CUDA_MPS_LOG_DIRECTORY:?}"/* 2>/dev/null
 rm -rf /tmp/cam
