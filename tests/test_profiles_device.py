@@ -33,6 +33,8 @@ from tests.test_scheduler_server import running
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
+# a device without a committed set of its own
+A100 = "NVIDIA A100-SXM4-80GB"
 BYOM = PipelineInfo("byom", (StageInfo("classify", 8),), qos_p99_ms=200.0)
 ENCODE = P.load_default()["img-to-text/encode"]
 
@@ -114,13 +116,27 @@ def test_a_device_with_a_set_of_its_own_gets_it(tmp_path: Path) -> None:
     assert h100.profiles["img-to-text/encode"].weights_bytes != 12345
 
 
-def test_a_device_without_a_set_gets_the_h100_one_and_it_says_so() -> None:
+def test_the_committed_h200_set_measures_the_torch_stages_there_and_says_what_it_did_not() -> None:
     got = P.for_device(H200)
+    assert got.matches and got.source == "h200.json" and got.profiled_on == H200
+    torch = {k: p for k, p in got.profiles.items() if k.startswith("torch-")}
+    assert len(torch) == 10 and all(p.device == H200 and not p.synthetic for p in torch.values())
+    # the reference stages are not measured on the H200 yet: each keeps the H100's numbers and
+    # says so, so the scheduler names them as not profiled on this device
+    rest = [p for k, p in got.profiles.items() if k not in torch]
+    assert rest and all(p.synthetic and P.device_slug(p.device) == "h100" for p in rest)
+    choice = ProfileChoice()
+    choice.select({H200: 1})
+    assert sorted(choice.foreign()) == sorted(k for k in got.profiles if k not in torch)
+
+
+def test_a_device_without_a_set_gets_the_h100_one_and_it_says_so() -> None:
+    got = P.for_device(A100)
     assert not got.matches
-    assert got.source == "h100.json" and got.profiled_on == H100 and got.device == H200
+    assert got.source == "h100.json" and got.profiled_on == H100 and got.device == A100
     assert got.profiles == P.load_default()
     assert all(P.device_slug(p.device) == "h100" for p in got.profiles.values())
-    assert got.describe() == f"h100.json (measured on {H100}; nodes: {H200})"
+    assert got.describe() == f"h100.json (measured on {H100}; nodes: {A100})"
     assert P.for_device(H100).matches and P.for_device("").matches
 
 
@@ -129,11 +145,11 @@ def test_planning_a_device_with_another_ones_profiles_warns_once(caplog) -> None
     with caplog.at_level(logging.WARNING, logger="scheduler.service.profilechoice"):
         choice.select({H100: 1})
         assert not caplog.records  # the bundled set is this device's
-        choice.select({H200: 1})
-        choice.select({H200: 2})
+        choice.select({A100: 1})
+        choice.select({A100: 2})
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1
-    assert warned[0].startswith(f"planning {H200} with profiles measured on {H100}")
+    assert warned[0].startswith(f"planning {A100} with profiles measured on {H100}")
     assert "camelot profile" in warned[0]
     assert len(choice.foreign()) == len(choice.profiles)
     assert "not profiled on this device" in choice.describe()
@@ -164,23 +180,23 @@ async def test_a_stored_profile_of_the_nodes_device_is_planned_with(redis_server
     app = SchedulerApp(settings(redis_server.url, profiles_refresh_s=0.01), [BYOM])
     await app.start()
     try:
-        await app.heartbeat(gpu_beat("n1", H200))
+        await app.heartbeat(gpu_beat("n1", A100))
         await app.refresh_profiles()
         with pytest.raises(CamelotError) as e:
             await app.replan("no profile yet")
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        await store(redis_server.url, classify_profile(H200))
+        await store(redis_server.url, classify_profile(A100))
         await asyncio.sleep(app.settings.profiles_refresh_s)
         await app.refresh_profiles()
         recording = Recording()
         await app.replan("seen", policy=recording)
         seen = recording.seen[0].profiles["byom/classify"]
-        assert isinstance(seen, StageProfile) and seen.device == H200
+        assert isinstance(seen, StageProfile) and seen.device == A100
         plan = await app.replan("profiled")
         assert [(s.pipeline, s.stage) for s in plan.stages] == [("byom", "classify")]
         status = app.status(0)
-        assert "1 stages from redis" in status.profiles and f"nodes: {H200}" in status.profiles
-        assert f"profiles: h100.json (measured on {H100}; nodes: {H200})" in format_status(status)
+        assert "1 stages from redis" in status.profiles and f"nodes: {A100}" in status.profiles
+        assert f"profiles: h100.json (measured on {H100}; nodes: {A100})" in format_status(status)
     finally:
         await app.aclose()
 
@@ -194,12 +210,12 @@ async def test_a_stored_profile_of_another_device_is_ignored(redis_server, caplo
     await app.start()
     try:
         with caplog.at_level(logging.WARNING):
-            await app.heartbeat(gpu_beat("n1", H200))
+            await app.heartbeat(gpu_beat("n1", A100))
             await app.refresh_profiles()  # the device changed: Redis is read again
         assert "byom/classify" not in app.known.profiles
         assert app.profile_choice.ignored == {"byom/classify": H100}
         said = " ".join(r.getMessage() for r in caplog.records)
-        assert f"byom/classify was measured on {H100}, not on {H200}" in said
+        assert f"byom/classify was measured on {H100}, not on {A100}" in said
         assert "byom/other left out" in said  # a bad value hides no other
         with pytest.raises(CamelotError) as e:
             await app.replan("measured elsewhere")
@@ -222,16 +238,16 @@ async def test_the_running_scheduler_plans_a_stage_profiled_after_it_started(red
     s = settings(redis_server.url, profiles_refresh_s=0.1, tick_s=0.05, min_replan_interval_s=0.1)
     async with running(s) as (_port, sched):
         app = sched.app
-        await app.heartbeat(gpu_beat("n1", H200))
+        await app.heartbeat(gpu_beat("n1", A100))
         await asyncio.sleep(0.3)
         assert app.plan.epoch == 0  # min-resource has no profile of byom/classify
-        await store(redis_server.url, classify_profile(H200))
+        await store(redis_server.url, classify_profile(A100))
         deadline = time.monotonic() + 10
         while app.plan.epoch == 0:
             assert time.monotonic() < deadline, "no plan after the profile was stored"
             await asyncio.sleep(0.05)
         slower = dataclasses.replace(
-            classify_profile(H200), latency_ms=tuple(tuple(2 * v for v in row)
+            classify_profile(A100), latency_ms=tuple(tuple(2 * v for v in row)
                                                      for row in ENCODE.latency_ms)
         )  # fmt: skip
         await store(redis_server.url, slower)
@@ -241,7 +257,7 @@ async def test_the_running_scheduler_plans_a_stage_profiled_after_it_started(red
             if ev is not None and ev.reason.startswith("profiles changed"):
                 break
             await asyncio.sleep(0.05)
-        assert ev.reason == f"profiles changed for {H200}: byom/classify"
+        assert ev.reason == f"profiles changed for {A100}: byom/classify"
         assert app.known.profiles["byom/classify"].latency_ms == slower.latency_ms
         while app.known.profiles_changed:  # the re-plan was made with them
             assert time.monotonic() < deadline, "the stale mark stayed after the re-plan"

@@ -31,7 +31,7 @@ for entry in ${PIPES:-torch-video-analytics torch-captioning torch-speech-to-tex
     --size full --shares "${SHARES:-50,100}" --batches "${BATCHES:-1,8}" --repeats 5 \
     --cuda-graphs on --stages "$stages" --out "$R/$out.json"
 done
-[[ ${BYOM:-0} == 1 ]] && step byom 60 python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
+[[ ${BYOM:-0} == 1 ]] && step byom "${BYOM_S:-150}" python3 -m services.cli profile examples/byom/my-classifier.yaml --size full \
   --shares 50,100 --batches 1,8 --out "$R/my-classifier.json"
 [[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-240}" python3 -m pytest -q -m gpu \
   tests/gpu/test_torchmodels_cuda.py ${TESTS_EXTRA:-} -p no:cacheprovider

@@ -107,7 +107,11 @@ def merge(
                 synthetic=True,
                 device=str(synthetic.get("device", "")),
                 date=str(synthetic.get("date", "")),
-                source="synthetic set (not measured)",
+                source=(
+                    "synthetic set (not measured)"
+                    if synthetic.get("synthetic", True)
+                    else f"measured on {synthetic.get('device', '')}, not on this device"
+                ),
             )
             from_syn.append(key)
     parts = [note.strip()] if note.strip() else []
