@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage-calls",
         choices=("stream", "forward", "unary"),
-        default="stream",
-        help="the gateway's stage calls (its --stage-calls): a stream per replica (the "
-        "default), forward (a chain's stages pass its query on; docs/DATAPLANE.md) or unary",
+        default="forward",
+        help="the gateway's stage calls (its --stage-calls): forward (the default: a chain's "
+        "stages pass its query on; docs/DATAPLANE.md), a stream per replica, or unary",
     )
     p.add_argument("--deadline-s", type=float, default=2.0, help="per query")
     p.add_argument("--p99-ms", type=float, default=None,

@@ -25,11 +25,14 @@ class GatewaySettings:
     backend: str = "auto"
     size: str = "tiny"
     transport: str = "ref"
-    # how stage calls travel: many in flight on one long-lived stream per replica, or one
-    # unary call each (the design before streams, kept for comparison), or `forward`: a chain's
-    # query goes to its first stage only and each stage sends the next one's request
-    # (services/gateway/forwarding.py; other pipelines as `stream`)
-    stage_calls: str = "stream"
+    # how stage calls travel: `forward` (the default): a chain's query goes to its first stage
+    # only and each stage sends the next one's request on a long-lived stream, the last answering
+    # the gateway (services/gateway/forwarding.py; DAGs, `wire` and broker-lease queries as
+    # `stream`); `stream`: the gateway calls every stage, many calls in flight on one
+    # long-lived stream per replica; `unary`: one unary call each (the design before streams,
+    # kept for comparison). Forward measured cheaper on the H200 and on two cores
+    # (docs/DATAPLANE.md).
+    stage_calls: str = "forward"
     # query buffers from arenas borrowed from the broker (no broker call per query), or one
     # broker lease per query (before arenas, kept for comparison); arena_bytes 0: broker default
     arenas: bool = True
@@ -71,8 +74,9 @@ def parse(
         "--stage-calls",
         env="GATEWAY_STAGE_CALLS",
         choices=("stream", "unary", "forward"),
-        help="stage calls on a stream per replica (the default), unary, or forward: a chain's "
-        "stages pass its query on and the last answers (docs/DATAPLANE.md)",
+        help="forward (the default): a chain's stages pass its query on and the last answers; "
+        "stream: the gateway calls each stage on a stream per replica; unary: a call each "
+        "(docs/DATAPLANE.md)",
     )
     f.add(
         "--arenas",
