@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import textwrap
 
@@ -16,7 +15,7 @@ from common.errors import BadRef, InvalidArgument
 from shmbroker import refs
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
-from tests.test_broker_server import MiB, start
+from tests.test_broker_server import MiB, running_broker
 
 
 class Clock:
@@ -29,11 +28,8 @@ class Clock:
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=4 * MiB, max_bytes=16 * MiB)
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker(slab_bytes=4 * MiB, max_bytes=16 * MiB) as r:
+        yield r
 
 
 @pytest.fixture

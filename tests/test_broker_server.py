@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import tempfile
@@ -42,13 +43,23 @@ async def start(**overrides) -> tuple[grpc.aio.Server, Running, str]:
     return server, Running(f"unix:{tmp}/b.sock", broker), tmp
 
 
+@contextlib.asynccontextmanager
+async def running_broker(**overrides) -> AsyncIterator[Running]:
+    """A broker serving in this process (`start`'s settings with `overrides`), stopped and its
+    files removed on the way out: what every in-process test's `broker` fixture yields."""
+    server, r, tmp = await start(**overrides)
+    try:
+        yield r
+    finally:
+        await server.stop(0)
+        await r.broker.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture
 async def running() -> AsyncIterator[Running]:
-    server, r, tmp = await start()
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker() as r:
+        yield r
 
 
 @pytest.fixture

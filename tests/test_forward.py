@@ -5,7 +5,6 @@ of `stream` mode, and deadlines, cancels, retries and buffers keep their meaning
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -24,18 +23,15 @@ from services.stage.app import StageApp
 from services.stage.forward import Forwarder
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
-from tests.test_broker_server import MiB, start
+from tests.test_broker_server import MiB, running_broker
 from tests.test_gateway_inprocess import Mesh, close, query
 from tests.test_stage_stream import NULL_DIR, stage
 
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=16 * MiB, max_bytes=128 * MiB)
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker(slab_bytes=16 * MiB, max_bytes=128 * MiB) as r:
+        yield r
 
 
 async def mesh_of(broker, replicas=(("a", "a"), ("b", "b"), ("c", "c")), **gateway) -> Mesh:

@@ -4,7 +4,6 @@ Submit and SubmitStream, stage calls on streams, buffers from arenas, and nothin
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from services.gateway.settings import GatewaySettings
 from services.stage.app import StageApp
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
-from tests.test_broker_server import MiB, start
+from tests.test_broker_server import MiB, running_broker
 from tests.test_stage_stream import NULL_DIR, stage
 
 
@@ -63,11 +62,8 @@ async def close(m: Mesh) -> None:
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=16 * MiB, max_bytes=128 * MiB)
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker(slab_bytes=16 * MiB, max_bytes=128 * MiB) as r:
+        yield r
 
 
 @pytest.fixture

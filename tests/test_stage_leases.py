@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,7 +23,7 @@ from protos import stage_pb2, stage_pb2_grpc, tensor_pb2
 from services.gateway.streams import ReplicaStream
 from services.stage.app import StageApp
 from shmbroker.client import BrokerClient
-from tests.test_broker_server import MiB, start
+from tests.test_broker_server import MiB, running_broker
 from tests.test_stage_stream import stage
 
 C = grpc.StatusCode
@@ -34,11 +33,8 @@ SENTINEL = 0xAB
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=4 * MiB, max_bytes=32 * MiB)
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker(slab_bytes=4 * MiB, max_bytes=32 * MiB) as r:
+        yield r
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ its own status, and the unary Infer's semantics kept (errors, back-pressure, dra
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,18 +20,15 @@ from services.stage.app import StageApp, create_server
 from services.stage.settings import StageSettings
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
-from tests.test_broker_server import MiB, start
+from tests.test_broker_server import MiB, running_broker
 
 NULL_DIR = str(Path(__file__).resolve().parents[1] / "services" / "pipelines" / "null")
 
 
 @pytest.fixture
 async def broker():
-    server, r, tmp = await start(slab_bytes=4 * MiB, max_bytes=32 * MiB)
-    yield r
-    await server.stop(0)
-    await r.broker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    async with running_broker(slab_bytes=4 * MiB, max_bytes=32 * MiB) as r:
+        yield r
 
 
 async def stage(broker, **overrides) -> StageApp:
