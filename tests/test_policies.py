@@ -256,6 +256,20 @@ def test_exclusive_time_shares_when_stages_outnumber_gpus() -> None:
     assert sum(len(a.replicas) for a in more.stages) == 5
 
 
+def test_exclusive_on_a_host_node_plans_what_an_agent_can_run() -> None:
+    from scheduler.service.nodes import HOST_MEMORY_BYTES, HOST_SHARE_UNITS
+    from scheduler.service.planstore import validate
+
+    # a node without a GPU, as the scheduler sees a host-backend agent: one slot, index -1
+    host = GpuInfo(-1, HOST_SHARE_UNITS, HOST_MEMORY_BYTES)
+    w = replace(world({"img-to-text": PIPES["img-to-text"]}), nodes=(NodeInfo("n0", (host,)),))
+    plan = Exclusive().plan(w)
+    assert [r.gpu for a in plan.stages for r in a.replicas] == [-1, -1, -1]
+    # every stage shares the one slot, but there is no GPU to time-slice
+    assert not any(r.time_sliced for a in plan.stages for r in a.replicas)
+    validate(plan)  # was: "time-sliced means a whole GPU" (bench_e2e --backend host waited forever)
+
+
 def test_exclusive_marks_shared_gpus_time_sliced_and_the_plan_carries_it() -> None:
     from protos import plan_pb2
     from scheduler.service.planstore import from_proto, to_proto

@@ -91,7 +91,11 @@ class Exclusive:
                         100.0,
                         best_b,
                         wait_us,
-                        time_sliced=sharing == "time-slice" and per_gpu[g] > 1,
+                        # a host node (no GPU, index -1) has nothing to slice: its replicas
+                        # share the CPU as plain processes
+                        time_sliced=sharing == "time-slice"
+                        and per_gpu[g] > 1
+                        and gpus[g].gpu.index >= 0,
                     )
                     for i, g in enumerate(place[(pipe, stage)])
                 )
