@@ -106,7 +106,7 @@ async def test_a_short_day_on_the_host_writes_the_result_and_records_the_replans
     # on this machine is
     argv = ["follow-load", "--backend", "host", "--size", "tiny", "--modes", "mps",
             "--mix", "speech-to-text", "--peak-policy", "even", "--peak-qps", "30",
-            "--policies", "min-resource", "--baselines", "even,exclusive",
+            "--policies", "min-resource", "--baselines", "even,exclusive:sharing=bogus",
             "--rungs", "2", "--step-s", "2", "--window-s", "0.5", "--trial-s", "2",
             "--warmup-s", "0.5", "--gap-s", "0.2", "--prime-s", "1", "--sample-s", "0.2",
             "--loop-window-s", "2", "--min-replan-interval-s", "1", "--deadline-s", "20",
@@ -126,9 +126,10 @@ async def test_a_short_day_on_the_host_writes_the_result_and_records_the_replans
     assert s["short_steps"]["mps"] is True
     assert doc["per_mode"]["mps"]["loop_reaction_s"] == pytest.approx(8.4)
     day = s["replans"]["mps"]
-    assert set(day) == {"even", "exclusive", "min-resource"}
-    # exclusive deals whole GPUs, which the host has none of: it loses its own day only
-    assert day["exclusive"] is None and "exclusive" in s["errors"]["mps"]
+    bad = "exclusive:sharing=bogus"
+    assert set(day) == {"even", bad, "min-resource"}
+    # a baseline whose policy refuses its options loses its own day only
+    assert day[bad] is None and "sharing must be one of" in s["errors"]["mps"][bad]
     assert isinstance(day["min-resource"], int) and day["even"] == 0
     # the loop re-planned min-resource during the day, and the result kept each plan
     assert s["plan_changes"]["mps"]["min-resource"] >= 1
