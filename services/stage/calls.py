@@ -68,12 +68,7 @@ def fill_response(response: stage_pb2.InferResponse, r: Result, replica_id: str)
     """`response_of` into a message that already lies where it is sent (a stream's answer
     batch): a message built apart and then placed is copied once more."""
     response.outputs.extend(r.outputs)
-    timings = response.timings
-    timings.queue_us = r.queue_us
-    timings.batch_wait_us = r.batch_wait_us
-    timings.compute_us = r.compute_us
-    timings.batch_size = r.batch_size
-    response.replica_id = replica_id
+    fill_timings(response, r, replica_id)
 
 
 def fill_timings(response: stage_pb2.InferResponse, r: Result, replica_id: str) -> None:
