@@ -21,6 +21,7 @@ the child processes is plain Python and is tested on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -209,9 +210,9 @@ def profile_stage(
         "on" if settings.cuda_graphs else "off",
     ]
     b = max(batches)
-    own = corunners is None
-    runners = CoRunners(settings) if corunners is None else corunners
-    try:
+    # a run's co-runners stay the run's; a stage profiled alone starts and closes its own
+    own = CoRunners(settings) if corunners is None else contextlib.nullcontext(corunners)
+    with own as runners:
         shares = list(settings.shares)
         # the contention levels run in the child of the contention share where that share is
         # profiled too (one model build and graph capture fewer), else in a child of its own
@@ -224,9 +225,6 @@ def profile_stage(
                     log(f"{pipeline}/{stage} @ {share}%: {res.latency_ms[share]}")
                 if share == settings.contention_share:
                     _contention(settings, res, w, runners, b, pipeline, stage, log)
-    finally:
-        if own:
-            runners.close()
     return res
 
 
