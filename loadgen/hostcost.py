@@ -127,6 +127,9 @@ class Window:
     cpu_ms: dict[str, float]  # per label
     host_cpu_pct: float | None
     gpu_util_pct: float | None
+    # per kind, the CPU of its busiest single process: one saturated gateway worker or replica
+    # (near 100% of a core per thread it can use) shows here while the kind's total looks idle
+    busiest_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -190,14 +193,18 @@ class CpuSampler:
             raise ValueError("a window needs two samples in order; the trial was too short")
         ms_per_tick = 1000.0 / os.sysconf("SC_CLK_TCK")
         cpu: dict[str, float] = {}
+        busiest: dict[str, float] = {}
         for pid, (label, ticks) in b.ticks.items():
             if pid in a.ticks:
-                cpu[label] = cpu.get(label, 0.0) + (ticks - a.ticks[pid][1]) * ms_per_tick
+                ms = (ticks - a.ticks[pid][1]) * ms_per_tick
+                cpu[label] = cpu.get(label, 0.0) + ms
+                kind = kind_of_label(label)
+                busiest[kind] = max(busiest.get(kind, 0.0), ms)
         host = busy_pct(a.host, b.host) if a.host is not None and b.host is not None else None
         gpu = [
             s.gpu_pct for s in self.samples if a.t_us < s.t_us <= b.t_us and s.gpu_pct is not None
         ]
-        return Window(a.t_us, b.t_us, cpu, host, sum(gpu) / len(gpu) if gpu else None)
+        return Window(a.t_us, b.t_us, cpu, host, sum(gpu) / len(gpu) if gpu else None, busiest)
 
 
 def roots_of(procs: list[Any]) -> dict[int, str]:

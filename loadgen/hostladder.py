@@ -41,7 +41,7 @@ KINDS = ("gateway", "broker", STAGE, "scheduler", "agent", "redis", "mps", LOADG
 COLUMNS = [
     "workload", "rate_qps", "achieved_qps", "count", "errors", "p50_ms", "p99_ms", "lag_p99_ms",
     "held", "mesh_cpu_ms_per_query", *(f"cpu_ms.{k}" for k in KINDS), "host_cpu_pct",
-    "gpu_util_pct",
+    "busiest_pct.gateway", "busiest_pct.stage", "gpu_util_pct",
 ]  # fmt: skip
 
 
@@ -130,6 +130,10 @@ def cost_row(window: Window, queries: int) -> dict[str, Any]:
             if label.startswith(f"{STAGE}:")
         },
         "cpu_pct": {k: round(100.0 * v / 1000.0 / window.seconds, 1) for k, v in kinds.items()},
+        **{
+            f"busiest_pct.{k}": round(100.0 * v / 1000.0 / window.seconds, 1)
+            for k, v in window.busiest_ms.items()
+        },
         "host_cpu_pct": None if window.host_cpu_pct is None else round(window.host_cpu_pct, 1),
         "gpu_util_pct": None if window.gpu_util_pct is None else round(window.gpu_util_pct, 1),
     }

@@ -83,6 +83,10 @@ async def test_a_window_charges_cpu_to_the_kind_that_spent_it(tree_procs):
                 break
     assert window.cpu_ms["agent"] >= 30 and window.seconds > 0
     assert window.by_kind()["stage"] >= 0
+    # the burning child is the agent's busiest process: its own CPU, not the kind's sum
+    assert 30 <= window.busiest_ms["agent"] <= window.cpu_ms["agent"]
+    row = hostladder.cost_row(window, 10)
+    assert 0 < row["busiest_pct.agent"] <= row["cpu_pct"]["agent"]
     assert window.host_cpu_pct is not None and window.gpu_util_pct is None
 
 

@@ -16,7 +16,7 @@ from common.errors import CamelotError, Unavailable
 from protos import gateway_pb2, stage_pb2, stage_pb2_grpc, tensor_pb2
 from services.gateway.app import create_server as create_gateway
 from services.gateway.app import pipeline_entry
-from services.gateway.forwarding import RouteSender, is_chain
+from services.gateway.forwarding import RouteSender, is_chain, split_round_trip
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import ForwardAnswer, Forwarded, ReplicaStream
 from services.stage.app import StageApp
@@ -98,6 +98,10 @@ async def test_a_chain_forwarded_gives_the_answers_of_stream_mode(broker):
             assert (array_from_wire(reply.output) == i % 256).all()
             assert [s.stage for s in reply.stages] == ["a", "b", "c"]
             assert [s.replica_id for s in reply.stages] == ["a", "b", "c"]
+            # one round trip for the chain, shared out: the steps add up to no more than it
+            assert sum(s.rpc_us for s in reply.stages) <= reply.e2e_us
+            for s in reply.stages:
+                assert s.rpc_us >= s.queue_us + s.batch_wait_us + s.compute_us
         # the stages passed the queries on: a and b opened streams to the next replica
         assert m.stages[0].servicer.forwarder.addresses == [f"127.0.0.1:{m.stages[1].port}"]
         assert m.stages[1].servicer.forwarder.addresses == [f"127.0.0.1:{m.stages[2].port}"]
@@ -105,6 +109,19 @@ async def test_a_chain_forwarded_gives_the_answers_of_stream_mode(broker):
         await until(lambda: no_leases(m, broker))
     finally:
         await close(m)
+
+
+def test_an_attempts_round_trip_is_split_over_its_steps_by_their_time_inside():
+    finished = [
+        stage_pb2.InferResponse(timings=stage_pb2.StageTimings(queue_us=q, compute_us=c))
+        for q, c in ((100, 400), (0, 200))
+    ]
+    # 2000 us, 700 inside: the 1300 of hops shared by the 2 steps routed
+    assert split_round_trip(2000, finished, 2) == [500 + 650, 200 + 650]
+    # the attempt failed at its third hop: that hop's share is nobody's
+    assert split_round_trip(2000, finished, 3) == [500 + 433, 200 + 433]
+    # clocks that disagree never make a step cost less than its time inside
+    assert split_round_trip(500, finished, 2) == [500, 200]
 
 
 def test_only_chains_are_forwarded():

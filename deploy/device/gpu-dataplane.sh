@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, one call (issue 23): the null 3-stage chain with REPLICAS replicas per
-# stage and GW gateway workers (host-path.json; MODES="stream forward" measures both stage-call modes), then, as time allows, the transport bench
-# (transport.json) and ref against wire end to end at low load (e2e.json). The archive
-# $OUT/res.tgz is rewritten after each step, so a call cut short returns what finished.
+# On the lent GPU machine, one call (issue 23): the null 3-stage chain under each CONFIGS entry
+# (host-path.json; MODES="stream forward" measures both stage-call modes), then, as time allows,
+# the transport bench (transport.json) and, unless E2E=0, ref against wire end to end at low load
+# (e2e.json). The archive $OUT/res.tgz is rewritten after each step, so a call cut short returns
+# what finished.
 set -u
 source deploy/device/prelude.sh
-# MODES: the gateway's --stage-calls to measure, each its own file (host-path-<mode>.json) but the
-# first, which is host-path.json
+# MODES: the gateway's --stage-calls to measure; CONFIGS: "replicas:gateway-workers:connections"
+# triples (default: REPLICAS, GW, CONNS). Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json)
+# but the first, which is host-path.json
 first=1
 for mode in ${MODES:-stream}; do
-  name=host-path; [[ $first == 1 ]] || name=host-path-$mode; first=0
-  step "$name" "${HP_S:-240}" python3 -m loadgen.bench_host --pipelines "${PIPES:-null3}" \
-    --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" --gateway-workers "${GW:-10}" \
-    --option "replicas=${REPLICAS:-3}" --rates "${RATES:-2000,3000,4000,5000}" --out-dir "$R" \
-    --stage-calls "$mode" --name "$name" --run-dir "/tmp/cam/$name"
+  for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-16}}; do
+    IFS=: read -r reps gw conns <<<"$config"
+    name=host-path; [[ $first == 1 ]] || name=host-path-$mode-r${reps}g${gw}c${conns}; first=0
+    step "$name" "${HP_S:-240}" python3 -m loadgen.bench_host --pipelines "${PIPES:-null3}" \
+      --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" --gateway-workers "$gw" \
+      --connections "$conns" --option "replicas=$reps" --rates "${RATES:-2000,3000,4000,5000}" \
+      --out-dir "$R" --stage-calls "$mode" --name "$name" --run-dir "/tmp/cam/$name"
+  done
 done
 [[ ${ONLY_HP:-0} == 1 ]] && exit 0
 step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats 10
+[[ ${E2E:-1} == 1 ]] || exit 0
 export CAMELOT_CUDA_GRAPHS=on
 step e2e 200 python3 -m loadgen.bench_e2e --launch --backend cuda --size full --rate 5 \
   --duration 6 --rounds 2 --out-dir "$R"

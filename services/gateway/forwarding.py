@@ -158,6 +158,18 @@ def step_requests(
     return requests
 
 
+def split_round_trip(
+    round_trip_us: int, finished: Sequence[stage_pb2.InferResponse], hops: int
+) -> list[int]:
+    """One forwarded attempt's round trip split over the steps it finished: each step gets its
+    own time inside its replica (queue, batch wait, compute) and an equal share of what is left
+    (the attempt's hops: `hops` of them, one per step it was routed through), so that the
+    steps' rpc_us add up to at most the attempt, as unary stage calls' do."""
+    inside = [r.timings.queue_us + r.timings.batch_wait_us + r.timings.compute_us for r in finished]
+    hop_us = max(0, round_trip_us - sum(inside)) // max(1, hops)
+    return [us + hop_us for us in inside]
+
+
 async def drive_chain(
     routes: RouteTable,
     send: Forwarding,
@@ -169,8 +181,8 @@ async def drive_chain(
     attempts: int,
 ) -> list[gateway_pb2.StageTime]:
     """Runs a chain's steps by forwarding, retrying from the first unfinished step (`attempts`
-    per step, as a stage call in stream mode); the steps' timings (rpc_us: from the send of the
-    attempt that finished the step to its answer)."""
+    per step, as a stage call in stream mode); the steps' timings (rpc_us: the step's share of
+    the round trip of the attempt that finished it, see `split_round_trip`)."""
     n = len(step_names)
     start = 0
     tried: list[set[str]] = [set() for _ in range(n)]
@@ -203,8 +215,9 @@ async def drive_chain(
         finished = list(result.done)
         if result.code == 0:
             finished.append(result.response)
-        rpc_us = mono_us() - t0
-        for k, response in enumerate(finished):
+        for k, (response, rpc_us) in enumerate(
+            zip(finished, split_round_trip(mono_us() - t0, finished, len(route)), strict=True)
+        ):
             t = response.timings
             times[start + k] = gateway_pb2.StageTime(
                 stage=step_names[start + k],
