@@ -10,7 +10,7 @@ source deploy/device/prelude.sh
 # triples (default: REPLICAS, GW, CONNS). Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json)
 # but the first, which is host-path.json
 first=1
-for mode in ${MODES:-stream}; do
+for mode in ${MODES-stream}; do  # MODES= (empty): none
   for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-16}}; do
     IFS=: read -r reps gw conns <<<"$config"
     name=host-path; [[ $first == 1 ]] || name=host-path-$mode-r${reps}g${gw}c${conns}; first=0
@@ -20,6 +20,15 @@ for mode in ${MODES:-stream}; do
       --out-dir "$R" --stage-calls "$mode" --name "$name" --run-dir "/tmp/cam/$name"
   done
 done
+# REF_RATES: the four full reference pipelines under exclusive at these rates, where the slow
+# queries' time went at the mesh's peak (host-path-reference.json)
+if [[ -n ${REF_RATES:-} ]]; then
+  step host-path-reference "${REF_S:-240}" python3 -m loadgen.bench_host --reference \
+    --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" \
+    --gateway-workers "${REF_GW:-8}" --connections "${REF_CONNS:-64}" --rates "$REF_RATES" \
+    --stage-calls "${REF_MODE:-forward}" --out-dir "$R" --name host-path-reference \
+    --run-dir /tmp/cam/host-path-reference
+fi
 [[ ${ONLY_HP:-0} == 1 ]] && exit 0
 step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats 10
 [[ ${E2E:-1} == 1 ]] || exit 0
