@@ -41,3 +41,17 @@ def test_replicas_option_deals_every_copy_as_a_stage_of_its_own() -> None:
 def test_a_bad_replicas_option_is_refused_with_its_value(bad: str) -> None:
     with pytest.raises(InvalidArgument, match="replicas"):
         EvenPolicy().plan(world(replicas=bad))
+
+
+def test_one_stage_can_have_its_own_replica_count() -> None:
+    plan = EvenPolicy().plan(world(**{"replicas": "2", "replicas.x": "3", "replicas.b/z": "1"}))
+    assert [(a.stage, len(a.replicas)) for a in plan.stages] == [("x", 3), ("y", 2), ("z", 1)]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("replicas.x", "0", "replicas.x"), ("replicas.nope", "2", "replicas.nope names no stage")],
+)
+def test_a_bad_per_stage_replicas_option_is_refused(key: str, value: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        EvenPolicy().plan(world(**{key: value}))

@@ -7,16 +7,22 @@
 set -u
 source deploy/device/prelude.sh
 # MODES: the gateway's --stage-calls to measure; CONFIGS: "replicas:gateway-workers:connections"
-# triples (default: REPLICAS, GW, CONNS). Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json)
+# triples (default: REPLICAS, GW, CONNS), replicas "3" or "2,a=3" (stage a 3, the others 2). Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json)
 # but the first, which is host-path.json
 first=1
 for mode in ${MODES-stream}; do  # MODES= (empty): none
   for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-16}}; do
     IFS=: read -r reps gw conns <<<"$config"
+    # reps: "3" (every stage) or "2,a=3" (every stage 2, stage a 3)
+    opts=(); IFS=, read -ra parts <<<"$reps"
+    for part in "${parts[@]}"; do
+      if [[ $part == *=* ]]; then opts+=(--option "replicas.$part"); else opts+=(--option "replicas=$part"); fi
+    done
+    reps=${reps//,/_}; reps=${reps//=/}
     name=host-path; [[ $first == 1 ]] || name=host-path-$mode-r${reps}g${gw}c${conns}; first=0
     step "$name" "${HP_S:-240}" python3 -m loadgen.bench_host --pipelines "${PIPES:-null3}" \
       --backend cuda --duration-s 4 --client-processes "${CLIENTS:-4}" --gateway-workers "$gw" \
-      --connections "$conns" --option "replicas=$reps" --rates "${RATES:-2000,3000,4000,5000}" \
+      --connections "$conns" "${opts[@]}" --rates "${RATES:-2000,3000,4000,5000}" \
       --out-dir "$R" --stage-calls "$mode" --name "$name" --run-dir "/tmp/cam/$name"
   done
 done

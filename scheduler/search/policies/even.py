@@ -2,7 +2,8 @@
 
 Option `replicas` (default 1): that many replicas of every stage, each dealt as a stage of its
 own (a benchmark of the host path scales a stage's processes this way; the GPU split is the same
-rule over more slots).
+rule over more slots). `replicas.<stage>` or `replicas.<pipeline>/<stage>` sets one stage's count
+(the longer name wins), so a benchmark can scale only the stages that saturate.
 
 Stages (every stage of every pipeline, in order) are dealt over the GPUs of all nodes in
 contiguous runs, so adjacent stages of a pipeline share a GPU when stages outnumber GPUs; each
@@ -14,6 +15,7 @@ over the host nodes with gpu -1 and sm_percent 100: there is nothing to share.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from common.errors import FailedPrecondition, InvalidArgument
 from scheduler.policy import (
@@ -31,17 +33,29 @@ class EvenPolicy:
     follows_load = False  # equal shares whatever the load
 
     def plan(self, world: PolicyInput) -> PlanSpec:
-        text = world.options.get("replicas", "1")
-        try:
-            copies = int(text)
-        except ValueError:
-            copies = 0
-        if copies < 1:
+        names = {f"{p.name}/{s.name}" for p in world.pipelines for s in p.stages}
+        names |= {s.name for p in world.pipelines for s in p.stages}
+        unknown = sorted(
+            k for k in world.options if k.startswith("replicas.") and k[9:] not in names
+        )
+        if unknown:
             raise InvalidArgument(
-                f"even: option replicas must be a whole number >= 1, got {text!r}"
+                f"even: {', '.join(unknown)} names no stage (have {', '.join(sorted(names))})"
             )
+        default = _copies(world.options, "replicas", 1)
         # every replica is dealt as a stage of its own: (pipeline, stage, replica index)
-        stages = [(p, s, r) for p in world.pipelines for s in p.stages for r in range(copies)]
+        stages = [
+            (p, s, r)
+            for p in world.pipelines
+            for s in p.stages
+            for r in range(
+                _copies(
+                    world.options,
+                    f"replicas.{p.name}/{s.name}",
+                    _copies(world.options, f"replicas.{s.name}", default),
+                )
+            )
+        ]
         gpus: list[tuple[NodeInfo, GpuInfo | None]] = [
             (n, g) for n in world.nodes if n.backend == "cuda" for g in n.gpus
         ]
@@ -94,3 +108,17 @@ class EvenPolicy:
             for (pipeline, stage), specs in replicas.items()
         )
         return PlanSpec(policy=self.name, stages=out, planned_qps=dict(world.load_qps))
+
+
+def _copies(options: Mapping[str, str], key: str, default: int) -> int:
+    """The whole number >= 1 that option `key` sets, else `default`."""
+    if key not in options:
+        return default
+    text = options[key]
+    try:
+        copies = int(text)
+    except ValueError:
+        copies = 0
+    if copies < 1:
+        raise InvalidArgument(f"even: option {key} must be a whole number >= 1, got {text!r}")
+    return copies
