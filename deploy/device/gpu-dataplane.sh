@@ -11,7 +11,7 @@ source deploy/device/prelude.sh
 # but the first, which is host-path.json
 first=1
 for mode in ${MODES-stream}; do  # MODES= (empty): none
-  for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-16}}; do
+  for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-128}}; do
     IFS=: read -r reps gw conns <<<"$config"
     # reps: "3" (every stage) or "2,a=3" (every stage 2, stage a 3)
     opts=(); IFS=, read -ra parts <<<"$reps"
