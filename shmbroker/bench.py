@@ -1,6 +1,9 @@
 """`python -m shmbroker.bench`: the cost of one hop between two stage processes, by size.
 
-Two transports, measured side by side in one run, alternating per repeat:
+Two transports, measured side by side in one run, alternating per repeat (`--host-hops
+interleaved`, the default) or the host hops in a pass of their own after every ref repeat
+(`--host-hops apart`: a ref hop right after a large host hop through the same two processes
+pays for what that hop left behind, which no pipeline's ref hop follows):
 
     ref   the producer's tensor already lives in a broker buffer; one gRPC call carries its
           TensorRef to the consumer process, which views it (no copy), reads a few elements on
@@ -69,7 +72,11 @@ def sync(xp: Any) -> None:
 
 
 async def measure(
-    backend: backends.Backend, sizes: list[int], repeats: int, warmup: int
+    backend: backends.Backend,
+    sizes: list[int],
+    repeats: int,
+    warmup: int,
+    host_hops: str = "interleaved",
 ) -> list[dict[str, Any]]:
     xp = backends.xp_for(backend)
     slab = max(align_up(max(sizes)), 64 * MiB)
@@ -92,7 +99,7 @@ async def measure(
             async with channel(hop.target) as ch:
                 call = hop_method(ch)
                 for size in sizes:
-                    row = await _measure_size(client, call, xp, size, repeats, warmup)
+                    row = await _measure_size(client, call, xp, size, repeats, warmup, host_hops)
                     rows.append(row)
                     print(
                         f"{row['size']:>8}  ref {row['ref_ms']:8.3f} ms  host "
@@ -107,9 +114,50 @@ async def measure(
     return rows
 
 
+async def _ref_repeat(
+    client: BrokerClient, call: Any, xp: Any, src: Any, n: int
+) -> tuple[float, float, float]:
+    """One ref hop, the same hop again and the lease around it: (ref, again, lease) in ms. The
+    producer's output is in a broker buffer before the hop starts."""
+    t0 = time.perf_counter()
+    lease = await client.open_lease("bench")
+    ref, out = await client.alloc_array(lease, np.float32, (n,))
+    t1 = time.perf_counter()
+    out[...] = src
+    sync(xp)
+    del out
+    t2 = time.perf_counter()
+    await call(tensor_pb2.Tensor(name="touch", ref=ref), timeout=60)
+    t3 = time.perf_counter()
+    await call(tensor_pb2.Tensor(name="touch", ref=ref), timeout=60)
+    t3b = time.perf_counter()
+    await client.release([lease])
+    t4 = time.perf_counter()
+    return (t3 - t2) * 1e3, (t3b - t3) * 1e3, (t1 - t0 + t4 - t3b) * 1e3
+
+
+async def _host_repeat(call: Any, src: Any) -> float:
+    """One host hop: device→host, bytes over gRPC, host→device in the consumer; ms."""
+    t5 = time.perf_counter()
+    wire = wire_from_array(backends.to_host(src))
+    await call(tensor_pb2.Tensor(name="touch", wire=wire), timeout=120)
+    t6 = time.perf_counter()
+    del wire
+    return (t6 - t5) * 1e3
+
+
 async def _measure_size(
-    client: BrokerClient, call: Any, xp: Any, size: int, repeats: int, warmup: int
+    client: BrokerClient,
+    call: Any,
+    xp: Any,
+    size: int,
+    repeats: int,
+    warmup: int,
+    host_hops: str = "interleaved",
 ) -> dict[str, Any]:
+    """`host_hops`: "interleaved" (each repeat a ref hop then a host hop, so a ref hop follows
+    the previous repeat's host hop of the same size through both processes) or "apart" (every
+    ref repeat, then every host repeat)."""
     n = size // 4
     src = xp.arange(n, dtype=xp.float32)
     sync(xp)
@@ -118,32 +166,19 @@ async def _measure_size(
     host_ms: list[float] = []
     lease_ms: list[float] = []
     for i in range(warmup + repeats):
-        # ref: the producer's output is in a broker buffer before the hop starts
-        t0 = time.perf_counter()
-        lease = await client.open_lease("bench")
-        ref, out = await client.alloc_array(lease, np.float32, (n,))
-        t1 = time.perf_counter()
-        out[...] = src
-        sync(xp)
-        del out
-        t2 = time.perf_counter()
-        await call(tensor_pb2.Tensor(name="touch", ref=ref), timeout=60)
-        t3 = time.perf_counter()
-        await call(tensor_pb2.Tensor(name="touch", ref=ref), timeout=60)
-        t3b = time.perf_counter()
-        await client.release([lease])
-        t4 = time.perf_counter()
-        # host: device→host, bytes over gRPC, host→device in the consumer
-        t5 = time.perf_counter()
-        wire = wire_from_array(backends.to_host(src))
-        await call(tensor_pb2.Tensor(name="touch", wire=wire), timeout=120)
-        t6 = time.perf_counter()
-        del wire
+        ref, again, lease = await _ref_repeat(client, call, xp, src, n)
+        host = await _host_repeat(call, src) if host_hops == "interleaved" else None
         if i >= warmup:
-            ref_ms.append((t3 - t2) * 1e3)
-            again_ms.append((t3b - t3) * 1e3)
-            lease_ms.append((t1 - t0 + t4 - t3b) * 1e3)
-            host_ms.append((t6 - t5) * 1e3)
+            ref_ms.append(ref)
+            again_ms.append(again)
+            lease_ms.append(lease)
+            if host is not None:
+                host_ms.append(host)
+    if host_hops == "apart":
+        for i in range(warmup + repeats):
+            host = await _host_repeat(call, src)
+            if i >= warmup:
+                host_ms.append(host)
     ref_med = statistics.median(ref_ms)
     host = statistics.median(host_ms)
     return {
@@ -179,7 +214,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['device']} (backend `{result['backend']}`), "
         f"{result['date']}, git `{result['git']}`. Medians of {result['rows'][0]['repeats']} "
-        "repeats.",
+        f"repeats; host hops {result.get('host_hops', 'interleaved')} (see --host-hops).",
         "",
         f"- ref flatness ({s['largest']} over {s['smallest']}): **{s['ref_flatness']}** "
         f"(the same ref's hop again: {s['ref_again_flatness']})",
@@ -218,6 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="auto", choices=("auto", "host", "cuda"))
+    p.add_argument(
+        "--host-hops",
+        default="interleaved",
+        choices=("interleaved", "apart"),
+        help="host hops after each ref hop (a ref hop then follows the last repeat's host hop "
+        "through both processes) or in a pass of their own after every ref repeat",
+    )
     args = p.parse_args(argv)
     sizes = (
         sorted({parse_bytes("--sizes", s) for s in args.sizes.split(",") if s.strip()})
@@ -229,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     backend = backends.resolve(args.backend)
-    rows = asyncio.run(measure(backend, sizes, args.repeats, args.warmup))
+    rows = asyncio.run(measure(backend, sizes, args.repeats, args.warmup, args.host_hops))
     result = {
         "name": "transport",
         "command": " ".join(["python -m shmbroker.bench", *argv]),
@@ -237,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         "backend": backend.value,
         "date": datetime.date.today().isoformat(),
         "git": results.git_short_hash(),
+        "host_hops": args.host_hops,
         "rows": rows,
         "summary": summarize(rows),
     }

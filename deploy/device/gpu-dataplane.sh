@@ -36,7 +36,13 @@ if [[ -n ${REF_RATES:-} ]]; then
     --run-dir /tmp/cam/host-path-reference
 fi
 [[ ${ONLY_HP:-0} == 1 ]] && exit 0
-step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats 10
+# the ref hops measured apart from the host hops (transport.json) and interleaved with them, as
+# before 2026-12-07 (transport-interleaved.json): a ref hop right after a large host hop through
+# the same two processes pays for it (docs/results/transport-h100.md)
+step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats 10 \
+  --host-hops apart
+step transport-interleaved 90 python3 -m shmbroker.bench \
+  --out "$R/transport-interleaved.json" --repeats 10 --host-hops interleaved
 [[ ${E2E:-1} == 1 ]] || exit 0
 export CAMELOT_CUDA_GRAPHS=on
 step e2e 200 python3 -m loadgen.bench_e2e --launch --backend cuda --size full --rate 5 \
