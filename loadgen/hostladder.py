@@ -121,6 +121,10 @@ def cost_row(window: Window, queries: int) -> dict[str, Any]:
         return {"mesh_cpu_ms_per_query": None}
     kinds = window.by_kind()
     mesh = sum(v for k, v in kinds.items() if k != LOADGEN)
+
+    def pct(ms: float) -> float:
+        return round(100.0 * ms / 1000.0 / window.seconds, 1)
+
     return {
         "mesh_cpu_ms_per_query": round(mesh / queries, 4),
         **{f"cpu_ms.{k}": round(kinds[k] / queries, 4) if k in kinds else None for k in KINDS},
@@ -129,11 +133,8 @@ def cost_row(window: Window, queries: int) -> dict[str, Any]:
             for label, ms in sorted(window.cpu_ms.items())
             if label.startswith(f"{STAGE}:")
         },
-        "cpu_pct": {k: round(100.0 * v / 1000.0 / window.seconds, 1) for k, v in kinds.items()},
-        **{
-            f"busiest_pct.{k}": round(100.0 * v / 1000.0 / window.seconds, 1)
-            for k, v in window.busiest_ms.items()
-        },
+        "cpu_pct": {k: pct(v) for k, v in kinds.items()},
+        **{f"busiest_pct.{k}": pct(v) for k, v in window.busiest_ms.items()},
         "host_cpu_pct": None if window.host_cpu_pct is None else round(window.host_cpu_pct, 1),
         "gpu_util_pct": None if window.gpu_util_pct is None else round(window.gpu_util_pct, 1),
     }

@@ -138,12 +138,12 @@ async def _ref_repeat(
 
 async def _host_repeat(call: Any, src: Any) -> float:
     """One host hop: device→host, bytes over gRPC, host→device in the consumer; ms."""
-    t5 = time.perf_counter()
+    t0 = time.perf_counter()
     wire = wire_from_array(backends.to_host(src))
     await call(tensor_pb2.Tensor(name="touch", wire=wire), timeout=120)
-    t6 = time.perf_counter()
+    t1 = time.perf_counter()
     del wire
-    return (t6 - t5) * 1e3
+    return (t1 - t0) * 1e3
 
 
 async def _measure_size(

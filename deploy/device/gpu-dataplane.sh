@@ -7,13 +7,12 @@
 set -u
 source deploy/device/prelude.sh
 # MODES: the gateway's --stage-calls to measure; CONFIGS: "replicas:gateway-workers:connections"
-# triples (default: REPLICAS, GW, CONNS), replicas "3" or "2,a=3" (stage a 3, the others 2). Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json)
-# but the first, which is host-path.json
+# triples (default: REPLICAS, GW, CONNS), replicas "3" or "2,a=3" (stage a 3, the others 2).
+# Each run is its own file (host-path-<mode>-r<R>g<G>c<C>.json) but the first, host-path.json
 first=1
 for mode in ${MODES-stream}; do  # MODES= (empty): none
   for config in ${CONFIGS:-${REPLICAS:-3}:${GW:-10}:${CONNS:-128}}; do
     IFS=: read -r reps gw conns <<<"$config"
-    # reps: "3" (every stage) or "2,a=3" (every stage 2, stage a 3)
     opts=(); IFS=, read -ra parts <<<"$reps"
     for part in "${parts[@]}"; do
       if [[ $part == *=* ]]; then opts+=(--option "replicas.$part"); else opts+=(--option "replicas=$part"); fi

@@ -36,25 +36,26 @@ class EvenPolicy:
         names = {f"{p.name}/{s.name}" for p in world.pipelines for s in p.stages}
         names |= {s.name for p in world.pipelines for s in p.stages}
         unknown = sorted(
-            k for k in world.options if k.startswith("replicas.") and k[9:] not in names
+            k
+            for k in world.options
+            if k.startswith("replicas.") and k.removeprefix("replicas.") not in names
         )
         if unknown:
             raise InvalidArgument(
                 f"even: {', '.join(unknown)} names no stage (have {', '.join(sorted(names))})"
             )
         default = _copies(world.options, "replicas", 1)
+
+        def copies(pipeline: str, stage: str) -> int:
+            by_stage = _copies(world.options, f"replicas.{stage}", default)
+            return _copies(world.options, f"replicas.{pipeline}/{stage}", by_stage)
+
         # every replica is dealt as a stage of its own: (pipeline, stage, replica index)
         stages = [
             (p, s, r)
             for p in world.pipelines
             for s in p.stages
-            for r in range(
-                _copies(
-                    world.options,
-                    f"replicas.{p.name}/{s.name}",
-                    _copies(world.options, f"replicas.{s.name}", default),
-                )
-            )
+            for r in range(copies(p.name, s.name))
         ]
         gpus: list[tuple[NodeInfo, GpuInfo | None]] = [
             (n, g) for n in world.nodes if n.backend == "cuda" for g in n.gpus
