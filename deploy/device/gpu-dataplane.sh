@@ -2,8 +2,8 @@
 # On the lent GPU machine, one call (issue 23): the null 3-stage chain under each CONFIGS entry
 # (host-path.json; MODES="stream forward" measures both stage-call modes), then, as time allows,
 # the transport bench (transport.json) and, unless E2E=0, ref against wire end to end at low load
-# (e2e.json). The archive $OUT/res.tgz is rewritten after each step, so a call cut short returns
-# what finished.
+# (e2e.json) and, with TESTS=1, the GPU tests. The archive $OUT/res.tgz is rewritten after each
+# step, so a call cut short returns what finished.
 set -u
 source deploy/device/prelude.sh
 # MODES: the gateway's --stage-calls to measure; CONFIGS: "replicas:gateway-workers:connections"
@@ -42,7 +42,11 @@ step transport 90 python3 -m shmbroker.bench --out "$R/transport.json" --repeats
   --host-hops apart
 step transport-interleaved 90 python3 -m shmbroker.bench \
   --out "$R/transport-interleaved.json" --repeats 10 --host-hops interleaved
-[[ ${E2E:-1} == 1 ]] || exit 0
-export CAMELOT_CUDA_GRAPHS=on
-step e2e 200 python3 -m loadgen.bench_e2e --launch --backend cuda --size full --rate 5 \
-  --duration 6 --rounds 2 --out-dir "$R"
+if [[ ${E2E:-1} == 1 ]]; then
+  CAMELOT_CUDA_GRAPHS=on step e2e 200 python3 -m loadgen.bench_e2e --launch --backend cuda \
+    --size full --rate 5 --duration 6 --rounds "${E2E_ROUNDS:-2}" --out-dir "$R"
+fi
+# TESTS=1: the GPU tests last (tests/gpu; the torch ones need the torch extra's wheels)
+[[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-300}" python3 -m pytest -q -m gpu tests/gpu \
+  -p no:cacheprovider -o addopts="" --timeout 200 -rfE
+exit 0
