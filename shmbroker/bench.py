@@ -17,7 +17,10 @@ Allocate + Release, not counting the fill), and `ref_again_ms`: the same ref's h
 nothing written in between. A hop right after the producer wrote a large buffer also pays for
 what that write left behind (on the host backend a 64 MiB write evicts the caches the next gRPC
 call runs from: measured +0.55 ms at 64 MiB on the host backend, the hop again flat), so
-`ref_again_flatness` tells the hop's own size-dependence apart from the producer's. Writes
+`ref_again_flatness` tells the hop's own size-dependence apart from the producer's. Each size
+has `--warmup` repeats thrown away, and the first size a whole pass of them before that: the
+first size measured also paid for the processes' own warm-up (an H100, 6d933b6: the 4 KiB ref
+hop 1.70 ms after 3 warm-up repeats, 1.20-1.44 ms after 6, the later sizes ~1.3). Writes
 docs/results/transport.json and .md.
 """
 
@@ -98,6 +101,8 @@ async def measure(
             client = await BrokerClient.connect(broker.target)
             async with channel(hop.target) as ch:
                 call = hop_method(ch)
+                if warmup:  # a pass thrown away, so that the first size is not also the warm-up
+                    await _measure_size(client, call, xp, sizes[0], warmup, 0, host_hops)
                 for size in sizes:
                     row = await _measure_size(client, call, xp, size, repeats, warmup, host_hops)
                     rows.append(row)
@@ -214,7 +219,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}` on {result['device']} (backend `{result['backend']}`), "
         f"{result['date']}, git `{result['git']}`. Medians of {result['rows'][0]['repeats']} "
-        f"repeats; host hops {result.get('host_hops', 'interleaved')} (see --host-hops).",
+        f"repeats after {result.get('warmup', '?')} warm-up repeats per size (the first size a "
+        f"warm-up pass more); host hops {result.get('host_hops', 'interleaved')} (see "
+        "--host-hops).",
         "",
         f"- ref flatness ({s['largest']} over {s['smallest']}): **{s['ref_flatness']}** "
         f"(the same ref's hop again: {s['ref_again_flatness']})",
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(),
         "git": results.git_short_hash(),
         "host_hops": args.host_hops,
+        "warmup": args.warmup,
         "rows": rows,
         "summary": summarize(rows),
     }

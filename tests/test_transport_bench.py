@@ -20,6 +20,7 @@ def test_the_bench_measures_every_size_in_either_order(tmp_path, order):
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["host_hops"] == order
+    assert result["warmup"] == 1
     assert [r["size"] for r in result["rows"]] == ["4 KiB", "64 KiB"]
     for row in result["rows"]:
         for key in ("ref_ms", "ref_again_ms", "host_ms", "lease_ms"):
