@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("sizes must be positive multiples of 4 bytes")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
     backend = backends.resolve(args.backend)
     rows = asyncio.run(measure(backend, sizes, args.repeats, args.warmup, args.host_hops))
     result = {

@@ -27,3 +27,11 @@ def test_the_bench_measures_every_size_in_either_order(tmp_path, order):
             assert row[key] > 0, key
     assert f"host hops {order}" in out.with_suffix(".md").read_text()
     assert result["summary"]["ref_flatness"] > 0
+
+
+def test_a_negative_warmup_is_refused_by_name(tmp_path, capsys):
+    out = tmp_path / "transport.json"
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(out), "--sizes", "4KiB", "--warmup", "-1", "--backend", "host"])
+    assert "--warmup must be >= 0" in capsys.readouterr().err
+    assert not out.exists()
