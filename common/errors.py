@@ -8,6 +8,7 @@
     │   ├── StaleRef                  FAILED_PRECONDITION ref from an older broker generation
     │   └── LeaseEnded                FAILED_PRECONDITION lease released or expired
     ├── ResourceExhausted             RESOURCE_EXHAUSTED no room, queue full, payload too large
+    │   └── OutOfMemory               RESOURCE_EXHAUSTED a model does not fit its GPU's memory
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
     ├── Unavailable                   UNAVAILABLE        draining, no replica, peer down
     ├── Unauthenticated               UNAUTHENTICATED
@@ -16,7 +17,9 @@
 
 Servers wrap their methods with `grpc_errors` (maps these to `context.abort`,
 anything else to INTERNAL with the traceback logged); clients turn an
-`AioRpcError` back into the same class with `from_rpc_error`.
+`AioRpcError` back into the same class with `from_rpc_error`. A process that stops on
+`OutOfMemory` exits with OUT_OF_MEMORY_EXIT (`lifecycle.run_process`), so the agent that started
+it can tell the scheduler (which plans less memory onto that GPU) without parsing its log.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ class LeaseEnded(FailedPrecondition):
 
 class ResourceExhausted(CamelotError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class OutOfMemory(ResourceExhausted):
+    """The device's memory ran out: CUDA out of memory loading a model or warming it up."""
+
+
+# the exit status of a process that stopped on OutOfMemory (2 is any other error at start)
+OUT_OF_MEMORY_EXIT = 3
 
 
 class DeadlineExceeded(CamelotError):

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.errors import CamelotError
+from common.errors import OUT_OF_MEMORY_EXIT, CamelotError, OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,13 @@ def channel(target: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
 def run_process(prog: str, main: Coroutine[Any, Any, None]) -> int:
     """Runs a process's `main` coroutine to its end: 0, or 2 with one line on stderr where it
     stopped on a Camelot error (a bad configuration found at start: an unknown pipeline, a
-    profile that does not load), never a traceback."""
+    profile that does not load), never a traceback; OUT_OF_MEMORY_EXIT where that error is
+    OutOfMemory (the model does not fit its GPU), which its agent reports to the scheduler."""
     try:
         asyncio.run(main)
     except CamelotError as e:
         print(f"{prog}: {e.code.name}: {e.message}", file=sys.stderr)
-        return 2
+        return OUT_OF_MEMORY_EXIT if isinstance(e, OutOfMemory) else 2
     return 0
 
 
