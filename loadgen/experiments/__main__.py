@@ -7,7 +7,9 @@
                                             made from it under every policy (follow.py)
 
 A policy is `name` or `name:key=value[:key=value]` (options, e.g. `exclusive:sharing=mps`);
---references lists policies measured beside the rest but not counted as baselines.
+--references lists policies measured beside the rest but not counted as baselines, and the two
+references of loadgen.experiments.references: `plain` (exclusive with the wire transport) and
+`limit` (the mix with no mesh: loadgen.limit, peak-load only).
 Policies are switched through the scheduler's Admin API (--admin HOST:PORT, token from --token or
 CAMELOT_ADMIN_TOKEN); --no-admin runs against whatever plan is in force, each "policy" then only a
 label. Without --target the experiment runs against the mesh `camelot up` started (its run
@@ -27,14 +29,17 @@ from pathlib import Path
 
 from common import meshrecord
 from common.backend import label as backend_label
+from common.backend import resolve as resolve_backend
 from common.results import module_command, run_main, write_result
-from loadgen import traces
+from loadgen import limit, traces
 from loadgen.experiments import follow
 from loadgen.experiments.admin import AdminClient
 from loadgen.experiments.harness import Harness
-from loadgen.experiments.runs import Outcome, diurnal, low_load, peak_load
+from loadgen.experiments.references import LIMIT
+from loadgen.experiments.runs import LimitMeasure, Outcome, diurnal, low_load, peak_load
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix, uniform_mix
+from loadgen.limit import LimitConfig
 
 CAMELOT_DEFAULT = {
     "peak-load": "max-load",
@@ -94,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="policies measured beside the rest but not counted as baselines (name[:k=v])",
     )  # fmt: skip
     common.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
+    common.add_argument(
+        "--limit-size", default="full",
+        help="model size the `limit` reference builds (the mesh's stages' size)",
+    )  # fmt: skip
+    common.add_argument(
+        "--limit-max-batch", type=int, default=64, help="largest batch `limit` may choose"
+    )
     common.add_argument("--out-dir", default="docs/results")
     common.add_argument("--name", default="", help="result name (default: the experiment's)")
     common.add_argument("--sample-s", type=float, default=0.5, help="SM share sampling period")
@@ -209,8 +221,9 @@ async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Ou
             )
             policies = args.policies or default_policies(args)
             outcome = await peak_load(
-                h, mixes, policies, cfg, camelot, out_dir, name, args.references
-            )
+                h, mixes, policies, cfg, camelot, out_dir, name, args.references,
+                limit_measure(args, cfg),
+            )  # fmt: skip
         elif args.experiment == "low-load":
             if not args.rate:
                 raise SystemExit("low-load needs --rate")
@@ -229,6 +242,19 @@ async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Ou
                 h, mixes[0], policy, trace, args.window_s, args.sample_s, out_dir, name
             )
     return outcome
+
+
+def limit_measure(args: argparse.Namespace, search: SearchConfig) -> LimitMeasure | None:
+    """The `limit` reference's measurement with the experiment's trial length and search, on
+    the backend the experiment names; None unless `limit` is among the references."""
+    if LIMIT not in args.references:
+        return None
+    cfg = LimitConfig(
+        backend=resolve_backend(args.backend), size=args.limit_size,
+        max_batch=args.limit_max_batch, trial_s=args.trial_s, warmup_s=args.warmup_s,
+        seed=args.seed,
+    )  # fmt: skip
+    return partial(limit.measure, cfg=cfg, search=search)
 
 
 def _redacted(argv: Sequence[str]) -> list[str]:

@@ -19,6 +19,7 @@ from common.clock import mono_us
 from common.errors import CamelotError, InvalidArgument
 from common.lifecycle import channel as open_channel
 from loadgen import tails, traces
+from loadgen.experiments import references
 from loadgen.experiments.admin import AdminClient, parse_policy
 from loadgen.experiments.search import (
     Trial,
@@ -78,6 +79,8 @@ class Harness:
     last_utilization: dict[str, float | None] = field(default_factory=dict)
     # every plan a policy ran under, as `plan_record` keeps it, in the order they came
     plans: list[dict[str, Any]] = field(default_factory=list)
+    # the transport of the policy in force where it names one (`plain`: wire)
+    _policy_transport: str | None = None
 
     def __post_init__(self) -> None:
         if self.trial_s <= 0 or self.warmup_s < 0 or self.warmup_s >= self.trial_s:
@@ -105,11 +108,14 @@ class Harness:
         return {p: self.pipelines[p].qos_p99_ms for p in mix.pipelines}
 
     async def apply_policy(self, policy: str, probe: Mix) -> int:
-        """Sets the policy (`name[:key=value...]`), waits for its plan at the scheduler, then at
-        the gateway; its epoch."""
+        """Sets the policy (`name[:key=value...]`, or a mesh reference such as `plain`), waits
+        for its plan at the scheduler, then at the gateway; its epoch. Trials from now on use
+        the transport the reference names, else `transport`."""
+        setup = references.mesh_setup(policy)
+        self._policy_transport = setup.transport
         if self.admin is None:
             return 0
-        name, options = parse_policy(policy)
+        name, options = parse_policy(setup.policy)
         plan = await self.admin.set_policy(name, options)
         await self.admin.wait_for_epoch(plan.epoch, self.settle_s)
         # the gateway routes under a new epoch while its replicas are still being replaced
@@ -177,7 +183,7 @@ class Harness:
                 mix,
                 self.seed + self._trials,
                 self.deadline_s,
-                transport=self.transport,
+                transport=self._policy_transport or self.transport,
                 pipelines=self.pipelines,
                 duration_s=duration_s,
                 connections=self.connections,

@@ -11,20 +11,39 @@ result rows, summary fields and plots:
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from common.errors import InvalidArgument
 from loadgen import plots, traces
 from loadgen.experiments.harness import Harness, ShareSampler
+from loadgen.experiments.references import LIMIT, PLAIN
 from loadgen.experiments.search import SearchConfig, Trial, find_peak, meets_qos
 from loadgen.inputs import Mix
 from loadgen.records import Record, Result, percentiles_ms
 
 log = logging.getLogger(__name__)
+
+
+class LimitFound(Protocol):
+    """What the `limit` reference measured for a mix (`loadgen.limit.LimitResult`)."""
+
+    @property
+    def peak_qps(self) -> float: ...
+    @property
+    def first_miss_qps(self) -> float | None: ...
+    @property
+    def caps(self) -> dict[str, int]: ...
+    @property
+    def trials(self) -> tuple[Trial, ...]: ...
+
+
+# measures a mix's physical limit against its QoS targets (`loadgen.limit.measure`, bound)
+LimitMeasure = Callable[[Mix, Mapping[str, float]], Awaitable[LimitFound]]
 
 
 @dataclass
@@ -62,18 +81,33 @@ async def peak_load(
     out_dir: Path,
     name: str = "peak-load",
     references: Collection[str] = frozenset(),
+    limit: LimitMeasure | None = None,
 ) -> Outcome:
     """`references` are measured beside the policies and compared with `camelot` on their own
-    (`camelot_over.<ref>`); they are not baselines of the issue (e.g. MPS without caps)."""
+    (`camelot_over.<ref>`); they are not baselines of the issue (e.g. MPS without caps). The
+    reference `plain` also gives `camelot_over_plain`; `limit` is measured by `limit` with no
+    mesh (loadgen.limit) and gives `limit_qps` and `mesh_over_limit`."""
+    if LIMIT in references and limit is None:
+        raise InvalidArgument("the limit reference needs a way to measure it (loadgen.limit)")
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     figs: list[Path] = []
     peaks: list[dict[str, Any]] = []
+    limits: dict[str, dict[str, Any]] = {}
+    mesh_refs = [r for r in references if r != LIMIT]
     for mix in mixes:
         qos = h.qos_ms(mix)
         curves: dict[str, list[tuple[float, float | None]]] = {}
         failed: set[str] = set()
-        for policy in [*policies, *references]:
+        if limit is not None and LIMIT in references:
+            found_limit = await limit(mix, qos)
+            for t in found_limit.trials:
+                rows.append(_trial_row(mix, LIMIT, 0, t, qos))
+            curves[LIMIT] = [(t.rate_qps, t.stats["all"]["p99_ms"]) for t in found_limit.trials]
+            summary[f"{mix.name}.{LIMIT}_qps"] = found_limit.peak_qps
+            summary[f"{mix.name}.{LIMIT}_first_miss_qps"] = found_limit.first_miss_qps
+            limits[mix.name] = {"peak_qps": found_limit.peak_qps, "caps": found_limit.caps}
+        for policy in [*policies, *mesh_refs]:
             # one policy that cannot be set loses its own rows, never the others'
             applied = await h.try_apply(policy, mix, summary, mix.name)
             if applied is None:
@@ -103,9 +137,18 @@ async def peak_load(
         skip = {*references, *failed}
         baselines = [p for p in policies if p != camelot and p not in skip]
         if camelot in policies and camelot not in failed:
-            for ref in sorted(set(references) - failed):
+            mine_qps = summary[f"{mix.name}.{camelot}_qps"]
+            for ref in sorted(set(mesh_refs) - failed):
                 summary[f"{mix.name}.camelot_over.{ref}"] = _ratio(
-                    summary[f"{mix.name}.{camelot}_qps"], summary[f"{mix.name}.{ref}_qps"]
+                    mine_qps, summary[f"{mix.name}.{ref}_qps"]
+                )
+            if PLAIN in mesh_refs and PLAIN not in failed:
+                summary[f"{mix.name}.camelot_over_plain"] = _ratio(
+                    mine_qps, summary[f"{mix.name}.{PLAIN}_qps"]
+                )
+            if mix.name in limits:
+                summary[f"{mix.name}.mesh_over_limit"] = _ratio(
+                    mine_qps, limits[mix.name]["peak_qps"]
                 )
         if camelot in policies and camelot not in failed and baselines:
             best = max(baselines, key=lambda p: summary[f"{mix.name}.{p}_qps"])
@@ -126,7 +169,7 @@ async def peak_load(
                 title=f"p99 against load: {mix.name}",
             )
         )
-    return Outcome(rows, summary, figs, {"peaks": peaks, "plans": h.plans})
+    return Outcome(rows, summary, figs, {"peaks": peaks, "plans": h.plans, "limits": limits})
 
 
 def _trial_row(
@@ -157,6 +200,10 @@ async def low_load(
     name: str = "low-load",
     references: Collection[str] = frozenset(),
 ) -> Outcome:
+    if LIMIT in references:
+        raise InvalidArgument(
+            "the limit reference is a peak-load reference (it holds no SM share to account)"
+        )
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     figs: list[Path] = []
