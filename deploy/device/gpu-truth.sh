@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, one call (issue 22 item 1 and item 3): profiles of the four reference
+# pipelines' stages as replicas run them (CUDA graphs on) on this device, then the `limit`
+# reference (loadgen.limit) for the four together. The archive $OUT/res.tgz is rewritten after
+# each step, so a call cut short still returns what finished; merge the profiles here with
+#   python -m scheduler.tools.profile_merge merge res/*.json --note "..."
+# which writes scheduler/perfmodel/profiles_data/<device>.json.
+# PIPES: which pipelines to profile (default the four); SHARES, BATCHES, REPEATS: the grid
+# (default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
+# the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it.
+set -u
+source deploy/device/prelude.sh
+export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
+for p in ${PIPES:-img-to-text video-analytics text-to-img speech-to-text}; do
+  step "profile-$p" "${STEP_S:-140}" python3 -m services.profiler "$p" --size full \
+    --shares "${SHARES:-10,30,50,100}" --batches "${BATCHES:-1,8,32}" \
+    --repeats "${REPEATS:-8}" --cuda-graphs on --out "$R/$p.json"
+done
+[[ ${LIMIT:-1} == 1 ]] && step limit-ref4 "${LIMIT_S:-150}" python3 -m loadgen.limit \
+  --mix ref4:img-to-text=1,video-analytics=1,text-to-img=1,speech-to-text=1 --backend cuda \
+  --size full --trial-s 4 --warmup-s 1 --start-qps "${LIMIT_START:-500}" --max-trials 8 \
+  --out-dir "$R" --name limit-ref4
+exit 0
