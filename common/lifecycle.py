@@ -132,12 +132,23 @@ def bind(
     return int(bound)
 
 
-def channel(target: str, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+def channel(
+    target: str,
+    tls: TlsFiles | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    *,
+    own_connection: bool = False,
+) -> grpc.aio.Channel:
     """A channel with Camelot's message limits: plain to a node-local or loopback target, mutual
-    TLS with `tls` (a Unix-socket target is always plain)."""
+    TLS with `tls` (a Unix-socket target is always plain); `own_connection`: see
+    OWN_CONNECTION."""
+    chain = list(interceptors) or None
+    options = [*CHANNEL_OPTIONS, OWN_CONNECTION] if own_connection else CHANNEL_OPTIONS
     if tls is not None and not target.startswith("unix:"):
-        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(
+            target, tls.channel_credentials(), options=options, interceptors=chain
+        )
+    return grpc.aio.insecure_channel(target, options=options, interceptors=chain)
 
 
 def run_process(prog: str, main: Coroutine[Any, Any, None]) -> int:

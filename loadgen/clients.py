@@ -62,7 +62,7 @@ async def send_split(
     parts = min(processes, max(1, len(plan.offsets)))
     each = max(1, plan.connections // parts)
     share = Sends(plan.target, plan.offsets, plan.names, plan.seed, plan.deadline_s,
-                  plan.transport, each, plan.submit, plan.shm_broker)  # fmt: skip
+                  plan.transport, each, plan.submit, plan.shm_broker, plan.tls)  # fmt: skip
     raw = {n: s.SerializeToString() for n, s in specs.items()}
     ctx = mp.get_context("spawn")
     loop = asyncio.get_running_loop()

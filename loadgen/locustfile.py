@@ -20,6 +20,7 @@ Environment (read once, here at the top):
     CAMELOT_TRANSPORT  default | ref | wire (default: default)
     CAMELOT_GATEWAY_ADDR  the gateway when --host is not given (default: the mesh's record)
     CAMELOT_RUN_DIR    the mesh's run directory (default: one per user and checkout)
+    CAMELOT_TLS_CERT, CAMELOT_TLS_KEY, CAMELOT_TLS_CA  mutual TLS to a gateway that requires it
 
 Locust monkey-patches the standard library with gevent when imported; gRPC must then be told
 to cooperate (`init_gevent`) before any channel exists, or each call would block the process.
@@ -46,7 +47,7 @@ from locust.exception import StopUser
 
 from common import meshrecord
 from common.errors import CamelotError, from_rpc_error
-from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
+from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION, TlsFiles
 from common.settings import SettingsError, env_float, env_int, env_str, require_positive
 from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
 from loadgen.openloop import TRANSPORTS
@@ -66,6 +67,7 @@ class LocustSettings:
     transport: str
     gateway: str = ""
     run_dir: Path | None = None
+    tls: TlsFiles | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LocustSettings:
@@ -90,6 +92,7 @@ class LocustSettings:
             transport,
             env_str("GATEWAY_ADDR", "", env),
             meshrecord.default_run_dir(env),
+            TlsFiles.from_env(env),
         )
 
 
@@ -134,7 +137,7 @@ def _find_gateway(environment: Environment, **_kw: Any) -> None:
             return
         log.info("targeting the gateway at %s (from %s)", environment.host, where)
     target = _target(environment.host)
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    channel = _channel(target, SETTINGS.tls, CHANNEL_OPTIONS)
     try:
         reply = gateway_pb2_grpc.GatewayStub(channel).ListPipelines(
             gateway_pb2.ListPipelinesRequest(), timeout=PREFLIGHT_DEADLINE_S
@@ -155,6 +158,12 @@ def _find_gateway(environment: Environment, **_kw: Any) -> None:
 events.init.add_listener(_find_gateway)  # type: ignore[no-untyped-call]
 
 
+def _channel(target: str, tls: TlsFiles | None, options: list[tuple[str, int]]) -> grpc.Channel:
+    if tls is not None and not target.startswith("unix:"):
+        return grpc.secure_channel(target, tls.channel_credentials(), options=options)
+    return grpc.insecure_channel(target, options=options)
+
+
 def _target(host: str | None) -> str:
     if not host:
         raise StopUser("no gateway given: pass --host HOST:PORT")
@@ -173,8 +182,8 @@ class GatewayUser(User):
     def on_start(self) -> None:
         number = next(_user_numbers)
         # each user its own connection, as separate clients would have
-        self.channel = grpc.insecure_channel(
-            _target(self.host), options=[*CHANNEL_OPTIONS, OWN_CONNECTION]
+        self.channel = _channel(
+            _target(self.host), self.settings.tls, [*CHANNEL_OPTIONS, OWN_CONNECTION]
         )
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         reply = self._call(

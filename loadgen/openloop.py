@@ -32,10 +32,12 @@ import numpy as np
 
 from common.clock import wall_us
 from common.errors import InvalidArgument
+from common.lifecycle import TlsFiles
 from common.lifecycle import channel as open_channel
 from common.meshrecord import NoMesh
 from common.meshrecord import resolve as mesh_target
 from common.progress import ticking
+from common.settings import SettingsError
 from loadgen import clients, traces
 from loadgen.inputs import Mix, make_inputs, parse_mix, uniform_mix
 from loadgen.records import Result
@@ -52,9 +54,9 @@ TRANSPORTS: dict[str, tensor_pb2.Transport.ValueType] = {
 
 
 async def list_pipelines(
-    target: str, timeout_s: float = 5.0
+    target: str, timeout_s: float = 5.0, tls: TlsFiles | None = None
 ) -> dict[str, gateway_pb2.PipelineInfo]:
-    async with open_channel(target) as ch:
+    async with open_channel(target, tls) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         reply = await stub.ListPipelines(gateway_pb2.ListPipelinesRequest(), timeout=timeout_s)
     return {p.name: p for p in reply.pipelines}
@@ -75,6 +77,7 @@ async def run_open_loop(
     progress: str = "",
     submit: str = "unary",
     shm_broker: str = "",
+    tls: TlsFiles | None = None,
 ) -> Result:
     """Sends one request per schedule offset (seconds from start, ascending); waits for all.
 
@@ -87,7 +90,8 @@ async def run_open_loop(
     `progress`, when given, labels a bar of the run's seconds on stderr. `submit` "stream"
     sends each connection's queries on one SubmitStream (a local client's cheaper path) instead
     of a unary Submit each. `shm_broker` makes each sending process a client on the node: it
-    borrows an arena from that broker, writes each input there and submits its ref.
+    borrows an arena from that broker, writes each input there and submits its ref. `tls`:
+    mutual TLS to a gateway that requires it (the command line takes CAMELOT_TLS_*).
     """
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}: {transport!r}")
@@ -99,7 +103,7 @@ async def run_open_loop(
     if any(b < a for a, b in zip(schedule, schedule[1:], strict=False)):
         raise InvalidArgument("schedule offsets must be ascending")
     if pipelines is None:
-        pipelines = await list_pipelines(target, deadline_s)
+        pipelines = await list_pipelines(target, deadline_s, tls)
     mix = mix or uniform_mix(sorted(pipelines))
     mix.check_served(list(pipelines))
     specs = {p: pipelines[p].input for p in mix.pipelines}
@@ -107,7 +111,7 @@ async def run_open_loop(
     if submit not in SUBMITS:
         raise InvalidArgument(f"submit must be one of {', '.join(SUBMITS)}: {submit!r}")
     plan = Sends(target, list(schedule), mix.draw(rng, len(schedule)), seed, deadline_s,
-                 TRANSPORTS[transport], connections, submit, shm_broker)  # fmt: skip
+                 TRANSPORTS[transport], connections, submit, shm_broker, tls)  # fmt: skip
     if duration_s is None:
         duration_s = float(schedule[-1]) if len(schedule) else 0.0
     result = Result(target, mix, transport, 0, wall_us(), duration_s)
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _main(args: argparse.Namespace) -> dict[str, Any]:
+async def _main(args: argparse.Namespace, tls: TlsFiles | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     schedule, duration_s = schedule_from_args(args, rng)
     result = await run_open_loop(
@@ -181,6 +185,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         duration_s=duration_s,
         processes=args.processes,
         progress="openloop",
+        tls=tls,
     )
     return result.to_json(args.warmup_s, with_records=not args.no_records)
 
@@ -189,11 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.target, _ = mesh_target(("--target", args.target), "CAMELOT_GATEWAY_ADDR", "gateway")
-    except NoMesh as e:
+        tls = TlsFiles.from_env()
+    except (NoMesh, SettingsError) as e:
         print(f"openloop: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    doc = asyncio.run(_main(args))
+    doc = asyncio.run(_main(args, tls))
     if args.out:
         Path(args.out).write_text(json.dumps(doc) + "\n")
     json.dump(doc["stats"], sys.stdout, indent=2)

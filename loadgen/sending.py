@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.clock import mono_us
-from common.lifecycle import CHANNEL_OPTIONS, OWN_CONNECTION
+from common.lifecycle import TlsFiles, channel
 from loadgen.records import OK, Record
 from loadgen.shm_inputs import SharedInputs
 from loadgen.submitstream import StreamStatus, SubmitStreamClient
@@ -45,6 +45,8 @@ class Sends:
     submit: str = "unary"
     # a broker to borrow input buffers from (inputs by reference, as a client on the node)
     shm_broker: str = ""
+    # mutual TLS to a gateway that requires it
+    tls: TlsFiles | None = None
 
 
 async def send(
@@ -58,8 +60,7 @@ async def send(
     gives once the connections exist: making them must not eat into the first arrivals' time.
     The start and the records."""
     channels = [
-        grpc.aio.insecure_channel(plan.target, options=[*CHANNEL_OPTIONS, OWN_CONNECTION])
-        for _ in range(plan.connections)
+        channel(plan.target, plan.tls, own_connection=True) for _ in range(plan.connections)
     ]
     stubs = [gateway_pb2_grpc.GatewayStub(ch) for ch in channels]
     streams = [SubmitStreamClient(stub) for stub in stubs] if plan.submit == "stream" else []

@@ -8,7 +8,8 @@
 
 --target (or CAMELOT_SCHEDULER_ADDR, else the scheduler of the mesh `camelot run --serve` / `camelot
 up` started, from the record in --run-dir); the token from --token-file, CAMELOT_ADMIN_TOKEN_FILE,
-CAMELOT_ADMIN_TOKEN, else that mesh's token file. set-policy, set-qos and drain with --wait follow
+CAMELOT_ADMIN_TOKEN, else that mesh's token file; mutual TLS with CAMELOT_TLS_CERT, CAMELOT_TLS_KEY
+and CAMELOT_TLS_CA, as the scheduler has them. set-policy, set-qos and drain with --wait follow
 the new plan until it is in force (a progress line on stderr; exit 1 if it is not within
 --wait-timeout-s). A failed call prints one line (its status code and message) on stderr and
 exits 1; a usage error exits 2.
@@ -28,7 +29,7 @@ from typing import TextIO
 import grpc
 
 from common import meshrecord
-from common.lifecycle import channel
+from common.lifecycle import TlsFiles, channel
 from common.settings import SettingsError, options_of
 from protos import admin_pb2, admin_pb2_grpc, plan_pb2
 from scheduler.ctlwait import NotInForce, wait_in_force
@@ -209,9 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _call(a: argparse.Namespace, token: str, out: TextIO) -> None:
+async def _call(
+    a: argparse.Namespace, token: str, out: TextIO, tls: TlsFiles | None = None
+) -> None:
     metadata = (("authorization", f"Bearer {token}"),)
-    async with channel(a.target) as ch:
+    async with channel(a.target, tls) as ch:
         stub = admin_pb2_grpc.AdminStub(ch)
         if a.command == "set-policy":
             options = options_of(a.option)
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("--target", a.target), "CAMELOT_SCHEDULER_ADDR", "scheduler", run_dir
         )
         token = _token(a, run_dir)
-        asyncio.run(_call(a, token, sys.stdout))
+        asyncio.run(_call(a, token, sys.stdout, TlsFiles.from_env()))
     except (SettingsError, meshrecord.NoMesh) as e:
         print(f"camelotctl: {e}", file=sys.stderr)
         return 2

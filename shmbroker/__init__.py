@@ -8,6 +8,7 @@ a size, a type, a shape, a lease and a signature) and view the bytes in place.
     slabs.py      slab memory (POSIX shm or CUDA IPC), per-pool groups, cap, quarantine
     leases.py     lease table: TTL, owner-process liveness, ended-lease memory
     refs.py       HMAC tags on refs
+    keys.py       the ref key's own Unix socket: served to peers the kernel says are trusted
     broker.py     the domain object tying them together, the sweeper and statistics
     servicer.py   gRPC adapter;  server.py: create_server / serve;  settings.py; __main__.py
     mapping.py    client side: open a slab once per process, views with no copy

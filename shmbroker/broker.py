@@ -2,7 +2,8 @@
 
 Every method runs on the server's event loop thread, so the state needs no locks; nothing here
 awaits except the sweeper loop. The generation is the wall clock in nanoseconds at boot, so a
-later boot has a larger one and refs that outlive a restart are recognised as stale.
+later boot has a larger one and refs that outlive a restart are recognised as stale. The key that
+signs refs leaves the process only through the key socket (`keys.py`), to trusted local peers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from common.backend import Backend
 from common.dtypes import nbytes_of
 from common.errors import CamelotError, InvalidArgument, ResourceExhausted
 from protos import broker_pb2, tensor_pb2
-from shmbroker import refs
+from shmbroker import keys, refs
 from shmbroker.allocator import ALIGNMENT
 from shmbroker.leases import Buffer, EndReason, Lease, LeaseTable
 from shmbroker.slabs import HOST_DEVICE, Memory, Slabs, make_memory
@@ -43,6 +44,10 @@ class BrokerConfig:
     lease_ttl_s: float
     quarantine_s: float
     sweep_interval_s: float
+    # where the ref key is served ("" for nowhere), and the group trusted beside the user (-1:
+    # none)
+    key_socket: str = ""
+    socket_gid: int = -1
 
 
 def cuda_device_count() -> int:
@@ -82,6 +87,18 @@ class Broker:
         self.reclaimed_total = 0
         self._rate: deque[tuple[float, int]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
+        self.keys = (
+            keys.KeyServer(
+                config.key_socket,
+                self.generation,
+                self.ref_key,
+                keys.Trust.of_this_process(config.socket_gid),
+                config.socket_gid,
+            )
+            if config.key_socket
+            else None
+        )
+        self._keys_task: asyncio.Task[None] | None = None
 
     @property
     def default_device(self) -> int:
@@ -95,12 +112,16 @@ class Broker:
             self.slabs.create("default", self.default_device, self.config.slab_bytes)
 
     def start(self) -> None:
-        """Starts the sweeper on the running loop."""
+        """Starts the sweeper and the key socket on the running loop."""
+        loop = asyncio.get_running_loop()
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            self._sweeper = loop.create_task(self._sweep_forever())
+        if self.keys is not None and self._keys_task is None:
+            self.keys.listen()
+            self._keys_task = loop.create_task(self.keys.start())
 
     async def close(self) -> None:
-        """Stops the sweeper and frees (unlinks) every slab."""
+        """Stops the sweeper and the key socket and frees (unlinks) every slab."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -108,6 +129,11 @@ class Broker:
             except asyncio.CancelledError:
                 pass
             self._sweeper = None
+        if self.keys is not None:
+            if self._keys_task is not None:
+                await self._keys_task
+                self._keys_task = None
+            await self.keys.close()
         self.slabs.close()
 
     async def _sweep_forever(self) -> None:
@@ -121,6 +147,7 @@ class Broker:
     # -- operations --------------------------------------------------------------------------
 
     def describe(self) -> broker_pb2.DescribeResponse:
+        """The slab table. Never the ref key, on any listener: only the key socket serves it."""
         backend = (
             broker_pb2.SLAB_BACKEND_CUDA
             if self.backend is Backend.CUDA
@@ -130,7 +157,6 @@ class Broker:
             slabs=[slab.info() for slab in self.slabs],
             generation=self.generation,
             node=self.node,
-            ref_key=self.ref_key,
             backend=backend,
             alignment=ALIGNMENT,
         )

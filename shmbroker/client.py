@@ -13,6 +13,11 @@ generation, or when the channel to the broker dropped), its generation is the br
 one (older: FAILED_PRECONDITION, "stale"), its tag verifies (else INVALID_ARGUMENT, "forged"),
 it lies inside the slab, and dtype × shape is its size. Every RPC carries a deadline, and a
 failed RPC is raised as the matching `common.errors` class.
+
+The key that verifies (and, for arenas, signs) refs comes from the broker's key socket beside
+its Unix socket (`shmbroker.keys`), which serves only the broker's user (and socket group). A
+client of a TCP target has no key: it can lease and allocate, but every view or signature
+raises PERMISSION_DENIED rather than take a ref it cannot check.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ from common.errors import (
     BadRef,
     CamelotError,
     InvalidArgument,
+    PermissionDenied,
     StaleRef,
+    Unavailable,
     error_for_status,
     from_rpc_error,
 )
-from common.lifecycle import CHANNEL_OPTIONS
+from common.lifecycle import TlsFiles, channel
 from protos import broker_pb2, broker_pb2_grpc, tensor_pb2
-from shmbroker import refs
+from shmbroker import keys, refs
 from shmbroker.mapping import Mapping, open_slab
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,9 @@ DTypeLike = np.dtype[Any] | type
 # (wire dtype, shape) -> (NumPy dtype, bytes) of the refs seen, bounded (a ref's shape is the
 # sender's to choose)
 MAX_LAYOUTS = 1024
+# Describe and the key socket are two calls: a broker that restarts between them gives a key of
+# another generation than the table, and the pair is fetched again, this many times at most
+KEY_ATTEMPTS = 3
 
 
 class NeedsRefresh(BadRef):
@@ -58,8 +68,11 @@ class NeedsRefresh(BadRef):
 
 
 class BrokerClient:
-    def __init__(self, channel: grpc.aio.Channel, *, pid: int, deadline_s: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, *, pid: int, deadline_s: float, key_path: str = ""
+    ) -> None:
         self._channel = channel
+        self.key_path = key_path
         self._stub = broker_pb2_grpc.BrokerStub(channel)
         self.pid = pid
         self.deadline_s = deadline_s
@@ -82,17 +95,22 @@ class BrokerClient:
         pid: int | None = None,
         deadline_s: float = DEFAULT_DEADLINE_S,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tls: TlsFiles | None = None,
     ) -> BrokerClient:
-        """Connects and loads the slab table. pid owns the leases (default: this process; 0:
-        none, so they end only by release or TTL)."""
-        channel = grpc.aio.insecure_channel(
-            target, options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None
+        """Connects, loads the slab table and, on a Unix target, the ref key (PERMISSION_DENIED
+        when the broker does not trust this process with it). pid owns the leases (default: this
+        process; 0: none, so they end only by release or TTL). tls: mutual TLS to a TCP target."""
+        ch = channel(target, tls, interceptors)
+        client = cls(
+            ch,
+            pid=os.getpid() if pid is None else pid,
+            deadline_s=deadline_s,
+            key_path=keys.key_path_of_target(target),
         )
-        client = cls(channel, pid=os.getpid() if pid is None else pid, deadline_s=deadline_s)
         try:
             await client.refresh()
         except BaseException:
-            await channel.close()
+            await ch.close()
             raise
         client._watcher = asyncio.get_running_loop().create_task(client._watch_channel())
         return client
@@ -123,11 +141,10 @@ class BrokerClient:
     # -- slab table --------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Fetches the slab table (Describe); a new generation drops every opened slab."""
+        """Fetches the slab table (Describe), and the key of a new generation from the key
+        socket; a new generation drops every opened slab."""
         async with self._refresh_lock:
-            resp: broker_pb2.DescribeResponse = await self._call(
-                self._stub.Describe, broker_pb2.DescribeRequest()
-            )
+            resp, key = await self._describe()
             self._dirty = False
             if resp.generation != self.generation:
                 if self.generation:
@@ -135,11 +152,27 @@ class BrokerClient:
                 self._close_mappings()
             self.generation = resp.generation
             self.node = resp.node
-            self._key = bytes(resp.ref_key)
+            self._key = key
             self.backend = (
                 Backend.CUDA if resp.backend == broker_pb2.SLAB_BACKEND_CUDA else Backend.HOST
             )
             self._infos = {info.slab_id: info for info in resp.slabs}
+
+    async def _describe(self) -> tuple[broker_pb2.DescribeResponse, bytes]:
+        """The slab table and its generation's key (b"" without a key socket)."""
+        for _ in range(KEY_ATTEMPTS):
+            resp: broker_pb2.DescribeResponse = await self._call(
+                self._stub.Describe, broker_pb2.DescribeRequest()
+            )
+            if not self.key_path:
+                return resp, b""
+            if resp.generation == self.generation and self._key:
+                return resp, self._key
+            generation, key = await keys.fetch_key(self.key_path, self.deadline_s)
+            if generation == resp.generation:
+                return resp, key
+            log.info("broker restarted between Describe and its key socket; asking again")
+        raise Unavailable(f"the broker at {self.key_path} kept restarting while connecting")
 
     @property
     def dirty(self) -> bool:
@@ -149,8 +182,16 @@ class BrokerClient:
     @property
     def ref_key(self) -> bytes:
         """The key that signs this broker boot's refs (a process that sub-allocates an arena
-        signs its refs with it)."""
+        signs its refs with it); PERMISSION_DENIED for a client without one."""
+        if not self._key:
+            raise self._no_key()
         return self._key
+
+    def _no_key(self) -> PermissionDenied:
+        return PermissionDenied(
+            "this broker client has no ref key (only a client of the broker's Unix socket gets "
+            "it): it can neither check nor sign refs"
+        )
 
     def pool_of(self, slab_id: str) -> str:
         """The pool a slab of the loaded table serves; "" for a slab not in it."""
@@ -340,9 +381,11 @@ class BrokerClient:
         if info is None:
             raise BadRef(f"unknown slab {slab_id!r}")
         offset, nbytes, wire_dtype, shape = ref.offset, ref.nbytes, ref.dtype, tuple(ref.shape)
-        tag = refs.tag_of(
-            self._key, slab_id, generation, offset, nbytes, wire_dtype, shape, ref.lease_id
-        )
+        key = self._key
+        if not key:
+            # anyone can compute a tag under the empty key: no key must mean no ref accepted
+            raise self._no_key()
+        tag = refs.tag_of(key, slab_id, generation, offset, nbytes, wire_dtype, shape, ref.lease_id)
         if not hmac.compare_digest(tag, ref.tag):
             raise BadRef("forged ref: its tag does not match")
         if offset + nbytes > info.nbytes:

@@ -1,9 +1,9 @@
 """Signing TensorRefs: an HMAC-SHA256 tag, truncated to 16 bytes, under a per-boot random key.
 
-The broker signs every ref it issues; a receiver with the key (served by Describe on the
-node-local listeners) refuses a ref the broker never issued, or one whose slab, offset, size,
-type, shape or lease was edited, without a round trip. A new broker boot draws a new key, so
-old tags stop verifying as well as carrying an old generation.
+The broker signs every ref it issues; a receiver with the key (served only on the broker's key
+socket, to processes of its user: `keys.py`) refuses a ref the broker never issued, or one whose
+slab, offset, size, type, shape or lease was edited, without a round trip. A new broker boot
+draws a new key, so old tags stop verifying as well as carrying an old generation.
 """
 
 from __future__ import annotations

@@ -3,9 +3,13 @@
 In-process use (tests of other components):
 
     server, port, broker = create_server(settings)
-    await server.start(); broker.start()          # sweeper on the running loop
+    await server.start(); broker.start()          # sweeper and key socket on the running loop
     ...
-    await server.stop(0); await broker.close()    # unlinks the slabs
+    await server.stop(0); await broker.close()    # unlinks the slabs and the key socket
+
+The Unix socket and the key socket beside it (`<socket>.key`) are made 0600 (0660 with a socket
+group) before anything can connect; the TCP port, when `tls` is set, speaks mutual TLS. No
+listener but the key socket ever hands out the ref key (`shmbroker.keys`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from common import backend as backends
 from common import metrics
 from common.lifecycle import Health, bind, new_server, run_until_signalled
 from protos import broker_pb2_grpc
+from shmbroker import keys
 from shmbroker.broker import Broker, BrokerConfig
 from shmbroker.servicer import BrokerServicer
 from shmbroker.settings import BrokerSettings
@@ -39,14 +44,25 @@ def _build(settings: BrokerSettings) -> tuple[grpc.aio.Server, int, Broker, Heal
         lease_ttl_s=settings.lease_ttl_s,
         quarantine_s=settings.quarantine_s,
         sweep_interval_s=settings.sweep_interval_s,
+        key_socket=keys.key_path(settings.socket_path) if settings.socket_path else "",
+        socket_gid=settings.socket_gid,
     )
     broker = Broker(config)
     server = new_server()
     broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(broker), server)
     health = Health(server, [SERVICE_NAME])
-    if settings.socket_path:
-        os.makedirs(os.path.dirname(settings.socket_path) or ".", exist_ok=True)
-    port = bind(server, settings.host, settings.port, settings.socket_path)
+    if not settings.socket_path:
+        return server, bind(server, settings.host, settings.port, tls=settings.tls), broker, health
+    os.makedirs(os.path.dirname(settings.socket_path) or ".", exist_ok=True)
+    # gRPC listens as it binds: the umask keeps the socket file closed to others until restrict
+    umask = os.umask(0o077)
+    try:
+        port = bind(server, settings.host, settings.port, settings.socket_path, tls=settings.tls)
+    finally:
+        os.umask(umask)
+    keys.restrict(settings.socket_path, settings.socket_gid)
+    if broker.keys is not None:
+        broker.keys.listen()
     return server, port, broker, health
 
 

@@ -7,7 +7,11 @@ Each flag defaults to its variable, which defaults to the dataclass (`common.set
 --host              CAMELOT_BROKER_HOST    TCP listen address (default: 127.0.0.1)
 --port              CAMELOT_BROKER_PORT    TCP port, 0 picks one (default: 50051)
 --socket            CAMELOT_BROKER_SOCKET  Unix socket path, "" for none
-                                           (default: /tmp/camelot/broker.sock)
+                                           (default: /tmp/camelot/broker.sock); the ref key is
+                                           served beside it, on <socket>.key (shmbroker.keys)
+--socket-gid        CAMELOT_BROKER_SOCKET_GID  group trusted with both sockets (0660) and the
+                                           ref key, beside the broker's user; -1: none, 0600
+                                           (default: -1)
 --slab-bytes        CAMELOT_SLAB_BYTES     bytes per slab, K/M/G[iB] allowed
                                            (default: 256 MiB host, 1 GiB cuda)
 --max-bytes         CAMELOT_MAX_BYTES      cap on slab bytes per device (default: 8 slabs)
@@ -16,6 +20,7 @@ Each flag defaults to its variable, which defaults to the dataclass (`common.set
 --sweep-interval-s                         how often expired leases are swept (default: 0.25)
 --metrics-port      CAMELOT_METRICS_PORT   Prometheus port, 0 disables (default: 0)
 --log-level         CAMELOT_LOG_LEVEL      (default: INFO)
+                    CAMELOT_TLS_CERT, CAMELOT_TLS_KEY, CAMELOT_TLS_CA: mutual TLS on the TCP port
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.backend import Backend
+from common.lifecycle import TlsFiles
 from common.settings import PREFIX, Flags, SettingsError, env_str, require_positive
 from shmbroker.allocator import ALIGNMENT
+from shmbroker.keys import MAX_SOCKET_PATH, key_path
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -58,6 +65,8 @@ class BrokerSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     socket_path: str = "/tmp/camelot/broker.sock"
+    # -1: both Unix sockets are the broker user's alone (0600); else this group's too (0660)
+    socket_gid: int = -1
     slab_bytes: int = 0  # 0: the backend's default
     max_bytes: int = 0  # 0: DEFAULT_SLABS_PER_DEVICE slabs
     lease_ttl_s: float = 30.0
@@ -66,6 +75,8 @@ class BrokerSettings:
     metrics_port: int = 0
     grace_s: float = 2.0
     log_level: str = "INFO"
+    # mutual TLS on the TCP port (CAMELOT_TLS_CERT/KEY/CA); the Unix sockets stay plain
+    tls: TlsFiles | None = None
 
     def validate(self) -> BrokerSettings:
         """Checks ranges; errors name the setting and the bad value."""
@@ -73,6 +84,13 @@ class BrokerSettings:
             raise SettingsError(f"backend {self.backend!r} is not one of auto, host, cuda")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port {self.port} is not in 0..65535")
+        if len(key_path(self.socket_path).encode()) > MAX_SOCKET_PATH:
+            raise SettingsError(
+                f"socket_path {self.socket_path!r} is too long: its key socket "
+                f"{key_path(self.socket_path)!r} must fit {MAX_SOCKET_PATH} bytes"
+            )
+        if self.socket_gid < -1:
+            raise SettingsError(f"socket_gid {self.socket_gid} is not a group id or -1")
         if self.slab_bytes < 0 or self.slab_bytes % ALIGNMENT:
             raise SettingsError(f"slab_bytes {self.slab_bytes} is not a multiple of {ALIGNMENT}")
         if self.max_bytes < 0:
@@ -104,6 +122,12 @@ def parse(
     f.add(
         "--socket", field="socket_path", env="BROKER_SOCKET", help='Unix socket path; "" for none'
     )
+    f.add(
+        "--socket-gid",
+        env="BROKER_SOCKET_GID",
+        help="group trusted with the Unix sockets and the ref key beside the broker's user; "
+        "-1: none (0600)",
+    )
     # Sizes take units (256MiB), which an int flag would refuse: each variable is read here (a bad
     # one refused naming it, as Flags does), and the flag's text is converted below, naming it.
     f.add(
@@ -129,4 +153,6 @@ def parse(
         max_bytes = parse_bytes("--max-bytes", a.max_bytes)
     except SettingsError as err:
         f.parser.error(str(err))
-    return f.settings(a, slab_bytes=slab_bytes, max_bytes=max_bytes).validate()
+    return f.settings(
+        a, slab_bytes=slab_bytes, max_bytes=max_bytes, tls=TlsFiles.from_env(e)
+    ).validate()

@@ -3,69 +3,13 @@ requires client certificates; a client without one, or with one from another CA,
 
 from __future__ import annotations
 
-import datetime
-
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import lifecycle
 from common.settings import SettingsError
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path, cert, key) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
-def make_pki(d, ca_name: str = "camelot-test-ca") -> dict[str, lifecycle.TlsFiles]:
-    """A CA and two leaf certificates (server, client) signed by it, as PEM files under d."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
-    _write(d / ca_name, ca, ca_key)
-    out = {}
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write(d / f"{ca_name}-{who}", _cert(who, key, ca_name, ca_key, ca=False), key)
-        out[who] = lifecycle.TlsFiles(
-            cert=str(d / f"{ca_name}-{who}.crt"),
-            key=str(d / f"{ca_name}-{who}.key"),
-            ca=str(d / f"{ca_name}.crt"),
-        )
-    return out
+from tests.pki import make_pki
 
 
 def _read(path: str) -> bytes:

@@ -268,7 +268,9 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         server = lifecycle.new_server()
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
         health = lifecycle.Health(server, [SERVICE_NAME])
-        port = lifecycle.bind(server, settings.host, settings.port, settings.unix_path)
+        port = lifecycle.bind(
+            server, settings.host, settings.port, settings.unix_path, tls=settings.tls
+        )
         return GatewayApp(settings, server, port, routes, runner, servicer, health, stack)
     except BaseException:
         await stack.aclose()

@@ -50,7 +50,8 @@ class GatewaySettings:
     workers: int = 0
     # fixed routes, for launchers without a scheduler: (pipeline, stage, replica_id, address)
     static_routes: tuple[tuple[str, str, str, str], ...] = ()
-    # mutual TLS for hops that leave the node (CAMELOT_TLS_CERT/KEY/CA); Unix sockets stay plain
+    # mutual TLS on the TCP port (clients then need a certificate of the CA) and to the stages
+    # and the scheduler or agent (CAMELOT_TLS_CERT/KEY/CA); Unix sockets stay plain
     tls: TlsFiles | None = None
 
 
