@@ -1,7 +1,8 @@
 """`max-load`: the highest load the given GPUs carry with every pipeline's p99 under its QoS.
 
 Load is one multiplier L over the pipelines' relative weights (option `weights`:
-"name=w,..."; `from-load` takes the mix of the offered load; default equal). Two searches:
+"name=w,..."; `from-load` takes the mix of the offered load; default equal). Two searches
+over partitioned plans (SM shares of a GPU add up to 100% at most), then the baselines' plans:
 
 1. Load search. For a trial L, `solver.Solver` gives each stage Pareto (share, batch,
    replicas) choices that carry its rate, picks per pipeline the combination with the most
@@ -14,6 +15,17 @@ Load is one multiplier L over the pipelines' relative weights (option `weights`:
    from the same stages data-parallel on every GPU, every neighbour predicted whole
    (contention included).
 
+3. Baselines (option `baselines`, default exclusive, even, feedback): each baseline's plan of
+   the same world, as the baseline builds it (placement, replica counts, batches): whole GPUs
+   taken in turns, even shares, feedback's first plan. Each that meets the constraints (memory
+   too) is pushed to the highest load the full predictor passes. The partitioned plan is kept
+   only where it carries more than the best of them by more than `tolerance`: where the
+   predictor sees no gain, caps only slow a stage (DESIGN.md, "When partitioning pays"). So
+   max-load is never predicted to carry less than a baseline; the plan's `reason` names the
+   candidate that won and what the others carried. Uncapped co-location
+   (`exclusive:sharing=mps`) is exclusive's placement and batches, and the predictor prices
+   shares past 100% of a GPU as turns either way: exclusive's plan stands for both.
+
 The plan returned is verified by the full predictor at the load it reports, to `tolerance`
 (default 1%).
 
@@ -21,7 +33,8 @@ Options (strings in PolicyInput.options): weights, tolerance, polish_budget (rep
 predictions the local search may spend; 0 turns it off), share_step (MPS %, default 10,
 or 5 when more than 10 stages share a GPU),
 batches ("1,8,32"; default each profile's), max_wait_us (2000), max_replicas (per stage,
-default max(4, 2 x GPUs)), transport (ref|wire).
+default max(4, 2 x GPUs)), transport (ref|wire), baselines (registry names, comma-separated;
+"none" grades the partitioned search alone).
 """
 
 from __future__ import annotations
@@ -30,10 +43,12 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from common.errors import InvalidArgument, ResourceExhausted
+from common.errors import CamelotError, InvalidArgument, ResourceExhausted
 from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.search.localsearch import Polish
+from scheduler.search.planning import check_plan
+from scheduler.search.policies import get_policy
 from scheduler.search.solver import Solver
 
 
@@ -91,6 +106,10 @@ POLISH_BUDGET = 8000
 KICKS = 6  # restarts of the local search from a random two-move perturbation of the best
 
 
+# the baselines the experiments compare max-load with; the registry builds their plans
+BASELINES = ("exclusive", "even", "feedback")
+
+
 class MaxLoad:
     name = "max-load"
     follows_load = staticmethod(weights_follow_load)
@@ -99,13 +118,99 @@ class MaxLoad:
         if not world.pipelines:
             return PlanSpec(self.name, ())
         w = weights(world)
+        tol = _number(world, "tolerance", 0.01)
         solver = Solver(world, self.name, large_batches_first=True)
-        plan, best_load = search(solver, w)
-        reason = f"max load x{best_load:.4g} over weights"
+        plan: PlanSpec | None
+        try:
+            plan, best_load = search(solver, w)
+        except ResourceExhausted:
+            # no partitioned plan at all: a baseline may still carry some load (whole GPUs in
+            # turns, where shares small enough to fit every stage are too slow)
+            plan, best_load = None, 0.0
+        carried = {"partitioned": best_load}
+        base: tuple[str, PlanSpec, float] | None = None
+        for name, candidate in baseline_plans(world):
+            load = carried_by(solver, candidate, w, best_load or upper_bound(solver, w), tol / 4)
+            carried[name] = load
+            if load > (base[2] if base else 0.0):
+                base = (name, candidate, load)
+        won = "partitioned"
+        # partitioning must pay, and by more than the search's own resolution
+        if base is not None and (plan is None or base[2] * (1 + tol) >= best_load):
+            won, plan, best_load = base
+        if plan is None:
+            raise ResourceExhausted(
+                "no plan meets the QoS targets on these GPUs even at a trickle of load "
+                "(too little GPU memory or share for the stages, and no baseline's plan either)"
+            )
+        at = {n: best_load * w[n] for n in w}
+        if won != "partitioned":
+            plan = _predicted(solver, plan, at)
+        others = ", ".join(f"{k} x{v:.4g}" for k, v in carried.items() if k != won)
+        label = "the partitioned plan" if won == "partitioned" else f"{won}'s plan"
+        reason = f"max load x{best_load:.4g} over weights: {label}"
+        if others:
+            reason += f" (carried: {others})"
         if solver.clamped:
             reason += f"; QoS unreachable, clamped: {', '.join(solver.clamped)}"
-        at = {n: best_load * w[n] for n in w}
-        return PlanSpec(plan.policy, plan.stages, at, tuple(solver.clamped), reason)
+        return PlanSpec(self.name, plan.stages, at, tuple(solver.clamped), reason)
+
+
+def baseline_plans(world: PolicyInput) -> list[tuple[str, PlanSpec]]:
+    """The plan each baseline (option `baselines`) makes of this world, as it makes it; one
+    that has none here (say, even with more stages than SM groups) is left out."""
+    raw = world.options.get("baselines", ",".join(BASELINES))
+    names = [n.strip() for n in raw.split(",") if n.strip() and n.strip() != "none"]
+    out = []
+    for name in names:
+        if name not in BASELINES:
+            raise InvalidArgument(f"baselines: {name!r} is not one of {', '.join(BASELINES)}")
+        try:
+            plan = get_policy(name).plan(world)
+        except CamelotError:
+            continue
+        # a baseline does not check memory or the like: a plan that breaks a constraint is none
+        # (shares past 100% are whole GPUs taken in turns, or caps that overlap)
+        if not check_plan(world, plan, time_sliced_ok=True):
+            out.append((name, plan))
+    return out
+
+
+def carried_by(
+    solver: Solver, plan: PlanSpec, w: Mapping[str, float], near: float, tol: float
+) -> float:
+    """The highest multiple of the rates `w` (to `tol`) at which the full predictor passes
+    `plan` against the solver's targets, searched from `near`; 0 if not even near / 1e6."""
+
+    def ok(load: float) -> bool:
+        rates = {n: load * w[n] for n in w}
+        return solver._meets(predict(solver.world, plan, rates, transport=solver.opts.transport))
+
+    lo = hi = near
+    if ok(lo):
+        hi = lo * 2
+        for _ in range(64):  # a plan carries a bounded load: this ends long before
+            if not ok(hi):
+                break
+            lo, hi = hi, hi * 2
+    else:
+        while not ok(lo):
+            if lo < near * 1e-6:
+                return 0.0
+            hi, lo = lo, lo / 2
+    while hi / lo > 1 + tol:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _predicted(solver: Solver, plan: PlanSpec, at: Mapping[str, float]) -> PlanSpec:
+    """`plan` with the full predictor's stage p99s at `at`."""
+    pred = predict(solver.world, plan, at, transport=solver.opts.transport)
+    stages = tuple(
+        replace(a, predicted_p99_ms=pred.stage(a.pipeline, a.stage).p99_ms) for a in plan.stages
+    )
+    return replace(plan, stages=stages)
 
 
 def search(solver: Solver, w: Mapping[str, float]) -> tuple[PlanSpec, float]:
