@@ -7,7 +7,8 @@
 # which writes scheduler/perfmodel/profiles_data/<device>.json.
 # PIPES: which pipelines to profile (default the four); SHARES, BATCHES, REPEATS: the grid
 # (default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
-# the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it.
+# the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; TESTS=1
+# runs the GPU tests after (TESTS_S bounds them).
 set -u
 source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
@@ -20,4 +21,7 @@ done
   --mix ref4:img-to-text=1,video-analytics=1,text-to-img=1,speech-to-text=1 --backend cuda \
   --size full --trial-s 4 --warmup-s 1 --start-qps "${LIMIT_START:-500}" --max-trials 8 \
   --out-dir "$R" --name limit-ref4
+# TESTS=1: the GPU tests last (TESTS_ONLY: these files only)
+[[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-300}" python3 -m pytest -q -m gpu \
+  ${TESTS_ONLY:-tests/gpu} -p no:cacheprovider -o addopts="" --timeout 200 -rfE
 exit 0
