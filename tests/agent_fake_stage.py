@@ -3,7 +3,9 @@
 Serves grpc.health (SERVING after FAKE_STAGE_WARMUP_S), Stage.Describe, Infer (sleeps
 FAKE_STAGE_INFER_S, answers `replica_id@pid`), Drain (refuses new requests, waits for those in
 flight) and Resize. On SIGTERM it drains and exits. Writes `<unix>.json` with its argv, pid and
-CUDA_MPS_* environment so tests can check what the agent gave it.
+CUDA_MPS_* environment so tests can check what the agent gave it. With FAKE_STAGE_OUT_OF_MEMORY
+set its "model" does not fit the GPU: it stops at start on OutOfMemory with that text, as the
+real stage does on a CUDA out-of-memory error (exit status OUT_OF_MEMORY_EXIT).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import grpc
 
 from common import lifecycle
+from common.errors import OutOfMemory
 from protos import stage_pb2, stage_pb2_grpc
 
 
@@ -96,6 +99,9 @@ def record_start(args: argparse.Namespace) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    no_room = os.environ.get("FAKE_STAGE_OUT_OF_MEMORY", "")
+    if no_room:
+        raise OutOfMemory(f"out of device memory in model load: {no_room}")
     stage = FakeStage(args)
     server = lifecycle.new_server()
     stage_pb2_grpc.add_StageServicer_to_server(stage, server)
@@ -111,4 +117,4 @@ async def serve(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     arguments = parse(sys.argv[1:])
     record_start(arguments)
-    asyncio.run(serve(arguments))
+    sys.exit(lifecycle.run_process("stage", serve(arguments)))

@@ -4,7 +4,8 @@ A stage's choice is (share units per replica, max batch, replica count); which c
 has, and their cheapest combination per pipeline, is `frontiers`' part. `pack` puts the chosen
 replicas on GPUs (shares and memory), keeping a pipeline's adjacent stages on one GPU where it
 can. `assemble` turns that into a PlanSpec, and `check_plan` states every constraint a plan must
-meet.
+meet; `memory_problems` is the one the scheduler checks every plan against before it stores it
+(a plan whose replicas do not fit a GPU's memory would fail at their start).
 """
 
 from __future__ import annotations
@@ -219,10 +220,8 @@ def assemble(
 def check_plan(world: PolicyInput, plan: PlanSpec, *, time_sliced_ok: bool = False) -> list[str]:
     """Every constraint violated by `plan` (empty when it is valid)."""
     problems: list[str] = []
-    profiles = as_profiles(world.profiles)
     gpus = {(n.name, g.index): g for n in world.nodes for g in n.gpus}
     share: dict[tuple[str, int], float] = {}
-    mem: dict[tuple[str, int], int] = {}
     groups: dict[tuple[str, int], list[int]] = {}
     ids: set[str] = set()
     seen: set[str] = set()
@@ -244,9 +243,6 @@ def check_plan(world: PolicyInput, plan: PlanSpec, *, time_sliced_ok: bool = Fal
             if r.max_batch < 1:
                 problems.append(f"{r.replica_id}: max_batch {r.max_batch} < 1")
             share[g] = share.get(g, 0.0) + r.sm_percent
-            prof = profiles.get(key)
-            if prof is not None:
-                mem[g] = mem.get(g, 0) + prof.memory_bytes(r.max_batch)
             groups.setdefault(g, []).extend(r.sm_groups)
     for p in world.pipelines:
         for st in p.stages:
@@ -255,13 +251,40 @@ def check_plan(world: PolicyInput, plan: PlanSpec, *, time_sliced_ok: bool = Fal
     for g, total in share.items():
         if total > 100 + 1e-6 and not time_sliced_ok:
             problems.append(f"GPU {g}: shares sum to {total:.1f}% > 100%")
-        if mem.get(g, 0) > gpus[g].memory_bytes:
-            problems.append(f"GPU {g}: memory {mem[g]} > {gpus[g].memory_bytes}")
         gl = groups.get(g, [])
         if len(gl) != len(set(gl)):
             problems.append(f"GPU {g}: SM groups overlap")
         if gl and (max(gl) >= gpus[g].sm_groups or min(gl) < 0):
             problems.append(f"GPU {g}: SM group index out of range")
+    return problems + memory_problems(world, plan)
+
+
+def memory_problems(world: PolicyInput, plan: PlanSpec) -> list[str]:
+    """Each GPU of the world whose replicas in `plan` need more memory, by their stages'
+    profiles (`StageProfile.memory_bytes` at their batch), than it has for them
+    (`GpuInfo.memory_bytes`), named with both figures in bytes. A stage without a profile
+    counts nothing: memory is known from the profiles only."""
+    profiles = as_profiles(world.profiles)
+    gpus = {(n.name, g.index): g for n in world.nodes for g in n.gpus}
+    need: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    for a in plan.stages:
+        prof = profiles.get(f"{a.pipeline}/{a.stage}")
+        if prof is None:
+            continue
+        for r in a.replicas:
+            if (r.node, r.gpu) in gpus:
+                need.setdefault((r.node, r.gpu), []).append(
+                    (r.replica_id, prof.memory_bytes(r.max_batch))
+                )
+    problems = []
+    for (node, index), held in need.items():
+        total, have = sum(b for _, b in held), gpus[(node, index)].memory_bytes
+        if total > have:
+            what = ", ".join(f"{rid} {b}" for rid, b in held)
+            problems.append(
+                f"{node} GPU {index}: replicas need {total} bytes ({what}), "
+                f"it has {have} bytes for them"
+            )
     return problems
 
 

@@ -3,10 +3,12 @@ force (`inforce.PlanInForce`), re-planning (`replanning.Replanner`), the operato
 (`admin`), and what the mesh is told (`routes`).
 
 Admin operations (set policy, set QoS, drain) re-plan at once; the control loop (loop.py)
-re-plans on measurements. Every stored plan is published as routes (plan epoch + the endpoints
-agents reported) to every watching gateway and wakes the loop. Redis failures surface as
-UNAVAILABLE; nothing here imports grpc. The stage profiles follow the nodes' GPU and what users
-stored in Redis (`refresh_profiles`, `profilechoice`).
+re-plans on measurements, and where an agent reports a replica of the plan in force that ran out
+of GPU memory at start (`memory`: that GPU is planned with less from then on). Every stored plan
+is published as routes (plan epoch + the endpoints agents reported) to every watching gateway
+and wakes the loop. Redis failures surface as UNAVAILABLE; nothing here imports grpc. The stage
+profiles follow the nodes' GPU and what users stored in Redis (`refresh_profiles`,
+`profilechoice`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from protos import admin_pb2, agent_pb2, plan_pb2
 from scheduler.perfmodel import profilestore
 from scheduler.policy import PipelineInfo, Policy
 from scheduler.search.policies import get_policy
-from scheduler.service import admin, planstore, routes
-from scheduler.service.decisions import Decisions
+from scheduler.service import admin, memory, planstore, routes
+from scheduler.service.decisions import Decision, Decisions
 from scheduler.service.inforce import PlanInForce
 from scheduler.service.planstore import PlanStore, PolicyChoice, redis_unavailable
 from scheduler.service.profilechoice import ProfileChoice
@@ -219,10 +221,23 @@ class SchedulerApp:
     # -- the mesh: agents and gateways ---------------------------------------------------------
 
     async def heartbeat(self, hb: admin_pb2.NodeHeartbeat) -> agent_pb2.Assignment:
-        if self.known.heard(hb):
+        joined = self.known.heard(hb)
+        if self.memory_lessons(hb.node) or joined:
             self.kick.set()
         await self.publish_routes()
         return self.assignment(hb.node)
+
+    def memory_lessons(self, node: str) -> int:
+        """Learns from the node's replicas that ran out of GPU memory at start (recorded as failed
+        for their pipeline, and the plan in force marked short of memory); how many taught."""
+        lessons = memory.learn(self.known.nodes[node], self.plan, self.known.profiles)
+        for lesson in lessons:
+            log.warning("%s (plan epoch %d): %s", lesson.summary, self.plan.epoch, lesson.detail)
+            self.decisions.record(
+                Decision.FAILED, [lesson.pipeline], lesson.summary, self.plan.epoch, lesson.detail
+            )
+            self.known.memory_ran_out(lesson.summary)
+        return len(lessons)
 
     def assignment(self, node: str) -> agent_pb2.Assignment:
         return routes.assignment(self.plan, node)

@@ -24,7 +24,9 @@ class Decision(enum.Enum):
     REPLANNED = "replanned"  # a new plan changed the pipeline's replicas
     RESIZED = "resized"  # a new plan with the same replicas, sized for a new load
     KEPT = "kept"  # the policy kept the plan in force as it is
-    FAILED = "failed"  # no plan met the QoS (clamped) or the policy failed
+    # no plan met the QoS (clamped), the policy failed or its plan was refused, or a replica of
+    # the plan in force ran out of GPU memory at start
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)

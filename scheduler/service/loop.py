@@ -4,6 +4,7 @@ Each tick (or earlier when kicked by a heartbeat or a new plan) it reads the win
 the gauges, and re-plans when
 
     - there is no plan yet, or the set of nodes changed           (at once)
+    - a replica of the plan in force ran out of GPU memory at start (at once)
     - a pipeline's windowed p99 passes p99_trigger_fraction × QoS  (at most every
     - a pipeline's load moved by more than load_change_fraction     min_replan_interval_s)
       (for a policy whose plan follows load)
@@ -161,6 +162,8 @@ class ControlLoop:
             return Trigger("initial plan", urgent=True)
         if placeable != app.inforce.planned_nodes:
             return Trigger(f"nodes changed: {', '.join(sorted(placeable)) or '-'}", urgent=True)
+        if app.known.memory_short:
+            return Trigger(app.known.memory_short, urgent=True)
         for name in app.known.pipelines:
             stat = app.known.last_snapshot.get((name, ""))
             qos = app.known.qos_of(name)

@@ -1,6 +1,8 @@
 """A node as the scheduler knows it: what its agent's heartbeats say, and what was pushed to it.
 
-`NodeState.info()` is the node as policies see it.
+`NodeState.info()` is the node as policies see it. A GPU's memory there is what our replicas may
+use: its total less what other tenants hold (`observe_memory`), at most the cap a replica that
+ran out of memory there set (`scheduler.service.memory`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ class NodeState:
     push_failures: int = 0
     next_push_at: float = 0.0
     pushing: asyncio.Task[None] | None = field(default=None, repr=False)
+    # replicas its agent could not start, as its last heartbeat said
+    start_failures: list[agent_pb2.StartFailure] = field(default_factory=list)
+    # per GPU index: bytes other processes hold, measured while none of ours ran there
+    others_bytes: dict[int, int] = field(default_factory=dict)
+    # per GPU index: the most our replicas may need there (learned from out-of-memory starts)
+    memory_caps: dict[int, int] = field(default_factory=dict)
+
+    def observe_memory(self) -> None:
+        """Takes in what other tenants hold on each GPU where none of our replicas runs: the
+        total less what NVML says is free (0 free: not read). Where ours run, their use (which
+        the profiles only estimate) would count as another's, so the last such reading holds."""
+        ours = {ep.replica.gpu for ep in self.endpoints}
+        for g in self.inventory.gpus:
+            if g.index not in ours and 0 < g.memory_free_bytes <= g.memory_bytes:
+                self.others_bytes[g.index] = g.memory_bytes - g.memory_free_bytes
+
+    def memory_for_us(self, index: int, total: int) -> int:
+        """Bytes our replicas may use on GPU `index` of `total` bytes."""
+        return min(total - self.others_bytes.get(index, 0), self.memory_caps.get(index, total))
 
     def info(self) -> NodeInfo:
         inv = self.inventory
@@ -36,7 +57,7 @@ class NodeState:
             GpuInfo(
                 index=g.index,
                 sm_count=g.sm_count,
-                memory_bytes=g.memory_bytes,
+                memory_bytes=self.memory_for_us(g.index, g.memory_bytes),
                 sm_groups=g.sm_groups,
                 sms_per_group=g.sms_per_group,
             )
@@ -46,7 +67,8 @@ class NodeState:
             # The host backend has no SMs to share: the node counts as one device (-1) of
             # HOST_SHARE_UNITS so every policy plans there too; the agent runs its replicas
             # unrestricted (share mode none), which docs/DESIGN says of the host backend.
-            gpus = (GpuInfo(index=-1, sm_count=HOST_SHARE_UNITS, memory_bytes=HOST_MEMORY_BYTES),)
+            memory = self.memory_for_us(-1, HOST_MEMORY_BYTES)
+            gpus = (GpuInfo(index=-1, sm_count=HOST_SHARE_UNITS, memory_bytes=memory),)
         return NodeInfo(name=self.name, gpus=gpus, backend=inv.backend or "host")
 
 
@@ -63,6 +85,7 @@ def replica_status(plan: plan_pb2.Plan, nodes: list[NodeState]) -> list[admin_pb
     """Every replica the live agents report, then the planned ones none reports, in plan order."""
     planned = {r.replica_id: (st.pipeline, st.stage, r) for st in plan.stages for r in st.replicas}
     live = {n.name for n in nodes}
+    failed = {(n.name, f.replica.replica.replica_id): f for n in nodes for f in n.start_failures}
     out: list[admin_pb2.ReplicaStatus] = []
     seen: set[str] = set()
     for node in sorted(nodes, key=lambda n: n.name):
@@ -86,6 +109,9 @@ def replica_status(plan: plan_pb2.Plan, nodes: list[NodeState]) -> list[admin_pb
         if rid in seen:
             continue
         why = "not started by its agent yet" if r.node in live else f"node {r.node} not seen"
+        f = failed.get((r.node, rid))
+        if f is not None:
+            why = f"its agent failed to start it {f.failures} time(s): {f.reason}"
         out.append(
             admin_pb2.ReplicaStatus(
                 replica_id=rid, pipeline=pipeline, stage=stage, node=r.node, gpu=r.gpu,

@@ -2,7 +2,10 @@
 epoch (or the one in force kept), and what it changed recorded for the operator.
 
 Every plan goes through one lock, so epochs and the plan in force move together; the caller
-publishes the routes and wakes the control loop once a plan is stored.
+publishes the routes and wakes the control loop once a plan is stored. Every plan, whichever
+policy or admin call made it, is checked against the GPUs' memory here before it is stored: one
+whose replicas do not fit (by their profiles, on what each GPU has for them) is refused with
+FAILED_PRECONDITION naming the GPU and the bytes, and the plan in force stays.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Set
 
+from common.errors import FailedPrecondition
 from protos import plan_pb2
 from scheduler.policy import PlanSpec, Policy
+from scheduler.search.planning import memory_problems
 from scheduler.service import decisions, planstore
 from scheduler.service.decisions import Decision, Decisions
 from scheduler.service.inforce import PlanInForce
@@ -51,9 +56,14 @@ class Replanner:
         force=False a plan equal to the one in force is kept: (the plan in force, False)."""
         async with self._lock:
             profiles_version = self.world.profiles_version
+            memory_version = self.world.memory_version
             world = self.inforce.policy_input()
             if choice is not None:
                 world = dataclasses.replace(world, options=self.world.options(choice.options))
+            if world.current is not None and memory_problems(world, world.current):
+                # a plan in force that no longer fits (a replica ran out of memory, another
+                # tenant took some) is no anchor: no policy keeps it or grows from it
+                world = dataclasses.replace(world, current=None)
             pol = policy if policy is not None else self.world.policy()
             # policies are pure CPU work: off the event loop, so RPCs keep flowing
             spec = await asyncio.to_thread(pol.plan, world)
@@ -61,8 +71,15 @@ class Replanner:
             spec = without_drained(spec, self.world.drained_nodes, self.world.drained_replicas)
             spec = dataclasses.replace(spec, reason=why)
             planstore.validate(spec)
+            problems = memory_problems(world, spec)
+            if problems:
+                raise FailedPrecondition(
+                    f"plan by {spec.policy} refused: it does not fit GPU memory: "
+                    + "; ".join(problems)
+                )
             self.inforce.made_for(world)
             self.world.planned_with_profiles(profiles_version)
+            self.world.planned_with_memory(memory_version)
             old = self.inforce.plan
             # the same replicas sized for a load that moved is stored too: the plan then says
             # what load it carries (the operator's planned-against-measured, the shrink margin)

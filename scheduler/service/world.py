@@ -46,6 +46,9 @@ class World:
         self.profiles_note = ""
         self.profiles_changed = ""
         self.profiles_version = 0  # counts the changes, so a plan knows which it was made with
+        # why the plan in force does not fit GPU memory any more ("": it does), and its count
+        self.memory_short = ""
+        self.memory_version = 0
         self.windows = windows
         self.choice = PolicyChoice(settings.policy, dict(settings.policy_options))
         self._policy: Policy | None = None
@@ -97,6 +100,8 @@ class World:
         node.inventory.CopyFrom(hb.inventory)
         node.endpoints = list(hb.replicas)
         node.applied_epoch = hb.applied_epoch
+        node.start_failures = list(hb.start_failures)
+        node.observe_memory()
         node.last_seen = time.monotonic()
         return joined
 
@@ -121,6 +126,16 @@ class World:
         (while the policy ran)."""
         if version == self.profiles_version:
             self.profiles_changed = ""
+
+    def memory_ran_out(self, reason: str) -> None:
+        """A GPU has less memory than the plan in force was made for (`reason` says where)."""
+        self.memory_short = reason
+        self.memory_version += 1
+
+    def planned_with_memory(self, version: int) -> None:
+        """A plan was made knowing the memory of `version`: it fits, unless more ran out since."""
+        if version == self.memory_version:
+            self.memory_short = ""
 
     # -- the measurements -----------------------------------------------------------------------
 

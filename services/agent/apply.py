@@ -11,7 +11,10 @@ An apply, under one lock:
     7. record the epoch, publish the final routes
 
 If a new replica fails to start, the old instance (if any) keeps serving, the epoch is not
-recorded and the apply fails with UNAVAILABLE; re-applying the same assignment retries it.
+recorded and the apply fails with UNAVAILABLE; re-applying the same assignment retries it, after
+a doubling delay. The failures go to the scheduler with every heartbeat (`start_failures`): one
+whose GPU ran out of memory is planned around there, and the newer assignment that says so (one
+without the replica, or with another plan for it) ends its retries.
 """
 
 from __future__ import annotations
@@ -40,6 +43,27 @@ from services.agent.settings import AgentSettings
 from services.agent.supervisor import RestartPolicy, supervise
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartFailure:
+    """A replica that failed to start: the plan it had, how often, when to try again, and why."""
+
+    target: plan_pb2.Endpoint
+    epoch: int
+    failures: int
+    next_at: float  # monotonic
+    error: str
+    out_of_memory: bool
+
+    def to_proto(self) -> agent_pb2.StartFailure:
+        return agent_pb2.StartFailure(
+            replica=self.target,
+            epoch=self.epoch,
+            reason=self.error,
+            out_of_memory=self.out_of_memory,
+            failures=self.failures,
+        )
 
 
 @dataclass(frozen=True)
@@ -82,10 +106,10 @@ class Agent:
         # set when close() begins: no assignment is applied after it (a heartbeat's or an
         # Apply's would start replicas while the agent stops the ones it has)
         self._closing = False
-        # replica_id -> (starts failed in a row, monotonic time of the next try, last error): a
-        # replica that cannot start (a crash in its warm-up, say) is retried with a doubling
-        # delay, not at every heartbeat that re-sends the assignment
-        self._start_failures: dict[str, tuple[int, float, str]] = {}
+        # replica_id -> its failed starts: a replica that cannot start (a crash in its warm-up,
+        # say) is retried with a doubling delay, not at every heartbeat that re-sends the
+        # assignment, and only while the assignment plans it the same way
+        self._start_failures: dict[str, StartFailure] = {}
         self.policy = RestartPolicy(
             backoff_s=settings.restart_backoff_s,
             backoff_cap_s=settings.restart_backoff_cap_s,
@@ -123,6 +147,10 @@ class Agent:
             self.mode,
             running,
         )
+
+    def start_failures(self) -> list[agent_pb2.StartFailure]:
+        """The replicas of the newest assignment that could not start, for the scheduler."""
+        return [f.to_proto() for f in self._start_failures.values()]
 
     def instances(self, replica_id: str) -> list[Instance]:
         """Every live instance of a replica (two during a shadow replacement)."""
@@ -164,18 +192,20 @@ class Agent:
     async def _apply(self, assignment: agent_pb2.Assignment) -> agent_pb2.ApplyResponse:
         t0 = mono_us()
         diff.validate(assignment, self.shape, self.epoch)
+        self._forget_failures(assignment)
         current = {rid: inst.target for rid, inst in self.primary.items()}
         changes = diff.diff(current, assignment, self.mode)
         starts = [c for c in changes if c.action in (Action.START, Action.REPLACE)]
         failures: list[str] = []
         now = time.monotonic()
-        waiting = [c for c in starts if c.replica_id in self._start_failures]
-        for c in waiting:
-            n, at, last = self._start_failures[c.replica_id]
-            if at <= now:
+        for c in list(starts):
+            f = self._start_failures.get(c.replica_id)
+            if f is None or f.next_at <= now:
                 continue
-            failures.append(f"replica {c.replica_id} failed to start {n} time(s) in a row, "
-                            f"next try in {at - now:.1f} s (last: {last})")  # fmt: skip
+            failures.append(
+                f"replica {c.replica_id} failed to start {f.failures} time(s) in a row, "
+                f"next try in {f.next_at - now:.1f} s (last: {f.error})"
+            )
             starts.remove(c)
         for c in starts:
             log.info("epoch %d: %s %s", assignment.epoch, c.action.value, c.replica_id)
@@ -190,7 +220,8 @@ class Agent:
                 if not isinstance(result, StartError | OSError):
                     raise result
                 failures.append(str(result))
-                self._start_failed(change.replica_id, str(result))
+                assert change.target is not None
+                self._start_failed(change.target, assignment.epoch, result)
                 continue
             self._start_failures.pop(change.replica_id, None)
             started += 1
@@ -235,12 +266,28 @@ class Agent:
             endpoints=self.endpoints(),
         )
 
-    def _start_failed(self, replica_id: str, error: str) -> None:
-        n = self._start_failures.get(replica_id, (0, 0.0, ""))[0] + 1
+    def _start_failed(self, target: plan_pb2.Endpoint, epoch: int, error: BaseException) -> None:
+        replica_id = target.replica.replica_id
+        before = self._start_failures.get(replica_id)
+        n = (before.failures if before is not None else 0) + 1
         delay = self.policy.backoff.delay_s(n)
-        self._start_failures[replica_id] = (n, time.monotonic() + delay, error)
-        log.warning("replica %s failed to start (%d in a row); next try in %.1f s: %s",
-                    replica_id, n, delay, error)  # fmt: skip
+        oom = isinstance(error, StartError) and error.out_of_memory
+        self._start_failures[replica_id] = StartFailure(
+            self._normalized(target), epoch, n, time.monotonic() + delay, str(error), oom
+        )
+        log.warning("replica %s failed to start (%d in a row%s); next try in %.1f s: %s",
+                    replica_id, n, ", out of GPU memory" if oom else "", delay,
+                    error)  # fmt: skip
+
+    def _forget_failures(self, assignment: agent_pb2.Assignment) -> None:
+        """Ends the retries of replicas the assignment no longer plans, or plans otherwise (the
+        scheduler's answer to a replica that ran out of memory): those start afresh, if at all."""
+        planned = {ep.replica.replica_id: self._normalized(ep) for ep in assignment.replicas}
+        for rid, f in list(self._start_failures.items()):
+            if planned.get(rid) != f.target:
+                log.info("replica %s: epoch %d plans it otherwise; its failed starts are over",
+                         rid, assignment.epoch)  # fmt: skip
+                del self._start_failures[rid]
 
     async def _start(self, target: plan_pb2.Endpoint) -> Instance:
         """A new instance, SERVING and supervised; StartError (and cleaned up) otherwise."""

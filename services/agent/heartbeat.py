@@ -63,6 +63,7 @@ class Heartbeat:
             replicas=self.agent.endpoints(),
             applied_epoch=self.agent.epoch,
             sequence=self.sequence,
+            start_failures=self.agent.start_failures(),
         )
         assignment = await stub.Heartbeat(request, timeout=self.timeout_s)
         self.agent.heartbeats += 1

@@ -18,7 +18,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.errors import CamelotError
+from common.errors import OUT_OF_MEMORY_EXIT, CamelotError
 from protos import plan_pb2
 from services.agent.stageclient import StageClient
 
@@ -37,8 +37,31 @@ class State(enum.Enum):
     FAILED = plan_pb2.REPLICA_STATE_FAILED
 
 
+# how much of a log's end is read for the line that says why a replica stopped
+LOG_TAIL_BYTES = 4096
+LOG_LINE_CHARS = 400
+
+
 class StartError(CamelotError):
-    """A replica process exited or did not report SERVING in time."""
+    """A replica process exited or did not report SERVING in time; `out_of_memory` where it
+    exited with OUT_OF_MEMORY_EXIT (its model did not fit the GPU)."""
+
+    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+def last_line(path: str) -> str:
+    """The last non-empty line of a log ("" when there is none), cut to LOG_LINE_CHARS."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:LOG_LINE_CHARS] if lines else ""
 
 
 def render_command(template: Sequence[str], fields: Mapping[str, object]) -> list[str]:
@@ -90,6 +113,7 @@ class Instance:
         self.restarts = 0
         self.stopping = False
         self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = ""
         self.exited: asyncio.Task[int] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.client = StageClient(self.address)
@@ -123,6 +147,7 @@ class Instance:
             os.unlink(self.unix_path)
         os.makedirs(os.path.dirname(self.unix_path), exist_ok=True)
         os.makedirs(os.path.dirname(launch.log_path), exist_ok=True)
+        self.log_path = launch.log_path
         with open(launch.log_path, "ab") as out:  # noqa: ASYNC230 (a local file, opened once)
             # a session of its own: a Ctrl-C at the agent's terminal reaches the agent only,
             # which then drains its replicas in order
@@ -143,7 +168,13 @@ class Instance:
         ok = await self.client.wait_serving(timeout_s, self.exited)  # type: ignore[arg-type]
         if not ok:
             if self.exited is not None and self.exited.done():
-                raise StartError(f"replica {self.instance_id} exited with {self.exited.result()}")
+                code = self.exited.result()
+                # the process's last words (run_process prints the error there) say why
+                said = await asyncio.to_thread(last_line, self.log_path) if self.log_path else ""
+                why = f"replica {self.instance_id} exited with {code}"
+                raise StartError(
+                    f"{why}: {said}" if said else why, out_of_memory=code == OUT_OF_MEMORY_EXIT
+                )
             raise StartError(f"replica {self.instance_id} not SERVING after {timeout_s:.0f} s")
         self.state = State.READY
         log.info("replica %s: ready at %s", self.instance_id, self.address)

@@ -7,18 +7,26 @@ import sys
 from common import logs, metrics
 from common.lifecycle import run_process, run_until_signalled
 from common.settings import parse_or_exit
-from services.stage.app import create_server
+from services.stage.app import create_server, out_of_memory_errors
 from services.stage.settings import StageSettings, parse
 
 
 async def serve(settings: StageSettings) -> None:
-    app = await create_server(settings)
+    # the model's weights are allocated here and its activations at warm-up: a GPU without room
+    # for either stops the process as OutOfMemory (run_process's OUT_OF_MEMORY_EXIT)
+    with out_of_memory_errors("model load"):
+        app = await create_server(settings)
+
+    async def warm_up() -> None:
+        with out_of_memory_errors("warm-up"):
+            await app.replica.warm_up()
+
     try:
         await run_until_signalled(
             app.server,
             app.health,
             app.settings.grace_s,
-            warm_up=app.replica.warm_up,
+            warm_up=warm_up,
             on_stop=app.drain,
         )
     finally:

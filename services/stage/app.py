@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 from common import lifecycle
 from common.backend import Backend, resolve, use_device, xp_for
 from common.clock import mono_us
-from common.errors import InvalidArgument, NotFound
+from common.errors import InvalidArgument, NotFound, OutOfMemory
 from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
 from services.stage.forward import Forwarder
@@ -55,6 +56,40 @@ class StageApp:
 
     async def aclose(self) -> None:
         await self.stack.aclose()
+
+
+# what a CUDA allocation failure says where its class is not CuPy's or PyTorch's
+# OutOfMemoryError (a runtime error code, cuBLAS's workspace)
+_OUT_OF_MEMORY_TEXT = ("out of memory", "cudaErrorMemoryAllocation", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def device_memory_ran_out(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, says the device's memory ran out."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if any(c.__name__ == "OutOfMemoryError" for c in type(cause).__mro__):
+            return True
+        text = str(cause).lower()
+        if any(t.lower() in text for t in _OUT_OF_MEMORY_TEXT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+@contextlib.contextmanager
+def out_of_memory_errors(what: str) -> Iterator[None]:
+    """A device allocation failure while `what` runs becomes OutOfMemory: the process then
+    exits with OUT_OF_MEMORY_EXIT and its agent reports the GPU as short of memory."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except Exception as e:
+        if not device_memory_ran_out(e):
+            raise
+        raise OutOfMemory(f"out of device memory in {what}: {type(e).__name__}: {e}") from e
 
 
 def multiprocessors(backend: Backend, device: int) -> int:
