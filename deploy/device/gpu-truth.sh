@@ -12,6 +12,9 @@
 set -u
 source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
+# TRANSPORT=1: the transport bench first, host hops apart (issue 23's re-measure on this device)
+[[ ${TRANSPORT:-0} == 1 ]] && step transport 100 python3 -m shmbroker.bench \
+  --out "$R/transport.json" --repeats 10 --host-hops apart
 for p in ${PIPES:-img-to-text video-analytics text-to-img speech-to-text}; do
   step "profile-$p" "${STEP_S:-140}" python3 -m services.profiler "$p" --size full \
     --shares "${SHARES:-10,30,50,100}" --batches "${BATCHES:-1,8,32}" \
