@@ -1,6 +1,7 @@
 """One error hierarchy for every Camelot process, each class carrying its gRPC status.
 
     CamelotError                      INTERNAL
+    ├── DeviceFault                   INTERNAL           fatal GPU fault, the context lost
     ├── InvalidArgument               INVALID_ARGUMENT   bad request, shape, dtype
     │   └── BadRef                    INVALID_ARGUMENT   forged, out-of-slab or malformed ref
     ├── NotFound                      NOT_FOUND          unknown pipeline, lease, replica
@@ -19,7 +20,10 @@ Servers wrap their methods with `grpc_errors` (maps these to `context.abort`,
 anything else to INTERNAL with the traceback logged); clients turn an
 `AioRpcError` back into the same class with `from_rpc_error`. A process that stops on
 `OutOfMemory` exits with OUT_OF_MEMORY_EXIT (`lifecycle.run_process`), so the agent that started
-it can tell the scheduler (which plans less memory onto that GPU) without parsing its log.
+it can tell the scheduler (which plans less memory onto that GPU) without parsing its log; one
+that stops on `DeviceFault` (an illegal address, a device-side assert: its CUDA context, and under
+MPS every client's on that GPU, is lost) exits with DEVICE_FAULT_EXIT, so its agent restarts what
+shares the fault (docs/RELIABILITY.md, "Fatal GPU faults").
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ class CamelotError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
+
+
+class DeviceFault(CamelotError):
+    """A fatal GPU fault (cudaErrorIllegalAddress, a device-side assert, a lost MPS server): the
+    process's CUDA context is unusable until it exits. INTERNAL and never retried elsewhere by the
+    replica that raised it: the queries of the batch it hit may have caused it. `fault` is the
+    CUDA error's name; `innocent` where the fault came from outside the process (a failed MPS
+    server), so the batch it hit may be retried elsewhere."""
+
+    def __init__(self, message: str, *, fault: str = "", innocent: bool = False) -> None:
+        super().__init__(message)
+        self.fault = fault
+        self.innocent = innocent
+
+
+# the exit status of a process that stopped on DeviceFault
+DEVICE_FAULT_EXIT = 4
 
 
 class InvalidArgument(CamelotError):

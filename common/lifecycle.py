@@ -26,7 +26,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.errors import OUT_OF_MEMORY_EXIT, CamelotError, OutOfMemory
+from common.errors import (
+    DEVICE_FAULT_EXIT,
+    OUT_OF_MEMORY_EXIT,
+    CamelotError,
+    DeviceFault,
+    OutOfMemory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +161,15 @@ def run_process(prog: str, main: Coroutine[Any, Any, None]) -> int:
     """Runs a process's `main` coroutine to its end: 0, or 2 with one line on stderr where it
     stopped on a Camelot error (a bad configuration found at start: an unknown pipeline, a
     profile that does not load), never a traceback; OUT_OF_MEMORY_EXIT where that error is
-    OutOfMemory (the model does not fit its GPU), which its agent reports to the scheduler."""
+    OutOfMemory (the model does not fit its GPU), which its agent reports to the scheduler;
+    DEVICE_FAULT_EXIT where it is DeviceFault (a fatal GPU fault at start or warm-up)."""
     try:
         asyncio.run(main)
     except CamelotError as e:
         print(f"{prog}: {e.code.name}: {e.message}", file=sys.stderr)
-        return OUT_OF_MEMORY_EXIT if isinstance(e, OutOfMemory) else 2
+        if isinstance(e, OutOfMemory):
+            return OUT_OF_MEMORY_EXIT
+        return DEVICE_FAULT_EXIT if isinstance(e, DeviceFault) else 2
     return 0
 
 

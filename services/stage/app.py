@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +18,10 @@ import numpy as np
 from common import lifecycle
 from common.backend import Backend, resolve, use_device, xp_for
 from common.clock import mono_us
-from common.errors import InvalidArgument, NotFound, OutOfMemory
+from common.errors import DEVICE_FAULT_EXIT, DeviceFault, InvalidArgument, NotFound, OutOfMemory
 from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
+from services.stage.devicefault import device_fault
 from services.stage.forward import Forwarder
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import Replica, ReplicaIdentity
@@ -28,6 +32,10 @@ from shmbroker.client import BrokerClient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "camelot.v1.Stage"
+# how long a replica stopping on a fatal GPU fault gives its streams to send the answers it
+# settled (the fault's own status among them) before it exits; it never waits on the GPU
+FAULT_FLUSH_S = 1.0
+FLUSH_POLL_S = 0.01
 
 
 @dataclass
@@ -56,6 +64,26 @@ class StageApp:
 
     async def aclose(self) -> None:
         await self.stack.aclose()
+
+    async def exit_on_fault(self, fault: DeviceFault) -> None:
+        """A batch met a fatal GPU fault (the replica has failed what it held): NOT_SERVING,
+        the settled answers sent (at most FAULT_FLUSH_S), then exit DEVICE_FAULT_EXIT at once.
+        Nothing is released in order: the context is lost, a synchronize could hang, and the
+        broker reclaims what the process held when it is gone."""
+        try:
+            await self.health.set(False)
+            self.servicer.end_streams()
+            deadline = time.monotonic() + FAULT_FLUSH_S
+            for _ in range(int(FAULT_FLUSH_S / FLUSH_POLL_S)):
+                if time.monotonic() > deadline or not any(c.unsent for c in self.servicer.streams):
+                    break
+                await asyncio.sleep(FLUSH_POLL_S)
+            # a last turn for the writers (and unary calls) that took their answers
+            await asyncio.sleep(0.05)
+        finally:
+            print(f"stage: {fault.code.name}: {fault.message}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(DEVICE_FAULT_EXIT)
 
 
 # what a CUDA allocation failure says where its class is not CuPy's or PyTorch's
@@ -90,6 +118,21 @@ def out_of_memory_errors(what: str) -> Iterator[None]:
         if not device_memory_ran_out(e):
             raise
         raise OutOfMemory(f"out of device memory in {what}: {type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def device_fault_errors(replica_id: str) -> Iterator[None]:
+    """A fatal GPU fault while the block runs (loading, warming up) becomes DeviceFault: the
+    process then exits DEVICE_FAULT_EXIT and its agent restarts what shares the fault."""
+    try:
+        yield
+    except DeviceFault:
+        raise
+    except Exception as e:
+        fault = device_fault(e, replica_id)
+        if fault is None:
+            raise
+        raise fault from e
 
 
 def multiprocessors(backend: Backend, device: int) -> int:

@@ -196,6 +196,19 @@ class Batcher:
                 await asyncio.wait_for(self._idle.wait(), 0.05)
         return self.completed - before
 
+    def refuse(self, error: CamelotError) -> int:
+        """Stops taking requests at once and fails every queued one with `error` (a replica
+        whose GPU context is lost runs nothing more); returns how many were queued."""
+        self.state = State.STOPPED
+        failed = 0
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(error)
+                failed += 1
+        self._idle.set()
+        return failed
+
     async def stop(self) -> None:
         self.state = State.STOPPED
         if self._task is not None:

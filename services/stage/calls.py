@@ -118,6 +118,11 @@ class StreamCalls:
     def in_flight(self) -> int:
         return len(self._calls)
 
+    @property
+    def unsent(self) -> int:
+        """Answers settled but not yet taken by the stream's writer."""
+        return len(self._answers.results)
+
     async def take(self, batch: stage_pb2.InferBatch) -> None:
         """Starts the batch's calls and applies its cancellations."""
         if batch.stream_id:

@@ -18,10 +18,11 @@ from typing import Any
 from common import metrics
 from common.backend import Backend
 from common.clock import mono_us, wall_us
-from common.errors import CamelotError
+from common.errors import CamelotError, DeviceFault, Unavailable
 from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
+from services.stage.devicefault import device_fault
 from services.stage.gputhread import GpuThread
 from services.stage.plugin import Model
 from services.stage.requests import BufferSource, Request, Result, check_inputs
@@ -84,6 +85,10 @@ class Replica:
         self._requests: dict[str, Any] = {}
         # the model's inputs as (name, dtype, shape): what every request is checked against
         self._in_specs = [(sp.name, sp.dtype, tuple(sp.shape)) for sp in model.inputs]
+        # set once a batch meets a fatal GPU fault: the replica runs nothing more, and
+        # `on_fault` (the process's) stops it with DEVICE_FAULT_EXIT
+        self.fault: DeviceFault | None = None
+        self.on_fault: Callable[[DeviceFault], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -224,6 +229,35 @@ class Replica:
         return live
 
     async def _run_batch(self, items: list[Item]) -> None:
+        try:
+            await self._run_live_batch(items)
+        except Exception as e:
+            fault = device_fault(e, self.identity.replica_id)
+            if fault is None:
+                raise
+            self._faulted(fault, items, e)
+
+    def _faulted(self, fault: DeviceFault, items: list[Item], cause: BaseException) -> None:
+        """The batch's queries fail with the fault (INTERNAL: one of them may be its cause and
+        must not take another replica down), or UNAVAILABLE where the fault came from outside
+        (a failed MPS server); every queued one fails UNAVAILABLE, so gateways retry it on
+        another replica; the replica takes nothing more."""
+        self.fault = fault
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(Unavailable(fault.message) if fault.innocent else fault)
+        queued = self.batcher.refuse(
+            Unavailable(
+                f"replica {self.identity.replica_id} stopped on a fatal GPU fault "
+                f"({fault.fault}); retry on another replica"
+            )  # fmt: skip
+        )
+        log.error("%s: %d request(s) of the batch failed, %d queued refused (%s: %s)",
+                  fault.message, len(items), queued, type(cause).__name__, cause)  # fmt: skip
+        if self.on_fault is not None:
+            self.on_fault(fault)
+
+    async def _run_live_batch(self, items: list[Item]) -> None:
         items = await self._open_leases_only(items)
         if not items:
             return
