@@ -66,6 +66,14 @@ QUEUE_DEPTH = Gauge(
     "Requests waiting in a replica's batcher.",
     ["pipeline", "stage", "replica"],
 )
+GPU_XIDS = Counter(
+    "camelot_gpu_xid_total", "Critical Xid events NVML reported, per GPU and Xid.", ["gpu", "xid"]
+)
+GPU_FAULTS = Counter(
+    "camelot_gpu_fault_rounds_total",
+    "Recoveries of a GPU from a fatal fault (each restarts what the fault took down).",
+    ["gpu", "cause"],
+)
 
 
 def start(port: int) -> None:

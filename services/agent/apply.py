@@ -37,6 +37,7 @@ from services.agent.diff import Action, NodeShape
 from services.agent.launch import Launches
 from services.agent.mps import MpsDaemon
 from services.agent.orphans import ORPHAN_GRACE_S, Orphans
+from services.agent.recovery import GpuFaults
 from services.agent.replicas import RPC_TIMEOUT_S, Instance, StartError, State, socket_path
 from services.agent.routes import RouteBoard
 from services.agent.settings import AgentSettings
@@ -116,6 +117,8 @@ class Agent:
             ready_timeout_s=settings.ready_timeout_s,
             kill_grace_s=settings.kill_grace_s,
         )
+        # fatal GPU faults: what shares one restarts with the replica that met it
+        self.faults = GpuFaults(mps, lambda: list(self._all), self.mode, settings.kill_grace_s)
         self._sock_dir = os.path.join(settings.run_dir, "replicas")
         # replicas of a killed predecessor: routed to until this agent's own serve, then stopped
         self.orphans = Orphans(self._sock_dir)
@@ -306,7 +309,14 @@ class Agent:
             self._all.remove(inst)
             raise
         inst.watcher = asyncio.create_task(
-            supervise(inst, self.launches.launch, self.policy, self._on_instance_change)
+            supervise(
+                inst,
+                self.launches.launch,
+                self.policy,
+                self._on_instance_change,
+                on_exit=self.faults.on_exit,
+                before_restart=self.faults.before_restart,
+            )
         )
         return inst
 
@@ -395,6 +405,7 @@ class Agent:
         if self._background is not None:
             self._background.cancel()
             await asyncio.gather(self._background, return_exceptions=True)
+        await self.faults.aclose()
         async with self._lock:
             retired = list(self._all)
             self.primary.clear()

@@ -16,6 +16,8 @@ import os
 import shutil
 import time
 
+from services.agent.gpufaults import parse_server_status
+
 log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
@@ -86,6 +88,30 @@ class MpsDaemon:
         except MpsError:
             return False
         return rc == 0
+
+    async def server_states(self) -> dict[int, str]:
+        """Each MPS server's pid and state (ACTIVE, INITIALIZING, FAULT; "" where this driver's
+        control daemon does not say): `get_server_list`, then `get_server_status <pid>`."""
+        if not self.enabled:
+            return {}
+        rc, out = await self._control("get_server_list")
+        if rc != 0:
+            raise MpsError(f"get_server_list failed (rc {rc}): {out}")
+        states: dict[int, str] = {}
+        for word in out.split():
+            if not word.isdigit():
+                continue
+            rc, said = await self._control(f"get_server_status {word}")
+            states[int(word)] = parse_server_status(said) if rc == 0 else ""
+        return states
+
+    async def restart(self) -> None:
+        """Quits the daemon this agent started (its servers with it) and starts it again."""
+        if not self.owned:
+            raise MpsError("the MPS daemon is not this agent's to restart")
+        await self.stop()
+        await self.start()
+        log.warning("MPS control daemon restarted")
 
     async def start(self) -> None:
         if not self.enabled:

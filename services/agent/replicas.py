@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -117,6 +118,9 @@ class Instance:
         self.exited: asyncio.Task[int] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.client = StageClient(self.address)
+        # the process's start (monotonic) and whether it has served: what a GPU fault asks
+        self.started_at = 0.0
+        self.served = False
 
     @property
     def replica_id(self) -> str:
@@ -160,6 +164,8 @@ class Instance:
                 start_new_session=True,
             )
         self.exited = asyncio.ensure_future(self.proc.wait())
+        self.started_at = time.monotonic()
+        self.served = False
         self.state = State.STARTING
         log.info("replica %s: started pid %d", self.instance_id, self.proc.pid)
 
@@ -177,6 +183,7 @@ class Instance:
                 )
             raise StartError(f"replica {self.instance_id} not SERVING after {timeout_s:.0f} s")
         self.state = State.READY
+        self.served = True
         log.info("replica %s: ready at %s", self.instance_id, self.address)
 
     async def stop(self, drain_timeout_s: float, kill_grace_s: float) -> None:

@@ -20,6 +20,7 @@ from services.agent.apply import Agent, NodeInfo
 from services.agent.heartbeat import Heartbeat
 from services.agent.mps import MpsDaemon
 from services.agent.settings import AgentSettings
+from services.agent.xid import XidWatcher
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ async def create_server(
         gpus = await inventory.discover(backend, settings.share_mode == "green", probe_env)
         agent = Agent(settings, NodeInfo(backend, tuple(gpus)), mps, base_env)
         stack.push_async_callback(agent.close)
+        if backend is Backend.CUDA:
+            # critical Xids begin a fault round on their GPU (services/agent/recovery.py)
+            xids = XidWatcher(agent.faults.on_xid, asyncio.get_running_loop())
+            if await asyncio.to_thread(xids.start):
+                stack.push_async_callback(asyncio.to_thread, xids.stop)
         server = lifecycle.new_server()
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
         health = lifecycle.Health(server, [SERVICE_NAME])

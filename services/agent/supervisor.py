@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.retry import Backoff
@@ -41,14 +41,23 @@ async def supervise(
     launch_for: Callable[[Instance], Launch],
     policy: RestartPolicy,
     changed: Callable[[], None],
+    on_exit: Callable[[Instance, int], None] | None = None,
+    before_restart: Callable[[Instance], Awaitable[None]] | None = None,
 ) -> None:
-    """Runs until the instance is stopped on purpose; restarts its process when it dies."""
+    """Runs until the instance is stopped on purpose; restarts its process when it dies.
+    `on_exit(instance, code)` hears of each unexpected exit first (a GPU fault's reach is
+    decided there); `before_restart` is awaited before each start (a faulted GPU's round)."""
     failures = 0
     while not instance.stopping:
         assert instance.exited is not None
         code = await asyncio.shield(instance.exited)
         if instance.stopping:
             return
+        if on_exit is not None:
+            try:
+                on_exit(instance, code)
+            except Exception:
+                log.exception("replica %s: exit handler failed", instance.instance_id)
         failures += 1
         instance.state = State.FAILED
         log.error("replica %s (pid %s) exited with %s; restart %d in %.1f s",
@@ -56,6 +65,8 @@ async def supervise(
                   policy.delay_s(failures))  # fmt: skip
         changed()
         await asyncio.sleep(policy.delay_s(failures))
+        if before_restart is not None:
+            await before_restart(instance)
         if instance.stopping:
             return
         instance.restarts += 1
