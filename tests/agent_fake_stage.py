@@ -5,7 +5,9 @@ FAKE_STAGE_INFER_S, answers `replica_id@pid`), Drain (refuses new requests, wait
 flight) and Resize. On SIGTERM it drains and exits. Writes `<unix>.json` with its argv, pid and
 CUDA_MPS_* environment so tests can check what the agent gave it. With FAKE_STAGE_OUT_OF_MEMORY
 set its "model" does not fit the GPU: it stops at start on OutOfMemory with that text, as the
-real stage does on a CUDA out-of-memory error (exit status OUT_OF_MEMORY_EXIT).
+real stage does on a CUDA out-of-memory error (exit status OUT_OF_MEMORY_EXIT). A query whose
+query_id is "poison" meets a fatal GPU fault: it is answered INTERNAL and the process exits
+DEVICE_FAULT_EXIT, as the real stage does (services/stage/devicefault.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import grpc
 
 from common import lifecycle
-from common.errors import OutOfMemory
+from common.errors import DEVICE_FAULT_EXIT, OutOfMemory
 from protos import stage_pb2, stage_pb2_grpc
 
 
@@ -37,6 +39,9 @@ class FakeStage(stage_pb2_grpc.StageServicer):
     async def Infer(self, request, context):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if request.query_id == "poison":
+            asyncio.get_running_loop().call_later(0.05, os._exit, DEVICE_FAULT_EXIT)
+            await context.abort(grpc.StatusCode.INTERNAL, "fatal GPU fault (fake)")
         self.in_flight += 1
         self.idle.clear()
         try:

@@ -107,10 +107,15 @@ class GpuFaults:
 
     def begin_round(self, gpu: int, reach: Reach, cause: str, exclude: str = "") -> list[str]:
         """Stops what `reach` took down on `gpu`; the supervisors restart it after the round."""
-        now = time.monotonic()
-        self.round_at[gpu] = now
-        self.rounds[gpu] = self.rounds.get(gpu, 0) + 1
         live = [i for i in self.instances() if i.target.replica.gpu == gpu]
+        shared = any(self.client(i).mode == diff.MPS for i in live)
+        if reach is Reach.SHARED and not shared:
+            # no context is shared on this GPU: the process that faulted exits by itself
+            log.error("GPU %d: fatal fault (%s) in a context of its own; nothing else restarts",
+                      gpu, cause)  # fmt: skip
+            return []
+        self.round_at[gpu] = time.monotonic()
+        self.rounds[gpu] = self.rounds.get(gpu, 0) + 1
         victims = set(gpufaults.to_restart(reach, gpu, [self.client(i) for i in live], exclude))
         self._old[gpu] = [i for i in live if i.alive()]
         metrics.GPU_FAULTS.labels(str(gpu), cause.split()[0]).inc()
@@ -119,7 +124,6 @@ class GpuFaults:
         for inst in live:
             if inst.instance_id in victims:
                 self._spawn(self._stop_for_round(inst))
-        shared = any(self.client(i).mode == diff.MPS for i in live) or reach is Reach.GPU
         if self.mps.enabled and shared:
             previous = self._mps_check.get(gpu)
             if previous is not None:
