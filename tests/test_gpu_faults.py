@@ -22,7 +22,7 @@ from common.errors import DEVICE_FAULT_EXIT, DeviceFault, OutOfMemory, Unavailab
 from common.lifecycle import channel
 from protos import plan_pb2, stage_pb2, stage_pb2_grpc
 from services.agent import gpufaults
-from services.agent.diff import GREEN, MPS, NONE
+from services.agent.diff import GREEN, MPS, NONE, TIME_SLICED
 from services.agent.gpufaults import Client, Reach
 from services.models.fault import HOST_FAULT_TEXT, fault, poison_input
 from services.stage.devicefault import FaultKind, device_fault, fatal_fault
@@ -170,21 +170,29 @@ async def test_the_host_fault_is_the_text_the_stage_classifies() -> None:
 # -- what the agent restarts -----------------------------------------------------------------
 
 
-def client(iid: str, gpu: int = 0, mode: int = MPS, started_at: float = 1.0) -> Client:
-    return Client(iid, gpu, mode, started_at, True)  # type: ignore[arg-type]
+def client(iid: str, gpu: int = 0, shared: bool = True, started_at: float = 1.0) -> Client:
+    return Client(iid, gpu, shared, started_at, True)
+
+
+def test_every_replica_that_finds_the_mps_daemon_is_a_client_of_its_server() -> None:
+    assert gpufaults.shares_server(MPS, mps_daemon=False)
+    assert gpufaults.shares_server(NONE, mps_daemon=True)
+    assert gpufaults.shares_server(GREEN, mps_daemon=True)
+    assert not gpufaults.shares_server(TIME_SLICED, mps_daemon=True)
+    assert not gpufaults.shares_server(GREEN, mps_daemon=False)
+    assert not gpufaults.shares_server(NONE, mps_daemon=False)
 
 
 def test_under_mps_a_fault_takes_down_every_mps_client_of_its_gpu_only() -> None:
-    clients = [client("a"), client("b"), client("c", gpu=1), client("d", mode=GREEN)]
+    clients = [client("a"), client("b"), client("c", gpu=1), client("d", shared=False)]
     assert gpufaults.to_restart(Reach.SHARED, 0, clients, exclude="a") == ["b"]
     assert gpufaults.to_restart(Reach.GPU, 0, clients, exclude="a") == ["b", "d"]
     assert gpufaults.to_restart(Reach.NONE, 0, clients) == []
 
 
 def test_a_green_or_plain_replicas_fault_is_its_own() -> None:
-    for mode in (GREEN, NONE):
-        faulted = client("a", mode=mode, started_at=5.0)
-        assert gpufaults.exit_reach(faulted, served=True, round_at=None) is Reach.NONE
+    faulted = client("a", shared=False, started_at=5.0)
+    assert gpufaults.exit_reach(faulted, served=True, round_at=None) is Reach.NONE
     assert gpufaults.exit_reach(client("a"), served=True, round_at=None) is Reach.SHARED
 
 

@@ -25,7 +25,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.agent.diff import MPS, ShareMode
+from services.agent.diff import MPS, TIME_SLICED, ShareMode
 
 # Xids an application's fault raises (13 graphics engine exception, 31 GPU memory page fault:
 # an illegal address, 43 a channel stopped after one, 94 a contained ECC error): under MPS
@@ -57,13 +57,20 @@ def xid_reach(xid: int) -> Reach:
     return Reach.NONE
 
 
+def shares_server(mode: ShareMode, mps_daemon: bool) -> bool:
+    """Whether a replica of `mode` is a client of its GPU's MPS server: an MPS replica, and
+    any other but a time-sliced one where the agent's replicas find a daemon (its pipe
+    directory is in their environment: a whole-GPU or green replica connects to it too)."""
+    return mode == MPS or (mps_daemon and mode != TIME_SLICED)
+
+
 @dataclass(frozen=True)
 class Client:
     """A replica process on a GPU, as a fault sees it."""
 
     instance_id: str
     gpu: int
-    mode: ShareMode
+    shared: bool  # a client of the GPU's MPS server (`shares_server`)
     started_at: float  # monotonic, when its process started
     alive: bool
 
@@ -79,7 +86,7 @@ def to_restart(reach: Reach, gpu: int, clients: Sequence[Client], exclude: str =
         if c.gpu == gpu
         and c.alive
         and c.instance_id != exclude
-        and (reach is Reach.GPU or c.mode == MPS)
+        and (reach is Reach.GPU or c.shared)
     ]
 
 
@@ -87,7 +94,7 @@ def exit_reach(faulted: Client, served: bool, round_at: float | None) -> Reach:
     """How far a replica's DEVICE_FAULT_EXIT reaches: SHARED for an MPS client that served and
     ran after the GPU's last round began (`round_at`), else NONE (green and plain processes keep
     their faults; a client of a round under way, or one that never served, is that round's)."""
-    if faulted.mode != MPS or not served:
+    if not faulted.shared or not served:
         return Reach.NONE
     if round_at is not None and faulted.started_at <= round_at:
         return Reach.NONE

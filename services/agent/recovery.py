@@ -68,7 +68,8 @@ class GpuFaults:
     def client(self, inst: Instance) -> Client:
         plan = inst.target.replica
         mode = diff.effective_mode(plan, self.node_mode)
-        return Client(inst.instance_id, plan.gpu, mode, inst.started_at, inst.alive())
+        shared = gpufaults.shares_server(mode, self.mps.enabled)
+        return Client(inst.instance_id, plan.gpu, shared, inst.started_at, inst.alive())
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class GpuFaults:
     def begin_round(self, gpu: int, reach: Reach, cause: str, exclude: str = "") -> list[str]:
         """Stops what `reach` took down on `gpu`; the supervisors restart it after the round."""
         live = [i for i in self.instances() if i.target.replica.gpu == gpu]
-        shared = any(self.client(i).mode == diff.MPS for i in live)
+        shared = any(self.client(i).shared for i in live)
         if reach is Reach.SHARED and not shared:
             # no context is shared on this GPU: the process that faulted exits by itself
             log.error("GPU %d: fatal fault (%s) in a context of its own; nothing else restarts",
