@@ -63,6 +63,9 @@ bench-host: codegen ## host path: null stages' max rate at p99<=25ms, CPU-ms/que
 faults: codegen ## kill -9 each process of a live mesh under load -> docs/results/faults.json
 	$(BIN)/python -m loadgen.faults $(ARGS)
 
+gpu-faults: codegen ## a fatal GPU fault under load, MPS and green: recovery -> docs/results/gpu-faults.json
+	$(BIN)/python -m loadgen.gpu_faults $(or $(ARGS),--sharing mps --sharing green)
+
 soak: codegen ## 10 minutes at 80% of the measured peak: RSS, leases -> docs/results/soak.json
 	$(BIN)/python -m loadgen.soak --duration-s 600 $(ARGS)
 
@@ -73,4 +76,4 @@ clean: ## remove generated code and caches
 	rm -f protos/*_pb2*.py protos/*_pb2*.pyi
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e bench-host faults soak load clean
+.PHONY: help venv codegen run test test-gpu lint fmt bench-transport bench-e2e bench-host faults gpu-faults soak load clean

@@ -86,11 +86,24 @@ async def start(
     run_dir: Path, backend: str, sharing: str, replicas: int, groups_per_replica: int
 ) -> FaultMesh:
     fm = FaultMesh(Mesh(run_dir), pipeline=PIPELINE)
-    plan_file = run_dir / "plan.json"
-    plan_file.write_text(json.dumps(plan(backend, sharing, replicas, groups_per_replica)))
+    env = fm.mesh.env
+    # Only the replicas are clients of the GPU's MPS server: a fatal fault is reported to every
+    # client of the server, which takes no new one until all have exited, so a broker or a
+    # gateway among them would be lost with the replicas and hold the server's recovery. They
+    # (and green replicas) get contexts of their own: a pipe directory with no daemon behind
+    # it, as the agent gives time-sliced replicas; the agent finds the daemon through its own
+    # setting (CAMELOT_MPS_PIPE_DIR) and hands it to MPS replicas alone.
+    daemon = env.get("CAMELOT_MPS_PIPE_DIR") or env.get("CUDA_MPS_PIPE_DIRECTORY", "")
+    if daemon:
+        env["CAMELOT_MPS_PIPE_DIR"] = daemon
+    no_mps = run_dir / "no-mps"
+    no_mps.mkdir(exist_ok=True)
+    env["CUDA_MPS_PIPE_DIRECTORY"] = str(no_mps)
     # the agent manages an MPS daemon on the GPU (it uses one that answers already, and then
     # can only report a server stuck in FAULT); the host backend decides as under MPS, no daemon
     mps = "manage" if backend == "cuda" and sharing == "mps" else "off"
+    plan_file = run_dir / "plan.json"
+    plan_file.write_text(json.dumps(plan(backend, sharing, replicas, groups_per_replica)))
     try:
         await start_planned(
             fm, backend, "tiny", "static", {"file": str(plan_file)}, share_mode=sharing, mps=mps,

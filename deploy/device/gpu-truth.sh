@@ -7,8 +7,9 @@
 # which writes scheduler/perfmodel/profiles_data/<device>.json.
 # PIPES: which pipelines to profile (default the four); SHARES, BATCHES, REPEATS: the grid
 # (default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
-# the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; TESTS=1
-# runs the GPU tests after (TESTS_S bounds them).
+# the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; FAULTS=1
+# runs the GPU-fault benchmark (FAULTS_S bounds it); TESTS=1 runs the GPU tests after (TESTS_S
+# bounds them). The fault run alone:  PIPES= LIMIT=0 FAULTS=1 bash deploy/device/gpu-truth.sh
 set -u
 source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
@@ -24,6 +25,12 @@ done
   --mix ref4:img-to-text=1,video-analytics=1,text-to-img=1,speech-to-text=1 --backend cuda \
   --size full --trial-s 4 --warmup-s 1 --start-qps "${LIMIT_START:-500}" --max-trials 8 \
   --out-dir "$R" --name limit-ref4
+# FAULTS=1: a fatal GPU fault (a kernel writing through an invalid pointer) under load, under
+# MPS then green contexts (issue 21 item 1) -> gpu-faults.json/.md; after the rest, since a
+# fault under MPS takes the GPU's whole MPS server down until its clients have exited
+[[ ${FAULTS:-0} == 1 ]] && step gpu-faults "${FAULTS_S:-240}" python3 -m loadgen.gpu_faults \
+  --backend cuda --sharing mps --sharing green --rate "${FAULTS_RATE:-100}" --duration-s 20 \
+  --out-dir "$R"
 # TESTS=1: the GPU tests last (TESTS_ONLY: these files only)
 [[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-300}" python3 -m pytest -q -m gpu \
   ${TESTS_ONLY:-tests/gpu} -p no:cacheprovider -o addopts="" --timeout 200 -rfE
