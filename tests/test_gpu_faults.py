@@ -12,6 +12,9 @@ decide what restarts. The real kernel through a real mesh under MPS: tests/gpu/t
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+import types
 
 import grpc
 import numpy as np
@@ -24,6 +27,7 @@ from protos import plan_pb2, stage_pb2, stage_pb2_grpc
 from services.agent import gpufaults
 from services.agent.diff import GREEN, MPS, NONE, TIME_SLICED
 from services.agent.gpufaults import Client, Reach
+from services.agent.xid import XidWatcher
 from services.models.fault import HOST_FAULT_TEXT, fault, poison_input
 from services.stage.devicefault import FaultKind, device_fault, fatal_fault
 from services.stage.plugin import ModelContext
@@ -283,3 +287,75 @@ def test_the_exit_status_of_a_fault_is_its_own() -> None:
 
     assert DEVICE_FAULT_EXIT not in (0, 1, 2, OUT_OF_MEMORY_EXIT)
     assert plan_pb2.SHARE_MODE_MPS == MPS
+
+
+# -- the Xid watcher, with NVML as the seam --------------------------------------------------
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml for one GPU that reports `xids` once each, then times out (NVML is the seam)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_Timeout(NVMLError):  # noqa: N801 (pynvml's name)
+        pass
+
+    nvmlEventTypeXidCriticalError = 8
+
+    def __init__(self, xids: list[int]) -> None:
+        super().__init__("pynvml")
+        self.xids = list(xids)
+        self.registered: list[int] = []
+        self.shut = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+    def nvmlEventSetCreate(self) -> str:
+        return "set"
+
+    def nvmlEventSetFree(self, events: str) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+        return f"gpu{i}"
+
+    def nvmlDeviceGetIndex(self, handle: str) -> int:
+        return int(handle.removeprefix("gpu"))
+
+    def nvmlDeviceRegisterEvents(self, handle: str, kind: int, events: str) -> None:
+        self.registered.append(kind)
+
+    def nvmlEventSetWait_v2(self, events: str, timeout_ms: int) -> types.SimpleNamespace:
+        if not self.xids:
+            time.sleep(timeout_ms / 1000 / 10)
+            raise self.NVMLError_Timeout()
+        return types.SimpleNamespace(device="gpu0", eventData=self.xids.pop(0))
+
+
+async def test_the_xid_watcher_hands_each_critical_xid_to_the_event_loop(monkeypatch) -> None:
+    nvml = FakeNvml([31, 79])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    heard: list[tuple[int, int]] = []
+    watcher = XidWatcher(lambda gpu, xid: heard.append((gpu, xid)), asyncio.get_running_loop())
+    assert watcher.start()
+    try:
+        await eventually(lambda: len(heard) == 2, 10, "both Xids")
+    finally:
+        await asyncio.to_thread(watcher.stop)
+    assert heard == [(0, 31), (0, 79)] and watcher.counts == {0: 2}
+    assert nvml.registered == [FakeNvml.nvmlEventTypeXidCriticalError] and nvml.shut
+
+
+async def test_without_nvml_the_xid_watcher_is_off_and_says_so(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails
+    watcher = XidWatcher(lambda gpu, xid: None, asyncio.get_running_loop())
+    assert not watcher.start()
+    watcher.stop()  # stopping a watcher that never started is harmless

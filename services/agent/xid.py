@@ -70,9 +70,11 @@ class XidWatcher:
 
     def _run(self) -> None:
         nvml = self._nvml
+        # the _v2 wait where this pynvml has it (the plain one is deprecated in newer drivers)
+        wait = getattr(nvml, "nvmlEventSetWait_v2", None) or nvml.nvmlEventSetWait
         while not self._stop.is_set():
             try:
-                data = nvml.nvmlEventSetWait_v2(self._events, WAIT_MS)
+                data = wait(self._events, WAIT_MS)
             except nvml.NVMLError_Timeout:
                 continue
             except Exception:
