@@ -4,8 +4,8 @@
     python -m loadgen.gpu_faults --backend host --sharing mps --duration-s 8   # the host stand-in
 
 The mesh is the real one (redis, broker, scheduler, agent, gateway as processes; the agent starts
-the replicas of a static plan), serving `fault2` (services/pipelines/null/fault2.yaml): stage `a`
-hands the input on, stage `b` is the fault plug-in (services/models/fault.py), `--replicas` of
+the replicas of a static plan), serving `fault2` (services/pipelines/faults/fault2.yaml): stage
+`a` hands the input on, stage `b` is the fault plug-in (services/models/fault.py), `--replicas` of
 each on one GPU, shared the `--sharing` way (MPS shares, or green contexts of
 `--groups-per-replica` SM groups each). A Poisson load runs; a third of the way in one poisoned
 query is sent: on CUDA a stage-`b` replica writes through an invalid pointer (a real
@@ -57,14 +57,14 @@ from services.models.fault import poison_input
 log = logging.getLogger(__name__)
 
 PIPELINE = "fault2"
-NULL_DIR = pipelines_dir() / "null"
+FAULTS_DIR = pipelines_dir() / "faults"
 SHARINGS = ("mps", "green")
 READY = plan_pb2.REPLICA_STATE_READY
 
 
 def plan(backend: str, sharing: str, replicas: int, groups_per_replica: int) -> dict[str, Any]:
     """`replicas` of each stage of fault2 on GPU 0 (the host: -1), MPS shares or green groups."""
-    cfg = load_pipeline(PIPELINE, "tiny", NULL_DIR)
+    cfg = load_pipeline(PIPELINE, "tiny", FAULTS_DIR)
     total = replicas * len(cfg.stages)
     stages = []
     k = 0
@@ -107,7 +107,7 @@ async def start(
     try:
         await start_planned(
             fm, backend, "tiny", "static", {"file": str(plan_file)}, share_mode=sharing, mps=mps,
-            pipelines_dir=str(NULL_DIR),
+            pipelines_dir=str(FAULTS_DIR),
         )  # fmt: skip
         await wait_routed(fm.gateway, [PIPELINE], timeout_s=300, procs=fm.mesh.procs)
     except BaseException:

@@ -33,7 +33,7 @@ BATCH_MATES = 7
 
 
 async def test_a_stage_whose_batch_faults_answers_internal_and_exits_device_fault(tmp_path):
-    m = await mesh.start(tmp_path, {"fault2": 1}, pipelines_dir=str(gpu_faults.NULL_DIR))
+    m = await mesh.start(tmp_path, {"fault2": 1}, pipelines_dir=str(gpu_faults.FAULTS_DIR))
     try:
         rng = np.random.default_rng(0)
         assert await gpu_faults.submit(m.gateway, gpu_faults.query_input(False, rng), 10) == (
@@ -84,7 +84,7 @@ async def test_a_poisoned_query_under_load_fails_alone_and_the_mesh_recovers(tmp
 async def test_a_replica_is_answered_by_the_gateway_only_through_its_status(tmp_path):
     # the poison's status is the replica's own, not a gateway's retry of it elsewhere: with two
     # replicas of the faulting stage, the poison is still answered INTERNAL (never retried)
-    m = await mesh.start(tmp_path, {"fault2": 2}, pipelines_dir=str(gpu_faults.NULL_DIR))
+    m = await mesh.start(tmp_path, {"fault2": 2}, pipelines_dir=str(gpu_faults.FAULTS_DIR))
     try:
         rng = np.random.default_rng(1)
         item = gpu_faults.query_input(True, rng)

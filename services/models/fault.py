@@ -15,7 +15,7 @@ faults the way a broken model does:
     options: {poison: 251, fault: illegal_address}
 
 For tests and the GPU-fault benchmark (loadgen.gpu_faults), through pipelines served only with
---pipelines-dir (services/pipelines/null/fault2.yaml).
+--pipelines-dir (services/pipelines/faults/fault2.yaml).
 """
 
 from __future__ import annotations
