@@ -28,7 +28,7 @@ done
 # FAULTS=1: a fatal GPU fault (a kernel writing through an invalid pointer) under load, under
 # MPS then green contexts (issue 21 item 1) -> gpu-faults.json/.md; after the rest, since a
 # fault under MPS takes the GPU's whole MPS server down until its clients have exited
-[[ ${FAULTS:-0} == 1 ]] && step gpu-faults "${FAULTS_S:-240}" python3 -m loadgen.gpu_faults \
+[[ ${FAULTS:-0} == 1 ]] && step gpu-faults "${FAULTS_S:-360}" python3 -m loadgen.gpu_faults \
   --backend cuda --sharing mps --sharing green --rate "${FAULTS_RATE:-100}" --duration-s 20 \
   --out-dir "$R"
 # TESTS=1: the GPU tests last (TESTS_ONLY: these files only)
