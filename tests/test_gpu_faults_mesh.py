@@ -58,6 +58,7 @@ async def test_a_stage_whose_batch_faults_answers_internal_and_exits_device_faul
         await m.mesh.stop_all(10)
 
 
+@pytest.mark.timeout(300)
 async def test_a_poisoned_query_under_load_fails_alone_and_the_mesh_recovers(tmp_path):
     out = tmp_path / "results"
     argv = ["--backend", "host", "--sharing", "mps", "--rate", "8", "--duration-s", "6",

@@ -73,12 +73,14 @@ async def fault_run(tmp_path: Path, sharing: str) -> dict:
     return row
 
 
+@pytest.mark.timeout(400)
 async def test_under_mps_every_replica_of_the_gpu_restarts_and_the_mesh_serves_again(tmp_path):
     row = await fault_run(tmp_path, "mps")
     # every client of the faulted MPS server was restarted, not only the one that faulted
     assert len(row["replicas_restarted"]) == row["replicas_planned"], row
 
 
+@pytest.mark.timeout(400)
 async def test_under_green_contexts_only_the_faulted_replica_restarts(tmp_path):
     row = await fault_run(tmp_path, "green")
     [restarted] = row["replicas_restarted"]
