@@ -6,9 +6,9 @@
 #   python -m scheduler.tools.profile_merge merge res/*.json --note "..."
 # which writes scheduler/perfmodel/profiles_data/<device>.json.
 # PIPES: which pipelines to profile (default the four); SHARES, BATCHES, REPEATS: the grid
-# (default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
+# (PIPES= none; default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
 # the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; FAULTS=1
-# runs the GPU-fault benchmark (FAULTS_S bounds it); TESTS=1 runs the GPU tests after (TESTS_S
+# runs the GPU-fault benchmark (FAULTS_S bounds each mode's run); TESTS=1 runs the GPU tests after (TESTS_S
 # bounds them). The fault run alone:  PIPES= LIMIT=0 FAULTS=1 bash deploy/device/gpu-truth.sh
 set -u
 source deploy/device/prelude.sh
@@ -16,7 +16,7 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 # TRANSPORT=1: the transport bench first, host hops apart (issue 23's re-measure on this device)
 [[ ${TRANSPORT:-0} == 1 ]] && step transport 100 python3 -m shmbroker.bench \
   --out "$R/transport.json" --repeats 10 --host-hops apart
-for p in ${PIPES:-img-to-text video-analytics text-to-img speech-to-text}; do
+for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
   step "profile-$p" "${STEP_S:-140}" python3 -m services.profiler "$p" --size full \
     --shares "${SHARES:-10,30,50,100}" --batches "${BATCHES:-1,8,32}" \
     --repeats "${REPEATS:-8}" --cuda-graphs on --out "$R/$p.json"
@@ -28,9 +28,14 @@ done
 # FAULTS=1: a fatal GPU fault (a kernel writing through an invalid pointer) under load, under
 # MPS then green contexts (issue 21 item 1) -> gpu-faults.json/.md; after the rest, since a
 # fault under MPS takes the GPU's whole MPS server down until its clients have exited
-[[ ${FAULTS:-0} == 1 ]] && step gpu-faults "${FAULTS_S:-360}" python3 -m loadgen.gpu_faults \
-  --backend cuda --sharing mps --sharing green --rate "${FAULTS_RATE:-100}" --duration-s 20 \
-  --out-dir "$R"
+# (FAULTS_SHARING: one result per mode, gpu-faults-<mode>.json, so a cut step keeps the first)
+if [[ ${FAULTS:-0} == 1 ]]; then
+  for mode in ${FAULTS_SHARING:-mps green}; do
+    step "gpu-faults-$mode" "${FAULTS_S:-180}" python3 -m loadgen.gpu_faults --backend cuda \
+      --sharing "$mode" --rate "${FAULTS_RATE:-100}" --duration-s "${FAULTS_DUR_S:-20}" \
+      --out-dir "$R" --name "gpu-faults-$mode"
+  done
+fi
 # TESTS=1: the GPU tests last (TESTS_ONLY: these files only)
 [[ ${TESTS:-0} == 1 ]] && step gpu-tests "${TESTS_S:-300}" python3 -m pytest -q -m gpu \
   ${TESTS_ONLY:-tests/gpu} -p no:cacheprovider -o addopts="" --timeout 200 -rfE
