@@ -39,8 +39,9 @@ import numpy as np
 
 from common.backend import Backend, resolve, xp_for
 from common.backend import label as backend_label
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, NotFound
 from common.results import module_command, run_main, write_result
+from contract.pipeline_config import ResolvedPipeline, load_pipeline, pipelines_dir
 from loadgen.experiments.search import SearchConfig, Trial, find_peak, meets_qos
 from loadgen.inputs import Mix, parse_mix
 from loadgen.records import percentiles_ms
@@ -64,6 +65,8 @@ class LimitConfig:
     trial_s: float = 4.0
     warmup_s: float = 1.0
     seed: int = 0
+    # folders a pipeline's config is looked up in, in order (empty: the bundled and torch ones)
+    pipeline_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -152,13 +155,12 @@ def _worker(conn: Connection, pipeline_name: str, cfg: LimitConfig) -> None:
 
 def _builder(pipeline_name: str, cfg: LimitConfig) -> Any:
     """`run(n)`: the pipeline's whole DAG on a batch of n inputs, finished when it returns."""
-    from contract.pipeline_config import load_pipeline
     from services.pipelines import runner
     from services.stage.plugin import ModelContext
 
     xp = xp_for(cfg.backend)
     cuda = cfg.backend is Backend.CUDA
-    pipeline = load_pipeline(pipeline_name, cfg.size)
+    pipeline = find_pipeline(pipeline_name, cfg.size, cfg.pipeline_dirs)
     ctx = ModelContext(
         backend=cfg.backend,
         xp=xp,
@@ -314,10 +316,20 @@ async def measure(
     return LimitResult(found.peak_qps, found.first_miss_qps, caps, batch_ms, found.trials)
 
 
-def qos_from_configs(mix: Mix, size: str) -> dict[str, float]:
-    from contract.pipeline_config import load_pipeline
+def find_pipeline(name: str, size: str, dirs: Sequence[str] = ()) -> ResolvedPipeline:
+    """`name`'s config from the first of `dirs` that has it (default: the bundled pipelines,
+    then the torch ones); NOT_FOUND naming every folder looked in."""
+    folders = [Path(d) for d in dirs] or [pipelines_dir(), pipelines_dir() / "torch"]
+    for folder in folders:
+        try:
+            return load_pipeline(name, size, folder)
+        except NotFound:
+            continue
+    raise NotFound(f"no pipeline {name!r} in {', '.join(str(f) for f in folders)}")
 
-    return {p: float(load_pipeline(p, size).qos_p99_ms) for p in mix.pipelines}
+
+def qos_from_configs(mix: Mix, size: str, dirs: Sequence[str] = ()) -> dict[str, float]:
+    return {p: float(find_pipeline(p, size, dirs).qos_p99_ms) for p in mix.pipelines}
 
 
 def result_rows(mix: Mix, res: LimitResult) -> list[dict[str, Any]]:
@@ -339,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="full")
     p.add_argument("--cuda-graphs", choices=["on", "off"], default="on")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument(
+        "--from", dest="pipeline_dirs", action="append", default=[],
+        help="a folder of pipeline configs, looked in in order (repeat; default: bundled, torch)",
+    )  # fmt: skip
     p.add_argument("--qos-ms", type=float, default=None, help="override every pipeline's target")
     p.add_argument("--trial-s", type=float, default=4.0)
     p.add_argument("--warmup-s", type=float, default=1.0)
@@ -355,6 +371,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     cfg = LimitConfig(
         backend=resolve(args.backend), size=args.size, cuda_graphs=args.cuda_graphs == "on",
         max_batch=args.max_batch, trial_s=args.trial_s, warmup_s=args.warmup_s,
+        pipeline_dirs=tuple(args.pipeline_dirs),
     )  # fmt: skip
     search = SearchConfig(
         start_qps=args.start_qps, min_qps=min(args.start_qps, 0.5), max_qps=args.max_qps,
@@ -365,7 +382,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     extra: dict[str, Any] = {"caps": {}, "batch_ms": {}}
     for text in args.mix:
         mix = parse_mix(text)
-        qos = qos_from_configs(mix, args.size)
+        qos = qos_from_configs(mix, args.size, cfg.pipeline_dirs)
         if args.qos_ms is not None:
             qos = dict.fromkeys(mix.pipelines, args.qos_ms)
         res = await measure(mix, qos, cfg, search)

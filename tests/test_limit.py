@@ -13,7 +13,7 @@ import json
 import pytest
 
 from common.backend import Backend
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, NotFound
 from loadgen import limit
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix
@@ -45,6 +45,17 @@ def test_serve_counts_what_it_gives_up_on_as_unserved():
     lat, unserved = limit.serve(sizes.append, [0.0, 0.0, 0.0], cap=2,
                                 t0=limit.time.perf_counter(), give_up_s=-1.0)  # fmt: skip
     assert sizes == [] and lat == [] and unserved == 3
+
+
+def test_pipelines_are_found_in_the_bundled_then_the_torch_folder():
+    assert limit.find_pipeline("img-to-text", "tiny").name == "img-to-text"
+    # the torch pipelines are served by name beside the reference ones (bench_served)
+    torch = limit.find_pipeline("torch-captioning", "full")
+    assert torch.name == "torch-captioning" and torch.qos_p99_ms > 0
+    with pytest.raises(NotFound, match="no-such"):
+        limit.find_pipeline("no-such", "tiny")
+    with pytest.raises(NotFound, match="torch-captioning"):
+        limit.find_pipeline("torch-captioning", "full", [str(limit.pipelines_dir())])
 
 
 def test_limit_settings_that_cannot_run_are_refused():

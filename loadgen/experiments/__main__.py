@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--limit-max-batch", type=int, default=64, help="largest batch `limit` may choose"
     )
+    common.add_argument(
+        "--limit-from", action="append", default=[],
+        help="a folder of pipeline configs for `limit` (repeat; default: bundled, torch)",
+    )  # fmt: skip
     common.add_argument("--out-dir", default="docs/results")
     common.add_argument("--name", default="", help="result name (default: the experiment's)")
     common.add_argument("--sample-s", type=float, default=0.5, help="SM share sampling period")
@@ -252,7 +256,7 @@ def limit_measure(args: argparse.Namespace, search: SearchConfig) -> LimitMeasur
     cfg = LimitConfig(
         backend=resolve_backend(args.backend), size=args.limit_size,
         max_batch=args.limit_max_batch, trial_s=args.trial_s, warmup_s=args.warmup_s,
-        seed=args.seed,
+        seed=args.seed, pipeline_dirs=tuple(args.limit_from),
     )  # fmt: skip
     return partial(limit.measure, cfg=cfg, search=search)
 
