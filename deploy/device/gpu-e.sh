@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine: the headline experiments for one pipeline mix. MIX is "label:p1=w1,p2=w2";
-# EXP is the experiments to run ("peak-load low-load"). Results come back in $OUT/res.tgz
+# EXP is the experiments to run ("peak-load low-load"). REFS: peak-load's references (issue 22:
+# "plain,limit"), LOW_REFS low-load's (limit is peak-load only). Results come back in $OUT/res.tgz
 # (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
 # DEADLINE_S is the call's own limit, less a margin:
 # an experiment is cut to what is left of it.
@@ -42,7 +43,7 @@ TOKEN=$(cat /tmp/cam/admin.token)
 for e in $EXP; do
   case $e in
     peak-load) args="${REFS:+--references $REFS} --policies ${POLICIES:-max-load,even,exclusive,feedback} --trial-s ${TRIAL_S:-6} --max-trials ${TRIALS:-6} --start-qps ${START:-20} --rel-tol 0.1" ;;
-    low-load) args="${REFS:+--references $REFS} --policies ${LOW_POLICIES:-min-resource,even,exclusive,feedback} --rate ${RATE:-10} --trial-s ${LOW_TRIAL_S:-15}" ;;
+    low-load) args="${LOW_REFS:+--references $LOW_REFS} --policies ${LOW_POLICIES:-min-resource,even,exclusive,feedback} --rate ${RATE:-10} --trial-s ${LOW_TRIAL_S:-15}" ;;
     diurnal) args="--policy min-resource --min-qps ${DMIN:-4} --max-qps ${DMAX:-40} --duration-s ${DUR:-150} --window-s 10" ;;
   esac
   echo "== $e"; s=$SECONDS
