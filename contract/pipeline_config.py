@@ -31,7 +31,8 @@ Every error is INVALID_ARGUMENT naming the file and the field (NOT_FOUND for an 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,25 @@ def list_pipelines(directory: str | Path | None = None) -> list[str]:
     """Names of the configs in `directory` (default: the bundled ones), sorted."""
     d = Path(directory) if directory is not None else pipelines_dir()
     return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def gather_configs(folders: Sequence[str | Path], into: Path) -> list[str]:
+    """Copies every config of `folders` into `into` (one folder a mesh serves); a name in two
+    folders is an error (the mesh would serve one of them silently). The names, sorted."""
+    seen: dict[str, Path] = {}
+    into.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        d = Path(folder)
+        if not d.is_dir():
+            raise InvalidArgument(f"--from {folder}: not a folder")
+        for name in list_pipelines(d):
+            if name in seen:
+                raise InvalidArgument(f"pipeline {name!r} is in both {seen[name]} and {d}")
+            seen[name] = d
+            shutil.copy(d / f"{name}.yaml", into / f"{name}.yaml")
+    if not seen:
+        raise InvalidArgument(f"no pipeline configs in {', '.join(map(str, folders))}")
+    return sorted(seen)
 
 
 def config_path(path_or_name: str, directory: str | Path | None = None) -> Path:

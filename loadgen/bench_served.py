@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import numpy as np
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
 from common.results import module_command, run_main, write_result
-from contract.pipeline_config import list_pipelines, pipelines_dir
+from contract.pipeline_config import gather_configs, pipelines_dir
 from loadgen import traces
 from loadgen.bench_host import relative
 from loadgen.hostladder import Workload, mesh_for
@@ -48,24 +47,6 @@ COLUMNS = [
     "gpu_ms_per_query", "suggested_qos_p99_ms",
 ]  # fmt: skip
 DEFAULT_FROM = (pipelines_dir(), pipelines_dir() / "torch")
-
-
-def gather(folders: Sequence[str | Path], into: Path) -> list[str]:
-    """Copies every config of `folders` into `into`; a name in two folders is an error (the mesh
-    would serve one of them silently)."""
-    seen: dict[str, Path] = {}
-    for folder in folders:
-        d = Path(folder)
-        if not d.is_dir():
-            raise InvalidArgument(f"--from {folder}: not a folder")
-        for name in list_pipelines(d):
-            if name in seen:
-                raise InvalidArgument(f"pipeline {name!r} is in both {seen[name]} and {d}")
-            seen[name] = d
-            shutil.copy(d / f"{name}.yaml", into / f"{name}.yaml")
-    if not seen:
-        raise InvalidArgument(f"no pipeline configs in {', '.join(map(str, folders))}")
-    return sorted(seen)
 
 
 def suggested_qos(p99_ms: float | None, factor: float, round_ms: float) -> float | None:
@@ -134,7 +115,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     folders = args.folders or [str(d) for d in DEFAULT_FROM]
     with ExitStack() as stack:
         configs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="camelot-cfg-")))
-        names = gather(folders, configs)
+        names = gather_configs(folders, configs)
         workload = Workload(args.name, tuple(names), str(configs), args.size, args.policy)
         rate = args.per_pipeline_qps * len(names)
         total_s = args.warmup_s + args.duration_s

@@ -74,6 +74,7 @@ async def burst(
     queries: int,
     concurrency: int,
     show_progress: bool = False,
+    pipelines_dir: str = "",
 ) -> list[dict[str, Any]]:
     """Sends `queries` to each pipeline, `concurrency` at a time; per-pipeline summary rows
     (with a progress bar per pipeline on stderr when `show_progress`)."""
@@ -83,7 +84,7 @@ async def burst(
     async with lifecycle.channel(target) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         for name in pipelines:
-            cfg = load_pipeline(name, size)
+            cfg = load_pipeline(name, size, pipelines_dir or None)
             inputs = [wire_from_array(make_input(cfg, seed)) for seed in range(min(queries, 16))]
             if show_progress:
                 with Progress(f"camelot: burst {name:<16}", queries, "queries") as bar:

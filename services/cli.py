@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--queries", type=int, default=32)
         s.add_argument("--concurrency", type=int, default=4)
         s.add_argument("--pipeline", action="append", help="only these pipelines (repeatable)")
+        s.add_argument(
+            "--from", dest="from_dirs", action="append", default=[],
+            help="serve the configs of these folders (repeatable; default: the bundled ones), "
+            "e.g. --from services/pipelines --from services/pipelines/torch",
+        )  # fmt: skip
         s.add_argument("--serve", action="store_true", help="keep the mesh up after the burst")
         s.add_argument("--policy", default=os.environ.get("CAMELOT_POLICY", "even"))
         if name == "up":

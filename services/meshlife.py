@@ -12,15 +12,18 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from common import meshrecord
 from common.backend import resolve
+from common.errors import CamelotError
 from common.progress import step
-from contract.pipeline_config import config_path, list_pipelines
+from contract.pipeline_config import config_path, gather_configs, list_pipelines
 from services.burst import admin_report, burst, print_table, scheduler_note
 from services.launcher import Mesh
 from services.localmesh import start_mesh
@@ -59,9 +62,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
         backend = resolve(args.backend).value
     except RuntimeError as e:  # cuda asked for where it is not usable
         raise UsageError(str(e)) from e
-    pipelines = args.pipeline or list_pipelines()
-    for name in pipelines:
-        config_path(name)  # an unknown pipeline is a usage error before anything starts
+    folders = list(getattr(args, "from_dirs", None) or [])
+    if folders:
+        # the folders' configs, checked (a missing folder, a name in two) before anything starts
+        with tempfile.TemporaryDirectory(prefix="camelot-cfg-") as probe:
+            try:
+                gather_configs(folders, Path(probe))
+            except CamelotError as e:
+                raise UsageError(e.message) from e
     run_dir = Path(args.run_dir)
     other = running_pid(run_dir)
     if other:
@@ -70,21 +78,32 @@ async def cmd_run(args: argparse.Namespace) -> int:
             "or give this one another --run-dir"
         )
     mesh = Mesh(meshrecord.make_own(run_dir))
+    configs = ""
+    if folders:
+        where = mesh.run_dir / "configs"
+        shutil.rmtree(where, ignore_errors=True)
+        gather_configs(folders, where)
+        configs = str(where)
+    pipelines = args.pipeline or list_pipelines(configs or None)
+    for name in pipelines:
+        config_path(name, configs or None)  # an unknown pipeline: a usage error before starting
     pid_file = mesh.run_dir / PID_FILE
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
     print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)
     try:
         try:
             info = await start_mesh(
-                mesh, backend, args.size, args.policy, pipelines=args.pipeline, say=step
-            )
+                mesh, backend, args.size, args.policy, pipelines=args.pipeline, say=step,
+                pipelines_dir=configs,
+            )  # fmt: skip
         except (RuntimeError, TimeoutError) as e:
             # no redis-server, or a process that died or never served: its own log's tail says why
             raise UsageError(f"the mesh did not start: {e}") from e
         print(f"camelot: gateway on {info['gateway']}, scheduler {info['scheduler']}", flush=True)
         rows = await burst(
-            info["gateway"], pipelines, args.size, args.queries, args.concurrency, True
-        )
+            info["gateway"], pipelines, args.size, args.queries, args.concurrency, True,
+            pipelines_dir=configs,
+        )  # fmt: skip
         print_table(rows, args.concurrency)
         await asyncio.sleep(1.5)  # one report flush and a scheduler tick
         print()
@@ -135,6 +154,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "--policy", args.policy]  # fmt: skip
     for name in args.pipeline or ():
         argv += ["--pipeline", name]
+    for folder in getattr(args, "from_dirs", None) or ():
+        argv += ["--from", str(Path(folder).resolve())]
     import subprocess
 
     log_path = run_dir / "camelot.log"

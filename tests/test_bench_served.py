@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidArgument
+from contract.pipeline_config import gather_configs as gather
 from contract.pipeline_config import pipelines_dir
-from loadgen.bench_served import gather, pipeline_row, suggested_qos, summarize
+from loadgen.bench_served import pipeline_row, suggested_qos, summarize
 from loadgen.records import Record
 
 

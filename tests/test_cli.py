@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +109,14 @@ def test_each_user_error_is_one_line_without_a_mesh(tmp_path: Path) -> None:
              "from CAMELOT_GATEWAY_ADDR")  # fmt: skip
     one_line(call([*CAMELOT, "down"], env), "no mesh is up")
     one_line(call([*CAMELOT, "run", "--pipeline", "no-such-pipeline"], env), "unknown pipeline")
+    one_line(call([*CAMELOT, "run", "--from", str(tmp_path / "nope")], env), "not a folder")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    shutil.copy(REPO / "services/pipelines/text-to-img.yaml", twin)
+    one_line(call([*CAMELOT, "run", "--from", str(REPO / "services/pipelines"), "--from",
+                   str(twin)], env), "'text-to-img' is in both")  # fmt: skip
+    # a pipeline of a --from folder is known only with that folder
+    one_line(call([*CAMELOT, "run", "--pipeline", "torch-captioning"], env), "unknown pipeline")
 
     assert call([*CTL, "status"], env).returncode == 2
     one_line(call([*CTL, "status"], env), "no mesh is up")
@@ -201,3 +210,17 @@ def test_the_commands_find_the_mesh_that_up_started(tmp_path: Path) -> None:
     assert not meshrecord.pid_alive(record.pid)
     assert not (run_dir / meshrecord.RECORD_FILE).exists()
     one_line(call([*CAMELOT, "status"], env), "no mesh is up")
+
+
+def test_run_serves_the_configs_of_the_folders_it_is_given(tmp_path: Path) -> None:
+    """`--from` folders replace the bundled set: a null pipeline only its own folder holds is
+    started, planned and answered by name; the bundled ones are not served."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "null1.yaml").write_text((REPO / "services/pipelines/null/null1.yaml").read_text())
+    p = call([*CAMELOT, "run", "--backend", "host", "--size", "tiny", "--queries", "2",
+              "--from", str(mine)], env_for(tmp_path / "run"))  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("null1")]
+    assert rows and " 0 " in f" {rows[0]} ", p.stdout  # answered with no error
+    assert "text-to-img" not in p.stdout

@@ -19,7 +19,9 @@ python3 -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. protos/*.pr
 mps_start
 export CAMELOT_MPS=external CAMELOT_MPS_PIPE_DIR=$CUDA_MPS_PIPE_DIRECTORY
 pipes=$(echo "${MIX#*:}" | tr ',' '\n' | cut -d= -f1 | sed 's/^/--pipeline /' | tr '\n' ' ')
-CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
+# FROM: folders of configs to serve (the torch mixes: "services/pipelines services/pipelines/torch")
+froms=""; for f in ${FROM:-}; do froms+=" --from $f"; done
+CAMELOT_GATEWAY_PORT=50052 python3 -m services.cli run --backend cuda --size full --queries 8 --policy even $pipes $froms --serve --run-dir /tmp/cam > "$R/mesh.log" 2>&1 &
 mesh=$!
 # the processes' logs come back even from a call cut short: copied every 15 s while the mesh starts
 # (one archive: a call returns a limited number of files, and a replica's every restart has a log)
