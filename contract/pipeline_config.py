@@ -60,6 +60,12 @@ def pipelines_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "services" / "pipelines"
 
 
+def bundled_dirs() -> tuple[Path, Path]:
+    """The bundled reference configs and, beside them, the PyTorch ones (served only where asked
+    for: they need torch)."""
+    return pipelines_dir(), pipelines_dir() / "torch"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Per-item spec of a tensor (no batch dimension): a pipeline's query input, and a model's

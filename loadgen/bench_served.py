@@ -34,7 +34,7 @@ import numpy as np
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
 from common.results import module_command, run_main, write_result
-from contract.pipeline_config import gather_configs, pipelines_dir
+from contract.pipeline_config import bundled_dirs, gather_configs
 from loadgen import traces
 from loadgen.bench_host import relative
 from loadgen.hostladder import Workload, mesh_for
@@ -46,7 +46,7 @@ COLUMNS = [
     "pipeline", "qos_p99_ms", "count", "errors", "p50_ms", "p99_ms", "max_ms",
     "gpu_ms_per_query", "suggested_qos_p99_ms",
 ]  # fmt: skip
-DEFAULT_FROM = (pipelines_dir(), pipelines_dir() / "torch")
+DEFAULT_FROM = bundled_dirs()
 
 
 def suggested_qos(p99_ms: float | None, factor: float, round_ms: float) -> float | None:

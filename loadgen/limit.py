@@ -41,16 +41,18 @@ from common.backend import Backend, resolve, xp_for
 from common.backend import label as backend_label
 from common.errors import InvalidArgument, NotFound
 from common.results import module_command, run_main, write_result
-from contract.pipeline_config import ResolvedPipeline, load_pipeline, pipelines_dir
+from contract.pipeline_config import ResolvedPipeline, bundled_dirs, load_pipeline
 from loadgen.experiments.search import SearchConfig, Trial, find_peak, meets_qos
 from loadgen.inputs import Mix, parse_mix
-from loadgen.records import percentiles_ms
+from loadgen.records import OK, Record, stats_of
 
 log = logging.getLogger(__name__)
 
 NAME = "limit"
 # a process needs this long after the trial's start time to be sure every process has started
 START_LEAD_S = 0.5
+# the status of a query still waiting when its trial gave up (an overloaded process)
+UNSERVED = "UNSERVED"
 # a worker that does not answer a command in this long (model build included) has failed
 REPLY_TIMEOUT_S = 600.0
 
@@ -241,30 +243,19 @@ class LimitResult:
 def _trial_stats(
     replies: Mapping[str, Mapping[str, Any]], warmup_counts: Mapping[str, int], span_s: float
 ) -> dict[str, dict[str, Any]]:
+    """Per pipeline and `"all"`, as `records.stats_of` counts a mesh run: each served query a
+    record of its latency, each one left waiting an UNSERVED failure."""
+    every: list[Record] = []
     out: dict[str, dict[str, Any]] = {}
-    every: list[float] = []
-    errors_all = count_all = 0
     for name, r in replies.items():
-        kept = r["latencies_ms"][warmup_counts[name] :]
-        unserved = int(r["unserved"])
-        count = len(kept) + unserved
-        every.extend(kept)
-        errors_all += unserved
-        count_all += count
-        out[name] = {
-            "count": count,
-            "ok": len(kept),
-            "errors": unserved,
-            "offered_qps": count / span_s,
-            **percentiles_ms([int(ms * 1000) for ms in kept]),
-        }
-    out["all"] = {
-        "count": count_all,
-        "ok": count_all - errors_all,
-        "errors": errors_all,
-        "offered_qps": count_all / span_s,
-        **percentiles_ms([int(ms * 1000) for ms in every]),
-    }
+        mine = [
+            Record(name, 0, 0, int(ms * 1000), OK)
+            for ms in r["latencies_ms"][warmup_counts[name] :]
+        ]
+        mine += [Record(name, 0, 0, 0, UNSERVED)] * int(r["unserved"])
+        out[name] = stats_of(mine, span_s)
+        every += mine
+    out["all"] = stats_of(every, span_s)
     return out
 
 
@@ -319,7 +310,7 @@ async def measure(
 def find_pipeline(name: str, size: str, dirs: Sequence[str] = ()) -> ResolvedPipeline:
     """`name`'s config from the first of `dirs` that has it (default: the bundled pipelines,
     then the torch ones); NOT_FOUND naming every folder looked in."""
-    folders = [Path(d) for d in dirs] or [pipelines_dir(), pipelines_dir() / "torch"]
+    folders = [Path(d) for d in dirs] or list(bundled_dirs())
     for folder in folders:
         try:
             return load_pipeline(name, size, folder)

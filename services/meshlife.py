@@ -15,13 +15,11 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import meshrecord
 from common.backend import resolve
-from common.errors import CamelotError
 from common.progress import step
 from contract.pipeline_config import config_path, gather_configs, list_pipelines
 from services.burst import admin_report, burst, print_table, scheduler_note
@@ -63,13 +61,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # cuda asked for where it is not usable
         raise UsageError(str(e)) from e
     folders = list(getattr(args, "from_dirs", None) or [])
-    if folders:
-        # the folders' configs, checked (a missing folder, a name in two) before anything starts
-        with tempfile.TemporaryDirectory(prefix="camelot-cfg-") as probe:
-            try:
-                gather_configs(folders, Path(probe))
-            except CamelotError as e:
-                raise UsageError(e.message) from e
     run_dir = Path(args.run_dir)
     other = running_pid(run_dir)
     if other:
@@ -80,13 +71,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
     mesh = Mesh(meshrecord.make_own(run_dir))
     configs = ""
     if folders:
+        # the folders' configs in one (a missing folder, or a name in two, refused by name)
         where = mesh.run_dir / "configs"
         shutil.rmtree(where, ignore_errors=True)
         gather_configs(folders, where)
         configs = str(where)
     pipelines = args.pipeline or list_pipelines(configs or None)
     for name in pipelines:
-        config_path(name, configs or None)  # an unknown pipeline: a usage error before starting
+        config_path(name, configs or None)  # an unknown pipeline is refused before anything starts
     pid_file = mesh.run_dir / PID_FILE
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
     print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)

@@ -14,6 +14,7 @@ import pytest
 
 from common.backend import Backend
 from common.errors import InvalidArgument, NotFound
+from contract.pipeline_config import pipelines_dir
 from loadgen import limit
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix
@@ -55,7 +56,7 @@ def test_pipelines_are_found_in_the_bundled_then_the_torch_folder():
     with pytest.raises(NotFound, match="no-such"):
         limit.find_pipeline("no-such", "tiny")
     with pytest.raises(NotFound, match="torch-captioning"):
-        limit.find_pipeline("torch-captioning", "full", [str(limit.pipelines_dir())])
+        limit.find_pipeline("torch-captioning", "full", [str(pipelines_dir())])
 
 
 def test_limit_settings_that_cannot_run_are_refused():

@@ -21,7 +21,7 @@ from common.clock import mono_us
 from common.errors import DEVICE_FAULT_EXIT, DeviceFault, InvalidArgument, NotFound, OutOfMemory
 from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
-from services.stage.devicefault import device_fault
+from services.stage.devicefault import device_fault, error_chain
 from services.stage.forward import Forwarder
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import Replica, ReplicaIdentity
@@ -93,16 +93,12 @@ _OUT_OF_MEMORY_TEXT = ("out of memory", "cudaErrorMemoryAllocation", "CUBLAS_STA
 
 def device_memory_ran_out(e: BaseException) -> bool:
     """Whether `e`, or an error it was raised from, says the device's memory ran out."""
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    for cause in error_chain(e):
         if any(c.__name__ == "OutOfMemoryError" for c in type(cause).__mro__):
             return True
         text = str(cause).lower()
         if any(t.lower() in text for t in _OUT_OF_MEMORY_TEXT):
             return True
-        cause = cause.__cause__ or cause.__context__
     return False
 
 

@@ -22,6 +22,7 @@ which refuse a context at start.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from common.errors import DeviceFault
@@ -108,19 +109,26 @@ def _one(e: BaseException) -> Fault | None:
     return None
 
 
-def fatal_fault(e: BaseException) -> Fault | None:
-    """The fatal GPU fault `e`, or an error it was raised from, reports; None for any other."""
+def error_chain(e: BaseException) -> Iterator[BaseException]:
+    """`e`, then each error it was raised from or during (`__cause__`, else `__context__`), each
+    once: where a library's own error hides under a wrapper's."""
     seen: set[int] = set()
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def fatal_fault(e: BaseException) -> Fault | None:
+    """The fatal GPU fault `e`, or an error it was raised from, reports; None for any other."""
+    for cause in error_chain(e):
         if isinstance(cause, DeviceFault):
             kind = FaultKind.SERVER if cause.innocent else FaultKind.KERNEL
             return Fault(cause.fault or "DeviceFault", kind)
         found = _one(cause)
         if found is not None:
             return found
-        cause = cause.__cause__ or cause.__context__
     return None
 
 
