@@ -16,10 +16,12 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 # TRANSPORT=1: the transport bench first, host hops apart (issue 23's re-measure on this device)
 [[ ${TRANSPORT:-0} == 1 ]] && step transport 100 python3 -m shmbroker.bench \
   --out "$R/transport.json" --repeats 10 --host-hops apart
+# (a config path names a pipeline outside the bundled folder: services/pipelines/torch/*.yaml)
 for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
-  step "profile-$p" "${STEP_S:-140}" python3 -m services.profiler "$p" --size full \
+  n=$(basename "$p" .yaml)
+  step "profile-$n" "${STEP_S:-140}" python3 -m services.profiler "$p" --size full \
     --shares "${SHARES:-10,30,50,100}" --batches "${BATCHES:-1,8,32}" \
-    --repeats "${REPEATS:-8}" --cuda-graphs on --out "$R/$p.json"
+    --repeats "${REPEATS:-8}" --cuda-graphs on --out "$R/$n.json"
 done
 [[ ${LIMIT:-1} == 1 ]] && step limit-ref4 "${LIMIT_S:-150}" python3 -m loadgen.limit \
   --mix ref4:img-to-text=1,video-analytics=1,text-to-img=1,speech-to-text=1 --backend cuda \
