@@ -24,7 +24,8 @@ over partitioned plans (SM shares of a GPU add up to 100% at most), then the bas
    max-load is never predicted to carry less than a baseline; the plan's `reason` names the
    candidate that won and what the others carried. Uncapped co-location
    (`exclusive:sharing=mps`) is exclusive's placement and batches, and the predictor prices
-   shares past 100% of a GPU as turns either way: exclusive's plan stands for both.
+   shares past 100% of a GPU as turns either way: exclusive's plan stands for both. The choice
+   (`best_candidate`) is min-resource's too, where it plans for the most of a target it can.
 
 The plan returned is verified by the full predictor at the load it reports, to `tolerance`
 (default 1%).
@@ -118,42 +119,60 @@ class MaxLoad:
         if not world.pipelines:
             return PlanSpec(self.name, ())
         w = weights(world)
-        tol = _number(world, "tolerance", 0.01)
         solver = Solver(world, self.name, large_batches_first=True)
-        plan: PlanSpec | None
+        found: tuple[PlanSpec, float] | None
         try:
-            plan, best_load = search(solver, w)
+            found = search(solver, w)
         except ResourceExhausted:
             # no partitioned plan at all: a baseline may still carry some load (whole GPUs in
             # turns, where shares small enough to fit every stage are too slow)
-            plan, best_load = None, 0.0
-        carried = {"partitioned": best_load}
-        base: tuple[str, PlanSpec, float] | None = None
-        for name, candidate in baseline_plans(world):
-            load = carried_by(solver, candidate, w, best_load or upper_bound(solver, w), tol / 4)
-            carried[name] = load
-            if load > (base[2] if base else 0.0):
-                base = (name, candidate, load)
-        won = "partitioned"
-        # partitioning must pay, and by more than the search's own resolution
-        if base is not None and (plan is None or base[2] * (1 + tol) >= best_load):
-            won, plan, best_load = base
-        if plan is None:
-            raise ResourceExhausted(
-                "no plan meets the QoS targets on these GPUs even at a trickle of load "
-                "(too little GPU memory or share for the stages, and no baseline's plan either)"
-            )
+            found = None
+        plan, best_load, won = best_candidate(solver, w, found)
         at = {n: best_load * w[n] for n in w}
-        if won != "partitioned":
-            plan = _predicted(solver, plan, at)
-        others = ", ".join(f"{k} x{v:.4g}" for k, v in carried.items() if k != won)
-        label = "the partitioned plan" if won == "partitioned" else f"{won}'s plan"
-        reason = f"max load x{best_load:.4g} over weights: {label}"
-        if others:
-            reason += f" (carried: {others})"
+        reason = f"max load x{best_load:.4g} over weights: {won}"
         if solver.clamped:
             reason += f"; QoS unreachable, clamped: {', '.join(solver.clamped)}"
         return PlanSpec(self.name, plan.stages, at, tuple(solver.clamped), reason)
+
+
+def best_candidate(
+    solver: Solver, w: Mapping[str, float], found: tuple[PlanSpec, float] | None
+) -> tuple[PlanSpec, float, str]:
+    """Of the partitioned plan `found` (with the multiple of `w` it carries; None where the
+    search found none) and the baselines' plans of the solver's world, planned for the weights
+    `w`, the one predicted to carry the highest multiple of `w`: that plan, the multiple, and
+    which won with what the others carried (for a plan's reason). The partitioned plan is kept
+    only where it carries more than the best baseline by more than the option `tolerance`."""
+    world = solver.world
+    tol = _number(world, "tolerance", 0.01)
+    # a baseline that weighs the pipelines (exclusive) plans for these weights, not its own
+    spelled = ",".join(f"{n}={v!r}" for n, v in w.items())
+    weighted = replace(world, options={**world.options, "weights": spelled})
+    plan: PlanSpec | None = None
+    best_load = 0.0
+    if found is not None:
+        plan, best_load = found
+    carried = {"partitioned": best_load}
+    base: tuple[str, PlanSpec, float] | None = None
+    for name, candidate in baseline_plans(weighted):
+        load = carried_by(solver, candidate, w, best_load or upper_bound(solver, w), tol / 4)
+        carried[name] = load
+        if load > (base[2] if base else 0.0):
+            base = (name, candidate, load)
+    won = "partitioned"
+    # partitioning must pay, and by more than the search's own resolution
+    if base is not None and (plan is None or base[2] * (1 + tol) >= best_load):
+        won, plan, best_load = base
+    if plan is None:
+        raise ResourceExhausted(
+            "no plan meets the QoS targets on these GPUs even at a trickle of load "
+            "(too little GPU memory or share for the stages, and no baseline's plan either)"
+        )
+    if won != "partitioned":
+        plan = _predicted(solver, plan, {n: best_load * w[n] for n in w})
+    others = ", ".join(f"{k} x{v:.4g}" for k, v in carried.items() if k != won)
+    label = "the partitioned plan" if won == "partitioned" else f"{won}'s plan"
+    return plan, best_load, f"{label} (carried: {others})" if others else label
 
 
 def baseline_plans(world: PolicyInput) -> list[tuple[str, PlanSpec]]:

@@ -12,10 +12,18 @@ plan (the number of ReplicaSpecs).
 Hysteresis: the plan in force (PolicyInput.current) is kept while it is predicted to meet the
 QoS at the target, unless a new plan saves more than `shrink_saving` (default 0.15) of its
 share *and* the target has fallen more than `shrink_margin` (default 0.15) below the load the
-current plan was made for. Where the cheapest-plan search finds nothing, max-load's search
-(load search plus local search, `maxload.search`) with the target as weights finds the most of
-the target the GPUs carry: all of it, or a fraction, and then the pipelines are clamped to
-that fraction, listed in `clamped`, and nothing grows past what the GPUs hold.
+current plan was made for.
+
+Where the cheapest-plan search finds nothing, the plan is the one predicted to carry the most
+of the target, chosen as max-load chooses (`maxload.best_candidate`, the target as weights):
+max-load's partitioned search (load search plus local search, `maxload.search`) against the
+baselines' plans of the same world (exclusive, even, feedback; option `baselines`), the
+partitioned plan kept only where it carries more than the best baseline by more than
+`tolerance` (1%). On one H200 the PyTorch pipelines' ten stages at 10% each carry a thirtieth
+of what whole GPUs taken in turns do (docs/results/maxload-candidates.md). The plan carries all
+of the target, or a fraction, and then the pipelines are clamped to that fraction, listed in
+`clamped`, and nothing grows past what the GPUs hold; either way its reason names the
+candidate that won and what the others carried.
 
 Measurements over the model: a pipeline whose windowed p99 (`measured[pipeline]`, at least
 `min_samples` queries) is above `p99_fraction` (0.9, the control loop's trigger) of its target
@@ -32,7 +40,8 @@ and the target it was just checked at, so the load it is known to carry is what 
 sees and what the shrink margin is measured from.
 
 Options: headroom (0.2), shrink_saving, shrink_margin, p99_fraction, min_samples (50), plus the
-Solver's (share_step, batches, max_wait_us, max_replicas, transport).
+Solver's (share_step, batches, max_wait_us, max_replicas, transport) and, for the fallback,
+max-load's (tolerance, polish_budget, baselines).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from common.errors import InvalidArgument, ResourceExhausted
 from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.search.planning import total_units
-from scheduler.search.policies.maxload import search
+from scheduler.search.policies.maxload import best_candidate, search
 from scheduler.search.solver import Solver
 
 # how far past the target a pipeline the window refutes is planned, at most (2, 4, ... x)
@@ -132,7 +141,7 @@ class MinResource:
                 fresh = (replace(fresh[0], planned_qps=dict(target)), fresh[1])
             elif most is not None:
                 # clamped below: sized for the share of the escalated target that fits
-                most = (most[0], most[1] * scale)
+                most = (most[0], most[1] * scale, most[2])
         if cur is not None and ours and not misses:
             try:
                 holds = predict(world, cur, target, transport=solver.opts.transport).feasible
@@ -158,28 +167,29 @@ class MinResource:
                 if not (new_units < cur_units * (1.0 - saving) and fell):
                     return kept
         if fresh is not None:
-            why = "min-resource at load + headroom"
+            # the fallback's plan carries all of the target: its reason names the winner
+            why = fresh[0].reason or "min-resource at load + headroom"
             if misses:
                 why += f" (measured p99 over {fraction:g} x QoS: {', '.join(sorted(misses))})"
             return replace(fresh[0], reason=why)
         if most is None:
             raise ResourceExhausted("no plan fits these GPUs even at a trickle of the load")
         # the largest common fraction of the target that fits; every short pipeline clamped
-        plan, frac = most
+        plan, frac, won = most
         clamped = tuple(sorted(set(solver.clamped) | {p for p, r in target.items() if r > 0}))
         return PlanSpec(
             self.name,
             plan.stages,
             {p: r * min(1.0, frac) for p, r in target.items()},
             clamped,
-            f"target not reachable: clamped to {min(1.0, frac):.0%} of load + headroom",
+            f"target not reachable: clamped to {min(1.0, frac):.0%} of load + headroom by {won}",
         )
 
     def _solve(
         self, world: PolicyInput, solver: Solver, target: Mapping[str, float]
-    ) -> tuple[tuple[PlanSpec, Any] | None, tuple[PlanSpec, float] | None]:
-        """The cheapest plan at `target` (None if none), and where there is none, the most of
-        the target these GPUs carry with the fraction carried."""
+    ) -> tuple[tuple[PlanSpec, Any] | None, tuple[PlanSpec, float, str] | None]:
+        """The cheapest plan at `target` (None if none), and where there is none, the plan
+        carrying the most of the target, with the fraction carried and which candidate won."""
         fresh = None
         # tighter budgets (more units) first where contention defeats the cheapest plan
         for tighten in (1.0, 0.8, 0.6):
@@ -188,11 +198,19 @@ class MinResource:
                 break
         else:
             fresh = solver.attempt(target, "min-resource at load + headroom", slack=True)
-        most: tuple[PlanSpec, float] | None = None
+        most: tuple[PlanSpec, float, str] | None = None
         if fresh is None and any(r > 0 for r in target.values()):
-            # the cheapest-plan search found nothing: max-load's (with its local search)
-            # finds the most of the target these GPUs carry, which may be all of it
-            most = search(Solver(world, self.name, large_batches_first=True), target)
+            # the cheapest-plan search found nothing: max-load's choice (its search with the
+            # local search, or a baseline's plan) carries the most of the target, maybe all
+            wide = Solver(world, self.name, large_batches_first=True)
+            found: tuple[PlanSpec, float] | None
+            try:
+                found = search(wide, target)
+            except ResourceExhausted:
+                found = None  # whole GPUs in turns may still carry some of it
+            most = best_candidate(wide, target, found)
             if most[1] >= 1.0:
-                fresh = (replace(most[0], planned_qps=dict(target)), None)
+                why = f"min-resource at load + headroom by {most[2]}"
+                plan = replace(most[0], policy=self.name, planned_qps=dict(target), reason=why)
+                fresh = (plan, None)
         return fresh, most
