@@ -178,6 +178,7 @@ async def trial(
         **cost_row(window, len(records)),
         "by_pipeline": per,
         "tails": tails.breakdown(records, targets),
+        "stages": tails.by_stage(records, targets),
     }
     log.info("%s at %g qps: p50 %s ms, p99 %s ms, %d errors, mesh %s CPU-ms/query, %s",
              workload.name, rate, row["p50_ms"], row["p99_ms"], row["errors"],

@@ -18,6 +18,10 @@ from loadgen.inputs import Mix
 
 OK = "OK"
 
+# One stage of an answered query, from the gateway's answer: (stage, requests in the batch that
+# ran it, microseconds inside the replica not computing, microseconds computing).
+StagePart = tuple[str, int, int, int]
+
 
 @dataclass(frozen=True)
 class Record:
@@ -36,6 +40,8 @@ class Record:
     stage_rpc_us: int = 0
     in_replica_us: int = 0
     compute_us: int = 0
+    # the same per stage, in execution order (empty for failures)
+    stages: tuple[StagePart, ...] = ()
 
     @property
     def latency_us(self) -> int:

@@ -19,7 +19,7 @@ import grpc
 
 from common.clock import mono_us
 from common.lifecycle import TlsFiles, channel
-from loadgen.records import OK, Record
+from loadgen.records import OK, Record, StagePart
 from loadgen.shm_inputs import SharedInputs
 from loadgen.submitstream import StreamStatus, SubmitStreamClient
 from protos import gateway_pb2, gateway_pb2_grpc, tensor_pb2
@@ -80,6 +80,7 @@ async def send(
             request.input.CopyFrom(inputs[name][i % len(inputs[name])])
         epoch = 0
         parts = (0, 0, 0, 0)
+        stages: tuple[StagePart, ...] = ()
         try:
             if streams:
                 reply = await streams[i % len(streams)].submit(request, plan.deadline_s)
@@ -92,6 +93,10 @@ async def send(
                 sum(t.queue_us + t.batch_wait_us + t.compute_us for t in reply.stages),
                 sum(t.compute_us for t in reply.stages),
             )
+            stages = tuple(
+                (t.stage, t.batch_size, t.queue_us + t.batch_wait_us, t.compute_us)
+                for t in reply.stages
+            )
         except grpc.aio.AioRpcError as e:
             status = e.code().name
         except StreamStatus as e:
@@ -99,7 +104,7 @@ async def send(
         except Exception as e:  # a client-side failure is still a failed request, not a crash
             log.warning("request %d failed in the client: %r", i, e)
             status = f"CLIENT_{type(e).__name__}"
-        records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts))
+        records.append(Record(name, intended_us, sent, mono_us(), status, epoch, *parts, stages))
         if shm is not None:
             shm.done(lease, ok=status == OK)
 

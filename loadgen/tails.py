@@ -17,6 +17,11 @@ wire and in the gateway before it started timing. Split per query, these add up 
 Stages of one pipeline that run side by side make the round trips overlap; then `gateway` is
 clamped at 0 and the parts add up to more than the latency. The split of the queries over their
 target is compared with the median query's, so a reader sees which part grew.
+
+`by_stage` says the same per stage: how large the batches were that ran a pipeline's queries,
+how long they waited in the replica and computed, for the queries over target and the rest. A
+replica whose batches stay small while its queries wait (whole GPUs taken in turns, say) shows
+there, where the sums above cannot say which stage it was.
 """
 
 from __future__ import annotations
@@ -68,3 +73,41 @@ def breakdown(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[st
         for part, v in _mean_ms(group).items():
             out[f"{label}.{part}_ms"] = v
     return out
+
+
+def by_stage(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Per `pipeline/stage` of the answered queries: `queries`, mean `batch`, `waiting_ms` and
+    `compute_ms` over all of them, and the same (`tail.*`) over the queries over their
+    pipeline's target where there were any. A stage a query ran twice (a retry elsewhere)
+    counts each time."""
+    # per stage: [queries, batch, waiting_us, compute_us] summed, over all and over the tail
+    sums: dict[str, list[float]] = {}
+    tails: dict[str, list[float]] = {}
+    for r in records:
+        if not r.ok or r.pipeline not in qos_ms:
+            continue
+        over = r.latency_us > qos_ms[r.pipeline] * 1000
+        for stage, batch, waiting_us, compute_us in r.stages:
+            key = f"{r.pipeline}/{stage}"
+            for into in (sums, tails) if over else (sums,):
+                acc = into.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                acc[0] += 1
+                acc[1] += batch
+                acc[2] += waiting_us
+                acc[3] += compute_us
+    out: dict[str, dict[str, float]] = {}
+    for key in sorted(sums):
+        out[key] = _means(sums[key], "")
+        if key in tails:
+            out[key].update(_means(tails[key], "tail."))
+    return out
+
+
+def _means(acc: list[float], prefix: str) -> dict[str, float]:
+    n, batch, waiting_us, compute_us = acc
+    return {
+        f"{prefix}queries": n,
+        f"{prefix}batch": round(batch / n, 3),
+        f"{prefix}waiting_ms": round(waiting_us / n / 1000, 4),
+        f"{prefix}compute_ms": round(compute_us / n / 1000, 4),
+    }

@@ -102,11 +102,40 @@ async def test_a_chain_forwarded_gives_the_answers_of_stream_mode(broker):
             assert sum(s.rpc_us for s in reply.stages) <= reply.e2e_us
             for s in reply.stages:
                 assert s.rpc_us >= s.queue_us + s.batch_wait_us + s.compute_us
+                assert s.batch_size >= 1
         # the stages passed the queries on: a and b opened streams to the next replica
         assert m.stages[0].servicer.forwarder.addresses == [f"127.0.0.1:{m.stages[1].port}"]
         assert m.stages[1].servicer.forwarder.addresses == [f"127.0.0.1:{m.stages[2].port}"]
         assert m.stages[2].servicer.forwarder.addresses == []
         await until(lambda: no_leases(m, broker))
+    finally:
+        await close(m)
+
+
+@pytest.mark.parametrize("calls", ["forward", "stream"])
+async def test_each_stage_says_how_large_the_batch_was_that_ran_the_query(broker, calls):
+    m = await mesh_of(broker, stage_calls=calls)
+    try:
+        batcher = m.stages[0].replica.batcher
+        gate, run_batch, held = asyncio.Event(), batcher.run_batch, []
+
+        async def hold_first(items):
+            held.extend(items)
+            await gate.wait()
+            await run_batch(items)
+
+        batcher.run_batch = hold_first
+        pending = [asyncio.ensure_future(m.stub.Submit(query(i), timeout=30)) for i in range(6)]
+        # the first batch is held; the queries that arrive behind it queue for the next one
+        await until(lambda: len(held) + batcher.depth == 6)
+        gate.set()
+        replies = await asyncio.gather(*pending)
+        sizes = [r.stages[0].batch_size for r in replies]
+        assert max(sizes) > 1
+        # each batch of k answers k queries, each of which says k
+        assert all(sizes.count(k) % k == 0 for k in set(sizes))
+        assert sum(sizes.count(k) for k in set(sizes)) == 6
+        assert all(s.batch_size >= 1 for r in replies for s in r.stages)
     finally:
         await close(m)
 

@@ -257,6 +257,10 @@ async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
         assert one.detail["over_qos"] == 1
         assert one.detail["tail.compute_ms"] == pytest.approx(st.slow_s * 1000 / 2, rel=0.05)
         assert one.detail["typical.compute_ms"] < 5.0
+        # and per stage: the slow one ran alone, the rest in fours
+        only = one.detail["stages"]["img-to-text/only"]
+        assert only["tail.queries"] == 1 and only["tail.batch"] == 1
+        assert only["queries"] >= 99 and 3.9 < only["batch"] < 4.0
         st.spikes = 1
         two, _ = await confirmed.trial(mix, 100.0)
         assert two.met and two.detail["runs"] == 2 and two.stats["all"]["count"] >= 190

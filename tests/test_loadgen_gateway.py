@@ -130,10 +130,11 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         else:
             await asyncio.sleep(delay)
         e2e_us = int(delay * 1e6)
-        # one stage: its round trip 80% of the query, inside it 10% batch wait and 50% compute
+        # one stage: its round trip 80% of the query, inside it 10% batch wait and 50% compute;
+        # a slow query ran alone, the others in batches of 4
         stage = gateway_pb2.StageTime(
             stage="only", rpc_us=e2e_us * 8 // 10, batch_wait_us=e2e_us // 10,
-            compute_us=e2e_us // 2,
+            compute_us=e2e_us // 2, batch_size=1 if delay >= st.slow_s else 4,
         )  # fmt: skip
         return gateway_pb2.SubmitResponse(
             output=request.input, query_id=request.query_id, e2e_us=e2e_us,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loadgen.records import Record
-from loadgen.tails import PARTS, breakdown, split_us
+from loadgen.tails import PARTS, breakdown, by_stage, split_us
 
 
 def record(pipeline: str, *, lag=0, client=0, gateway=0, hops=0, waiting=0, compute=0,
@@ -65,3 +65,32 @@ def test_breakdown_of_a_trial_with_nothing_over_target_has_no_tail():
     assert out["min_pipeline_count"] == 0  # b got no query: its p99 rests on nothing
     assert all(out[f"tail.{p}_ms"] is None for p in PARTS)
     assert out["typical.compute_ms"] == pytest.approx(1.0)
+
+
+def staged(pipeline: str, latency_ms: float, *parts: tuple[str, int, int, int],
+           status: str = "OK") -> Record:  # fmt: skip
+    """A query of `latency_ms` whose stages ran as (stage, batch, waiting_us, compute_us)."""
+    return Record(pipeline, 0, 0, int(latency_ms * 1000), status, 1, stages=parts)
+
+
+def test_by_stage_says_per_stage_how_large_the_batches_were_and_where_the_tail_waited():
+    qos = {"p": 50.0, "q": 10.0}
+    records = [
+        staged("p", 20, ("a", 8, 1_000, 3_000), ("b", 4, 2_000, 1_000)),
+        staged("p", 30, ("a", 4, 3_000, 3_000), ("b", 2, 4_000, 1_000)),
+        # over p's target: it waited at b, in a batch of one
+        staged("p", 80, ("a", 6, 2_000, 3_000), ("b", 1, 60_000, 1_000)),
+        staged("p", 90, ("a", 6, 2_000, 3_000), ("b", 1, 70_000, 1_000), status="UNAVAILABLE"),
+        staged("q", 5, ("x", 1, 0, 4_000)),
+        staged("other", 5, ("y", 1, 0, 4_000)),  # not in the mix: not counted
+    ]
+    out = by_stage(records, qos)
+    assert set(out) == {"p/a", "p/b", "q/x"}
+    assert out["p/a"]["queries"] == 3 and out["p/a"]["batch"] == pytest.approx(6.0)
+    assert out["p/b"]["batch"] == pytest.approx(7 / 3, abs=1e-3)
+    assert out["p/b"]["waiting_ms"] == pytest.approx(22.0)
+    assert out["p/a"]["compute_ms"] == pytest.approx(3.0)
+    # the one query over target
+    assert out["p/b"]["tail.queries"] == 1 and out["p/b"]["tail.batch"] == 1
+    assert out["p/b"]["tail.waiting_ms"] == pytest.approx(60.0)
+    assert "tail.batch" not in out["q/x"]  # nothing of q was over its target

@@ -247,6 +247,7 @@ class Harness:
             "runs": len(runs),
             "trial_s": length_s,
             **tails.breakdown(measured, self.qos_ms(mix)),
+            "stages": tails.by_stage(measured, self.qos_ms(mix)),
         }
         return Trial(rate_qps, met, stats, detail), runs[-1]
 

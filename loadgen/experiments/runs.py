@@ -57,8 +57,11 @@ class Outcome:
 
 
 # what a row takes from a trial's detail besides its named fields: CPU per process kind, and
-# where the time of the queries over their target went (`tails.breakdown`)
-_DETAIL_COLUMNS = ("cpu_pct.", "trial_s", "over_qos", "min_pipeline_count", "tail.", "typical.")
+# where the time of the queries over their target went (`tails.breakdown`), and per stage
+# (`tails.by_stage`: a dict, so in the JSON only)
+_DETAIL_COLUMNS = (
+    "cpu_pct.", "trial_s", "over_qos", "min_pipeline_count", "tail.", "typical.", "stages",
+)  # fmt: skip
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

@@ -226,6 +226,7 @@ async def drive_chain(
                 batch_wait_us=t.batch_wait_us,
                 compute_us=t.compute_us,
                 replica_id=response.replica_id,
+                batch_size=t.batch_size,
             )
         if result.code == 0:
             return [t for t in times if t is not None]

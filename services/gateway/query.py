@@ -447,6 +447,7 @@ class QueryRunner:
                 batch_wait_us=t.batch_wait_us,
                 compute_us=t.compute_us,
                 replica_id=response.replica_id,
+                batch_size=t.batch_size,
             )
         assert last is not None
         raise last
