@@ -9,13 +9,20 @@
 # (PIPES= none; default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
 # the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; FAULTS=1
 # runs the GPU-fault benchmark (FAULTS_S bounds each mode's run); TESTS=1 runs the GPU tests after (TESTS_S
-# bounds them). The fault run alone:  PIPES= LIMIT=0 FAULTS=1 bash deploy/device/gpu-truth.sh
+# bounds them); REFBENCH=1 the exclusive mesh's rate ladder (REFBENCH_S, REFBENCH_RATES). The
+# fault run alone:  PIPES= LIMIT=0 FAULTS=1 bash deploy/device/gpu-truth.sh
 set -u
 source deploy/device/prelude.sh
 export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 # TRANSPORT=1: the transport bench first, host hops apart (issue 23's re-measure on this device)
 [[ ${TRANSPORT:-0} == 1 ]] && step transport 100 python3 -m shmbroker.bench \
   --out "$R/transport.json" --repeats 10 --host-hops apart
+# REFBENCH=1: the four full reference pipelines under exclusive through the mesh at rising rates
+# (host-path-reference.md's command), whose rows now say per stage how large the batches grew
+[[ ${REFBENCH:-0} == 1 ]] && step host-path-reference "${REFBENCH_S:-200}" python3 -m \
+  loadgen.bench_host --reference --backend cuda --duration-s 4 --client-processes 4 \
+  --gateway-workers 8 --connections 64 --rates "${REFBENCH_RATES:-300,450,600,800}" \
+  --stage-calls forward --out-dir "$R" --name host-path-reference --run-dir /tmp/cam/hpr
 # (a config path names a pipeline outside the bundled folder: services/pipelines/torch/*.yaml)
 for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
   n=$(basename "$p" .yaml)
