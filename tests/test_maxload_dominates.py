@@ -148,15 +148,16 @@ def test_max_load_carries_at_least_what_every_baseline_carries(
 
 
 def test_max_load_says_which_candidate_won_and_partitions_only_where_it_pays() -> None:
-    # three PyTorch pipelines on one H200: ten stages at 10% each are too slow, whole GPUs in
-    # turns carry the load
+    # three PyTorch pipelines on one H200: ten stages on small shares are too slow (their
+    # profiles stop at 50%, and below it latency scales as 1/share), whole GPUs in turns carry
+    # more
     torch = MaxLoad().plan(_world("h200", TORCH, 1, "even"))
     assert "exclusive's plan" in torch.reason and "partitioned x" in torch.reason
     assert all(r.sm_percent == 100 for a in torch.stages for r in a.replicas)
     # the partitioned search alone plans for far less
     alone = MaxLoad().plan(_world("h200", TORCH, 1, "even", baselines="none"))
     assert "carried" not in alone.reason
-    assert 10 * sum(alone.planned_qps.values()) < sum(torch.planned_qps.values())
+    assert 2 * sum(alone.planned_qps.values()) < sum(torch.planned_qps.values())
     # one reference pipeline on two H100s: partitioned shares carry more than any baseline
     speech = MaxLoad().plan(_world("h100", ("speech-to-text",), 2, "even"))
     assert "the partitioned plan" in speech.reason and "exclusive x" in speech.reason

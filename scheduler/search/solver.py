@@ -48,11 +48,12 @@ class Solver:
         self.profiles = stage_profiles(world)
         self.gpus = slots(world)
         opts = dict(world.options)
-        n_stages = sum(len(p.stages) for p in world.pipelines)
-        if "share_step" not in opts and n_stages > 10 * max(1, len(self.gpus)):
-            # 10% steps cannot give every stage a unit on these GPUs; MPS takes any whole
-            # percentage, so a 5% grid (20 stages a GPU) is the next one that divides 100
-            opts["share_step"] = "5"
+        per_gpu = sum(len(p.stages) for p in world.pipelines) / max(1, len(self.gpus))
+        if "share_step" not in opts and per_gpu > 5:
+            # MPS takes any whole percentage: a GPU of many stages gets a finer grid, so that
+            # the stages have splits to choose among (ten stages on a 10% grid have one, and
+            # 22 on a 5% grid none); each step divides 100, and the search stays under a second
+            opts["share_step"] = "5" if per_gpu <= 10 else "2" if per_gpu <= 25 else "1"
         self.opts = Options.parse(opts, len(self.gpus))
         if self.opts.transport not in ("ref", "wire"):
             raise InvalidArgument(f"transport must be ref or wire, got {self.opts.transport!r}")

@@ -31,8 +31,8 @@ The plan returned is verified by the full predictor at the load it reports, to `
 (default 1%).
 
 Options (strings in PolicyInput.options): weights, tolerance, polish_budget (replica
-predictions the local search may spend; 0 turns it off), share_step (MPS %, default 10,
-or 5 when more than 10 stages share a GPU),
+predictions the local search may spend; 0 turns it off), share_step (MPS %, default 10;
+5, 2 or 1 where more than 5, 10 or 25 stages share a GPU),
 batches ("1,8,32"; default each profile's), max_wait_us (2000), max_replicas (per stage,
 default max(4, 2 x GPUs)), transport (ref|wire), baselines (registry names, comma-separated;
 "none" grades the partitioned search alone).
