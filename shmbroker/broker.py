@@ -12,18 +12,19 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from common import metrics
 from common.backend import Backend
+from common.devicefault import device_fault, exit_now
 from common.dtypes import nbytes_of
-from common.errors import CamelotError, InvalidArgument, ResourceExhausted
+from common.errors import CamelotError, DeviceFault, InvalidArgument, ResourceExhausted
 from protos import broker_pb2, tensor_pb2
 from shmbroker import keys, refs
 from shmbroker.allocator import ALIGNMENT
 from shmbroker.leases import Buffer, EndReason, Lease, LeaseTable
-from shmbroker.slabs import HOST_DEVICE, Memory, Slabs, make_memory
+from shmbroker.slabs import HOST_DEVICE, Memory, Slabs, make_memory, synchronize_devices
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,14 @@ class Broker:
         *,
         clock: Callable[[], float] = time.monotonic,
         memory: Callable[[int, int], Memory] = make_memory,
+        context_check: Callable[[Iterable[int]], None] = synchronize_devices,
+        on_fault: Callable[[DeviceFault], None] = lambda f: exit_now(f, "broker"),
     ) -> None:
         self.config = config
+        # each sweep, a call into the CUDA context of every device with a slab: a fatal fault
+        # there (an MPS client's whole server failed) ends the process (`on_fault`)
+        self._context_check = context_check
+        self.on_fault = on_fault
         self.node = config.node
         self.backend = config.backend
         self.generation = time.time_ns()
@@ -143,6 +150,25 @@ class Broker:
                 self.sweep()
             except Exception:
                 log.exception("sweep failed; continuing")
+            self.check_context()
+
+    def check_context(self) -> None:
+        """Whether the CUDA context that holds the slabs still works. The broker launches no
+        kernel, so only this call sees a fault that took its context: under MPS a fatal fault
+        in any client reaches every client of the GPU's server, which takes no new client (no
+        replica restarts) until all the old ones have exited, this one too."""
+        devices = sorted({s.device for s in self.slabs if s.device >= 0})
+        if not devices:
+            return
+        try:
+            self._context_check(devices)
+        except Exception as e:
+            fault = device_fault(e, "", who="the broker", then="the broker restarts")
+            if fault is None:
+                log.warning("CUDA context check failed (not a fatal fault): %r", e)
+                return
+            log.error("%s", fault.message)
+            self.on_fault(fault)
 
     # -- operations --------------------------------------------------------------------------
 

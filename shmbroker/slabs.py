@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Any, Protocol
@@ -96,6 +96,16 @@ class CudaMemory:
     def close(self) -> None:
         LOCAL_CUDA.pop(self.ipc_handle, None)
         self._mem = None
+
+
+def synchronize_devices(devices: Iterable[int]) -> None:
+    """A synchronize on each CUDA device: returns at once (the broker runs no kernel) unless the
+    process's context there is lost, when it raises the fault."""
+    import cupy
+
+    for device in devices:
+        with cupy.cuda.Device(device):
+            cupy.cuda.runtime.deviceSynchronize()
 
 
 def make_memory(device: int, nbytes: int) -> Memory:

@@ -7,7 +7,7 @@ CUDA_MPS_* environment so tests can check what the agent gave it. With FAKE_STAG
 set its "model" does not fit the GPU: it stops at start on OutOfMemory with that text, as the
 real stage does on a CUDA out-of-memory error (exit status OUT_OF_MEMORY_EXIT). A query whose
 query_id is "poison" meets a fatal GPU fault: it is answered INTERNAL and the process exits
-DEVICE_FAULT_EXIT, as the real stage does (services/stage/devicefault.py).
+DEVICE_FAULT_EXIT, as the real stage does (common/devicefault.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from common.backend import Backend
+from common.devicefault import FaultKind, device_fault, fatal_fault
 from common.errors import DEVICE_FAULT_EXIT, DeviceFault, OutOfMemory, Unavailable
 from common.lifecycle import channel
 from protos import plan_pb2, stage_pb2, stage_pb2_grpc
@@ -29,7 +30,6 @@ from services.agent.diff import GREEN, MPS, NONE, TIME_SLICED
 from services.agent.gpufaults import Client, Reach
 from services.agent.xid import XidWatcher
 from services.models.fault import HOST_FAULT_TEXT, fault, poison_input
-from services.stage.devicefault import FaultKind, device_fault, fatal_fault
 from services.stage.plugin import ModelContext
 from services.stage.replica import Replica, ReplicaIdentity
 from services.stage.requests import Request

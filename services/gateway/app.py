@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -14,7 +14,8 @@ import numpy as np
 
 from common import lifecycle
 from common.backend import Backend, resolve, use_device
-from common.errors import CamelotError, from_rpc_error
+from common.devicefault import exit_now
+from common.errors import CamelotError, DeviceFault, from_rpc_error
 from common.retry import Backoff
 from contract.pipeline_config import list_pipelines, load_pipeline
 from protos import (
@@ -40,6 +41,8 @@ from shmbroker.client import BrokerClient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "camelot.v1.Gateway"
+# after a fatal GPU fault, how long the answers already made get before the process ends
+FAULT_FLUSH_S = 0.2
 
 
 class StageChannels:
@@ -185,9 +188,28 @@ class GatewayApp:
     servicer: GatewayServicer
     health: lifecycle.Health
     stack: contextlib.AsyncExitStack
+    # how the process ends after a fatal GPU fault (tests keep the process)
+    exit: Callable[[DeviceFault], None] = field(default=lambda f: exit_now(f, "gateway"))
+    _fault_task: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
         await self.stack.aclose()
+
+    def fault_seen(self, fault: DeviceFault) -> None:
+        """A copy of this process met a fatal GPU fault: its CUDA context is lost, and under
+        MPS the GPU's server takes no new client until this one has gone too. Once: NOT_SERVING,
+        a moment for the answers already made, then exit DEVICE_FAULT_EXIT; the gateway's
+        supervisor (or Docker, or Kubernetes) starts it again."""
+        if self._fault_task is None:
+            log.error("%s", fault.message)
+            self._fault_task = asyncio.get_running_loop().create_task(self._exit_on(fault))
+
+    async def _exit_on(self, fault: DeviceFault) -> None:
+        try:
+            await self.health.set(False)
+            await asyncio.sleep(FAULT_FLUSH_S)
+        finally:
+            self.exit(fault)
 
 
 async def create_server(settings: GatewaySettings) -> GatewayApp:
@@ -271,7 +293,9 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
         port = lifecycle.bind(
             server, settings.host, settings.port, settings.unix_path, tls=settings.tls
         )
-        return GatewayApp(settings, server, port, routes, runner, servicer, health, stack)
+        app = GatewayApp(settings, server, port, routes, runner, servicer, health, stack)
+        runner.on_fault = app.fault_seen
+        return app
     except BaseException:
         await stack.aclose()
         raise

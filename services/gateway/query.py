@@ -25,10 +25,12 @@ import numpy as np
 
 from common.backend import Backend, to_host, wait_for
 from common.clock import mono_us
+from common.devicefault import device_fault
 from common.dtypes import to_numpy, wire_from_array
 from common.errors import (
     CamelotError,
     DeadlineExceeded,
+    DeviceFault,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
@@ -115,8 +117,11 @@ class QueryRunner:
         device: int = 0,
         describe: Describer | None = None,
         forward: Forwarding | None = None,
+        on_fault: Callable[[DeviceFault], None] | None = None,
     ) -> None:
         self.routes = routes
+        # a fatal GPU fault in this process's own copies: its context is lost (app.py exits)
+        self.on_fault = on_fault
         self.call = call
         # forward mode: how a chain's query is sent along its route; per pipeline name, whether
         # it is a chain (for the route object it was worked out from)
@@ -143,9 +148,35 @@ class QueryRunner:
     async def _copy(self, nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs a copy in or out of a buffer: on the copy thread when it is large enough to be
         worth a hand-off (a hand-off costs more host time than a small copy), else here."""
-        if nbytes < INLINE_COPY_BYTES:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
+        try:
+            if nbytes < INLINE_COPY_BYTES:
+                return fn(*args)
+            return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
+        except Exception as e:
+            fault = self._fault(e)
+            if fault is None:
+                raise
+            raise (Unavailable(fault.message) if fault.innocent else fault) from e
+
+    async def _view(self, ref: tensor_pb2.TensorRef) -> Any:
+        """A buffer's view (opening its slab's CUDA IPC handle the first time)."""
+        assert self.buffers is not None
+        try:
+            return await self.buffers.view(ref)
+        except Exception as e:
+            fault = self._fault(e)
+            if fault is None:
+                raise
+            raise (Unavailable(fault.message) if fault.innocent else fault) from e
+
+    def _fault(self, e: Exception) -> DeviceFault | None:
+        """Where `e` is a fatal GPU fault, the DeviceFault the query fails with (UNAVAILABLE where
+        the MPS server failed, so a client may retry it elsewhere), after telling `on_fault`:
+        every later copy of this process would fail the same way."""
+        fault = device_fault(e, "", who="the gateway", then="the gateway restarts")
+        if fault is not None and self.on_fault is not None:
+            self.on_fault(fault)
+        return fault
 
     async def _specs(
         self, pipeline: PipelineRoute
@@ -233,7 +264,7 @@ class QueryRunner:
                 assert specs is not None
                 _answer_into(pipeline, specs, outputs, output_ref)
             if isinstance(item, np.ndarray):
-                view = await self.buffers.view(first)
+                view = await self._view(first)
                 await self._copy(item.nbytes, _fill, view, item)
             client_lease = first.lease_id if by_ref else (output_ref.lease_id if output_ref else "")
             if self.forward is not None and specs is not None and self._is_chain(pipeline):
@@ -378,7 +409,7 @@ class QueryRunner:
             # the answer is in the client's own buffer: only its ref goes back
             return QueryResult(output=tensor_pb2.WireTensor(), stages=stages, output_ref=final)
         assert self.buffers is not None
-        view = await self.buffers.view(final)
+        view = await self._view(final)
         out = await self._copy(final.nbytes, lambda v: wire_from_array(to_host(v)), view)
         return QueryResult(output=out, stages=stages)
 

@@ -9,7 +9,7 @@ faults the way a broken model does:
            the GPU's server is hit); `fault: trap` one that executes `__trap()` (an unspecified
            launch failure). The stream is then synchronized, so the fault surfaces in `infer`.
     host   raises the error PyTorch raises for an illegal address, which the stage recognises
-           as a fatal fault (services/stage/devicefault.py): the seam for tests without a GPU.
+           as a fatal fault (common/devicefault.py): the seam for tests without a GPU.
 
     model: services.models.fault:fault
     options: {poison: 251, fault: illegal_address}

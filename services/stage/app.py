@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +16,10 @@ import numpy as np
 from common import lifecycle
 from common.backend import Backend, resolve, use_device, xp_for
 from common.clock import mono_us
-from common.errors import DEVICE_FAULT_EXIT, DeviceFault, InvalidArgument, NotFound, OutOfMemory
+from common.devicefault import device_fault, error_chain, exit_now
+from common.errors import DeviceFault, InvalidArgument, NotFound, OutOfMemory
 from contract.pipeline_config import load_pipeline
 from protos import stage_pb2_grpc
-from services.stage.devicefault import device_fault, error_chain
 from services.stage.forward import Forwarder
 from services.stage.plugin import ModelContext, build_model
 from services.stage.replica import Replica, ReplicaIdentity
@@ -81,9 +79,7 @@ class StageApp:
             # a last turn for the writers (and unary calls) that took their answers
             await asyncio.sleep(0.05)
         finally:
-            print(f"stage: {fault.code.name}: {fault.message}", file=sys.stderr, flush=True)
-            logging.shutdown()
-            os._exit(DEVICE_FAULT_EXIT)
+            exit_now(fault, "stage")
 
 
 # what a CUDA allocation failure says where its class is not CuPy's or PyTorch's

@@ -18,11 +18,11 @@ from typing import Any
 from common import metrics
 from common.backend import Backend
 from common.clock import mono_us, wall_us
+from common.devicefault import device_fault
 from common.errors import CamelotError, DeviceFault, Unavailable
 from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
-from services.stage.devicefault import device_fault
 from services.stage.gputhread import GpuThread
 from services.stage.plugin import Model
 from services.stage.requests import BufferSource, Request, Result, check_inputs

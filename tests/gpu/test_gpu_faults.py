@@ -27,7 +27,7 @@ FAULT_IN_A_PROCESS = """
 import numpy as np, cupy
 from common.backend import Backend
 from services.models.fault import fault, poison_input
-from services.stage.devicefault import device_fault
+from common.devicefault import device_fault
 from services.stage.plugin import ModelContext
 model = fault(ModelContext(backend=Backend.CUDA, xp=cupy), fault={kind!r})
 x = cupy.asarray(np.stack([poison_input(np.zeros(4096, np.uint8))]))

@@ -4,7 +4,9 @@ A kernel that reads through a bad pointer or fails a device-side assert leaves a
 every later call in that context fails the same way. Under MPS (Volta and later) the fault is
 reported to every client of the GPU's server, and the server takes no new client for that GPU
 until all of them have exited; with green contexts or plain processes it stays in the faulting
-process. Either way the replica cannot serve again and must exit (`DEVICE_FAULT_EXIT`).
+process. Either way the replica cannot serve again and must exit (`DEVICE_FAULT_EXIT`), and so
+must any other client of that server whose context the fault took (a gateway or a broker that is
+an MPS client: `exit_now`).
 
 Two kinds, because they say different things about the batch that met them:
 
@@ -22,10 +24,14 @@ which refuse a context at start.
 from __future__ import annotations
 
 import enum
+import logging
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
-from common.errors import DeviceFault
+from common.errors import DEVICE_FAULT_EXIT, DeviceFault
 
 
 class FaultKind(enum.Enum):
@@ -132,15 +138,27 @@ def fatal_fault(e: BaseException) -> Fault | None:
     return None
 
 
-def device_fault(e: BaseException, replica_id: str) -> DeviceFault | None:
-    """The DeviceFault for `e` where it is fatal, with the status text a caller is given."""
+def device_fault(
+    e: BaseException, replica_id: str, *, who: str = "", then: str = "the replica restarts"
+) -> DeviceFault | None:
+    """The DeviceFault for `e` where it is fatal, with the status text a caller is given: in
+    replica `replica_id`, or in `who` (a gateway, the broker) where given."""
     fault = fatal_fault(e)
     if fault is None:
         return None
+    who = who or f"replica {replica_id}"
     if fault.kind is FaultKind.SERVER:
-        what = f"the MPS server of replica {replica_id}'s GPU failed ({fault.name})"
+        what = f"the MPS server of {who}'s GPU failed ({fault.name})"
     else:
-        what = f"fatal GPU fault in replica {replica_id} ({fault.name})"
-    return DeviceFault(
-        f"{what}; the replica restarts", fault=fault.name, innocent=fault.kind is FaultKind.SERVER
-    )
+        what = f"fatal GPU fault in {who} ({fault.name})"
+    return DeviceFault(f"{what}; {then}", fault=fault.name, innocent=fault.kind is FaultKind.SERVER)
+
+
+def exit_now(fault: DeviceFault, prog: str) -> NoReturn:
+    """Ends the process at once with DEVICE_FAULT_EXIT: its CUDA context is lost, so nothing is
+    released in order (a synchronize could hang), and under MPS the GPU's server takes no new
+    client until every one of the old ones has exited. Its supervisor (the agent, a gateway's
+    supervisor, Docker, Kubernetes) starts it again."""
+    print(f"{prog}: {fault.code.name}: {fault.message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(DEVICE_FAULT_EXIT)
