@@ -9,7 +9,8 @@
 # (PIPES= none; default the coarse one of dfb31d9: 10,30,50,100 x 1,8,32, 8 repeats, ~110 s a pipeline on
 # the H100); STEP_S bounds each profile. LIMIT=0 skips the limit, LIMIT_S bounds it; FAULTS=1
 # runs the GPU-fault benchmark (FAULTS_S bounds each mode's run); TESTS=1 runs the GPU tests after (TESTS_S
-# bounds them); REFBENCH=1 the exclusive mesh's rate ladder (REFBENCH_S, REFBENCH_RATES). The
+# bounds them); REFBENCH=1 the exclusive mesh's rate ladder (REFBENCH_S, REFBENCH_RATES);
+# FRONTBENCH=1 the gateway and broker inside MPS against outside it (FRONT_S, FRONT_RATES). The
 # fault run alone:  PIPES= LIMIT=0 FAULTS=1 bash deploy/device/gpu-truth.sh
 set -u
 source deploy/device/prelude.sh
@@ -23,6 +24,21 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
   loadgen.bench_host --reference --backend cuda --duration-s 4 --client-processes 4 \
   --gateway-workers 8 --connections 64 --rates "${REFBENCH_RATES:-300,450,600,800}" \
   --stage-calls forward --out-dir "$R" --name host-path-reference --run-dir /tmp/cam/hpr
+# FRONTBENCH=1: the gateway and the broker as clients of the MPS server (as compose and k8s run
+# them) against in contexts of their own (a pipe directory with no daemon, as the fault benchmark
+# runs them; the agent still hands the daemon's to the replicas), the four reference pipelines
+# under even's MPS shares: what the gateway's copies cost when they take the GPU in turns
+if [[ ${FRONTBENCH:-0} == 1 ]]; then
+  mkdir -p /tmp/no-mps
+  for where in mps own; do
+    pipe=$CUDA_MPS_PIPE_DIRECTORY; [[ $where == own ]] && pipe=/tmp/no-mps
+    step "front-$where" "${FRONT_S:-150}" env CUDA_MPS_PIPE_DIRECTORY="$pipe" python3 -m \
+      loadgen.bench_host --reference --policy even --backend cuda --duration-s 4 \
+      --client-processes 4 --gateway-workers 8 --connections 64 \
+      --rates "${FRONT_RATES:-300,600,900}" --stage-calls forward --out-dir "$R" \
+      --name "front-$where" --run-dir "/tmp/cam/front-$where"
+  done
+fi
 # (a config path names a pipeline outside the bundled folder: services/pipelines/torch/*.yaml)
 for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
   n=$(basename "$p" .yaml)
