@@ -30,7 +30,8 @@ from protos import (
 )
 from services.gateway.forwarding import RouteSender
 from services.gateway.frontdoor import FrontDoor, PipelineEntry
-from services.gateway.query import PipelineRoute, QueryRunner, StageStep
+from services.gateway.pipelineroute import PipelineRoute, StageStep
+from services.gateway.query import QueryRunner
 from services.gateway.routes import RouteTable
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings

@@ -26,7 +26,8 @@ from common.errors import (
 )
 from common.reports import ReportSink
 from protos import gateway_pb2, report_pb2, tensor_pb2
-from services.gateway.query import PipelineRoute, QueryRunner
+from services.gateway.pipelineroute import PipelineRoute
+from services.gateway.query import QueryRunner
 
 RETRY_AFTER_MS = 50
 

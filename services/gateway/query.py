@@ -37,6 +37,7 @@ from common.errors import (
 )
 from protos import gateway_pb2, stage_pb2, tensor_pb2
 from services.gateway.forwarding import Forwarding, drive_chain, is_chain, step_requests
+from services.gateway.pipelineroute import PipelineRoute, StageStep
 from services.gateway.routes import RouteTable
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,6 @@ class Buffers(Protocol):
     def pool_of(self, slab_id: str) -> str: ...
 
     async def release(self, lease_ids: list[str], *, aborted: bool = False) -> Any: ...
-
-
-@dataclass(frozen=True)
-class StageStep:
-    name: str
-    # input name -> source: "input" or "<stage>.<output>"
-    inputs: tuple[tuple[str, str], ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PipelineRoute:
-    name: str
-    steps: tuple[StageStep, ...]  # topological order
-    output: str  # "<stage>.<output>"
-    qos_p99_ms: float
 
 
 @dataclass
