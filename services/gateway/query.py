@@ -130,38 +130,27 @@ class QueryRunner:
     def close(self) -> None:
         self.copier.shutdown(wait=False)
 
-    async def _copy(self, nbytes: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """Runs a copy in or out of a buffer: on the copy thread when it is large enough to be
-        worth a hand-off (a hand-off costs more host time than a small copy), else here."""
-        try:
-            if nbytes < INLINE_COPY_BYTES:
-                return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(self.copier, fn, *args)
-        except Exception as e:
-            fault = self._fault(e)
-            if fault is None:
-                raise
-            raise (Unavailable(fault.message) if fault.innocent else fault) from e
-
-    async def _view(self, ref: tensor_pb2.TensorRef) -> Any:
-        """A buffer's view (opening its slab's CUDA IPC handle the first time)."""
+    async def _copy(
+        self, ref: tensor_pb2.TensorRef, nbytes: int, fn: Callable[..., Any], *args: Any
+    ) -> Any:
+        """`fn(view, *args)`, a copy in or out of `ref`'s buffer (its view opens the slab's CUDA
+        IPC handle the first time): on the copy thread when it is large enough to be worth a
+        hand-off (a hand-off costs more host time than a small copy), else here. A fatal GPU
+        fault fails the query (UNAVAILABLE where the MPS server failed, so a client may retry it
+        elsewhere) and is told to `on_fault`: every later copy of this process would fail too."""
         assert self.buffers is not None
         try:
-            return await self.buffers.view(ref)
+            view = await self.buffers.view(ref)
+            if nbytes < INLINE_COPY_BYTES:
+                return fn(view, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.copier, fn, view, *args)
         except Exception as e:
-            fault = self._fault(e)
+            fault = device_fault(e, "", who="the gateway", then="the gateway restarts")
             if fault is None:
                 raise
+            if self.on_fault is not None:
+                self.on_fault(fault)
             raise (Unavailable(fault.message) if fault.innocent else fault) from e
-
-    def _fault(self, e: Exception) -> DeviceFault | None:
-        """Where `e` is a fatal GPU fault, the DeviceFault the query fails with (UNAVAILABLE where
-        the MPS server failed, so a client may retry it elsewhere), after telling `on_fault`:
-        every later copy of this process would fail the same way."""
-        fault = device_fault(e, "", who="the gateway", then="the gateway restarts")
-        if fault is not None and self.on_fault is not None:
-            self.on_fault(fault)
-        return fault
 
     async def _specs(
         self, pipeline: PipelineRoute
@@ -249,8 +238,7 @@ class QueryRunner:
                 assert specs is not None
                 _answer_into(pipeline, specs, outputs, output_ref)
             if isinstance(item, np.ndarray):
-                view = await self._view(first)
-                await self._copy(item.nbytes, _fill, view, item)
+                await self._copy(first, item.nbytes, _fill, item)
             client_lease = first.lease_id if by_ref else (output_ref.lease_id if output_ref else "")
             if self.forward is not None and specs is not None and self._is_chain(pipeline):
                 result = await self._drive_forward(
@@ -393,9 +381,7 @@ class QueryRunner:
         if not by_value:
             # the answer is in the client's own buffer: only its ref goes back
             return QueryResult(output=tensor_pb2.WireTensor(), stages=stages, output_ref=final)
-        assert self.buffers is not None
-        view = await self._view(final)
-        out = await self._copy(final.nbytes, lambda v: wire_from_array(to_host(v)), view)
+        out = await self._copy(final, final.nbytes, lambda v: wire_from_array(to_host(v)))
         return QueryResult(output=out, stages=stages)
 
     async def _stage(

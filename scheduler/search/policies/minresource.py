@@ -19,8 +19,8 @@ of the target, chosen as max-load chooses (`maxload.best_candidate`, the target 
 max-load's partitioned search (load search plus local search, `maxload.search`) against the
 baselines' plans of the same world (exclusive, even, feedback; option `baselines`), the
 partitioned plan kept only where it carries more than the best baseline by more than
-`tolerance` (1%). On one H200 the PyTorch pipelines' ten stages at 10% each carry a thirtieth
-of what whole GPUs taken in turns do (docs/results/maxload-candidates.md). The plan carries all
+`tolerance` (1%). On one H200 the PyTorch pipelines' ten stages on small shares carry less than
+half of what whole GPUs taken in turns do (docs/results/maxload-candidates.md). The plan carries all
 of the target, or a fraction, and then the pipelines are clamped to that fraction, listed in
 `clamped`, and nothing grows past what the GPUs hold; either way its reason names the
 candidate that won and what the others carried.
