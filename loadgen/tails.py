@@ -75,6 +75,13 @@ def breakdown(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[st
     return out
 
 
+def lag_p99_ms(records: Sequence[Record]) -> float:
+    """How late the load generator's sends left, p99 over every query sent (answered or not):
+    past a few milliseconds the client, not the server, is in the latencies (0 for none)."""
+    lags = [r.sent_us - r.intended_us for r in records if r.sent_us]
+    return float(np.percentile(lags, 99)) / 1000.0 if lags else 0.0
+
+
 def by_stage(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[str, dict[str, float]]:
     """Per `pipeline/stage` of the answered queries: `queries`, mean `batch`, `waiting_ms` and
     `compute_ms` over all of them, and the same (`tail.*`) over the queries over their

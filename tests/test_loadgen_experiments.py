@@ -267,6 +267,33 @@ async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
         # a real overload misses again and stays a miss
         over, _ = await confirmed.trial(mix, 250.0)
         assert not over.met and over.detail["runs"] == 2
+        assert over.bound == ""  # the server's miss: the client kept its timeline
+
+
+async def test_a_miss_the_load_generator_caused_gives_no_verdict_on_the_server():
+    import asyncio
+    import time
+
+    from loadgen.experiments.harness import Harness
+    from loadgen.experiments.search import CLIENT
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.001
+        gw.state.qos_p99_ms = 400.0
+        h = Harness(gw.target, None, trial_s=1.5, warmup_s=0.0, gap_s=0.0,
+                    arrivals=traces.Arrivals.UNIFORM, max_lag_frac=0.25)  # fmt: skip
+        await h.connect()
+        mix = parse_mix("img-to-text")
+        fine, _ = await h.trial(mix, 60.0)
+        assert fine.met and fine.bound == "" and fine.detail["lag_p99_ms"] < 100.0
+        # the sending process stalls for a second mid-trial (as one serialising megabyte inputs
+        # past its rate does): the queries due meanwhile leave up to a second late, and their
+        # latency, which counts from the intended send, misses the 400 ms target
+        asyncio.get_running_loop().call_later(0.5, time.sleep, 1.0)
+        stalled, _ = await h.trial(mix, 60.0)
+        assert not stalled.met and stalled.bound == CLIENT
+        assert stalled.detail["lag_p99_ms"] > 500.0
 
 
 async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
@@ -291,7 +318,7 @@ async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
 @pytest.mark.parametrize(
     "bad",
     [{"min_queries": -1}, {"confirm_misses": -2}, {"connections": 0}, {"trial_s": 0.0},
-     {"warmup_s": 2.0}],
+     {"warmup_s": 2.0}, {"max_lag_frac": 0.0}],
 )  # fmt: skip
 def test_harness_refuses_settings_that_cannot_make_a_trial(bad):
     from common.errors import InvalidArgument

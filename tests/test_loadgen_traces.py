@@ -11,6 +11,7 @@ from common.errors import InvalidArgument, NotFound
 from common.results import render_markdown, write_result
 from loadgen import traces
 from loadgen.experiments.search import (
+    CLIENT,
     GREEN_GROUP_PERCENT,
     SearchConfig,
     Trial,
@@ -173,6 +174,42 @@ async def test_find_peak_edges():
     assert short.first_miss_qps == 40.0
     with pytest.raises(InvalidArgument):
         SearchConfig(start_qps=0.0)
+
+
+async def test_a_miss_the_client_caused_ends_the_search_at_a_lower_bound():
+    # the server would hold 37.3 qps; past 25 qps the load generator falls behind first
+    seen: list[float] = []
+
+    async def trial(rate: float) -> Trial:
+        seen.append(rate)
+        if rate > 25.0:
+            return Trial(rate, False, bound=CLIENT)
+        return Trial(rate, rate <= 37.3)
+
+    found = await find_peak(trial, SearchConfig(10.0, 0.1, 1e5, 0.05, 40))
+    # no bisecting towards the client's own limit: the peak is a lower bound, and says so
+    assert seen == [10.0, 20.0, 40.0] and found.peak_qps == 20.0
+    assert found.client_bound and found.capped
+    # the client's miss is no bracket on the server's peak
+    assert found.first_miss_qps is None
+    plain = await find_peak(_threshold_trial(37.3, []), SearchConfig(10.0, 0.1, 1e5, 0.05, 40))
+    assert not plain.client_bound
+
+
+async def test_a_client_bound_miss_before_any_rate_met_halves_like_a_miss():
+    seen: list[float] = []
+
+    async def trial(rate: float) -> Trial:
+        seen.append(rate)
+        if rate > 30.0:
+            return Trial(rate, False, bound=CLIENT)
+        return Trial(rate, rate <= 12.0)
+
+    found = await find_peak(trial, SearchConfig(80.0, 0.1, 1e5, 0.05, 40))
+    # 80 and 40: the client's; 20: the server's miss; 10 met; then the bracket [10, 20)
+    assert seen[:4] == [80.0, 40.0, 20.0, 10.0]
+    assert 10.0 <= found.peak_qps <= 12.0 and not found.client_bound
+    assert found.first_miss_qps is not None and found.first_miss_qps <= 20.0
 
 
 def _stats(count, errors, p99):

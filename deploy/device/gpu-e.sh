@@ -3,7 +3,9 @@
 # EXP is the experiments to run ("peak-load low-load"). REFS: peak-load's references (issue 22:
 # "plain,limit"), LOW_REFS low-load's (limit is peak-load only). Results come back in $OUT/res.tgz
 # (a call cut short still returns what finished); the processes' logs land in $OUT/logs.tgz.
-# DEADLINE_S is the call's own limit, less a margin:
+# CLIENTS, CONNS: the load generator's processes (4: one falls behind at a few hundred qps) and
+# connections (64: the gateway's workers are dealt connections by the kernel's hash, and 8 over 8
+# workers give some two or three and others none). DEADLINE_S is the call's own limit, less a margin:
 # an experiment is cut to what is left of it.
 set -u
 source .devcarry/setup.sh
@@ -52,7 +54,8 @@ for e in $EXP; do
   left=$(( ${DEADLINE_S:-560} - SECONDS - 25 ))  # what the call has left, less the teardown
   (( left < 60 )) && { echo "skipped $e: ${left}s left" | tee -a "$R/steps.txt"; continue; }
   timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
-    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args ${XARGS:-} > "$R/$e.log" 2>&1
+    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args \
+    --client-processes "${CLIENTS:-4}" --connections "${CONNS:-64}" ${XARGS:-} > "$R/$e.log" 2>&1
   echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
   keep
 done

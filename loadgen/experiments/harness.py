@@ -22,6 +22,7 @@ from loadgen import tails, traces
 from loadgen.experiments import references
 from loadgen.experiments.admin import AdminClient, parse_policy
 from loadgen.experiments.search import (
+    CLIENT,
     Trial,
     integrate_steps,
     meets_qos,
@@ -71,6 +72,9 @@ class Harness:
     # queries: a p99 over fewer than 100 is the slowest query's latency, so at low rates a
     # fixed-length trial judges one event, not a percentile
     min_queries: int = 0
+    # a missed trial whose sends left this late (p99, as a fraction of the tightest target) was
+    # decided by the load generator, not the server: no verdict on the server (`search.CLIENT`)
+    max_lag_frac: float = 0.1
     pipelines: dict[str, gateway_pb2.PipelineInfo] = field(default_factory=dict)
     _trials: int = 0
     # the epoch the last trial ran under, and how often a policy re-planned between trials
@@ -91,6 +95,8 @@ class Harness:
         for name in ("confirm_misses", "min_queries"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.max_lag_frac > 0:
+            raise InvalidArgument(f"max_lag_frac must be > 0, got {self.max_lag_frac}")
         for name in ("connections", "client_processes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -242,14 +248,21 @@ class Harness:
             if met or len(runs) > self.confirm_misses:
                 break
         measured = [r for res in runs for r in res.measured(self.warmup_s)]
+        qos = self.qos_ms(mix)
+        lag_ms = tails.lag_p99_ms(measured)
+        bound = CLIENT if not met and lag_ms > self.max_lag_frac * min(qos.values()) else ""
+        if bound:
+            log.warning("%s at %.3g qps: the load generator fell behind (p99 lag %.3g ms); "
+                        "no verdict on the server", mix.name, rate_qps, lag_ms)  # fmt: skip
         detail = {
             **self.last_utilization,
             "runs": len(runs),
             "trial_s": length_s,
-            **tails.breakdown(measured, self.qos_ms(mix)),
-            "stages": tails.by_stage(measured, self.qos_ms(mix)),
+            "lag_p99_ms": lag_ms,
+            **tails.breakdown(measured, qos),
+            "stages": tails.by_stage(measured, qos),
         }
-        return Trial(rate_qps, met, stats, detail), runs[-1]
+        return Trial(rate_qps, met, stats, detail, bound), runs[-1]
 
 
 class ShareSampler:

@@ -60,7 +60,8 @@ class Outcome:
 # where the time of the queries over their target went (`tails.breakdown`), and per stage
 # (`tails.by_stage`: a dict, so in the JSON only)
 _DETAIL_COLUMNS = (
-    "cpu_pct.", "trial_s", "over_qos", "min_pipeline_count", "tail.", "typical.", "stages",
+    "cpu_pct.", "trial_s", "lag_p99_ms", "over_qos", "min_pipeline_count", "tail.", "typical.",
+    "stages",
 )  # fmt: skip
 
 
@@ -132,10 +133,15 @@ async def peak_load(
             summary[f"{mix.name}.{policy}_qps"] = found.peak_qps
             # the search's resolution: the true peak lies in [peak, first miss)
             summary[f"{mix.name}.{policy}_first_miss_qps"] = found.first_miss_qps
+            if found.client_bound:
+                # the load generator fell behind first: the server's peak is at least this, and
+                # a ratio with it on top is a lower bound, on the bottom an upper one
+                summary.setdefault(f"{mix.name}.client_bound", []).append(policy)
             peaks.append(
                 {"mix": mix.name, "policy": policy, "peak_qps": found.peak_qps,
                  "first_miss_qps": found.first_miss_qps, "capped": found.capped,
-                 "trials": len(found.trials), "replans": h.replans - replans_before}
+                 "client_bound": found.client_bound, "trials": len(found.trials),
+                 "replans": h.replans - replans_before}
             )  # fmt: skip
         skip = {*references, *failed}
         baselines = [p for p in policies if p != camelot and p not in skip]
@@ -183,7 +189,8 @@ def _trial_row(
         "mix": mix.name, "policy": policy, "epoch": epoch, "rate_qps": t.rate_qps, "met": t.met,
         "count": a["count"], "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
         "worst_p99_over_qos": _worst_over_qos(t.stats, qos),
-        "plan_epoch": t.detail.get("plan_epoch"), "runs": t.detail.get("runs"),
+        "bound": t.bound or None, "plan_epoch": t.detail.get("plan_epoch"),
+        "runs": t.detail.get("runs"),
         "host_cpu_pct": t.detail.get("host_cpu_pct"), "gpu_util_pct": t.detail.get("gpu_util_pct"),
     }  # fmt: skip
     row.update({k: v for k, v in t.detail.items() if k.startswith(_DETAIL_COLUMNS)})

@@ -3,6 +3,12 @@
 The peak search doubles the rate from a start until a trial misses its QoS (or halves it until
 one meets), then bisects between the last rate that met and the first that missed until they are
 within a relative tolerance. The answer is the highest rate seen to meet the QoS.
+
+A trial can miss without saying anything about the server: when the load generator fell behind
+its own timeline, the lag counts in every latency (it counts from the intended send), and a
+faster server would have missed too. Such a trial is bound by the client (`Trial.bound`); the
+search ends there, the peak is the last rate met, and the result says that it is a lower bound
+(`SearchResult.client_bound`) instead of bisecting towards the client's own limit.
 """
 
 from __future__ import annotations
@@ -20,12 +26,19 @@ GREEN_GROUP_PERCENT = 8 / 132 * 100
 
 @dataclass(frozen=True)
 class Trial:
-    """One fixed-rate run: whether it met the QoS, and the figures behind the verdict."""
+    """One fixed-rate run: whether it met the QoS, and the figures behind the verdict.
+
+    `bound` is empty where the verdict is the server's, and names what else decided a miss
+    (`CLIENT`: the load generator fell behind its timeline)."""
 
     rate_qps: float
     met: bool
     stats: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     detail: Mapping[str, Any] = field(default_factory=dict)
+    bound: str = ""
+
+
+CLIENT = "client"
 
 
 @dataclass(frozen=True)
@@ -55,11 +68,18 @@ class SearchResult:
     peak_qps: float
     trials: tuple[Trial, ...]
     capped: bool  # no trial missed (max_qps or the trial budget reached): the peak may be higher
+    # the search ended at a miss the load generator caused: the server's peak is >= peak_qps
+    client_bound: bool = False
 
     @property
     def first_miss_qps(self) -> float | None:
-        """The lowest rate above the peak that missed: the true peak lies in [peak, this)."""
-        misses = [t.rate_qps for t in self.trials if not t.met and t.rate_qps > self.peak_qps]
+        """The lowest rate above the peak that the server missed: the true peak lies in
+        [peak, this). None where no trial above the peak gave the server's verdict."""
+        misses = [
+            t.rate_qps
+            for t in self.trials
+            if not t.met and not t.bound and t.rate_qps > self.peak_qps
+        ]
         return min(misses) if misses else None
 
 
@@ -87,14 +107,34 @@ def meets_qos(
 
 
 async def find_peak(trial: Callable[[float], Awaitable[Trial]], cfg: SearchConfig) -> SearchResult:
-    """Exponential then binary search over the rate for the highest one whose trial meets."""
+    """Exponential then binary search over the rate for the highest one whose trial meets.
+
+    A miss bound by something other than the server (see the module) ends the search once a
+    rate has met; before that it halves the rate like any miss (lower, the client may keep up).
+    """
     done: list[Trial] = []
 
     async def run(rate: float) -> bool:
         t = await trial(rate)
         done.append(t)
+        if not t.met and t.bound and any(d.met for d in done):
+            raise _ClientBound
         return t.met
 
+    try:
+        return await _search(run, cfg, done)
+    except _ClientBound:
+        lo = max(t.rate_qps for t in done if t.met)
+        return SearchResult(lo, tuple(done), capped=True, client_bound=True)
+
+
+class _ClientBound(Exception):
+    """A trial above a rate that met was decided by the load generator: the search ends."""
+
+
+async def _search(
+    run: Callable[[float], Awaitable[bool]], cfg: SearchConfig, done: list[Trial]
+) -> SearchResult:
     lo, hi = 0.0, 0.0  # highest rate met, lowest rate missed (0 = none yet)
     rate = cfg.start_qps
     if await run(rate):
