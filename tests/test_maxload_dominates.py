@@ -138,9 +138,10 @@ def test_max_load_carries_at_least_what_every_baseline_carries(
     assert _whole_gpus_only_past_100(world, plan) == []
     validate(plan)  # an agent can run it
     mine = peak(world, plan, world.load_qps)
-    # it plans for a load it carries
+    # it plans for a load it carries (not necessarily at most `mine`: where a stage's batches
+    # step up with the load, feasibility is not monotone in it, and the bisection from below
+    # stops at the first gap)
     assert predict(world, plan, plan.planned_qps).feasible
-    assert min(plan.planned_qps[p] / r for p, r in world.load_qps.items()) <= mine * (1 + RES)
     for name, options in BASELINES:
         theirs_world = _world(device, mix, gpus, load, **options)
         theirs = peak(world, get_policy(name).plan(theirs_world), world.load_qps)
@@ -148,16 +149,24 @@ def test_max_load_carries_at_least_what_every_baseline_carries(
 
 
 def test_max_load_says_which_candidate_won_and_partitions_only_where_it_pays() -> None:
-    # three PyTorch pipelines on one H200: ten stages on small shares are too slow (their
-    # profiles stop at 50%, and below it latency scales as 1/share), whole GPUs in turns carry
-    # more
+    # three PyTorch pipelines on one H200: whole GPUs taken in turns run batches of about one
+    # (judged at the batches that form), so partitioned shares carry more
     torch = MaxLoad().plan(_world("h200", TORCH, 1, "even"))
-    assert "exclusive's plan" in torch.reason and "partitioned x" in torch.reason
-    assert all(r.sm_percent == 100 for a in torch.stages for r in a.replicas)
-    # the partitioned search alone plans for far less
-    alone = MaxLoad().plan(_world("h200", TORCH, 1, "even", baselines="none"))
+    assert "the partitioned plan" in torch.reason and "exclusive x" in torch.reason
+    assert any(r.sm_percent < 100 for a in torch.stages for r in a.replicas)
+    # the gateway priced makes every plan nearly tie on two reference pipelines: exclusive's
+    # carries a little more, and partitioning that does not pay is not chosen
+    tie = MaxLoad().plan(_world("h100", ("speech-to-text", "text-to-img"), 1, "even-priced"))
+    assert "exclusive's plan" in tie.reason and "partitioned x" in tie.reason
+    assert all(r.sm_percent == 100 and r.time_sliced for a in tie.stages for r in a.replicas)
+    # partitioning must pay by more than the option `tolerance`: at 50%, even's plan is kept
+    # where partitioned shares carry 19% more (video analytics on one H100)
+    va = MaxLoad().plan(_world("h100", ("video-analytics",), 1, "even", tolerance="0.5"))
+    assert va.reason.split(" (carried")[0].endswith("even's plan"), va.reason
+    assert "partitioned x" in va.reason
+    # the partitioned search alone names no candidates
+    alone = MaxLoad().plan(_world("h100", ("video-analytics",), 1, "even", baselines="none"))
     assert "carried" not in alone.reason
-    assert 2 * sum(alone.planned_qps.values()) < sum(torch.planned_qps.values())
     # one reference pipeline on two H100s: partitioned shares carry more than any baseline
     speech = MaxLoad().plan(_world("h100", ("speech-to-text",), 2, "even"))
     assert "the partitioned plan" in speech.reason and "exclusive x" in speech.reason

@@ -5,8 +5,9 @@ shares its GPU. Spatial sharing (shares on a GPU sum to <= 100%): the factor is 
 sensitivity at the summed pressure of the co-runners, each co-runner's pressure scaled by how
 busy it is and by the bandwidth its share lets it draw. Time slicing (shares sum above 100%, as
 when whole-GPU replicas share a GPU): replicas take turns on all SMs, so a replica's batch is
-stretched by the busy fraction of the others, and the GPU must not be busier than 100% in all.
-The two interact (busy fractions depend on the factors), so the per-GPU factors are iterated.
+stretched by the busy fraction of the others, and the GPU must not be busier than 100% in all,
+at the batches that form. The two interact (busy fractions depend on the factors), so the
+per-GPU factors are iterated.
 
 Per stage: the load splits over its replicas in proportion to their capacity (the gateway
 routes to the least outstanding work, so a replica slowed by co-runners gets less); a
@@ -286,8 +287,11 @@ def predict(
         gpu_pressure[gkey] = sum(s.pressure for s in slots)
         for s in slots:
             s.est = stage_estimate(s.prof, s.rate, s.share, s.r.max_batch, s.wait_ms, s.factor)
-        # capacity: turns at full batches must fit in the GPU's time (small batches grow)
-        if sliced and sum(s.est.utilization / s.factor for s in slots if s.est) > queueing.RHO_MAX:
+        # capacity: turns at the batches that form must fit in the GPU's time. Not at full
+        # batches: taking turns, batches do not grow to fill the GPU (measured on the H100,
+        # four pipelines' twelve whole-GPU replicas: mean batches 1.1-2 at 450 qps with the GPU
+        # 95% busy, 1.5-5 at 600 where the p99 collapsed; docs/results/maxload-candidates.md)
+        if sliced and sum(s.est.busy / s.factor for s in slots if s.est) > queueing.RHO_MAX:
             problems.append(f"GPU {gkey[0]}:{gkey[1]} is time-sliced beyond capacity")
 
     gateway = float(hops.gateway_ms(sum(float(rates.get(p.name, 0.0)) for p in world.pipelines)))

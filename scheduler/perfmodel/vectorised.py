@@ -270,9 +270,11 @@ class Vectorised:
             cap = 1000.0 * bmax / (lat_b * factor)
             share_of = cap / np.bincount(sgid, cap, minlength=n_plans * n_st)[sgid]
             rate = np.where(many, stage_rate * share_of, rate)
-        p99, util, _ = queue(rate, factor)
+        p99, util, busy = queue(rate, factor)
         p99 = np.where(util <= queueing.RHO_MAX, p99 * self.bias[stage], np.inf)
-        over = np.bincount(ggid, np.where(sliced, util / factor, 0.0), minlength=n_g)
+        # a time-sliced GPU is judged at the batches that form, as in `predictor.predict`
+        busy = np.where(util <= queueing.RHO_MAX, np.minimum(1.0, busy), 1.0)
+        over = np.bincount(ggid, np.where(sliced, busy / factor, 0.0), minlength=n_g)
         flat_p99 = np.full(n_plans * n_st, -np.inf)
         np.maximum.at(flat_p99, sgid, p99)
         stage_p99 = flat_p99.reshape(n_plans, n_st)
