@@ -294,6 +294,14 @@ async def test_a_miss_the_load_generator_caused_gives_no_verdict_on_the_server()
         stalled, _ = await h.trial(mix, 60.0)
         assert not stalled.met and stalled.bound == CLIENT
         assert stalled.detail["lag_p99_ms"] > 500.0
+        # the same stall while the server is past its capacity too: counted from the actual
+        # sends the targets are still missed, so the miss is the server's
+        gw.state.slow_s = 0.6
+        gw.state.run_capacity = {"initial": 30}
+        asyncio.get_running_loop().call_later(0.5, time.sleep, 1.0)
+        both, _ = await h.trial(mix, 60.0)
+        assert not both.met and both.bound == ""
+        assert both.detail["lag_p99_ms"] > 500.0
 
 
 async def test_min_queries_lengthens_a_low_rate_trial_for_the_rarest_pipeline():
