@@ -246,7 +246,11 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for i, sharing in enumerate(args.sharing or ["mps"]):
-        run_dir = Path(tempfile.mkdtemp(prefix=f"camelot-gpu-faults-{sharing}-"))
+        if args.run_dir:  # kept: the processes' logs say how the fault went
+            run_dir = Path(args.run_dir) / sharing
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = Path(tempfile.mkdtemp(prefix=f"camelot-gpu-faults-{sharing}-"))
         fm = await start(run_dir, args.backend, sharing, args.replicas, args.groups_per_replica)
         try:
             rows.append(
@@ -270,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=20.0, help="load per run")
     p.add_argument("--deadline-s", type=float, default=2.0, help="per-query gRPC deadline")
     p.add_argument("--recover-s", type=float, default=60.0, help="the bound on recovery")
+    p.add_argument(
+        "--run-dir", default="",
+        help="the meshes' folder, one per --sharing, kept with their logs (default: temporary)",
+    )  # fmt: skip
     p.add_argument("--out-dir", default="docs/results")
     p.add_argument("--name", default="gpu-faults", help="the result's file name")
     args = p.parse_args(argv)

@@ -58,7 +58,10 @@ if [[ ${FAULTS:-0} == 1 ]]; then
   for mode in ${FAULTS_SHARING:-mps green}; do
     step "gpu-faults-$mode" "${FAULTS_S:-180}" python3 -m loadgen.gpu_faults --backend cuda \
       --sharing "$mode" --rate "${FAULTS_RATE:-100}" --duration-s "${FAULTS_DUR_S:-20}" \
-      --out-dir "$R" --name "gpu-faults-$mode"
+      --out-dir "$R" --name "gpu-faults-$mode" --run-dir /tmp/cam-faults
+    # the processes' logs (which replica saw what, when the agent restarted what) come back too
+    [[ -d /tmp/cam-faults/$mode/logs ]] && cp -r "/tmp/cam-faults/$mode/logs" "$R/faults-$mode-logs"
+    tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null
   done
 fi
 # TESTS=1: the GPU tests last (TESTS_ONLY: these files only)

@@ -64,8 +64,14 @@ async def fault_run(tmp_path: Path, sharing: str) -> dict:
         row = await gpu_faults.run(fm, sharing, rate_qps=50, duration_s=10, recover_s=90)
     finally:
         await fm.stop()
-    assert row["poison_status"] == "INTERNAL", row
-    assert "(cudaErrorIllegalAddress)" in row["poison_message"], row
+    if row["poison_status"] == "INTERNAL" or sharing != "mps":
+        assert row["poison_status"] == "INTERNAL", row
+        assert "(cudaErrorIllegalAddress)" in row["poison_message"], row
+    else:
+        # under MPS the replica before the faulting one loses its context in the same fault and
+        # may exit before the poison's answer passes back through it (docs/RELIABILITY.md)
+        assert row["poison_status"] == "UNAVAILABLE", row
+        assert "ended" in row["poison_message"], row
     assert row["recovered"], row
     assert row["queries_lost"] == 0, row
     assert set(row["failed_queries"]) <= {"UNAVAILABLE", "INTERNAL"}, row
