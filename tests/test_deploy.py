@@ -38,6 +38,12 @@ K8S = REPO / "deploy" / "k8s"
 DOCKERFILE = REPO / "Dockerfile"
 
 GPU_SERVICES = {"mps", "shmbroker", "agent", "gateway"}
+# The MPS clients are the replicas the agent spawns: it is the one container that holds the
+# daemon's pipe directory besides the daemon. The broker and the gateway run outside MPS, so a
+# replica's fatal GPU fault (reported to every client of the server) leaves them alone; measured
+# free at 600 qps on an H100 (docs/results/front-mps-h100.md, front-own-h100.md).
+MPS_CLIENTS_PARENT = "agent"
+OUTSIDE_MPS = {"shmbroker", "gateway"}
 # service -> the variable holding its gRPC port
 GRPC_SERVICES = {
     "shmbroker": "CAMELOT_BROKER_PORT",
@@ -136,6 +142,27 @@ def duration_s(text: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
+def mps_pipe(compose: Mapping[str, Any]) -> tuple[str, str]:
+    """(the daemon's CUDA_MPS_PIPE_DIRECTORY, the volume mounted there in the `mps` service)."""
+    daemon = compose["services"]["mps"]
+    pipe_dir = env_of(daemon)["CUDA_MPS_PIPE_DIRECTORY"]
+    return pipe_dir, mounts_of(daemon)[pipe_dir]
+
+
+def inside_mps(compose: Mapping[str, Any], name: str) -> list[str]:
+    """What makes service `name` a client of the MPS daemon (or tied to it); [] when nothing."""
+    pipe_dir, volume = mps_pipe(compose)
+    svc = compose["services"][name]
+    why = []
+    if env_of(svc).get("CUDA_MPS_PIPE_DIRECTORY", pipe_dir) == pipe_dir:
+        why.append(f"CUDA_MPS_PIPE_DIRECTORY is the daemon's {pipe_dir} (or unset: the image's)")
+    if volume in mounts_of(svc).values():
+        why.append(f"mounts the pipe volume {volume}")
+    if "mps" in (svc.get("depends_on") or {}):
+        why.append("depends on `mps` (restarts with the daemon)")
+    return why
+
+
 def gpu_services(compose: Mapping[str, Any]) -> set[str]:
     names = set()
     for name, svc in compose["services"].items():
@@ -180,7 +207,8 @@ def test_gpu_containers_share_pid_and_ipc_namespaces_and_the_gpus(compose: dict[
         svc = services[name]
         assert svc["ipc"] == "service:node", name
         assert svc["pid"] == "service:node", name
-        assert "node" in svc["depends_on"] or name == "mps" or "mps" in svc["depends_on"]
+        # started after the anchor: directly, or through the daemon that is
+        assert "node" in svc["depends_on"] or "mps" in svc["depends_on"], name
         devices.append(svc["deploy"]["resources"]["reservations"]["devices"])
     assert all(d == devices[0] for d in devices), "every GPU container must see the same GPUs"
     assert devices[0] == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
@@ -193,28 +221,78 @@ def test_gpu_containers_run_as_one_non_root_uid(compose: dict[str, Any]) -> None
     assert user and user.split(":")[0] not in ("0", "root")
 
 
-def test_every_gpu_container_mounts_the_mps_pipe_directory(compose: dict[str, Any]) -> None:
-    volumes = set()
-    for name in GPU_SERVICES:
-        svc = compose["services"][name]
-        pipe_dir = env_of(svc)["CUDA_MPS_PIPE_DIRECTORY"]
-        mounts = mounts_of(svc)
-        assert pipe_dir in mounts, f"{name} does not mount its MPS pipe directory {pipe_dir}"
-        volumes.add((pipe_dir, mounts[pipe_dir]))
-    assert len(volumes) == 1, f"one volume at one path for every GPU container: {volumes}"
-    pipe_dir, volume = next(iter(volumes))
+def test_the_agent_mounts_the_daemons_pipe_directory_and_hands_it_to_its_replicas(
+    compose: dict[str, Any],
+) -> None:
+    pipe_dir, volume = mps_pipe(compose)
     assert volume in compose["volumes"], "the pipe directory must be a named (shared) volume"
-    agent = env_of(compose["services"]["agent"])
-    assert agent["CAMELOT_MPS"] == "external"
-    assert agent["CAMELOT_MPS_PIPE_DIR"] == pipe_dir
+    agent = compose["services"][MPS_CLIENTS_PARENT]
+    env = env_of(agent)
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == pipe_dir
+    assert mounts_of(agent).get(pipe_dir) == volume, "one volume at one path for daemon and agent"
+    assert env["CAMELOT_MPS"] == "external"
+    assert env["CAMELOT_MPS_PIPE_DIR"] == pipe_dir
 
 
-def test_mps_clients_wait_for_a_healthy_daemon(compose: dict[str, Any]) -> None:
+def test_only_the_agent_of_the_gpu_containers_is_tied_to_the_mps_daemon(
+    compose: dict[str, Any],
+) -> None:
+    tied = {name for name in GPU_SERVICES - {"mps"} if inside_mps(compose, name)}
+    assert tied == {MPS_CLIENTS_PARENT}
+
+
+def test_the_agent_waits_for_a_healthy_mps_daemon_and_restarts_with_it(
+    compose: dict[str, Any],
+) -> None:
     services = compose["services"]
     assert "nvidia-cuda-mps-control -f" in " ".join(services["mps"]["command"])
     assert "get_server_list" in " ".join(services["mps"]["healthcheck"]["test"])
-    for name in GPU_SERVICES - {"mps"}:
-        assert services[name]["depends_on"]["mps"]["condition"] == "service_healthy", name
+    depends = services[MPS_CLIENTS_PARENT]["depends_on"]["mps"]
+    assert depends["condition"] == "service_healthy"
+    assert depends.get("restart") is True, "a restarted daemon must restart its clients"
+
+
+def test_the_broker_and_gateway_run_outside_mps_with_contexts_of_their_own(
+    compose: dict[str, Any],
+) -> None:
+    """A replica's fatal fault under MPS ends every client of the server: the broker (and every
+    lease) and the gateway must not be among them, nor restart with the daemon."""
+    pipe_dir, volume = mps_pipe(compose)
+    for name in OUTSIDE_MPS:
+        svc = compose["services"][name]
+        no_daemon = env_of(svc).get("CUDA_MPS_PIPE_DIRECTORY")
+        assert no_daemon, f"{name}: unset, the image's default is the daemon's pipe directory"
+        assert no_daemon != pipe_dir, name
+        assert not no_daemon.startswith(pipe_dir.rstrip("/") + "/"), name
+        assert volume not in mounts_of(svc).values(), f"{name} mounts the MPS pipe volume"
+        assert inside_mps(compose, name) == [], name
+        # still ordered after the anchor whose PID and IPC namespaces they share
+        assert svc["depends_on"]["node"].get("restart") is True, name
+    # and no service mounts anything where they look for a daemon
+    no_daemon_dirs = {
+        env_of(compose["services"][n])["CUDA_MPS_PIPE_DIRECTORY"] for n in OUTSIDE_MPS
+    }
+    for name, svc in compose["services"].items():
+        assert not no_daemon_dirs & set(mounts_of(svc)), name
+
+
+@pytest.mark.parametrize("name", sorted(OUTSIDE_MPS))
+def test_putting_the_broker_or_gateway_back_inside_mps_is_caught(
+    compose: dict[str, Any], name: str
+) -> None:
+    pipe_dir, volume = mps_pipe(compose)
+    for change in ("env", "unset", "mount", "depends"):
+        broken = copy.deepcopy(compose)
+        svc = broken["services"][name]
+        if change == "env":
+            svc["environment"]["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+        elif change == "unset":
+            del svc["environment"]["CUDA_MPS_PIPE_DIRECTORY"]
+        elif change == "mount":
+            svc["volumes"].append(f"{volume}:{pipe_dir}")
+        else:
+            svc["depends_on"]["mps"] = {"condition": "service_healthy", "restart": True}
+        assert inside_mps(broken, name), change
 
 
 def test_gpu_services_refuse_the_host_fallback_by_default(compose: dict[str, Any]) -> None:
@@ -513,25 +591,71 @@ def test_the_kubernetes_schema_check_catches_a_misspelt_field() -> None:
     assert any("envFrm" in e for e in k8s_errors(broken))
 
 
-def test_node_pod_shares_processes_ipc_and_the_mps_pipe() -> None:
+def node_containers() -> dict[str, dict[str, Any]]:
+    pod = node_daemonset()["spec"]["template"]["spec"]
+    return {c["name"]: c for c in pod["containers"]}
+
+
+def container_env(c: Mapping[str, Any]) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def container_mounts(c: Mapping[str, Any]) -> dict[str, str]:
+    """mount path -> volume name."""
+    return {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+
+
+def node_mps_pipe() -> tuple[str, str]:
+    """(the daemon container's CUDA_MPS_PIPE_DIRECTORY, the volume mounted there)."""
+    daemon = node_containers()["mps"]
+    pipe_dir = container_env(daemon)["CUDA_MPS_PIPE_DIRECTORY"]
+    assert pipe_dir
+    return pipe_dir, container_mounts(daemon)[pipe_dir]
+
+
+def test_node_pod_shares_processes_and_ipc_under_one_uid() -> None:
     pod = node_daemonset()["spec"]["template"]["spec"]
     assert pod.get("shareProcessNamespace") is True or (pod.get("hostPID") and pod.get("hostIPC"))
-    containers = {c["name"]: c for c in pod["containers"]}
+    containers = node_containers()
     assert set(containers) >= GPU_SERVICES
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    pipe_volumes = set()
     for name in GPU_SERVICES:
         c = containers[name]
-        env = {e["name"]: e.get("value") for e in c.get("env", [])}
-        pipe_dir = env["CUDA_MPS_PIPE_DIRECTORY"]
-        mounted = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        assert pipe_dir in mounted, name
-        pipe_volumes.add(mounted[pipe_dir])
         assert "runAsUser" not in c.get("securityContext", {}), f"{name}: one UID for MPS"
-    assert len(pipe_volumes) == 1
-    assert "hostPath" in volumes[pipe_volumes.pop()]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+
+
+def test_node_pod_gives_the_mps_pipe_to_the_daemon_and_the_agent() -> None:
+    pod = node_daemonset()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    pipe_dir, volume = node_mps_pipe()
+    assert "hostPath" in volumes[volume]
+    agent = node_containers()[MPS_CLIENTS_PARENT]
+    env = container_env(agent)
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == pipe_dir
+    assert container_mounts(agent).get(pipe_dir) == volume
+    assert env["CAMELOT_MPS"] == "external"
+    assert env["CAMELOT_MPS_PIPE_DIR"] == pipe_dir
+    tied = {
+        name
+        for name, c in node_containers().items()
+        if name != "mps" and volume in container_mounts(c).values()
+    }
+    assert tied == {MPS_CLIENTS_PARENT}
+
+
+def test_node_pod_runs_the_broker_and_gateway_outside_mps() -> None:
+    """Set explicitly (the image's default is the daemon's path), elsewhere, and unmounted."""
+    pipe_dir, volume = node_mps_pipe()
+    containers = node_containers()
+    for name in OUTSIDE_MPS:
+        c = containers[name]
+        no_daemon = container_env(c).get("CUDA_MPS_PIPE_DIRECTORY")
+        assert no_daemon, f"{name}: unset, the image's default is the daemon's pipe directory"
+        assert no_daemon != pipe_dir and not no_daemon.startswith(pipe_dir.rstrip("/") + "/")
+        assert volume not in container_mounts(c).values(), f"{name} mounts the MPS pipe volume"
+        for other in containers.values():
+            assert no_daemon not in container_mounts(other), (name, other["name"])
 
 
 def test_node_pod_reserves_the_gpus_once_and_forces_cuda() -> None:
