@@ -9,7 +9,8 @@ mesh's peak (a GPU-bound mesh shows the GPU near 100%, a host-bound one the CPUs
 - per process kind (gateway, stage replicas, broker, scheduler, agent, and this load generator
   with the sending processes it started):
   CPU time from `/proc/<pid>/stat` over the interval, in percent of one core, so a single-threaded
-  process near 100 is the ceiling. For the stages, the sum and the busiest replica.
+  process near 100 is the ceiling. For the stages and the gateway's workers, the sum and the
+  busiest process.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ KINDS = (
     ("services.agent", "agent"),
     ("-m scheduler", "scheduler"),
 )
+
+
+# kinds that run as many processes: their busiest one is reported beside the sum
+MANY = ("stage", "gateway")
 
 
 def cpu_times(text: str) -> tuple[int, int]:
@@ -110,19 +115,21 @@ def mesh_processes(
 def process_pct(
     before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], seconds: float
 ) -> dict[str, float]:
-    """Per kind: CPU percent of one core over the interval (sum), and the busiest stage."""
+    """Per kind: CPU percent of one core over the interval (sum), and for the kinds of many
+    processes the busiest one (`stage_max`, `gateway_max`: a saturated replica or gateway
+    worker is near 100 while the sum says little; a gateway's workers are dealt connections
+    by the kernel's hash, not evenly)."""
     hz = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    busiest = 0.0
+    busiest: dict[str, float] = {}
     for pid, (kind, ticks) in after.items():
         if pid not in before or seconds <= 0:
             continue
         pct = 100.0 * (ticks - before[pid][1]) / hz / seconds
         out[kind] = out.get(kind, 0.0) + pct
-        if kind == "stage":
-            busiest = max(busiest, pct)
-    if "stage" in out:
-        out["stage_max"] = busiest
+        if kind in MANY:
+            busiest[kind] = max(busiest.get(kind, 0.0), pct)
+    out.update({f"{kind}_max": pct for kind, pct in busiest.items()})
     return out
 
 

@@ -87,6 +87,7 @@ def test_processes_are_told_apart_and_timed(tmp_path: Path) -> None:
     fake_proc(tmp_path, 12, "python -m services.stage --pipeline q", 20, 0)
     fake_proc(tmp_path, 13, "python -m scheduler --port 2", 5, 5)
     fake_proc(tmp_path, 14, "bash -c sleep", 99, 99)  # not ours
+    fake_proc(tmp_path, 15, "python -m services.gateway --port 1", 7, 7)  # a second worker
     (tmp_path / "self").mkdir()
     before = mesh_processes(tmp_path)
     assert {pid: kind for pid, (kind, _) in before.items()} == {
@@ -94,13 +95,18 @@ def test_processes_are_told_apart_and_timed(tmp_path: Path) -> None:
         11: "stage",
         12: "stage",
         13: "scheduler",
+        15: "gateway",
     }
     hz = os.sysconf("SC_CLK_TCK")
     fake_proc(tmp_path, 10, "python -m services.gateway --port 1", 100 + hz, 50)  # 1 s of CPU
     fake_proc(tmp_path, 11, "python -m services.stage --pipeline p", 10 + hz // 2, 0)
     fake_proc(tmp_path, 12, "python -m services.stage --pipeline q", 20 + hz // 4, 0)
     got = process_pct(before, mesh_processes(tmp_path), 2.0)
-    assert got["gateway"] == pytest.approx(50.0)  # half of one core over 2 s
+    fake_proc(tmp_path, 15, "python -m services.gateway --port 1", 7 + hz // 10, 7)
+    got = process_pct(before, mesh_processes(tmp_path), 2.0)
+    # two workers, one dealt most of the connections: the sum, and the busiest worker apart
+    assert got["gateway"] == pytest.approx(55.0)
+    assert got["gateway_max"] == pytest.approx(50.0)  # half of one core over 2 s
     assert got["stage"] == pytest.approx(37.5, abs=1) and got["stage_max"] == pytest.approx(
         25, abs=1
     )
