@@ -89,6 +89,38 @@ async def test_peak_load_finds_each_policys_peak_through_admin(tmp_path):
     assert [x["sm_percent"] for x in ran["max-load"]["stages"]] == [[50.0, 50.0]]
     assert [x["sm_percent"] for x in ran["even"]["stages"]] == [[100.0]]
     assert TOKEN not in json.dumps(doc) and TOKEN not in (tmp_path / "peak-load.md").read_text()
+    # the rows so far, written after each policy, are gone once the whole result is written
+    assert not (tmp_path / "peak-load-partial.json").exists()
+
+
+async def test_a_run_cut_short_leaves_every_finished_policys_rows(tmp_path):
+    import asyncio
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s = 0.002
+        st.run_capacity = {"max-load": capacity(70.0), "even": capacity(35.0)}
+        st.policy_sm = {"max-load": [50.0], "even": [100.0]}
+        argv = ["peak-load", "--target", gw.target, "--admin", gw.target, "--token", TOKEN,
+                "--mix", "vision:img-to-text", "--policies", "max-load,even", "--start-qps", "10",
+                "--rel-tol", "0.3", "--out-dir", str(tmp_path), *FAST]  # fmt: skip
+        args = experiments.build_parser().parse_args(argv)
+        run = asyncio.create_task(experiments.run(args, argv))
+        partial = tmp_path / "peak-load-partial.json"
+        # cut it (as a lent GPU's time limit does) once max-load's search is written
+        for _ in range(6000):
+            if partial.exists() or run.done():
+                break
+            await asyncio.sleep(0.02)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    doc = json.loads(partial.read_text())
+    assert doc["partial"] is True and TOKEN not in json.dumps(doc)
+    assert {r["policy"] for r in doc["rows"]} == {"max-load"}
+    assert 40 <= doc["summary"]["vision.max-load_qps"] <= 70
+    assert [p["policy"] for p in doc["peaks"]] == ["max-load"]
+    assert not (tmp_path / "peak-load.json").exists()
 
 
 @pytest.mark.slow

@@ -36,7 +36,14 @@ from loadgen.experiments import follow
 from loadgen.experiments.admin import AdminClient
 from loadgen.experiments.harness import Harness
 from loadgen.experiments.references import LIMIT
-from loadgen.experiments.runs import LimitMeasure, Outcome, diurnal, low_load, peak_load
+from loadgen.experiments.runs import (
+    LimitMeasure,
+    Outcome,
+    Progress,
+    diurnal,
+    low_load,
+    peak_load,
+)
 from loadgen.experiments.search import SearchConfig
 from loadgen.inputs import parse_mix, uniform_mix
 from loadgen.limit import LimitConfig
@@ -183,15 +190,40 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
         outcome = await follow.follow_load(args, partial(harness, args), out_dir, name)
     else:
         find_mesh(args)
-        outcome = await against_mesh(args, out_dir, name)
-    backend = backend_label(args.backend)
+        outcome = await against_mesh(args, out_dir, name, _so_far(args, argv, name))
+    paths = _write(args, argv, name, outcome)
+    for stale in _write_paths(out_dir, partial_name(name)):  # the run finished: no partial one
+        stale.unlink(missing_ok=True)
+    return paths
+
+
+def partial_name(name: str) -> str:
+    """Where an experiment's rows so far go after each policy (`<name>-partial`), so that a
+    run cut short leaves them; removed once the whole result is written."""
+    return f"{name}-partial"
+
+
+def _so_far(args: argparse.Namespace, argv: Sequence[str], name: str) -> Progress:
+    def write(outcome: Outcome) -> None:
+        _write(args, argv, partial_name(name), outcome)
+
+    return write
+
+
+def _write_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
+    return out_dir / f"{name}.json", out_dir / f"{name}.md"
+
+
+def _write(
+    args: argparse.Namespace, argv: Sequence[str], name: str, outcome: Outcome
+) -> tuple[Path, Path]:
     settings = {k: v for k, v in vars(args).items() if k != "token"}
     return write_result(
         name,
         outcome.rows,
         outcome.summary,
-        backend,
-        out_dir,
+        backend_label(args.backend),
+        Path(args.out_dir),
         command=module_command("loadgen.experiments", _redacted(argv)),
         plots=outcome.plots,
         extra={**outcome.extra, "settings": settings},
@@ -211,7 +243,9 @@ def harness(args: argparse.Namespace, target: str, admin: AdminClient | None) ->
     )  # fmt: skip
 
 
-async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Outcome:
+async def against_mesh(
+    args: argparse.Namespace, out_dir: Path, name: str, progress: Progress | None = None
+) -> Outcome:
     """peak-load, low-load or diurnal against the mesh at `args.target`."""
     camelot = args.camelot_policy or CAMELOT_DEFAULT[args.experiment]
     async with AsyncExitStack() as stack:
@@ -231,7 +265,7 @@ async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Ou
             policies = args.policies or default_policies(args)
             outcome = await peak_load(
                 h, mixes, policies, cfg, camelot, out_dir, name, args.references,
-                limit_measure(args, cfg),
+                limit_measure(args, cfg), progress,
             )  # fmt: skip
         elif args.experiment == "low-load":
             if not args.rate:
@@ -239,7 +273,7 @@ async def against_mesh(args: argparse.Namespace, out_dir: Path, name: str) -> Ou
             policies = args.policies or default_policies(args)
             outcome = await low_load(
                 h, mixes, args.rate, policies, camelot, args.sample_s, out_dir, name,
-                args.references,
+                args.references, progress,
             )  # fmt: skip
         else:
             policy = args.policy or ("current" if args.no_admin else camelot)

@@ -56,6 +56,17 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# told what an experiment has measured so far, after each policy: a run cut short (a lent GPU's
+# time limit) still leaves every finished policy's rows behind
+Progress = Callable[[Outcome], None]
+
+
+def _so_far(progress: Progress | None, rows: list[dict[str, Any]], summary: dict[str, Any],
+            extra: dict[str, Any]) -> None:  # fmt: skip
+    if progress is not None:
+        progress(Outcome(list(rows), dict(summary), [], {**extra, "partial": True}))
+
+
 # what a row takes from a trial's detail besides its named fields: CPU per process kind, and
 # where the time of the queries over their target went (`tails.breakdown`), and per stage
 # (`tails.by_stage`: a dict, so in the JSON only)
@@ -86,6 +97,7 @@ async def peak_load(
     name: str = "peak-load",
     references: Collection[str] = frozenset(),
     limit: LimitMeasure | None = None,
+    progress: Progress | None = None,
 ) -> Outcome:
     """`references` are measured beside the policies and compared with `camelot` on their own
     (`camelot_over.<ref>`); they are not baselines of the issue (e.g. MPS without caps). The
@@ -111,6 +123,7 @@ async def peak_load(
             summary[f"{mix.name}.{LIMIT}_qps"] = found_limit.peak_qps
             summary[f"{mix.name}.{LIMIT}_first_miss_qps"] = found_limit.first_miss_qps
             limits[mix.name] = {"peak_qps": found_limit.peak_qps, "caps": found_limit.caps}
+            _so_far(progress, rows, summary, {"peaks": peaks, "plans": h.plans, "limits": limits})
         for policy in [*policies, *mesh_refs]:
             # one policy that cannot be set loses its own rows, never the others'
             applied = await h.try_apply(policy, mix, summary, mix.name)
@@ -143,6 +156,7 @@ async def peak_load(
                  "client_bound": found.client_bound, "trials": len(found.trials),
                  "replans": h.replans - replans_before}
             )  # fmt: skip
+            _so_far(progress, rows, summary, {"peaks": peaks, "plans": h.plans, "limits": limits})
         skip = {*references, *failed}
         baselines = [p for p in policies if p != camelot and p not in skip]
         if camelot in policies and camelot not in failed:
@@ -209,6 +223,7 @@ async def low_load(
     out_dir: Path,
     name: str = "low-load",
     references: Collection[str] = frozenset(),
+    progress: Progress | None = None,
 ) -> Outcome:
     if LIMIT in references:
         raise InvalidArgument(
@@ -252,6 +267,7 @@ async def low_load(
                 cdfs[policy] = [r.latency_us / 1000 for r in result.measured(h.warmup_s) if r.ok]
                 used[policy] = (gpu_s, trial.met)
                 summary[f"{label}.{policy}_sm_gpu_s"] = gpu_s
+                _so_far(progress, rows, summary, {"plans": h.plans})
             if camelot in used:
                 summary[f"{label}.qos_met"] = used[camelot][1]
                 base = [
