@@ -1,14 +1,15 @@
 """A fatal GPU fault under load: a poisoned query makes a replica's kernel fault; the mesh recovers.
 
-    python -m loadgen.gpu_faults --backend cuda --sharing mps --sharing green  # the GPU run
+    python -m loadgen.gpu_faults --backend cuda --sharing mps --sharing green --sharing green-mps
     python -m loadgen.gpu_faults --backend host --sharing mps --duration-s 8   # the host stand-in
 
 The mesh is the real one (redis, broker, scheduler, agent, gateway as processes; the agent starts
 the replicas of a static plan), serving `fault2` (services/pipelines/faults/fault2.yaml): stage
 `a` hands the input on, stage `b` is the fault plug-in (services/models/fault.py), `--replicas` of
-each on one GPU, shared the `--sharing` way (MPS shares, or green contexts of
-`--groups-per-replica` SM groups each). A Poisson load runs; a third of the way in one poisoned
-query is sent: on CUDA a stage-`b` replica writes through an invalid pointer (a real
+each on one GPU, shared the `--sharing` way (MPS shares; green contexts of
+`--groups-per-replica` SM groups each, with no MPS daemon; or those under the daemon at 100%,
+`green-mps`, as deployments run them side by side). A Poisson load runs; a third of the way in
+one poisoned query is sent: on CUDA a stage-`b` replica writes through an invalid pointer (a real
 cudaErrorIllegalAddress, which under MPS reaches every client of the GPU), on the host backend it
 raises the error the stage takes for one. Measured:
 
@@ -58,7 +59,9 @@ log = logging.getLogger(__name__)
 
 PIPELINE = "fault2"
 FAULTS_DIR = pipelines_dir() / "faults"
-SHARINGS = ("mps", "green")
+# green-mps: green contexts under the GPU's MPS daemon at 100%, as a deployment runs them so that
+# they run side by side (green alone: no daemon, each its own context, the GPU takes them in turns)
+SHARINGS = ("mps", "green", "green-mps")
 READY = plan_pb2.REPLICA_STATE_READY
 
 
@@ -72,7 +75,7 @@ def plan(backend: str, sharing: str, replicas: int, groups_per_replica: int) -> 
         entries = []
         for _ in range(replicas):
             entry: dict[str, Any] = {"node": "local", "gpu": 0 if backend == "cuda" else -1}
-            if sharing == "mps":
+            if sharing == "mps":  # green and green-mps: disjoint SM groups
                 entry["sm_percent"] = max(1, 100 // total)
             else:
                 entry["sm_groups"] = list(range(k, k + groups_per_replica))
@@ -101,13 +104,13 @@ async def start(
     env["CUDA_MPS_PIPE_DIRECTORY"] = str(no_mps)
     # the agent manages an MPS daemon on the GPU (it uses one that answers already, and then
     # can only report a server stuck in FAULT); the host backend decides as under MPS, no daemon
-    mps = "manage" if backend == "cuda" and sharing == "mps" else "off"
+    mps = "manage" if backend == "cuda" and sharing in ("mps", "green-mps") else "off"
     plan_file = run_dir / "plan.json"
     plan_file.write_text(json.dumps(plan(backend, sharing, replicas, groups_per_replica)))
     try:
         await start_planned(
-            fm, backend, "tiny", "static", {"file": str(plan_file)}, share_mode=sharing, mps=mps,
-            pipelines_dir=str(FAULTS_DIR),
+            fm, backend, "tiny", "static", {"file": str(plan_file)},
+            share_mode=sharing.removesuffix("-mps"), mps=mps, pipelines_dir=str(FAULTS_DIR),
         )  # fmt: skip
         await wait_routed(fm.gateway, [PIPELINE], timeout_s=300, procs=fm.mesh.procs)
     except BaseException:
@@ -267,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m loadgen.gpu_faults", description=__doc__.split("\n")[0]
     )
     p.add_argument("--backend", choices=("cuda", "host"), default="cuda")
-    p.add_argument("--sharing", action="append", choices=SHARINGS, help="mps, green (repeatable)")
+    p.add_argument(
+        "--sharing", action="append", choices=SHARINGS, help="mps, green, green-mps (repeatable)"
+    )
     p.add_argument("--replicas", type=int, default=2, help="replicas of each stage on the GPU")
     p.add_argument("--groups-per-replica", type=int, default=2, help="green SM groups each")
     p.add_argument("--rate", type=float, default=100.0, help="Poisson arrivals per second")

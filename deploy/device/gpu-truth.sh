@@ -55,7 +55,7 @@ done
 # fault under MPS takes the GPU's whole MPS server down until its clients have exited
 # (FAULTS_SHARING: one result per mode, gpu-faults-<mode>.json, so a cut step keeps the first)
 if [[ ${FAULTS:-0} == 1 ]]; then
-  for mode in ${FAULTS_SHARING:-mps green}; do
+  for mode in ${FAULTS_SHARING:-mps green green-mps}; do
     step "gpu-faults-$mode" "${FAULTS_S:-180}" python3 -m loadgen.gpu_faults --backend cuda \
       --sharing "$mode" --rate "${FAULTS_RATE:-100}" --duration-s "${FAULTS_DUR_S:-20}" \
       --out-dir "$R" --name "gpu-faults-$mode" --run-dir /tmp/cam-faults

@@ -64,7 +64,7 @@ async def fault_run(tmp_path: Path, sharing: str) -> dict:
         row = await gpu_faults.run(fm, sharing, rate_qps=50, duration_s=10, recover_s=90)
     finally:
         await fm.stop()
-    if row["poison_status"] == "INTERNAL" or sharing != "mps":
+    if row["poison_status"] == "INTERNAL" or sharing == "green":
         assert row["poison_status"] == "INTERNAL", row
         assert "(cudaErrorIllegalAddress)" in row["poison_message"], row
     else:
@@ -83,6 +83,14 @@ async def fault_run(tmp_path: Path, sharing: str) -> dict:
 async def test_under_mps_every_replica_of_the_gpu_restarts_and_the_mesh_serves_again(tmp_path):
     row = await fault_run(tmp_path, "mps")
     # every client of the faulted MPS server was restarted, not only the one that faulted
+    assert len(row["replicas_restarted"]) == row["replicas_planned"], row
+
+
+@pytest.mark.timeout(400)
+async def test_green_contexts_under_mps_share_the_servers_fault_and_all_restart(tmp_path):
+    # side by side under the daemon at 100%, green replicas are MPS clients: one fault is all
+    # of theirs, as under MPS shares
+    row = await fault_run(tmp_path, "green-mps")
     assert len(row["replicas_restarted"]) == row["replicas_planned"], row
 
 
