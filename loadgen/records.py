@@ -8,6 +8,7 @@ percentile over several runs is one over all their requests, not an average of p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,10 +81,15 @@ def stats_of(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
     }
 
 
-def pooled_stats(results: Sequence[Result], warmup_s: float = 0.0) -> dict[str, dict[str, Any]]:
+def pooled_stats(
+    results: Sequence[Result], warmup_s: float = 0.0, from_sent: bool = False
+) -> dict[str, dict[str, Any]]:
     """`Result.stats` over several runs of one mix taken together (each run's warm-up cut):
-    a percentile over all their requests, not an average of percentiles."""
+    a percentile over all their requests, not an average of percentiles. `from_sent` counts
+    each latency from the actual send instead of the intended one (without the client's lag)."""
     kept = [r for res in results for r in res.measured(warmup_s)]
+    if from_sent:
+        kept = [dataclasses.replace(r, intended_us=r.sent_us) for r in kept]
     span = sum(max(res.duration_s - warmup_s, 1e-9) for res in results)
     out = {"all": stats_of(kept, span)}
     for name in results[0].mix.pipelines:

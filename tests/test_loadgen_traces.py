@@ -135,9 +135,13 @@ def test_inputs_match_the_spec_and_are_seeded(dtype, kind):
         make_input(tensor_pb2.TensorSpec(name="x", dtype=0, shape=[1]), np.random.default_rng(0))
 
 
-def _threshold_trial(peak: float, seen: list[float]):
+def _threshold_trial(peak: float, seen: list[float], client_above: float | None = None):
+    """The server holds up to `peak`; past `client_above` the load generator falls behind."""
+
     async def trial(rate: float) -> Trial:
         seen.append(rate)
+        if client_above is not None and rate > client_above:
+            return Trial(rate, False, bound=CLIENT)
         return Trial(rate, rate <= peak)
 
     return trial
@@ -179,13 +183,7 @@ async def test_find_peak_edges():
 async def test_a_miss_the_client_caused_ends_the_search_at_a_lower_bound():
     # the server would hold 37.3 qps; past 25 qps the load generator falls behind first
     seen: list[float] = []
-
-    async def trial(rate: float) -> Trial:
-        seen.append(rate)
-        if rate > 25.0:
-            return Trial(rate, False, bound=CLIENT)
-        return Trial(rate, rate <= 37.3)
-
+    trial = _threshold_trial(37.3, seen, client_above=25.0)
     found = await find_peak(trial, SearchConfig(10.0, 0.1, 1e5, 0.05, 40))
     # no bisecting towards the client's own limit: the peak is a lower bound, and says so
     assert seen == [10.0, 20.0, 40.0] and found.peak_qps == 20.0
@@ -198,13 +196,7 @@ async def test_a_miss_the_client_caused_ends_the_search_at_a_lower_bound():
 
 async def test_a_client_bound_miss_before_any_rate_met_halves_like_a_miss():
     seen: list[float] = []
-
-    async def trial(rate: float) -> Trial:
-        seen.append(rate)
-        if rate > 30.0:
-            return Trial(rate, False, bound=CLIENT)
-        return Trial(rate, rate <= 12.0)
-
+    trial = _threshold_trial(12.0, seen, client_above=30.0)
     found = await find_peak(trial, SearchConfig(80.0, 0.1, 1e5, 0.05, 40))
     # 80 and 40: the client's; 20: the server's miss; 10 met; then the bracket [10, 20)
     assert seen[:4] == [80.0, 40.0, 20.0, 10.0]

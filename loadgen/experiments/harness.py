@@ -8,7 +8,6 @@ a `ShareSampler` follows the plan's SM share while a trial runs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from loadgen.experiments.search import (
 )
 from loadgen.inputs import Mix, make_input
 from loadgen.openloop import list_pipelines, run_open_loop
-from loadgen.records import Result, pooled_stats, stats_of
+from loadgen.records import Result, pooled_stats
 from loadgen.utilization import UtilizationSampler
 from protos import gateway_pb2, gateway_pb2_grpc, plan_pb2
 
@@ -257,10 +256,7 @@ class Harness:
             # the client's miss only where the server met the targets counted from the actual
             # sends: a server drowning in queries makes its clients late too (their loops
             # carry thousands of waiting calls), and that miss is the server's
-            sent = [dataclasses.replace(r, intended_us=r.sent_us) for r in measured]
-            span = sum(max(res.duration_s - self.warmup_s, 1e-9) for res in runs)
-            served = {p: stats_of([r for r in sent if r.pipeline == p], span) for p in qos}
-            served["all"] = stats_of(sent, span)
+            served = pooled_stats(runs, self.warmup_s, from_sent=True)
             if meets_qos(served, qos, self.max_error_frac):
                 bound = CLIENT
         if bound:

@@ -110,6 +110,7 @@ async def peak_load(
     figs: list[Path] = []
     peaks: list[dict[str, Any]] = []
     limits: dict[str, dict[str, Any]] = {}
+    extra = {"peaks": peaks, "plans": h.plans, "limits": limits}  # filled in as the run goes
     mesh_refs = [r for r in references if r != LIMIT]
     for mix in mixes:
         qos = h.qos_ms(mix)
@@ -123,7 +124,7 @@ async def peak_load(
             summary[f"{mix.name}.{LIMIT}_qps"] = found_limit.peak_qps
             summary[f"{mix.name}.{LIMIT}_first_miss_qps"] = found_limit.first_miss_qps
             limits[mix.name] = {"peak_qps": found_limit.peak_qps, "caps": found_limit.caps}
-            _so_far(progress, rows, summary, {"peaks": peaks, "plans": h.plans, "limits": limits})
+            _so_far(progress, rows, summary, extra)
         for policy in [*policies, *mesh_refs]:
             # one policy that cannot be set loses its own rows, never the others'
             applied = await h.try_apply(policy, mix, summary, mix.name)
@@ -156,7 +157,7 @@ async def peak_load(
                  "client_bound": found.client_bound, "trials": len(found.trials),
                  "replans": h.replans - replans_before}
             )  # fmt: skip
-            _so_far(progress, rows, summary, {"peaks": peaks, "plans": h.plans, "limits": limits})
+            _so_far(progress, rows, summary, extra)
         skip = {*references, *failed}
         baselines = [p for p in policies if p != camelot and p not in skip]
         if camelot in policies and camelot not in failed:
@@ -192,7 +193,7 @@ async def peak_load(
                 title=f"p99 against load: {mix.name}",
             )
         )
-    return Outcome(rows, summary, figs, {"peaks": peaks, "plans": h.plans, "limits": limits})
+    return Outcome(rows, summary, figs, extra)
 
 
 def _trial_row(

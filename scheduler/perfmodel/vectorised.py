@@ -17,6 +17,12 @@ from scheduler.policy import PlanSpec, PolicyInput
 DEDUP_ROWS = 2048
 
 
+def _busy(util: np.ndarray, busy: np.ndarray) -> np.ndarray:
+    """The fraction of time each replica keeps its GPU busy at the batches that form; one that
+    cannot keep up (utilisation past `RHO_MAX`) never idles."""
+    return np.where(util <= queueing.RHO_MAX, np.minimum(1.0, busy), 1.0)
+
+
 class _Service:
     """Batch -> solo latency for a row of replicas: tables at their shares, laid out once.
 
@@ -258,7 +264,7 @@ class Vectorised:
         many = nrep[sgid] > 1
         for _ in range(self.rounds):
             _, util, busy = queue(rate, factor)
-            busy = np.where(util <= queueing.RHO_MAX, np.minimum(1.0, busy), 1.0)
+            busy = _busy(util, busy)
             pressure = np.where(sliced, 0.0, self.pressure[stage] * busy * drawn)
             total_busy = np.bincount(ggid, busy / factor, minlength=n_g)[ggid]
             total_p = np.bincount(ggid, pressure, minlength=n_g)[ggid]
@@ -273,7 +279,7 @@ class Vectorised:
         p99, util, busy = queue(rate, factor)
         p99 = np.where(util <= queueing.RHO_MAX, p99 * self.bias[stage], np.inf)
         # a time-sliced GPU is judged at the batches that form, as in `predictor.predict`
-        busy = np.where(util <= queueing.RHO_MAX, np.minimum(1.0, busy), 1.0)
+        busy = _busy(util, busy)
         over = np.bincount(ggid, np.where(sliced, busy / factor, 0.0), minlength=n_g)
         flat_p99 = np.full(n_plans * n_st, -np.inf)
         np.maximum.at(flat_p99, sgid, p99)
