@@ -136,3 +136,21 @@ def test_merge_command_writes_a_loadable_set(tmp_path: Path) -> None:
     profile_merge.main(["merge", str(m), "--log", str(log), "--out", str(out), "--note", "n"])
     got = P.load(out)
     assert set(got) == set(SYN["profiles"]) and not got["text-to-img/encode"].synthetic
+
+
+def test_an_earlier_merged_set_given_again_keeps_its_measurements_and_yields_its_synthetic_stages():
+    first = profile_merge.merge([measured_doc()], SYN, note="first")
+    assert first["profiles"]["video-analytics/crop"]["synthetic"]
+    crop = StageProfile.from_json("video-analytics/crop", SYN["profiles"]["video-analytics/crop"])
+    later = P.to_document([], device="GPU X", date="2026-12-07", note="later")
+    later["profiles"] = {"video-analytics/crop": crop.to_json()}
+    for order in ([first, later], [later, first]):
+        doc = profile_merge.merge(order, SYN, note="again")
+        enc, cr = doc["profiles"]["text-to-img/encode"], doc["profiles"]["video-analytics/crop"]
+        # the first set's measurement is kept with where it came from
+        assert enc["synthetic"] is False and enc["source"] == "measured (m)"
+        # the stage it had from the synthetic set is measured now, whichever document came first
+        assert cr["synthetic"] is False and cr["source"] == "measured (later)"
+        assert doc["profiles"]["video-analytics/detect"]["synthetic"] is True
+        assert "video-analytics/crop" in doc["note"].split("Synthetic")[0]
+        P.parse_document(doc)

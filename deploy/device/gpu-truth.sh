@@ -46,6 +46,20 @@ for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
     --shares "${SHARES:-10,30,50,100}" --batches "${BATCHES:-1,8,32}" \
     --repeats "${REPEATS:-8}" --cuda-graphs on --out "$R/$n.json"
 done
+# MERGE=1: the profiles just measured go into this tree's set for the device (the bundled set given
+# again keeps the stages measured before), so a later call on the still-warm machine that runs
+# gpu-e.sh from this same tree (not extracted afresh) plans with them; the merged set comes back as
+# $R/profiles-<slug>.json
+if [[ ${MERGE:-0} == 1 ]]; then
+  slug=$(python3 -c 'import sys; from scheduler.perfmodel.profilestore import device_slug; print(device_slug(sys.argv[1]))' "$(cut -d, -f1 "$R/device.txt")")
+  outs=(); for p in ${PIPES-img-to-text video-analytics text-to-img speech-to-text}; do
+    f="$R/$(basename "$p" .yaml).json"; [[ -f $f ]] && outs+=("$f"); done
+  base=scheduler/perfmodel/profiles_data/$slug.json; [[ -f $base ]] || base=""
+  (( ${#outs[@]} )) && step merge 60 python3 -m scheduler.tools.profile_merge merge $base "${outs[@]}" \
+    --note "${MERGE_NOTE:-services.profiler on this device at ${CAMELOT_GIT_REV:-?} (gpu-truth.sh), shares ${SHARES:-10,30,50,100}, batches ${BATCHES:-1,8,32}, CUDA graphs on}"
+  grep -q "^rc=0 merge" "$R/steps.txt" && cp "scheduler/perfmodel/profiles_data/$slug.json" "$R/profiles-$slug.json"
+  tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null
+fi
 [[ ${LIMIT:-1} == 1 ]] && step limit-ref4 "${LIMIT_S:-150}" python3 -m loadgen.limit \
   --mix ref4:img-to-text=1,video-analytics=1,text-to-img=1,speech-to-text=1 --backend cuda \
   --size full --trial-s 4 --warmup-s 1 --start-qps "${LIMIT_START:-500}" --max-trials 8 \

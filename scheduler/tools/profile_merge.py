@@ -70,6 +70,10 @@ def merge(
 ) -> dict[str, Any]:
     """One document: profiler outputs, then stages from a cut-short log, then the synthetic set.
 
+    A measured document may be an earlier merged set (the bundled one, to add stages measured
+    since): its measured stages keep their `source` unless a later document measured them again,
+    and its synthetic stages stay synthetic and yield to any measurement.
+
     A logged stage keeps only its complete latency rows; its slowdowns are used when every
     co-runner level was logged (the levels themselves, which the log lacks, are the medians of
     those measured for the other stages); pressure, memory and output bytes, and anything not
@@ -86,8 +90,15 @@ def merge(
     out: dict[str, dict[str, Any]] = {}
     for d in docs:
         for key, obj in d["profiles"].items():
-            out[key] = dict(obj, synthetic=False, source=f"measured ({d.get('note', '')})")
-    levels = _corunner_levels(out.values())
+            if obj.get("synthetic"):
+                # a stage an earlier merge took from elsewhere (a bundled set given again, so its
+                # measured stages are kept): it stays as it was, and never replaces a measured one
+                if key not in out:
+                    out[key] = dict(obj)
+                continue
+            src = obj.get("source") or f"measured ({d.get('note', '')})"
+            out[key] = dict(obj, synthetic=False, source=src)
+    levels = _corunner_levels(o for o in out.values() if not o["synthetic"])
     syn_profiles: Mapping[str, Any] = synthetic["profiles"]
     from_log = []
     for key, st in (logged or {}).items():
