@@ -45,6 +45,7 @@ from common.errors import InvalidArgument
 from common.results import REPO_ROOT, module_command, run_main, write_result
 from common.settings import options_of
 from contract.pipeline_config import list_pipelines, pipelines_dir
+from loadgen import hostprofile
 from loadgen.hostcost import ProcessTree
 from loadgen.hostladder import COLUMNS, Trials, Workload, ladder, mesh_for
 
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="", help="default: even (null), exclusive (--reference)")
     p.add_argument("--option", action="append", default=[], metavar="K=V",
                    help="the policy's option, repeatable (e.g. replicas=3 for even)")  # fmt: skip
+    p.add_argument("--profile-at", type=float, default=None, metavar="RATE",
+                   help="at this rate (one of --rates) also sample the busiest gateway workers' "
+                   "and stage replicas' stacks with py-spy after the warm-up (loadgen.hostprofile;"
+                   " py-spy must be installed); raw stacks in <out-dir>/<name>-pyspy/")  # fmt: skip
+    p.add_argument("--profile-s", type=float, default=3.0, help="seconds of samples per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="", help="keep each mesh's folder and logs here")
     p.add_argument("--note", default="", help="a line for the result's notes (the machine...)")
@@ -183,10 +189,14 @@ def trials_of(args: argparse.Namespace) -> Trials:
     if list(rates) != sorted(rates):
         raise InvalidArgument(f"--rates must rise, got {text!r}")
     p99 = args.p99_ms if args.p99_ms is not None else (None if args.reference else P99_MS)
+    if args.profile_at is not None and hostprofile.py_spy() is None:
+        raise InvalidArgument("--profile-at needs py-spy (pip install py-spy)")
     return Trials(
         rates, args.duration_s, args.warmup_s, args.prime_s, args.idle_s, args.gap_s,
         args.client_processes,
         args.connections, args.deadline_s, p99, args.max_error_frac, args.seed, args.submit,
+        profile_at=args.profile_at, profile_s=args.profile_s,
+        profile_dir=str(Path(args.out_dir) / f"{args.name}-pyspy"),
     )  # fmt: skip
 
 
@@ -228,6 +238,15 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if args.note:
         notes += f"\n\n{args.note}"
     notes += "\n\n" + stage_table(rows, [w.name for w in loads])
+    for row in rows:
+        if "host_profile" in row:
+            notes += (
+                f"\n\nWhere the host CPU went at {row['rate_qps']:g} qps ({row['workload']}): "
+                "py-spy samples of the busiest processes after the warm-up (loadgen.hostprofile;"
+                " a function's self share is the part of the process's running samples it was on"
+                " top of the stack, C code counting as its Python caller; raw stacks in "
+                f"`{args.name}-pyspy/`)\n\n" + hostprofile.table(row["host_profile"])
+            )
     return write_result(
         args.name, rows, summary, backend, args.out_dir, COLUMNS,
         command=module_command("loadgen.bench_host", argv), notes=notes,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InvalidArgument
-from loadgen import tails, traces
+from loadgen import hostprofile, tails, traces
 from loadgen.hostcost import LOADGEN, STAGE, CpuSampler, ProcessTree, Window, roots_of
 from loadgen.inputs import Mix, uniform_mix
 from loadgen.openloop import list_pipelines as served_pipelines
@@ -80,6 +80,11 @@ class Trials:
     submit: str = "stream"
     # the broker a client on the node writes its inputs into (inputs by reference); "": bytes
     shm_broker: str = ""
+    # the rate whose trial also samples the busiest processes' stacks (`loadgen.hostprofile`)
+    # for `profile_s` after its warm-up, raw stacks into `profile_dir`; None: no trial does
+    profile_at: float | None = None
+    profile_s: float = 3.0
+    profile_dir: str = ""
 
     def __post_init__(self) -> None:
         if not self.rates or any(not r > 0 for r in self.rates):
@@ -93,6 +98,13 @@ class Trials:
                 f"need client_processes >= 1 and connections >= client_processes, got "
                 f"{self.client_processes} and {self.connections}"
             )
+        if self.profile_at is not None and self.profile_at not in self.rates:
+            raise InvalidArgument(
+                f"the rate to profile at ({self.profile_at:g}) is not one of the rates "
+                f"{list(self.rates)}"
+            )
+        if not self.profile_s > 0:
+            raise InvalidArgument(f"profile_s must be positive, got {self.profile_s}")
 
 
 def judge(
@@ -152,12 +164,18 @@ async def trial(
 ) -> dict[str, Any]:
     """One open-loop trial at `rate`, and its row."""
     schedule = traces.poisson(rate, t.duration_s, np.random.default_rng(seed))
+    profiling = (
+        asyncio.create_task(profile_after_warmup(tree, t, f"{workload.name}-{rate:g}"))
+        if t.profile_at == rate
+        else None
+    )
     async with CpuSampler(tree) as sampler:
         result = await run_open_loop(
             target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
             connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
             submit=t.submit, shm_broker=t.shm_broker,
         )  # fmt: skip
+    profile = await profiling if profiling is not None else None
     window = sampler.window(
         result.t0_us + int(t.warmup_s * 1e6), result.t0_us + int(t.duration_s * 1e6)
     )
@@ -179,11 +197,26 @@ async def trial(
         "by_pipeline": per,
         "tails": tails.breakdown(records, targets),
         "stages": tails.by_stage(records, targets),
+        **({"host_profile": profile} if profile is not None else {}),
     }
     log.info("%s at %g qps: p50 %s ms, p99 %s ms, %d errors, mesh %s CPU-ms/query, %s",
              workload.name, rate, row["p50_ms"], row["p99_ms"], row["errors"],
              row["mesh_cpu_ms_per_query"], "held" if held else "missed")  # fmt: skip
     return row
+
+
+async def profile_after_warmup(tree: ProcessTree, t: Trials, tag: str) -> dict[str, Any]:
+    """The trial's busiest processes sampled once its warm-up is over, within its measured part
+    (`profile_s` at most); {"*": {"error": why}} where py-spy could not run at all, so the trial's
+    own figures stand either way."""
+    try:
+        await asyncio.sleep(t.warmup_s)
+        left = t.duration_s - t.warmup_s - hostprofile.PICK_S
+        seconds = min(t.profile_s, max(1.0, left))
+        return await hostprofile.profile_busiest(tree, seconds, Path(t.profile_dir or "."), tag)
+    except Exception as e:
+        log.warning("%s: no host profile: %s", tag, e)
+        return {"*": {"error": f"{type(e).__name__}: {e}"}}
 
 
 async def idle_cpu_pct(tree: ProcessTree, seconds: float) -> dict[str, float]:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from loadgen import bench_host, hostladder
+from loadgen import bench_host, hostladder, hostprofile
 from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
 from loadgen.records import OK, Record
 
@@ -133,6 +133,9 @@ async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_p
             "--client-processes", "2", "--connections", "2", "--gateway-workers", "1",
             "--deadline-s", "20", "--out-dir", str(tmp_path), "--name", "host-smoke",
             "--option", "replicas=2", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    spy = hostprofile.py_spy() is not None
+    if spy:  # where py-spy is installed, the trial also samples the busiest processes' stacks
+        argv += ["--profile-at", "15", "--profile-s", "1"]
     json_path, md_path = await bench_host.run(bench_host.build_parser().parse_args(argv), argv)
     doc = json.loads(json_path.read_text())
     assert doc["name"] == "host-smoke" and doc["backend"] == "host"
@@ -156,3 +159,12 @@ async def test_a_short_run_on_the_host_writes_the_result_with_cpu_per_kind(tmp_p
     for stage in "abc":
         assert any(f"null3.{stage}.1" in name for name in logs), (stage, sorted(logs))
     assert "mesh_cpu_ms_per_query" in md_path.read_text()
+    if spy:
+        profiled = row["host_profile"]
+        assert any(k.startswith("gateway@") for k in profiled), profiled
+        assert any(k.startswith("stage:null3/") for k in profiled), profiled
+        assert all("error" not in p for p in profiled.values()), profiled
+        assert "Where the host CPU went at 15 qps (null3)" in md_path.read_text()
+        assert list((tmp_path / "host-smoke-pyspy").glob("null3-15-gateway@*.txt"))
+    else:
+        assert "host_profile" not in row
