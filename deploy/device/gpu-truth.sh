@@ -19,11 +19,13 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 [[ ${TRANSPORT:-0} == 1 ]] && step transport 100 python3 -m shmbroker.bench \
   --out "$R/transport.json" --repeats 10 --host-hops apart
 # REFBENCH=1: the four full reference pipelines under exclusive through the mesh at rising rates
-# (host-path-reference.md's command), whose rows now say per stage how large the batches grew
+# (host-path-reference.md's command), whose rows now say per stage how large the batches grew;
+# REFBENCH_PROFILE=RATE (one of the rates) samples the busiest processes' stacks at that rate
 [[ ${REFBENCH:-0} == 1 ]] && step host-path-reference "${REFBENCH_S:-200}" python3 -m \
   loadgen.bench_host --reference --backend cuda --duration-s 4 --client-processes 4 \
   --gateway-workers 8 --connections 64 --rates "${REFBENCH_RATES:-300,450,600,800}" \
-  --stage-calls forward --out-dir "$R" --name host-path-reference --run-dir /tmp/cam/hpr
+  --stage-calls forward --out-dir "$R" --name host-path-reference --run-dir /tmp/cam/hpr \
+  ${REFBENCH_PROFILE:+--profile-at "$REFBENCH_PROFILE" --profile-s 2}
 # FRONTBENCH=1: the gateway and the broker as clients of the MPS server (as compose and k8s run
 # them) against in contexts of their own (a pipe directory with no daemon, as the fault benchmark
 # runs them; the agent still hands the daemon's to the replicas), the four reference pipelines

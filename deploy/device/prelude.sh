@@ -10,6 +10,7 @@
 #   export CAMELOT_GIT_REV=$(cat .devsrc/HEAD); mkdir -p /tmp/src && tar xzf .devsrc/src.tgz \
 #     -C /tmp/src && cp -r .devcarry /tmp/src/ && cd /tmp/src && bash deploy/device/gpu-torch.sh
 source .devcarry/setup.sh
+export PATH=$PATH:/tmp/devsite/bin  # the carried wheels' tools (py-spy for bench_host --profile-at)
 source deploy/device/reset.sh
 OUT=${OUT:-/tmp/out}
 R=/tmp/res; rm -rf "$R"; mkdir -p "$R" "$OUT"
