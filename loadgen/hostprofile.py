@@ -36,6 +36,7 @@ KINDS: Mapping[str, int] = {"gateway": 2, "stage": 4}
 SAMPLE_HZ = 100
 PICK_S = 1.0  # how long the busiest processes are looked for
 TOP = 12
+NO_FRAME = "(no Python frame)"
 
 
 def py_spy() -> str | None:
@@ -46,15 +47,16 @@ def py_spy() -> str | None:
 
 def parse_raw(text: str) -> Counter[tuple[str, ...]]:
     """py-spy's `--format raw` (one `frame;frame;... count` line per distinct stack, outermost
-    frame first) as stack -> samples."""
+    frame first) as stack -> samples; a stack with no Python frame is `(NO_FRAME,)`."""
     out: Counter[tuple[str, ...]] = Counter()
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        stack, space, count = line.rpartition(" ")
+        if not space or not count.isdigit():
             raise InvalidArgument(f"py-spy raw line {n} is not 'frames count': {line[:200]!r}")
-        out[tuple(stack.split(";"))] += int(count)
+        # a thread sampled with no Python frame on its stack (in C code it entered from C)
+        out[tuple(stack.split(";")) if stack.strip() else (NO_FRAME,)] += int(count)
     return out
 
 

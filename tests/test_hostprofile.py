@@ -18,6 +18,7 @@ RAW = """\
 <module> (app.py);serve (app.py);copy_in (query.py) 6
 <module> (app.py);serve (app.py);walk (tree.py);walk (tree.py) 3
 <module> (app.py);serve (app.py) 1
+ 2
 """
 
 
@@ -25,24 +26,30 @@ def test_raw_stacks_are_summed_by_the_function_on_top_and_anywhere_in_the_stack(
     stacks = hostprofile.parse_raw(RAW)
     assert stacks[("<module> (app.py)", "serve (app.py)", "copy_in (query.py)")] == 6
     got = hostprofile.summarize(stacks)
-    assert got["samples"] == 10
+    # a thread in C code it entered from C has no Python frame on its stack
+    assert stacks[(hostprofile.NO_FRAME,)] == 2
+    got = hostprofile.summarize(stacks)
+    assert got["samples"] == 12
     assert got["self"] == [
-        {"frame": "copy_in (query.py)", "frac": 0.6},
-        {"frame": "walk (tree.py)", "frac": 0.3},
-        {"frame": "serve (app.py)", "frac": 0.1},
+        {"frame": "copy_in (query.py)", "frac": 0.5},
+        {"frame": "walk (tree.py)", "frac": 0.25},
+        {"frame": hostprofile.NO_FRAME, "frac": 0.1667},
+        {"frame": "serve (app.py)", "frac": 0.0833},
     ]
     inclusive = {e["frame"]: e["frac"] for e in got["inclusive"]}
-    # a recursive function counts once per sample, and every sample is under serve
-    assert inclusive["walk (tree.py)"] == 0.3 and inclusive["serve (app.py)"] == 1.0
+    # a recursive function counts once per sample
+    assert inclusive["walk (tree.py)"] == 0.25 and inclusive["serve (app.py)"] == 0.8333
     assert hostprofile.summarize({}) == {"samples": 0, "self": [], "inclusive": []}
     table = hostprofile.table({"gateway@1": {**got, "raw": "x"}, "stage:p/s@2": {"error": "gone"}})
-    assert "| gateway@1 | 10 | `copy_in (query.py)` 60%" in table
+    assert "| gateway@1 | 12 | `copy_in (query.py)` 50%" in table
     assert "| stage:p/s@2 | - | not profiled: gone |" in table
 
 
 def test_a_raw_line_without_a_count_is_refused_with_its_line_number():
     with pytest.raises(InvalidArgument, match="line 2"):
         hostprofile.parse_raw("a (x.py) 1\na (x.py);b (y.py)\n")
+    with pytest.raises(InvalidArgument, match="line 1"):
+        hostprofile.parse_raw("a (x.py) many\n")
 
 
 def test_the_busiest_processes_of_each_kind_are_chosen():
