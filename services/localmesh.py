@@ -36,6 +36,7 @@ import numpy as np
 
 from common import lifecycle
 from common.dtypes import to_numpy, wire_from_array
+from common.errors import InvalidArgument
 from contract.pipeline_config import config_path, list_pipelines, load_pipeline
 from protos import gateway_pb2, gateway_pb2_grpc
 from services import commandlines
@@ -304,6 +305,10 @@ async def start_mesh(
     return {**lm.info(), "probes": probes}
 
 
+# a probe refused with one of these is refused again however long the mesh is given
+FINAL_PROBE_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
+
+
 async def wait_routed(
     target: str,
     pipelines: list[str],
@@ -336,6 +341,14 @@ async def wait_routed(
                 on_routed(pending.pop(0))
             except grpc.aio.AioRpcError as e:
                 outcomes[e.code().name] += 1
+                if e.code() in FINAL_PROBE_CODES:
+                    # the probe is the pipeline's declared input: a refusal of it is the
+                    # configs disagreeing (the pipeline's input against its stage's), which
+                    # waiting does not mend
+                    raise InvalidArgument(
+                        f"pipeline {name} refused a query of its declared input "
+                        f"({e.code().name}): {e.details()}"
+                    ) from e
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"pipeline {name} not served after {timeout_s:.0f} s: {e.details()}"

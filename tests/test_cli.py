@@ -224,3 +224,20 @@ def test_run_serves_the_configs_of_the_folders_it_is_given(tmp_path: Path) -> No
     rows = [line for line in p.stdout.splitlines() if line.startswith("null1")]
     assert rows and " 0 " in f" {rows[0]} ", p.stdout  # answered with no error
     assert "text-to-img" not in p.stdout
+
+
+def test_run_stops_at_once_when_a_pipeline_refuses_its_own_declared_input(tmp_path: Path) -> None:
+    """A pipeline whose input disagrees with its stage's (here the null stage keeps its 4 KiB
+    default while the pipeline declares 8 KiB) is refused with the stage's reason, not waited for
+    until the readiness timeout (600 s)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    text = (REPO / "services/pipelines/null/null1.yaml").read_text()
+    assert text.count("shape: [4096]") == 2
+    (mine / "null1.yaml").write_text(text.replace("shape: [4096]", "shape: [8192]"))
+    p = call([*CAMELOT, "run", "--backend", "host", "--size", "tiny", "--queries", "2",
+              "--from", str(mine)], env_for(tmp_path / "run"), timeout=300)  # fmt: skip
+    assert p.returncode != 0, p.stdout
+    assert "pipeline null1 refused a query of its declared input (INVALID_ARGUMENT)" in p.stderr
+    assert "expected [4096]" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
