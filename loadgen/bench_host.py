@@ -34,11 +34,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from common.backend import label as backend_label
 from common.errors import InvalidArgument
@@ -48,12 +52,14 @@ from contract.pipeline_config import list_pipelines, pipelines_dir
 from loadgen import hostprofile
 from loadgen.hostcost import ProcessTree
 from loadgen.hostladder import COLUMNS, Trials, Workload, ladder, mesh_for
+from services.models.null import PAYLOAD_BYTES
 
 NULL_DIR = pipelines_dir() / "null"
 NULL_PIPELINES = ("null1", "null3", "null-dag")
 NULL_RATES = "250,500,1000,1500,2000,3000,4000,5000,6000,8000"
 REFERENCE_RATES = "50,100,200,300,400,600,800,1200,1600,2400"
 P99_MS = 25.0
+MAX_INPUT_BYTES = 64 << 20
 
 
 def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -72,9 +78,49 @@ def summarize(workload: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any
     }
 
 
-def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
+def resized(name: str, nbytes: int, into: Path) -> str:
+    """A copy of null pipeline `name`, written into `into`, whose input and every stage's tensor
+    are `nbytes` of uint8 (the null model's `inputs` option): `<name>-<nbytes>b`."""
+    data = yaml.safe_load((NULL_DIR / f"{name}.yaml").read_text())
+    spec = {"name": "x", "dtype": "uint8", "shape": [nbytes]}
+    default = {"name": "x", "dtype": "uint8", "shape": [PAYLOAD_BYTES]}
+    if any(size.get("input") != default for size in data["sizes"].values()) or any(
+        "options" in stage for stage in data["stages"]
+    ):
+        raise InvalidArgument(
+            f"--input-bytes resizes the null pipelines of one {PAYLOAD_BYTES}-byte tensor x "
+            f"through every stage (null1, null3), not {name}"
+        )
+    for size in data["sizes"].values():
+        size["input"] = dict(spec)
+    for stage in data["stages"]:
+        stage["options"] = {"inputs": [dict(spec)]}
+    new = data["name"] = f"{name}-{nbytes}b"
+    data["description"] = f"{name} with {nbytes}-byte tensors (loadgen.bench_host --input-bytes)"
+    (into / f"{new}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return new
+
+
+def input_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--input-bytes {text!r} is not a comma list of integers") from None
+    if not sizes or any(n < 1 or n > MAX_INPUT_BYTES for n in sizes):
+        raise InvalidArgument(
+            f"--input-bytes must be sizes in 1..{MAX_INPUT_BYTES} bytes, got {text!r}"
+        )
+    return sizes
+
+
+def workloads(
+    args: argparse.Namespace, backend: str, scratch: Path | None = None
+) -> list[Workload]:
+    """The meshes to measure; `--input-bytes` writes its resized null pipelines into `scratch`."""
     options = tuple(options_of(args.option).items())
     names = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    if args.input_bytes and args.reference:
+        raise InvalidArgument("--input-bytes resizes null pipelines; --reference has its own")
     if args.reference:
         names = names or list_pipelines()
         # exclusive deals whole GPUs: on the host backend it has nothing to plan with
@@ -87,6 +133,15 @@ def workloads(args: argparse.Namespace, backend: str) -> list[Workload]:
             f"not null pipelines: {', '.join(unknown)} (have {', '.join(list_pipelines(NULL_DIR))};"
             " --reference measures the bundled ones)"
         )
+    if args.input_bytes:
+        sizes = input_sizes(args.input_bytes)
+        if scratch is None:
+            raise InvalidArgument("--input-bytes needs a folder for its resized pipelines")
+        return [
+            Workload(r, (r,), str(scratch), args.size or "tiny", args.policy or "even", options)
+            for n in names
+            for r in (resized(n, b, scratch) for b in sizes)
+        ]
     return [Workload(n, (n,), str(NULL_DIR), args.size or "tiny", args.policy or "even", options)
             for n in names]  # fmt: skip
 
@@ -124,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", action="store_true",
         help="the bundled pipelines at size full under exclusive, as one mix",
     )  # fmt: skip
+    p.add_argument("--input-bytes", default="", metavar="N[,N...]",
+                   help="the null pipelines again with tensors of these sizes (uint8 [N] in and "
+                   "through every stage; one mesh each, named <pipeline>-<N>b): what a query's "
+                   "bytes cost each process")  # fmt: skip
     p.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
     p.add_argument("--rates", default="", help=f"queries/s, ascending (default: {NULL_RATES}; "
                    f"with --reference {REFERENCE_RATES})")  # fmt: skip
@@ -205,7 +264,20 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if args.gateway_workers < 1:
         raise InvalidArgument(f"--gateway-workers must be >= 1, got {args.gateway_workers}")
     t = trials_of(args)
-    loads = workloads(args, backend)
+    scratch = Path(tempfile.mkdtemp(prefix="camelot-bench-pipelines-"))
+    try:
+        return await _run(args, argv, backend, t, workloads(args, backend, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def _run(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    backend: str,
+    t: Trials,
+    loads: list[Workload],
+) -> tuple[Path, Path]:
     # the mesh's processes take their environment from this one (services.launcher.Mesh)
     os.environ["CAMELOT_GATEWAY_STAGE_CALLS"] = args.stage_calls
     rows: list[dict[str, Any]] = []

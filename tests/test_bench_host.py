@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from common.errors import InvalidArgument
+from contract.pipeline_config import load_config
 from loadgen import bench_host, hostladder, hostprofile
 from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
 from loadgen.records import OK, Record
@@ -123,6 +125,31 @@ def test_only_null_pipelines_are_taken_without_reference():
     assert {w.options for w in bench_host.workloads(args, "host")} == {(("replicas", "3"),)}
     with pytest.raises(Exception, match="not KEY=VALUE"):
         bench_host.workloads(bench_host.build_parser().parse_args(["--option", "x"]), "host")
+
+
+def test_input_bytes_resizes_the_null_chains_into_valid_pipelines_of_their_own(tmp_path):
+    args = bench_host.build_parser().parse_args(
+        ["--pipelines", "null1,null3", "--input-bytes", "100,2764800"]
+    )
+    loads = bench_host.workloads(args, "host", tmp_path)
+    assert [w.name for w in loads] == ["null1-100b", "null1-2764800b", "null3-100b",
+                                       "null3-2764800b"]  # fmt: skip
+    assert {w.directory for w in loads} == {str(tmp_path)}
+    cfg = load_config("null3-2764800b", str(tmp_path))
+    for size in ("tiny", "full"):
+        assert tuple(cfg.resolve(size).input.shape) == (2764800,)
+    # every stage's null model takes (and so gives on) the same tensor
+    assert [st.options for st in cfg.stages] == [
+        {"inputs": [{"name": "x", "dtype": "uint8", "shape": [2764800]}]}
+    ] * 3
+    for bad, why in (
+        (["--pipelines", "null-dag", "--input-bytes", "100"], "not null-dag"),
+        (["--input-bytes", "0"], "sizes in 1.."),
+        (["--input-bytes", "4k"], "not a comma list"),
+        (["--reference", "--input-bytes", "100"], "--reference has its own"),
+    ):
+        with pytest.raises(InvalidArgument, match=why):
+            bench_host.workloads(bench_host.build_parser().parse_args(bad), "host", tmp_path)
 
 
 @pytest.mark.slow
