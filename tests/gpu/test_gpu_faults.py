@@ -71,7 +71,8 @@ async def fault_run(tmp_path: Path, sharing: str) -> dict:
         # under MPS the replica before the faulting one loses its context in the same fault and
         # may exit before the poison's answer passes back through it (docs/RELIABILITY.md)
         assert row["poison_status"] == "UNAVAILABLE", row
-        assert "ended" in row["poison_message"], row
+        # its stream to that replica ended, or broke on the way back with the replica gone
+        assert "ended" in row["poison_message"] or "broke" in row["poison_message"], row
     assert row["recovered"], row
     assert row["queries_lost"] == 0, row
     assert set(row["failed_queries"]) <= {"UNAVAILABLE", "INTERNAL"}, row
