@@ -114,7 +114,7 @@ class ArenaBuffers:
     """The gateway's `Buffers`: query leases and buffers from borrowed arenas."""
 
     client: BrokerClient
-    arena_bytes: int = 0  # 0: the broker's default (a quarter of a slab)
+    arena_bytes: int = 0  # 0: the broker's default (a sixteenth of a slab)
     max_arenas: int = MAX_ARENAS_PER_POOL
     quarantine_s: float = QUARANTINE_S
     clock: Any = time.monotonic
@@ -129,13 +129,23 @@ class ArenaBuffers:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def warm_pool(self, pool: str, device: int = 0) -> None:
-        """Borrows the pool's first arena and opens its slab, so no query pays for either."""
-        await self.client.warm_pool(pool, device)
-        if not self._arenas.get((pool, device)):
-            await self._lend(pool, device)
+    async def warm_pool(self, pool: str, device: int = 0) -> bool:
+        """Borrows the pool's first arena and opens its slab, so no query pays for either. False
+        (and a warning) where the device's slabs are full: the holder serves anyway, its
+        queries borrowing an arena once there is room and taking broker leases, or failing
+        RESOURCE_EXHAUSTED one by one, until then. A process that died of it instead (a
+        gateway worker when several share a device) took every other pool's queries with it."""
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        try:
+            await self.client.warm_pool(pool, device)
+            if not self._arenas.get((pool, device)):
+                await self._lend(pool, device)
+        except ResourceExhausted as e:
+            log.warning("pool %s on device %d: no arena lent at start (%s); its queries borrow one "
+                        "when there is room", pool, device, e.message)  # fmt: skip
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Stops renewing and gives every arena back (quarantined at the broker)."""

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 MAX_ITEMS = 1024  # buffers per Allocate call
 RATE_WINDOW_S = 10.0
-# An arena of the default size is this fraction of a slab: several holders share a slab.
-ARENA_SLAB_FRACTION = 4
+# An arena of the default size is this fraction of a slab (64 MiB of CUDA's 1 GiB): every gateway
+# worker borrows one per pool at start, and a busy one more (arena.MAX_ARENAS_PER_POOL). At a
+# quarter, eight workers and four pipelines held all 8 GiB of a device's default cap, and half the
+# workers of an H100 mesh could not start (docs/results/peak-load-h100-ref4-9b918cc.md).
+ARENA_SLAB_FRACTION = 16
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,27 @@ async def test_an_arena_returns_to_the_broker_when_its_holder_dies(broker, clien
         await asyncio.sleep(0.05)
     assert stats.live_arenas == 0 and stats.reclaimed_total == 1
     assert stats.arena_bytes == 0
+
+
+async def test_a_holder_that_finds_the_device_full_at_start_serves_its_other_pools(broker, client):
+    """A device's slabs full of other holders' arenas: warming a pool that needs a new slab says
+    so and returns, where it raised (a gateway worker died of it at start, and with it every
+    other pool's queries); the pools that have room still serve from arenas, and the full one
+    borrows an arena once there is room."""
+    hog = ArenaBuffers(client, arena_bytes=2 * MiB)
+    for pool in ("a", "b", "c"):  # a slab each, and the broker's default pool's: the 16 MiB cap
+        assert await hog.warm_pool(pool)
+    late = ArenaBuffers(client, arena_bytes=64 * 1024)
+    assert not await late.warm_pool("e")  # a new pool needs a fifth slab: refused, not raised
+    assert (await client.stats()).live_arenas == 3
+    await hog.aclose()
+    lease, (ref,) = await late.open_and_allocate([(np.uint8, (16,))], pool="a")
+    assert client.pool_of(ref.slab_id) == "a"
+    await late.release([lease])
+    await late.aclose()
+
+
+async def test_the_default_arena_is_a_sixteenth_of_a_slab(broker, client):
+    arena = await client.lend_arena(pool="p")
+    assert arena.ref.nbytes == 4 * MiB // 16
+    await client.release([arena.lease.lease_id], aborted=False)
