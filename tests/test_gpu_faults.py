@@ -28,6 +28,7 @@ from protos import plan_pb2, stage_pb2, stage_pb2_grpc
 from services.agent import gpufaults
 from services.agent.diff import GREEN, MPS, NONE, TIME_SLICED
 from services.agent.gpufaults import Client, Reach
+from services.agent.recovery import GpuFaults
 from services.agent.xid import XidWatcher
 from services.models.fault import HOST_FAULT_TEXT, fault, poison_input
 from services.stage.plugin import ModelContext
@@ -359,3 +360,47 @@ async def test_without_nvml_the_xid_watcher_is_off_and_says_so(monkeypatch) -> N
     watcher = XidWatcher(lambda gpu, xid: None, asyncio.get_running_loop())
     assert not watcher.start()
     watcher.stop()  # stopping a watcher that never started is harmless
+
+
+class RoundReplica:
+    """What a round reads of a supervised replica: its plan's GPU and mode, and the exit of the
+    process it runs now (`start_again` replaces it, as a supervisor's restart does)."""
+
+    def __init__(self, iid: str, gpu: int = 0) -> None:
+        self.instance_id = iid
+        self.target = types.SimpleNamespace(replica=plan_pb2.ReplicaPlan(gpu=gpu, mode=MPS))
+        self.started_at = 0.0
+        self.served = True
+        self.start_again()
+
+    def start_again(self) -> None:
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    async def terminate(self, kill_grace_s: float) -> None:
+        pass  # the test ends the processes itself
+
+
+class NoDaemon:
+    enabled = False
+    owned = False
+
+
+async def test_a_restart_waits_only_for_the_processes_the_round_began_with() -> None:
+    """The H100 fault run at 9b918cc recovered in 33.8 s: the replica that faulted restarted at
+    once, and the three others then waited the round's whole 30 s for it, its new process taken
+    for the one the round stopped. A round waits on the exits of the processes it began with."""
+    a, b, c = RoundReplica("p.a.0"), RoundReplica("p.b.0"), RoundReplica("p.c.0")
+    faults = GpuFaults(NoDaemon(), lambda: [a, b, c], MPS, kill_grace_s=1.0)  # type: ignore[arg-type]
+    assert sorted(faults.begin_round(0, Reach.SHARED, "test")) == ["p.a.0", "p.b.0", "p.c.0"]
+    assert len(faults.waits_for(b)) == 2  # a's and c's processes are still up
+    a.exited.set_result(DEVICE_FAULT_EXIT)
+    a.start_again()  # the faulted replica is back first, a new process
+    b.exited.set_result(0)
+    assert faults.waits_for(b) == [c.exited]  # not a's new process
+    c.exited.set_result(0)
+    assert faults.waits_for(b) == [] and faults.waits_for(c) == []
+    await asyncio.wait_for(faults.before_restart(b), 10)  # nothing left to wait for
+    await faults.aclose()

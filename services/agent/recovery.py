@@ -36,9 +36,9 @@ MPS_RECOVER_S = 10.0
 POLL_S = 0.1
 
 
-async def gone(instances: Sequence[Instance], timeout_s: float) -> None:
-    """Until every one of `instances` has exited, or `timeout_s` has passed."""
-    waits = [i.exited for i in instances if i.alive() and i.exited is not None]
+async def gone(exits: Sequence[asyncio.Future[int]], timeout_s: float) -> None:
+    """Until every one of the processes whose `exits` these are has exited, or `timeout_s`."""
+    waits = [e for e in exits if not e.done()]
     if waits:
         await asyncio.wait(waits, timeout=timeout_s)
 
@@ -57,9 +57,11 @@ class GpuFaults:
         self.instances = instances
         self.node_mode = node_mode
         self.kill_grace_s = kill_grace_s
-        # per GPU: when its last round began, the processes it waits on, its MPS check
+        # per GPU: when its last round began, the processes it waits on (by replica, the exit of
+        # the process that ran when the round began: a replica started again since is a new
+        # process, which the round must not wait on), its MPS check
         self.round_at: dict[int, float] = {}
-        self._old: dict[int, list[Instance]] = {}
+        self._old: dict[int, dict[str, asyncio.Future[int]]] = {}
         self._mps_check: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.faults: dict[int, int] = {}
@@ -96,10 +98,16 @@ class GpuFaults:
         except Exception:
             log.exception("GPU %d: Xid %d not handled", gpu, xid)
 
+    def waits_for(self, inst: Instance) -> list[asyncio.Future[int]]:
+        """The exits a restart of `inst` waits for: the other processes of its GPU's round that
+        have not exited yet."""
+        old = self._old.get(inst.target.replica.gpu, {})
+        return [e for iid, e in old.items() if iid != inst.instance_id and not e.done()]
+
     async def before_restart(self, inst: Instance) -> None:
         """Holds a restart on a GPU whose round is under way until that round is over."""
         gpu = inst.target.replica.gpu
-        await gone([i for i in self._old.get(gpu, ()) if i is not inst], ROUND_WAIT_S)
+        await gone(self.waits_for(inst), ROUND_WAIT_S)
         check = self._mps_check.get(gpu)
         if check is not None and not check.done():
             await asyncio.wait([check], timeout=ROUND_WAIT_S)
@@ -118,7 +126,9 @@ class GpuFaults:
         self.round_at[gpu] = time.monotonic()
         self.rounds[gpu] = self.rounds.get(gpu, 0) + 1
         victims = set(gpufaults.to_restart(reach, gpu, [self.client(i) for i in live], exclude))
-        self._old[gpu] = [i for i in live if i.alive()]
+        self._old[gpu] = {
+            i.instance_id: i.exited for i in live if i.alive() and i.exited is not None
+        }
         metrics.GPU_FAULTS.labels(str(gpu), cause.split()[0]).inc()
         log.error("GPU %d: fatal fault (%s): restarting %d replica(s) sharing it: %s",
                   gpu, cause, len(victims), sorted(victims) or "none")  # fmt: skip
@@ -129,7 +139,7 @@ class GpuFaults:
             previous = self._mps_check.get(gpu)
             if previous is not None:
                 previous.cancel()
-            self._mps_check[gpu] = self._spawn(self._check_mps(gpu, list(self._old[gpu])))
+            self._mps_check[gpu] = self._spawn(self._check_mps(gpu, list(self._old[gpu].values())))
         return sorted(victims)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -144,7 +154,7 @@ class GpuFaults:
         except Exception:
             log.exception("replica %s: not stopped for the GPU's round", inst.instance_id)
 
-    async def _check_mps(self, gpu: int, old: list[Instance]) -> None:
+    async def _check_mps(self, gpu: int, old: list[asyncio.Future[int]]) -> None:
         """Once the round's processes are gone: the MPS server out of FAULT, or restarted."""
         try:
             await gone(old, ROUND_WAIT_S)
