@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 import grpc
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except asyncio.CancelledError:  # SIGTERM before the mesh served (services.meshlife)
+        code = 128 + signal.SIGTERM
     except BrokenPipeError:
         code = _reader_gone()
     sys.exit(code)

@@ -80,6 +80,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
     for name in pipelines:
         config_path(name, configs or None)  # an unknown pipeline is refused before anything starts
     pid_file = mesh.run_dir / PID_FILE
+    # SIGTERM (`timeout`, a supervisor, `kill`) before the mesh serves: stop what has started,
+    # as Ctrl-C does; its default would end this process and leave the mesh's processes running
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
     print(f"camelot: starting the mesh on backend {backend}, size {args.size}", flush=True)
     print(f"camelot: logs in {mesh.run_dir}/logs", flush=True)
     try:
@@ -103,7 +109,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
         print(await admin_report(info))
         if args.serve:
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             # `camelot down` stops a mesh served from a terminal as it stops one from `up`
@@ -127,6 +132,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
             await stop.wait()
         return 1 if any(r["errors"] for r in rows) else 0
     finally:
+        # a SIGTERM during the stop does not cut it short (the stop kills what will not exit)
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
         meshrecord.clear(mesh.run_dir, os.getpid())
         await mesh.stop_all()
         with contextlib.suppress(OSError, ValueError):

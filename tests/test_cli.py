@@ -241,3 +241,49 @@ def test_run_stops_at_once_when_a_pipeline_refuses_its_own_declared_input(tmp_pa
     assert "pipeline null1 refused a query of its declared input (INVALID_ARGUMENT)" in p.stderr
     assert "expected [4096]" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def processes_under(run_dir: Path) -> list[int]:
+    """Live processes whose command line names `run_dir` (the mesh's, and nobody else's)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(run_dir).encode() in (entry / "cmdline").read_bytes():
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.parametrize("stage", ["gateway starting", "serving; Ctrl-C"])
+def test_sigterm_stops_the_mesh_that_run_was_starting_or_serving(tmp_path: Path, stage) -> None:
+    """`timeout`, a supervisor or `kill` end `camelot run` with SIGTERM: what it started stops
+    with it, whether the mesh was still starting or already served (it left the broker,
+    scheduler, agent, replicas and gateway running when the signal came before it served)."""
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "run.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [*CAMELOT, "run", "--backend", "host", "--size", "tiny", "--queries", "2",
+         "--pipeline", "text-to-img", "--serve", "--run-dir", str(run_dir)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while stage not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"no {stage!r}"
+            time.sleep(0.05)
+        assert processes_under(run_dir)  # some of the mesh is up
+        proc.terminate()
+        code = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = log_path.read_text()
+    assert "camelot: stopped" in text and "Traceback" not in text, text
+    assert code == (143 if stage == "gateway starting" else 0), text
+    assert processes_under(run_dir) == [], text
