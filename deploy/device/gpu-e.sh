@@ -60,6 +60,9 @@ for e in $EXP; do
   keep
 done
 python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
+# a gateway worker that exited (and how often) served nothing meanwhile: every policy then ran on
+# fewer workers than asked (at 9b918cc four of eight could not start: the broker's cap)
+echo "gateway worker exits: $(grep -c '"msg": "gateway worker [0-9]* (pid [0-9]*) exited' /tmp/cam/logs/gateway.log)" | tee -a "$R/steps.txt"
 kill -INT $mesh
 for _ in $(seq 20); do kill -0 $mesh 2>/dev/null || break; sleep 1; done
 snap; keep
