@@ -169,12 +169,17 @@ async def trial(
         if t.profile_at == rate
         else None
     )
-    async with CpuSampler(tree) as sampler:
-        result = await run_open_loop(
-            target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
-            connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
-            submit=t.submit, shm_broker=t.shm_broker,
-        )  # fmt: skip
+    try:
+        async with CpuSampler(tree) as sampler:
+            result = await run_open_loop(
+                target, schedule, workload.mix, seed, t.deadline_s, pipelines=served,
+                connections=t.connections, duration_s=t.duration_s, processes=t.client_processes,
+                submit=t.submit, shm_broker=t.shm_broker,
+            )  # fmt: skip
+    except BaseException:
+        if profiling is not None:
+            profiling.cancel()
+        raise
     profile = await profiling if profiling is not None else None
     window = sampler.window(
         result.t0_us + int(t.warmup_s * 1e6), result.t0_us + int(t.duration_s * 1e6)
