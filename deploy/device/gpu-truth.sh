@@ -21,8 +21,9 @@ export CAMELOT_CUDA_GRAPHS=${CAMELOT_CUDA_GRAPHS:-on}
 # REFBENCH=1: the four full reference pipelines under exclusive through the mesh at rising rates
 # (host-path-reference.md's command), whose rows now say per stage how large the batches grew;
 # REFBENCH_PROFILE=RATE (one of the rates) samples the busiest processes' stacks at that rate
+# (with REFBENCH_DUR_S=6: a 4 s trial leaves 1 s of samples after its warm-up and the search)
 [[ ${REFBENCH:-0} == 1 ]] && step host-path-reference "${REFBENCH_S:-200}" python3 -m \
-  loadgen.bench_host --reference --backend cuda --duration-s 4 --client-processes 4 \
+  loadgen.bench_host --reference --backend cuda --duration-s "${REFBENCH_DUR_S:-4}" --client-processes 4 \
   --gateway-workers 8 --connections 64 --rates "${REFBENCH_RATES:-300,450,600,800}" \
   --stage-calls forward --out-dir "$R" --name host-path-reference --run-dir /tmp/cam/hpr \
   ${REFBENCH_PROFILE:+--profile-at "$REFBENCH_PROFILE" --profile-s 2}
