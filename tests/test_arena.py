@@ -11,7 +11,11 @@ import textwrap
 import numpy as np
 import pytest
 
+from common.backend import Backend
 from common.errors import BadRef, InvalidArgument
+from services.models.fault import fault
+from services.stage.plugin import ModelContext
+from services.stage.replica import Replica, ReplicaIdentity
 from shmbroker import refs
 from shmbroker.arena import ArenaBuffers
 from shmbroker.client import BrokerClient
@@ -211,3 +215,19 @@ async def test_the_default_arena_is_a_sixteenth_of_a_slab(broker, client):
     arena = await client.lend_arena(pool="p")
     assert arena.ref.nbytes == 4 * MiB // 16
     await client.release([arena.lease.lease_id], aborted=False)
+
+
+async def test_a_replica_whose_pool_finds_the_device_full_still_warms_up(client):
+    """A stage replica warms its pool (a one-byte lease) before it serves; with the broker's
+    slabs full that raised, and the replica exited, and started again, and exited (every
+    video-analytics replica of max-load's plan on the H100). It warns and warms the model."""
+    hog = ArenaBuffers(client, arena_bytes=2 * MiB)
+    for pool in ("a", "b", "c"):  # with the broker's default pool: the 16 MiB cap
+        assert await hog.warm_pool(pool)
+    model = fault(ModelContext(backend=Backend.HOST, xp=np))
+    replica = Replica(
+        ReplicaIdentity("fault2", "b", "fault2.b.0", "n1"), model, Backend.HOST, np,
+        buffers=client, reports=None, max_batch=2, max_wait_us=0, max_queue=8,
+    )  # fmt: skip
+    await replica.warm_up(rounds=1)  # raised RESOURCE_EXHAUSTED for pool fault2
+    await hog.aclose()
