@@ -248,7 +248,11 @@ class Agent:
                 retired.append(self.primary.pop(change.replica_id))
         await self._retire(retired)
         if failures:
-            self.publish()
+            # routes only where they changed: a publish wakes the heartbeat, whose beat hands the
+            # same assignment back at once, and a replica waiting out its backoff would refuse it
+            # again at once, round and round until the backoff ends
+            if started or resized or retired or starts:
+                self.publish()
             self._update_metrics()
             raise Unavailable(f"epoch {assignment.epoch} not applied: {'; '.join(failures)}")
         self.epoch = assignment.epoch
