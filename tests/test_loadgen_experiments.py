@@ -266,6 +266,30 @@ async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_tri
             assert sum(st.received.values()) - sent >= 5  # primed at 20 qps for 0.5 s
 
 
+async def test_a_plan_the_agents_never_apply_is_marked_so_in_the_plans_and_the_summary():
+    """On the H100 the agents never applied max-load's plan (its new replicas could not start)
+    and the experiment went on after its settle time, as it should, but its result did not say
+    that max-load's trials ran on the previous policy's replicas in part."""
+    from loadgen.experiments.harness import Harness
+    from loadgen.inputs import parse_mix
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s, st.policy_sm = 0.001, {"even": [50.0], "max-load": [30.0]}
+        async with AdminClient(gw.target, TOKEN) as admin:
+            h = Harness(gw.target, admin, trial_s=0.5, warmup_s=0.0, gap_s=0.0, prime_s=0.5,
+                        settle_s=0.5)  # fmt: skip
+            await h.connect()
+            mix = parse_mix("img-to-text")
+            summary: dict = {}
+            assert await h.try_apply("even", mix, summary, "m") is not None
+            assert h.plans[-1]["applied"] is True and summary == {}
+            st.apply_polls = 10**9  # the agents never get there
+            assert await h.try_apply("max-load", mix, summary, "m") is not None
+            assert h.plans[-1]["set_as"] == "max-load" and h.plans[-1]["applied"] is False
+            assert summary == {"m.max-load_applied": False}
+
+
 async def test_a_missed_trial_is_confirmed_on_its_requests_pooled():
     from loadgen.experiments.harness import Harness
     from loadgen.inputs import parse_mix

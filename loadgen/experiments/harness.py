@@ -128,9 +128,9 @@ class Harness:
         # the gateway routes under a new epoch while its replicas are still being replaced
         # (12 at once took 10-12 s on the H100, warm-up at small shares the longest): a trial
         # before the agents are done measures the change, not the policy
-        await self._wait_applied(int(plan.epoch))
+        applied = await self._wait_applied(int(plan.epoch))
         await self._wait_gateway_epoch(plan.epoch, probe)
-        self._now_running(plan, probe, policy)
+        self._now_running(plan, probe, policy, applied)
         log.info("policy %s in force at epoch %d", policy, plan.epoch)
         await asyncio.sleep(self.gap_s)
         return int(plan.epoch)
@@ -141,22 +141,32 @@ class Harness:
         """`apply_policy`, or None where the scheduler refuses the policy: the refusal goes into
         `summary` as `<label>.<policy>_error` and the experiment goes on with the others."""
         try:
-            return await self.apply_policy(policy, probe)
+            epoch = await self.apply_policy(policy, probe)
         except CamelotError as e:
             log.error("%s: policy %s not applied: %s", label, policy, e)
             summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
             return None
+        if self.plans and self.plans[-1].get("applied") is False:
+            # its trials ran while some of its replicas were still the last policy's (or none)
+            summary[f"{label}.{policy}_applied"] = False
+        return epoch
 
-    def _now_running(self, plan: plan_pb2.Plan, mix: Mix, set_as: str) -> None:
-        """`plan` is the one trials run under from now: its epoch, and its record in `plans`."""
+    def _now_running(
+        self, plan: plan_pb2.Plan, mix: Mix, set_as: str, applied: bool = True
+    ) -> None:
+        """`plan` is the one trials run under from now: its epoch, and its record in `plans`
+        (`applied`: False where the agents had not applied it when the trials went on)."""
         self.epoch = int(plan.epoch)
-        self.plans.append({"mix": mix.name, "set_as": set_as, **plan_record(plan, mix.pipelines)})
+        self.plans.append({"mix": mix.name, "set_as": set_as, "applied": applied,
+                           **plan_record(plan, mix.pipelines)})  # fmt: skip
 
-    async def _wait_applied(self, epoch: int) -> None:
+    async def _wait_applied(self, epoch: int) -> bool:
         assert self.admin is not None
-        if not await self.admin.wait_applied(epoch, self.settle_s):
-            log.warning("epoch %d not applied by every agent in %g s; going on",
-                        epoch, self.settle_s)  # fmt: skip
+        if await self.admin.wait_applied(epoch, self.settle_s):
+            return True
+        log.warning("epoch %d not applied by every agent in %g s; going on",
+                    epoch, self.settle_s)  # fmt: skip
+        return False
 
     async def _wait_gateway_epoch(self, epoch: int, probe: Mix) -> None:
         # The gateway learns plans by watching the scheduler: probe until it routes under `epoch`.
@@ -222,8 +232,8 @@ class Harness:
             return
         self.replans += 1
         log.info("%s: re-planned to epoch %d between trials; waiting for it", mix.name, plan.epoch)
-        await self._wait_applied(int(plan.epoch))
-        self._now_running(plan, mix, "re-plan")
+        applied = await self._wait_applied(int(plan.epoch))
+        self._now_running(plan, mix, "re-plan", applied)
         await self.prime(mix, rate_qps)
 
     def trial_length_s(self, mix: Mix, rate_qps: float) -> float:
