@@ -131,14 +131,14 @@ class ArenaBuffers:
 
     async def warm_pool(self, pool: str, device: int = 0) -> bool:
         """Borrows the pool's first arena and opens its slab, so no query pays for either. False
-        (and a warning) where the device's slabs are full: the holder serves anyway, its
-        queries borrowing an arena once there is room and taking broker leases, or failing
-        RESOURCE_EXHAUSTED one by one, until then. A process that died of it instead (a
-        gateway worker when several share a device) took every other pool's queries with it."""
+        (and a warning) where the device's slabs are full (`BrokerClient.warm_pool`): the holder
+        serves anyway, its queries borrowing an arena once there is room and taking broker
+        leases, or failing RESOURCE_EXHAUSTED one by one, until then."""
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        if not await self.client.warm_pool(pool, device):
+            return False
         try:
-            await self.client.warm_pool(pool, device)
             if not self._arenas.get((pool, device)):
                 await self._lend(pool, device)
         except ResourceExhausted as e:

@@ -40,6 +40,7 @@ from common.errors import (
     CamelotError,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
     StaleRef,
     Unavailable,
     error_for_status,
@@ -312,16 +313,24 @@ class BrokerClient:
         await self.view(arena.ref)  # loads the table if the slab is new, and opens it
         return arena
 
-    async def warm_pool(self, pool: str, device: int = 0) -> None:
+    async def warm_pool(self, pool: str, device: int = 0) -> bool:
         """Makes sure `pool` has a slab on `device` and this process has it open (a one-byte
-        lease), so a first query pays no slab open (0.1-0.2 s on CUDA)."""
-        lease, _ = await self.open_and_allocate(
-            [(np.uint8, (1,))], pool=pool, ttl_s=10.0, label="warm-up", device=device
-        )
+        lease), so a first query pays no slab open (0.1-0.2 s on CUDA). False (and a warning)
+        where the device's slabs are full: a warm-up is no condition for serving, and a process
+        that died of it (gateway workers, stage replicas on a full H100) served nothing at all;
+        the slab then opens at the pool's first ref."""
+        try:
+            lease, _ = await self.open_and_allocate(
+                [(np.uint8, (1,))], pool=pool, ttl_s=10.0, label="warm-up", device=device
+            )
+        except ResourceExhausted as e:
+            log.warning("pool %s on device %d not warmed: %s", pool, device, e.message)
+            return False
         try:
             self.open_all()
         finally:
             await self.release([lease])
+        return True
 
     async def alloc_array(
         self, lease_id: str, dtype: DTypeLike, shape: tuple[int, ...], device: int = 0

