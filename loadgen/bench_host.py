@@ -264,11 +264,15 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[Path, Path
     if args.gateway_workers < 1:
         raise InvalidArgument(f"--gateway-workers must be >= 1, got {args.gateway_workers}")
     t = trials_of(args)
-    scratch = Path(tempfile.mkdtemp(prefix="camelot-bench-pipelines-"))
+    # --input-bytes writes its resized pipelines here for the run
+    scratch = None
+    if args.input_bytes:
+        scratch = Path(tempfile.mkdtemp(prefix="camelot-bench-pipelines-"))
     try:
         return await _run(args, argv, backend, t, workloads(args, backend, scratch))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 async def _run(

@@ -146,7 +146,7 @@ class Harness:
             log.error("%s: policy %s not applied: %s", label, policy, e)
             summary[f"{label}.{policy}_error"] = f"{e.code.name}: {e.message}"
             return None
-        if self.plans and self.plans[-1].get("applied") is False:
+        if any(p["epoch"] == epoch and p["applied"] is False for p in self.plans[-1:]):
             # its trials ran while some of its replicas were still the last policy's (or none)
             summary[f"{label}.{policy}_applied"] = False
         return epoch
