@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -72,3 +73,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.kill()
+
+
+# a process that starts a replica-like child (its command line names services.stage) and a
+# plain child, then waits; the plain child burns CPU in a function of its own (`burn_cpu`, for
+# tests/test_hostprofile.py's sampler)
+PARENT = """
+import subprocess, sys, time
+burn = (
+    "import time\\ndef burn_cpu():\\n    t = time.process_time()\\n"
+    "    while time.process_time() - t < 60: pass\\nburn_cpu()"
+)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "services.stage",
+                  "--pipeline", "p", "--stage", "s"])
+subprocess.Popen([sys.executable, "-c", burn])
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.fixture
+def tree_procs():
+    root = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
+    assert root.stdout is not None and root.stdout.readline().strip() == b"started"
+    kids = children_of(root.pid)
+    try:
+        yield root.pid, kids
+    finally:
+        for pid in kids:
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+        root.kill()
+        root.wait()
+        root.stdout.close()

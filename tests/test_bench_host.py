@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,38 +15,6 @@ from contract.pipeline_config import load_config
 from loadgen import bench_host, hostladder, hostprofile
 from loadgen.hostcost import CpuSampler, ProcessTree, stage_label
 from loadgen.records import OK, Record
-
-# a process that starts a replica-like child (its command line names services.stage) and a
-# plain child, then waits; the plain child burns CPU
-PARENT = """
-import subprocess, sys, time
-burn = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 60: pass"
-subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "services.stage",
-                  "--pipeline", "p", "--stage", "s"])
-subprocess.Popen([sys.executable, "-c", burn])
-print("started", flush=True)
-time.sleep(60)
-"""
-
-
-def children_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(x) for x in f.read().split()]
-
-
-@pytest.fixture
-def tree_procs():
-    root = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
-    assert root.stdout is not None and root.stdout.readline().strip() == b"started"
-    kids = children_of(root.pid)
-    try:
-        yield root.pid, kids
-    finally:
-        for pid in kids:
-            subprocess.run(["kill", "-9", str(pid)], check=False)
-        root.kill()
-        root.wait()
-        root.stdout.close()
 
 
 def test_a_replica_is_labelled_by_its_pipeline_and_stage():

@@ -4,9 +4,6 @@ sampled from outside."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from common.errors import InvalidArgument
@@ -74,37 +71,8 @@ def test_the_rate_to_profile_at_must_be_one_the_ladder_runs():
     assert Trials((10.0, 20.0), profile_at=20.0).profile_at == 20.0
 
 
-# a root whose child burns CPU in a named function and whose other child (a replica, by its
-# command line) sleeps
-PARENT = """
-import subprocess, sys, time
-burn = "import time\\ndef burn_cpu():\\n    while True: pass\\nburn_cpu()"
-subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "services.stage",
-                  "--pipeline", "p", "--stage", "s"])
-subprocess.Popen([sys.executable, "-c", burn])
-print("started", flush=True)
-time.sleep(60)
-"""
-
-
-@pytest.fixture
-def busy_tree():
-    root = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE)
-    assert root.stdout is not None and root.stdout.readline().strip() == b"started"
-    with open(f"/proc/{root.pid}/task/{root.pid}/children") as f:
-        kids = [int(x) for x in f.read().split()]
-    try:
-        yield root.pid, kids
-    finally:
-        for pid in kids:
-            subprocess.run(["kill", "-9", str(pid)], check=False)
-        root.kill()
-        root.wait()
-        root.stdout.close()
-
-
-async def test_a_tool_that_fails_is_reported_per_process_and_raises_nothing(busy_tree, tmp_path):
-    root, _ = busy_tree
+async def test_a_tool_that_fails_is_reported_per_process_and_raises_nothing(tree_procs, tmp_path):
+    root, _ = tree_procs
     got = await hostprofile.profile_busiest(
         ProcessTree({root: "gateway"}), 1, tmp_path, "t", exe="/bin/false"
     )
@@ -114,9 +82,9 @@ async def test_a_tool_that_fails_is_reported_per_process_and_raises_nothing(busy
 @pytest.mark.skipif(hostprofile.py_spy() is None, reason="py-spy is not installed")
 @pytest.mark.timeout(120)
 async def test_a_busy_process_is_sampled_from_outside_and_its_hot_function_named(
-    busy_tree, tmp_path
+    tree_procs, tmp_path
 ):
-    root, kids = busy_tree
+    root, kids = tree_procs
     got = await hostprofile.profile_busiest(ProcessTree({root: "gateway"}), 1, tmp_path, "t")
     burner = next(name for name in got if name.startswith("gateway@"))
     assert int(burner.split("@")[1]) in kids
