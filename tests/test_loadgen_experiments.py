@@ -266,6 +266,44 @@ async def test_a_replan_between_trials_is_applied_and_primed_before_the_next_tri
             assert sum(st.received.values()) - sent >= 5  # primed at 20 qps for 0.5 s
 
 
+async def test_a_plan_that_changes_again_while_it_is_primed_is_waited_for_before_the_trial():
+    """On the H100 max-load re-planned while its last plan was primed at 900 qps, and the trial
+    ran while that newer plan's replicas were replaced (p99 800 ms; 66 ms on the plan at rest)."""
+    from loadgen.experiments.harness import SETTLE_ROUNDS, Harness
+    from loadgen.inputs import parse_mix
+
+    class Replanning(Harness):
+        bumps = 0
+
+        async def prime(self, mix, rate_qps):
+            await super().prime(mix, rate_qps)
+            if self.bumps < self.limit:  # the priming load makes the policy re-plan again
+                self.bumps += 1
+                st.epoch += 1
+                st.apply_polls = st.unapplied = 2
+
+    async with serve_fake() as gw:
+        st = gw.state
+        st.sleep_s, st.policy_sm = 0.001, {"max-load": [50.0]}
+        async with AdminClient(gw.target, TOKEN) as admin:
+            h = Replanning(gw.target, admin, trial_s=0.5, warmup_s=0.0, gap_s=0.0, prime_s=0.2)
+            h.limit = 1
+            await h.connect()
+            mix = parse_mix("img-to-text")
+            await h.apply_policy("max-load", mix)
+            st.epoch += 1
+            await h.settle(mix, 20.0)
+            # the plan primed first and the one that replaced it while primed: both waited for
+            assert h.replans == 2 and h.epoch == st.epoch and st.unapplied == 0
+            assert [p["set_as"] for p in h.plans[-2:]] == ["re-plan", "re-plan"]
+            # a policy that never stops re-planning holds the trial back only so long
+            h.limit, h.bumps = 99, 0
+            st.epoch += 1
+            replans = h.replans
+            await h.settle(mix, 20.0)
+            assert h.replans - replans == SETTLE_ROUNDS and h.epoch < st.epoch
+
+
 async def test_a_plan_the_agents_never_apply_is_marked_so_in_the_plans_and_the_summary():
     """On the H100 the agents never applied max-load's plan (its new replicas could not start)
     and the experiment went on after its settle time, as it should, but its result did not say
