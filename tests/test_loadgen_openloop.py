@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from common.errors import NotFound
+from common.errors import InvalidArgument, NotFound
 from loadgen import traces
 from loadgen.inputs import parse_mix
 from loadgen.openloop import build_parser, run_open_loop, schedule_from_args
@@ -190,3 +190,33 @@ async def test_inputs_and_connections_are_made_before_the_timeline_starts(monkey
             gw.target, [0.0, 0.01, 0.02], parse_mix("img-to-text"), connections=3
         )
     assert max(r.sent_us - r.intended_us for r in result.records) < 100_000
+
+
+def test_requests_go_out_on_the_connection_with_the_fewest_in_flight_ties_in_turn():
+    from loadgen.sending import LeastOutstanding
+
+    spread = LeastOutstanding(3)
+    assert [spread.acquire() for _ in range(3)] == [0, 1, 2]  # all idle: in turn
+    spread.release(1)  # connection 1's answer came back; 0 and 2 are still waiting
+    assert spread.acquire() == 1
+    for k in (0, 1, 2):
+        spread.release(k)
+    spread.acquire()  # 1 (its turn), now busy; of the idle two the next in turn goes
+    assert spread.acquire() == 2 and spread.in_flight == [0, 1, 1]
+    with pytest.raises(InvalidArgument):
+        LeastOutstanding(0)
+
+
+async def test_every_connection_of_every_process_carries_queries():
+    """4 processes of 16 connections on the H100 sent each query on connection `i % 16` of the
+    every-4th `i` they had: 16 of the 64 connections carried every query."""
+    schedule = traces.schedule(
+        traces.constant(200.0, 1.0), np.random.default_rng(0), traces.Arrivals.UNIFORM
+    )
+    async with serve_fake() as gw:
+        gw.state.sleep_s = 0.001
+        res = await run_open_loop(
+            gw.target, schedule, parse_mix("img-to-text"), seed=3, processes=2, connections=8
+        )
+    assert res.stats()["all"]["ok"] == len(schedule)
+    assert len(gw.state.peers) == 8
