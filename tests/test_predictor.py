@@ -349,7 +349,7 @@ def test_bias_moves_predictions_toward_measurements() -> None:
 def test_bias_is_bounded_and_ignores_thin_windows() -> None:
     bias = BiasCorrector(alpha=1.0, lo=0.5, hi=3.0, min_count=50)
     for _ in range(5):
-        bias.update("p", 1000.0, 1.0)
+        bias.update("p", 2.9, 1.0)
     assert bias.factor("p") == 3.0
     for _ in range(10):
         bias.update("p", 0.001, 1000.0)
@@ -359,6 +359,22 @@ def test_bias_is_bounded_and_ignores_thin_windows() -> None:
     assert bias.factor("a/b") == 1.0
     with pytest.raises(InvalidArgument):
         BiasCorrector(alpha=0.0)
+
+
+def test_an_overloaded_window_teaches_the_bias_nothing() -> None:
+    """A p99 past what any factor in range explains is a queue growing (a load past the plan's
+    capacity), not a model error: on the H100 one overloaded peak-load trial drove the factors
+    to their cap, and the plans made with them carried less."""
+    bias = BiasCorrector(alpha=0.3, lo=0.5, hi=3.0, min_count=50)
+    plan = PlanSpec("t", (replace(one_stage_plan("a", "b", 50, 8), predicted_p99_ms=10.0),))
+    bias.observe(
+        plan, {"a/b": Measured(p99_ms=1400.0, count=900), "a": Measured(2300.0, count=900)}
+    )
+    assert bias.factors() == {}
+    # a slower service the factor can explain is learned as before, stage and pipeline
+    bias.observe(plan, {"a/b": Measured(p99_ms=25.0, count=900), "a": Measured(25.0, count=900)})
+    assert bias.factor("a/b") == pytest.approx(2.5**0.3)
+    assert bias.factor("a") == pytest.approx(2.5**0.3)
 
 
 # --- Redis --------------------------------------------------------------------------------

@@ -20,6 +20,15 @@ class BiasCorrector:
     `update` takes a measured p99 and the p99 that was predicted *with the current factor
     applied* (what the plan in force says), and moves the factor by the residual:
     f <- clamp(f * (measured / predicted) ** alpha). At a fixed point measured == predicted.
+
+    A window whose p99 is more than `hi` times the prediction teaches nothing: no factor in the
+    corrector's range can explain it, and such a p99 is a queue growing for as long as the
+    window lasted (a load past what the plan carries), not a service time the model got wrong.
+    That is a capacity error, which the control loop answers by refuting the plan and planning
+    for more (docs/CONTROL-LOOP.md). Learned from, one overloaded trial drove every factor to its
+    cap and the cap stayed: on the H100 max-load's 1200 qps trial of a peak-load search (p99
+    1.4-2.3 s) took its predicted peak from x517.8 to x241 and then x161, and the plans that
+    followed ran text-to-img's generate at batch 2 (docs/results/peak-load-h100-ref4-1731d70.md).
     """
 
     def __init__(
@@ -39,6 +48,8 @@ class BiasCorrector:
     def update(self, key: str, measured_p99_ms: float, predicted_p99_ms: float) -> float:
         if measured_p99_ms > 0 and 0 < predicted_p99_ms < math.inf:
             ratio = measured_p99_ms / predicted_p99_ms
+            if ratio > self.hi:
+                return self.factor(key)  # a queue, not a model error (see the class)
             f = self.factor(key) * math.exp(self.alpha * math.log(ratio))
             self._f[key] = min(self.hi, max(self.lo, f))
         return self.factor(key)
