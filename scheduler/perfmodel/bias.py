@@ -24,11 +24,13 @@ class BiasCorrector:
     A window whose p99 is more than `hi` times the prediction teaches nothing: no factor in the
     corrector's range can explain it, and such a p99 is a queue growing for as long as the
     window lasted (a load past what the plan carries), not a service time the model got wrong.
-    That is a capacity error, which the control loop answers by refuting the plan and planning
-    for more (docs/CONTROL-LOOP.md). Learned from, one overloaded trial drove every factor to its
-    cap and the cap stayed: on the H100 max-load's 1200 qps trial of a peak-load search (p99
-    1.4-2.3 s) took its predicted peak from x517.8 to x241 and then x161, and the plans that
-    followed ran text-to-img's generate at batch 2 (docs/results/peak-load-h100-ref4-1731d70.md).
+    That is a capacity error: min-resource answers it by refuting its plan and planning for more
+    (docs/CONTROL-LOOP.md); max-load already plans for the most the GPUs carry. Learned from, one
+    overloaded trial of a peak-load search raised the factors for every later plan: on the H100,
+    after max-load's 1200 qps trial (p99 1.4-2.3 s), its predicted peak fell from x517.8 to x241
+    and then x161 (even's from x235.5 to x14.3; nothing but the factors changed between those
+    plans), and the plans that followed ran text-to-img's generate at batch 2
+    (docs/results/peak-load-h100-ref4-1731d70.md).
     """
 
     def __init__(
