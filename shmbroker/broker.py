@@ -48,6 +48,9 @@ class BrokerConfig:
     lease_ttl_s: float
     quarantine_s: float
     sweep_interval_s: float
+    # the cap is at least this many slabs for each pool with slabs on the device (0: max_bytes
+    # alone; `Slabs.cap`)
+    slabs_per_pool: int = 0
     # where the ref key is served ("" for nowhere), and the group trusted beside the user (-1:
     # none)
     key_socket: str = ""
@@ -84,6 +87,7 @@ class Broker:
             self.generation,
             slab_bytes=config.slab_bytes,
             max_bytes=config.max_bytes,
+            slabs_per_pool=config.slabs_per_pool,
             quarantine_s=config.quarantine_s,
             devices=devices,
             clock=clock,

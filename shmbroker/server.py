@@ -41,6 +41,7 @@ def _build(settings: BrokerSettings) -> tuple[grpc.aio.Server, int, Broker, Heal
         backend=backend,
         slab_bytes=settings.slab_bytes_for(backend),
         max_bytes=settings.max_bytes_for(backend),
+        slabs_per_pool=settings.slabs_per_pool(),
         lease_ttl_s=settings.lease_ttl_s,
         quarantine_s=settings.quarantine_s,
         sweep_interval_s=settings.sweep_interval_s,

@@ -14,7 +14,8 @@ Each flag defaults to its variable, which defaults to the dataclass (`common.set
                                            (default: -1)
 --slab-bytes        CAMELOT_SLAB_BYTES     bytes per slab, K/M/G[iB] allowed
                                            (default: 256 MiB host, 1 GiB cuda)
---max-bytes         CAMELOT_MAX_BYTES      cap on slab bytes per device (default: 8 slabs)
+--max-bytes         CAMELOT_MAX_BYTES      cap on slab bytes per device (default: 8 slabs, or
+                                           2 a pool where more pools than 4 hold slabs there)
 --lease-ttl-s       CAMELOT_LEASE_TTL_S    default lease time to live (default: 30)
 --quarantine-s      CAMELOT_QUARANTINE_S   grace before an abandoned buffer is reused (default: 2)
 --sweep-interval-s                         how often expired leases are swept (default: 0.25)
@@ -41,6 +42,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_SLAB_BYTES = {Backend.HOST: 256 * MiB, Backend.CUDA: 1 * GiB}
 DEFAULT_SLABS_PER_DEVICE = 8
+# With the default cap, a device may also hold this many slabs for each pool with slabs there:
+# every pool's first slab is a whole one, so eight slabs were all seven pipelines' first ones and
+# the default pool's (the seven-pipeline mix), and a pool that had to grow failed every lease
+DEFAULT_SLABS_PER_POOL = 2
 _UNITS = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -109,6 +114,10 @@ class BrokerSettings:
     def max_bytes_for(self, backend: Backend) -> int:
         return self.max_bytes or DEFAULT_SLABS_PER_DEVICE * self.slab_bytes_for(backend)
 
+    def slabs_per_pool(self) -> int:
+        """The floor under the cap, in slabs a pool: the default's, none under a cap given."""
+        return 0 if self.max_bytes else DEFAULT_SLABS_PER_POOL
+
 
 def parse(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
@@ -140,7 +149,8 @@ def parse(
         "--max-bytes",
         field=None,
         default=str(env_bytes("MAX_BYTES", 0, e)),
-        help="cap on slab bytes per device; 0: 8 slabs",
+        help="cap on slab bytes per device; 0: 8 slabs, or 2 a pool where more pools than 4 "
+        "hold slabs there",
     )
     f.add("--lease-ttl-s", env="LEASE_TTL_S", check="positive")
     f.add("--quarantine-s", env="QUARANTINE_S", check="nonnegative")

@@ -166,7 +166,9 @@ class Slab:
 
 
 class Slabs:
-    """Every slab of one broker boot, grouped by (pool, device); `max_bytes` caps each device."""
+    """Every slab of one broker boot, grouped by (pool, device); each device is capped at
+    `max_bytes`, or at `slabs_per_pool` slabs for each pool with slabs there where that is more
+    (`cap`)."""
 
     def __init__(
         self,
@@ -175,6 +177,7 @@ class Slabs:
         slab_bytes: int,
         max_bytes: int,
         quarantine_s: float,
+        slabs_per_pool: int = 0,
         devices: int,
         clock: Callable[[], float] = time.monotonic,
         memory: Callable[[int, int], Memory] = make_memory,
@@ -184,6 +187,7 @@ class Slabs:
         self.generation = generation
         self.slab_bytes = slab_bytes
         self.max_bytes = max_bytes
+        self.slabs_per_pool = slabs_per_pool
         self.quarantine_s = quarantine_s
         self.devices = devices  # CUDA devices this broker may use; 0 on a host-only node
         self._clock = clock
@@ -204,6 +208,11 @@ class Slabs:
     def device_bytes(self, device: int) -> int:
         return sum(s.nbytes for s in self._by_id.values() if s.device == device)
 
+    def cap(self, device: int, pool: str = "") -> int:
+        """The most slab bytes `device` may hold once `pool` has slabs there."""
+        pools = {p for p, d in self._groups if d == device} | ({pool} if pool else set())
+        return max(self.max_bytes, self.slabs_per_pool * self.slab_bytes * len(pools))
+
     def check_device(self, device: int) -> None:
         if device != HOST_DEVICE and not 0 <= device < self.devices:
             raise InvalidArgument(
@@ -213,11 +222,11 @@ class Slabs:
     def create(self, pool: str, device: int, nbytes: int) -> Slab:
         """A new slab for (pool, device), or RESOURCE_EXHAUSTED when the device cap is reached."""
         self.check_device(device)
-        held = self.device_bytes(device)
-        if held + nbytes > self.max_bytes:
+        held, cap = self.device_bytes(device), self.cap(device, pool)
+        if held + nbytes > cap:
             raise ResourceExhausted(
                 f"no room: device {device} holds {held} bytes of slabs, a new {nbytes}-byte slab "
-                f"would pass max_bytes {self.max_bytes}"
+                f"would pass its cap of {cap} bytes"
             )
         memory = self._memory(device, nbytes)
         where = "host" if device == HOST_DEVICE else f"cuda{device}"

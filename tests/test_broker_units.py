@@ -154,6 +154,27 @@ def test_slabs_are_per_pool_lazy_capped_and_quarantine_until_grace():
     assert len(slabs) == 0
 
 
+def test_the_default_cap_grows_with_the_pools_two_slabs_each():
+    """Eight slabs were the seven-pipeline mix's first slabs and the default pool's: a pool that
+    had to grow failed every lease. The default cap is also two slabs a pool."""
+    slabs = Slabs(
+        1, slab_bytes=1 << 20, max_bytes=2 << 20, slabs_per_pool=2, quarantine_s=0, devices=0
+    )
+    try:
+        for pool in ("a", "b", "c"):  # past max_bytes: two slabs each
+            slabs.allocate(pool, HOST_DEVICE, 1 << 20)
+            slabs.allocate(pool, HOST_DEVICE, 1 << 20)
+        assert slabs.device_bytes(HOST_DEVICE) == slabs.cap(HOST_DEVICE) == 6 << 20
+        with pytest.raises(ResourceExhausted, match="cap of 6291456 bytes"):
+            slabs.allocate("a", HOST_DEVICE, 1 << 20)  # a third in one pool: still capped
+        slabs.allocate("d", HOST_DEVICE, 1 << 20)  # a new pool brings its own two
+    finally:
+        slabs.close()
+    # an operator's cap is the cap; the floor is the default's
+    assert BrokerSettings(max_bytes=8 << 30).slabs_per_pool() == 0
+    assert BrokerSettings().slabs_per_pool() == 2
+
+
 def test_oversized_tensor_gets_its_own_slab_within_the_cap():
     slabs = Slabs(1, slab_bytes=1 << 20, max_bytes=4 << 20, quarantine_s=0, devices=0)
     try:
