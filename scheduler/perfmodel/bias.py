@@ -26,11 +26,13 @@ class BiasCorrector:
     window lasted (a load past what the plan carries), not a service time the model got wrong.
     That is a capacity error: min-resource answers it by refuting its plan and planning for more
     (docs/CONTROL-LOOP.md); max-load already plans for the most the GPUs carry. Learned from, one
-    overloaded trial of a peak-load search raised the factors for every later plan: on the H100,
-    after max-load's 1200 qps trial (p99 1.4-2.3 s), its predicted peak fell from x517.8 to x241
-    and then x161 (even's from x235.5 to x14.3; nothing but the factors changed between those
-    plans), and the plans that followed ran text-to-img's generate at batch 2
-    (docs/results/peak-load-h100-ref4-1731d70.md).
+    overloaded trial of a peak-load search is folded into every later plan: on the H100, after
+    max-load's 1200 qps trial (p99 1.4-2.3 s, where the plan predicted tens of ms), its predicted
+    peak fell from x517.8 to x241 and then x161 (even's from x235.5 to x14.3; nothing but the
+    factors changed between those plans), and the plans that followed ran text-to-img's
+    generate at batch 2 (docs/results/peak-load-h100-ref4-1731d70.md). Part of that fall was
+    error the factors should learn: the stages' measured compute was 1.5-2.3x their profiles'
+    even at 150 qps.
     """
 
     def __init__(
