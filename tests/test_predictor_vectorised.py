@@ -69,7 +69,10 @@ def cases(draw: st.DrawFn) -> tuple[PolicyInput, PlanSpec, dict[str, float], str
     # the gateway priced or not, on one worker or three (up to past its capacity)
     gateways = [{}, {"gateway_cpu_ms": "2"}, {"gateway_cpu_ms": "7.25", "gateway_workers": "3"}]
     options = draw(st.sampled_from(gateways))
-    world = PolicyInput(tuple(infos), nodes, rates, PROFILES, options=options)
+    # the host's part of a batch (the scheduler's stage_host_ms) added or not
+    host_ms = draw(st.sampled_from([0.0, 0.97]))
+    profiles = {k: p.with_host_ms(host_ms) for k, p in PROFILES.items()}
+    world = PolicyInput(tuple(infos), nodes, rates, profiles, options=options)
     return world, PlanSpec("t", tuple(stages)), rates, transport
 
 

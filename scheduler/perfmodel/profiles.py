@@ -58,6 +58,13 @@ class StageProfile:
     synthetic: bool = False
     # online correction (measured p99 / predicted), set by bias.BiasCorrector; not stored
     bias: float = 1.0
+    # the host's part of a batch as a replica runs it, added to every latency (the node's, not
+    # the profile's: `with_host_ms`, from the scheduler's `stage_host_ms`; not stored). A profile
+    # is the GPU time of `infer` alone (CUDA events); a replica's batch is also its inputs
+    # stacked, its outputs copied to their buffers, a blocking-sync wait and two thread
+    # hand-offs. On the H100 host the mesh's stages took 0.25-1.1 ms (median 0.8) longer a batch
+    # of one than their profiles, at 150 qps (docs/results/stage-host-fit-h100-1731d70.md).
+    host_ms: float = 0.0
     _table: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
     _memo: dict[tuple[float, float], float] = field(
         default_factory=dict, repr=False, compare=False, hash=False
@@ -86,7 +93,7 @@ class StageProfile:
             return memo
         if share <= 0:
             raise InvalidArgument(f"{self.key}: share must be > 0, got {share}")
-        value = self._latency(share, self.padded(batch))
+        value = self._latency(share, self.padded(batch)) + self.host_ms
         if len(self._memo) < 100_000:
             self._memo[(share, batch)] = value
         return value
@@ -138,6 +145,7 @@ class StageProfile:
             t = np.minimum(np.maximum(t, 0.0), 1.0)
         lin = np.exp(table)
         lo_row, hi_row = lin[j], lin[j1]  # (n, nb)
+        host_ms = self.host_ms
         rows = np.arange(len(share))
 
         def latency(batch: np.ndarray) -> np.ndarray:
@@ -150,7 +158,7 @@ class StageProfile:
                 w = np.minimum(np.maximum((batch - bs[k]) / (bs[k + 1] - bs[k]), 0.0), 1.0)
                 lo = lo_row[rows, k] * (1 - w) + lo_row[rows, k + 1] * w
                 hi = hi_row[rows, k] * (1 - w) + hi_row[rows, k + 1] * w
-            out = np.exp((1 - t) * np.log(lo) + t * np.log(hi) + log_scale)
+            out = np.exp((1 - t) * np.log(lo) + t * np.log(hi) + log_scale) + host_ms
             return out  # type: ignore[no-any-return]
 
         return latency
@@ -247,6 +255,11 @@ class StageProfile:
 
     def with_bias(self, bias: float) -> StageProfile:
         return replace(self, bias=bias)
+
+    def with_host_ms(self, host_ms: float) -> StageProfile:
+        if not (math.isfinite(host_ms) and host_ms >= 0):
+            raise InvalidArgument(f"{self.key}: host_ms must be >= 0, got {host_ms}")
+        return self if host_ms == self.host_ms else replace(self, host_ms=host_ms)
 
 
 def number_key(x: float) -> str:

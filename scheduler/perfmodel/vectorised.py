@@ -40,9 +40,11 @@ class _Service:
         union: np.ndarray,
         pos: np.ndarray,
         bucketed: np.ndarray,
+        host: np.ndarray,
     ) -> None:
         self.lo, self.hi, self.grid, self.t, self.scale = lo, hi, grid, t, scale
         self.union, self.pos, self.bucketed = union, pos, bucketed
+        self.host = host  # per row: StageProfile.host_ms, added to every latency
         self.any_bucketed = bool(bucketed.any())
         self.rows = np.arange(len(t))
 
@@ -56,6 +58,7 @@ class _Service:
             self.union,
             self.pos[idx],
             self.bucketed[idx],
+            self.host[idx],
         )
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -71,7 +74,7 @@ class _Service:
             lo = self.lo[rows, k] * (1 - w) + self.lo[rows, k + 1] * w
             hi = self.hi[rows, k] * (1 - w) + self.hi[rows, k + 1] * w
         out = np.exp((1 - self.t) * np.log(lo) + self.t * np.log(hi) + self.scale)
-        return out  # type: ignore[no-any-return]
+        return out + self.host  # type: ignore[no-any-return]
 
 
 def _groups(*cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +161,7 @@ class Vectorised:
         self.pressure = np.asarray([p.exerted_pressure for p in profs])
         self.bucketed = np.asarray([p.batch_buckets == "pow2" for p in profs])
         self.bias = np.asarray([p.bias for p in profs])
+        self.host = np.asarray([p.host_ms for p in profs])
         self.out_bytes = np.asarray([p.output_bytes_per_item for p in profs], dtype=float)
         self.one_level = np.asarray([len(p.pressure_levels) == 1 for p in profs])
         self.same_levels = bool((self.levels == self.levels[:1]).all())
@@ -189,6 +193,7 @@ class Vectorised:
             self.union,
             self.pos[stage],
             self.bucketed[stage],
+            self.host[stage],
         )
 
     def _slowdown(self, stage: np.ndarray, pressure: np.ndarray) -> np.ndarray:

@@ -83,6 +83,7 @@ class Candidates:
             np.concatenate(p) for p in parts
         )
         self.bias = np.asarray([p.bias for p in profs])
+        self.host = np.asarray([p.host_ms for p in profs])  # StageProfile.host_ms
         self.solo = self._latency(np.arange(len(self.u)), self.b)
 
     def _latency(self, rows: np.ndarray, batch: np.ndarray) -> np.ndarray:
@@ -98,7 +99,7 @@ class Candidates:
             hi = self.hi[rows, k] * (1 - w) + self.hi[rows, k + 1] * w
         t = self.t[rows]
         out = np.exp((1 - t) * np.log(lo) + t * np.log(hi) + self.scale[rows])
-        return out  # type: ignore[no-any-return]
+        return out + self.host[self.sid[rows]]  # type: ignore[no-any-return]
 
     def frontiers(self, rates: Sequence[float], factors: Sequence[float]) -> list[list[Choice]]:
         """Per stage, Pareto choices (fewer units, lower p99) that carry its rate stably."""

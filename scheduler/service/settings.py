@@ -64,6 +64,10 @@ class SchedulerSettings:
     # priced): its CPU per query, and the worker processes that share its port
     gateway_cpu_ms: float = 0.0
     gateway_workers: int = 1
+    # the host's part of each stage batch as a replica runs it, ms, added to the profiles' GPU
+    # time (StageProfile.host_ms; 0: the profiles alone); fitted from a run's stage timings by
+    # `python -m scheduler.tools.stage_host_fit`
+    stage_host_ms: float = 0.0
     node_timeout_s: float = 15.0
     apply_timeout_s: float = 60.0
     grace_s: float = 5.0
@@ -112,6 +116,7 @@ def parse(
     f.add("--consumer", env="SCHEDULER_CONSUMER")
     f.add("--gateway-cpu-ms", env="GATEWAY_CPU_MS", check="nonnegative")
     f.add("--gateway-workers", env="GATEWAY_WORKERS", check="positive")
+    f.add("--stage-host-ms", env="STAGE_HOST_MS", check="nonnegative")
     a = f.parse(argv)
     try:
         options = env.options_of(a.option)

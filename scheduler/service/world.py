@@ -185,6 +185,13 @@ class World:
 
     # -- what a policy sees ---------------------------------------------------------------------
 
+    def profiles_now(self) -> dict[str, Any]:
+        """The profiles as policies see them: with the bias, and the host's part of a batch."""
+        if not self.profiles:
+            return dict(self.profiles)
+        host_ms = self.settings.stage_host_ms
+        return {k: p.with_host_ms(host_ms) for k, p in self.bias.apply(self.profiles).items()}
+
     def policy_input(self, measured: Mapping[str, Measured], current: plan_pb2.Plan) -> PolicyInput:
         return PolicyInput(
             pipelines=tuple(
@@ -193,7 +200,7 @@ class World:
             ),
             nodes=tuple(n.info() for n in sorted(self.placeable_nodes(), key=lambda n: n.name)),
             load_qps=self.load_qps(),
-            profiles=self.bias.apply(self.profiles) if self.profiles else self.profiles,
+            profiles=self.profiles_now(),
             measured=measured,
             current=planstore.from_proto(current) if current.epoch else None,
             options=self.options(),

@@ -1,0 +1,166 @@
+"""How much longer a stage's batch takes in the mesh than its profile says: the host's part.
+
+    python -m scheduler.tools.stage_host_fit docs/results/peak-load-h100-ref4-1731d70.json \
+        --profiles scheduler/perfmodel/profiles_data/h100.json [--fit-max-qps 150] \
+        [--out docs/results/stage-host-fit-h100-1731d70]
+
+A profile is the GPU time of a stage's `infer` alone (CUDA events, services/profiler). A replica's
+batch, as the stage reports it (`StageTime.compute_us`, each row's `stages` in a peak-load
+result), is also its inputs stacked, its outputs copied into their buffers, a blocking-sync wait
+and the hand-offs to and from its GPU thread. Per row of a peak-load result (one policy at one
+rate) and each stage that ran as one replica on its own share (not time-sliced), this compares
+the measured compute with the profile's latency at that share and the row's mean batch.
+
+The fit is the median of (measured - profile) over the rows at or below `--fit-max-qps` (where
+the GPU is least busy, so co-runners slow the kernels least): the scheduler's `stage_host_ms`
+(`CAMELOT_STAGE_HOST_MS`). The rows above it are held out: their error with the profile alone
+and with the fitted term added. Runs on the CPU from committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidArgument
+from common.results import git_short_hash
+from scheduler.perfmodel.profiles import StageProfile
+from scheduler.perfmodel.profilestore import load
+
+# rows of these policies time-share whole GPUs, where a batch waits its turn: not one share
+TIME_SLICED = ("plain", "exclusive")
+
+
+def plan_shares(plans: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (mix, epoch): each stage's share where it ran as one replica on its own share."""
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for p in plans:
+        shares = {}
+        for s in p.get("stages", []):
+            one = len(s.get("sm_percent", [])) == 1 and not any(s.get("time_sliced", []))
+            if one and s["sm_percent"][0] > 0:
+                shares[s["stage"]] = float(s["sm_percent"][0])
+        out[(p["mix"], int(p["epoch"]))] = shares
+    return out
+
+
+def points(result: Mapping[str, Any], profiles: Mapping[str, StageProfile]) -> list[dict[str, Any]]:
+    """One point per row and stage: the rate, the stage, its share and mean batch, the measured
+    compute and the profile's latency there."""
+    shares = plan_shares(result.get("plans", []))
+    out = []
+    for row in result.get("rows", []):
+        stages, epoch = row.get("stages"), row.get("plan_epoch")
+        if not stages or epoch is None or row.get("policy") in TIME_SLICED:
+            continue
+        plan = shares.get((row["mix"], int(epoch)), {})
+        for key, m in stages.items():
+            prof, share = profiles.get(key), plan.get(key)
+            if prof is None or share is None or not m.get("compute_ms") or not m.get("batch"):
+                continue
+            out.append(
+                {"policy": row["policy"], "rate_qps": float(row["rate_qps"]), "stage": key,
+                 "share": share, "batch": float(m["batch"]),
+                 "measured_ms": float(m["compute_ms"]),
+                 "profile_ms": prof.latency(share, float(m["batch"]))}
+            )  # fmt: skip
+    return out
+
+
+def mape(rows: Sequence[Mapping[str, Any]], host_ms: float) -> float | None:
+    errs = [abs(r["profile_ms"] + host_ms - r["measured_ms"]) / r["measured_ms"] for r in rows]
+    return statistics.fmean(errs) if errs else None
+
+
+def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
+    train = [p for p in pts if p["rate_qps"] <= fit_max_qps]
+    test = [p for p in pts if p["rate_qps"] > fit_max_qps]
+    if not train:
+        raise InvalidArgument(f"no row at or below {fit_max_qps:g} qps to fit on")
+    host_ms = max(0.0, statistics.median(p["measured_ms"] - p["profile_ms"] for p in train))
+    return {
+        "stage_host_ms": round(host_ms, 4),
+        "fit_points": len(train),
+        "held_out_points": len(test),
+        "fit_mape_profile": mape(train, 0.0),
+        "fit_mape_with_host": mape(train, host_ms),
+        "held_out_mape_profile": mape(test, 0.0),
+        "held_out_mape_with_host": mape(test, host_ms),
+    }
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    s = doc["summary"]
+    lines = [
+        f"# {doc['name']}",
+        "",
+        f"- command: `{doc['command']}`",
+        f"- device: {doc['device']}",
+        f"- date: {doc['date']}",
+        f"- git: {doc['git']}",
+        "",
+        "A stage's batch in the mesh (`compute_us`: stack, infer, copies out, wait, hand-offs)",
+        "against its profile (the GPU time of `infer` alone) at the plan's share and the row's",
+        f"mean batch. Fitted on the rows at or below {doc['fit_max_qps']:g} qps, held out above.",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        *(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in s.items()),
+        "",
+        "| policy | rate_qps | stage | share | batch | measured_ms | profile_ms | difference_ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['policy']} | {r['rate_qps']:g} | {r['stage']} | {r['share']:g} | "
+            f"{r['batch']:.3g} | {r['measured_ms']:.3g} | {r['profile_ms']:.3g} | "
+            f"{r['measured_ms'] - r['profile_ms']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m scheduler.tools.stage_host_fit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("result", help="a peak-load result JSON whose rows have `stages`")
+    p.add_argument("--profiles", required=True, help="the profile set the run planned with")
+    p.add_argument("--fit-max-qps", type=float, default=150.0)
+    p.add_argument("--out", default="", help="write <out>.json and <out>.md")
+    args = p.parse_args(argv)
+    try:
+        result = json.loads(Path(args.result).read_text())
+        profiles = load(args.profiles)
+        pts = points(result, profiles)
+        summary = fit(pts, args.fit_max_qps)
+    except (OSError, ValueError, InvalidArgument) as e:
+        print(f"stage_host_fit: {e}", file=sys.stderr)
+        return 2
+    doc = {
+        "name": Path(args.out).name if args.out else "stage-host-fit",
+        "command": "python -m scheduler.tools.stage_host_fit " + " ".join(argv or sys.argv[1:]),
+        "device": result.get("device", ""),
+        "backend": result.get("backend", ""),
+        "date": result.get("date", ""),
+        "git": git_short_hash(),
+        "source": {"result": args.result, "git": result.get("git", "")},
+        "fit_max_qps": args.fit_max_qps,
+        "rows": pts,
+        "summary": summary,
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
+        Path(args.out + ".md").write_text(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
