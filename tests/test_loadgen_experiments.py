@@ -459,3 +459,11 @@ async def test_the_share_sampler_keeps_each_plan_it_sees():
     assert [p["sm_percent"] for p in sampler.plans] == [30.0, 40.0]
     assert sampler.plans[1]["stages"][0]["sm_percent"] == [20.0, 20.0]
     assert sampler.plans[1]["t_s"] > sampler.plans[0]["t_s"]
+
+
+def test_a_result_keeps_the_environment_its_plans_were_priced_with():
+    from loadgen.experiments.__main__ import planning_env
+
+    env = {"CAMELOT_STAGE_HOST_MS": "0.97", "CAMELOT_GATEWAY_CPU_MS": "3.0", "HOME": "/root",
+           "CAMELOT_ADMIN_TOKEN": "secret"}  # fmt: skip
+    assert planning_env(env) == {"CAMELOT_STAGE_HOST_MS": "0.97", "CAMELOT_GATEWAY_CPU_MS": "3.0"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -226,8 +226,24 @@ def _write(
         Path(args.out_dir),
         command=module_command("loadgen.experiments", _redacted(argv)),
         plots=outcome.plots,
-        extra={**outcome.extra, "settings": settings},
+        extra={**outcome.extra, "settings": settings, "planning_env": planning_env()},
     )
+
+
+# what the scheduler prices a plan with beside its profiles, where the mesh was started from the
+# experiment's environment (deploy/device/gpu-e.sh, `camelot run`): kept with the result, since a
+# plan's prices (and so a policy's choice) move with them
+PLANNING_ENV = (
+    "CAMELOT_GATEWAY_CPU_MS", "CAMELOT_GATEWAY_WORKERS", "CAMELOT_STAGE_HOST_MS",
+    "CAMELOT_CUDA_GRAPHS", "CAMELOT_PROFILES",
+)  # fmt: skip
+
+
+def planning_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of PLANNING_ENV this process has (an experiment against a mesh started
+    elsewhere records its own environment, which may not be the mesh's)."""
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in PLANNING_ENV if k in env}
 
 
 def harness(args: argparse.Namespace, target: str, admin: AdminClient | None) -> Harness:
