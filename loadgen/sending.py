@@ -129,7 +129,7 @@ async def send(
                 sum(t.compute_us for t in reply.stages),
             )
             stages = tuple(
-                (t.stage, t.batch_size, t.queue_us + t.batch_wait_us, t.compute_us)
+                (t.stage, t.batch_size, t.queue_us + t.batch_wait_us, t.compute_us, t.gpu_us)
                 for t in reply.stages
             )
         except grpc.aio.AioRpcError as e:

@@ -85,23 +85,29 @@ def lag_p99_ms(records: Sequence[Record]) -> float:
 def by_stage(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[str, dict[str, float]]:
     """Per `pipeline/stage` of the answered queries: `queries`, mean `batch`, `waiting_ms` and
     `compute_ms` over all of them, and the same (`tail.*`) over the queries over their
-    pipeline's target where there were any. A stage a query ran twice (a retry elsewhere)
-    counts each time."""
-    # per stage: [queries, batch, waiting_us, compute_us] summed, over all and over the tail
+    pipeline's target where there were any; and `gpu_ms`, the GPU's part of `compute_ms`,
+    over the queries whose stage measured it (none: no `gpu_ms`). A stage a query ran twice (a
+    retry elsewhere) counts each time."""
+    # per stage: [queries, batch, waiting_us, compute_us, measured, gpu_us] summed, over all
+    # and over the tail
     sums: dict[str, list[float]] = {}
     tails: dict[str, list[float]] = {}
     for r in records:
         if not r.ok or r.pipeline not in qos_ms:
             continue
         over = r.latency_us > qos_ms[r.pipeline] * 1000
-        for stage, batch, waiting_us, compute_us in r.stages:
+        for stage, batch, waiting_us, compute_us, *gpu in r.stages:
             key = f"{r.pipeline}/{stage}"
+            gpu_us = gpu[0] if gpu else 0
             for into in (sums, tails) if over else (sums,):
-                acc = into.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                acc = into.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
                 acc[0] += 1
                 acc[1] += batch
                 acc[2] += waiting_us
                 acc[3] += compute_us
+                if gpu_us > 0:
+                    acc[4] += 1
+                    acc[5] += gpu_us
     out: dict[str, dict[str, float]] = {}
     for key in sorted(sums):
         out[key] = _means(sums[key], "")
@@ -111,10 +117,13 @@ def by_stage(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[str
 
 
 def _means(acc: list[float], prefix: str) -> dict[str, float]:
-    n, batch, waiting_us, compute_us = acc
-    return {
+    n, batch, waiting_us, compute_us, measured, gpu_us = acc
+    out = {
         f"{prefix}queries": n,
         f"{prefix}batch": round(batch / n, 3),
         f"{prefix}waiting_ms": round(waiting_us / n / 1000, 4),
         f"{prefix}compute_ms": round(compute_us / n / 1000, 4),
     }
+    if measured:
+        out[f"{prefix}gpu_ms"] = round(gpu_us / measured / 1000, 4)
+    return out

@@ -60,8 +60,8 @@ async def run_batches(model: Recording, rounds: int) -> GpuThread:
     try:
         for _ in range(rounds):
             batch, slab = requests(3)
-            outputs = await gpu.run_whole_batch(batch)
-            assert sorted(outputs) == [0, 1, 2]
+            outputs, gpu_us = await gpu.run_whole_batch(batch)
+            assert sorted(outputs) == [0, 1, 2] and gpu_us == 0  # no GPU time on the host
             assert all(slab[2 * i + 1][0] == i + 1 for i in range(3))
     finally:
         gpu.shutdown()
@@ -83,3 +83,14 @@ async def test_a_batch_longer_than_a_hand_off_stays_on_the_gpu_thread():
     model = Recording(delay_s=2 * gputhread.INLINE_BATCH_US / 1e6)
     await run_batches(model, 3)
     assert threading.get_ident() not in model.threads
+
+
+def test_a_batchs_gpu_part_reaches_its_answer():
+    """StageTimings.gpu_us carries the replica's measured GPU time of the batch to the gateway
+    (the host backend measures none: 0)."""
+    from services.stage.calls import response_of
+    from services.stage.requests import Result
+
+    r = Result(outputs=[], queue_us=1, batch_wait_us=2, compute_us=900, batch_size=1, gpu_us=400)
+    t = response_of(r, "x.0").timings
+    assert (t.compute_us, t.gpu_us) == (900, 400)

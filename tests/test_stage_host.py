@@ -85,7 +85,8 @@ def _result(delta_ms: float) -> dict:
         st = {}
         for s in stages:
             want = load(H100)[f"text-to-img/{s}"].latency(10.0, batch) + delta_ms
-            st[f"text-to-img/{s}"] = {"queries": 500, "batch": batch, "compute_ms": want}
+            st[f"text-to-img/{s}"] = {"queries": 500, "batch": batch, "compute_ms": want,
+                                      "gpu_ms": want - delta_ms}  # fmt: skip
         rows.append({"mix": "m", "policy": "max-load", "rate_qps": rate, "plan_epoch": 2,
                      "stages": st})  # fmt: skip
     # plain time-shares whole GPUs: never a point
@@ -107,6 +108,9 @@ def test_the_fit_is_the_median_difference_and_is_scored_on_the_rows_held_out(tmp
         0.0, abs=1e-9
     )
     assert s["held_out_mape_profile"] > 0.1
+    # the stages timed their own GPU work: the host's part measured, the GPU's as profiled
+    assert s["measured_host_ms"] == pytest.approx(0.9)
+    assert s["gpu_over_profile"] == pytest.approx(1.0)
     assert "| max-load | 400 | text-to-img/generate |" in (tmp_path / "fit.md").read_text()
     # no row to fit on is a clear error, not a figure
     assert stage_host_fit.main([*argv[:3], "--fit-max-qps", "50"]) == 2

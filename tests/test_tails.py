@@ -67,9 +67,10 @@ def test_breakdown_of_a_trial_with_nothing_over_target_has_no_tail():
     assert out["typical.compute_ms"] == pytest.approx(1.0)
 
 
-def staged(pipeline: str, latency_ms: float, *parts: tuple[str, int, int, int],
+def staged(pipeline: str, latency_ms: float, *parts: tuple[int | str, ...],
            status: str = "OK") -> Record:  # fmt: skip
-    """A query of `latency_ms` whose stages ran as (stage, batch, waiting_us, compute_us)."""
+    """A query of `latency_ms` whose stages ran as (stage, batch, waiting_us, compute_us[,
+    gpu_us])."""
     return Record(pipeline, 0, 0, int(latency_ms * 1000), status, 1, stages=parts)
 
 
@@ -94,3 +95,16 @@ def test_by_stage_says_per_stage_how_large_the_batches_were_and_where_the_tail_w
     assert out["p/b"]["tail.queries"] == 1 and out["p/b"]["tail.batch"] == 1
     assert out["p/b"]["tail.waiting_ms"] == pytest.approx(60.0)
     assert "tail.batch" not in out["q/x"]  # nothing of q was over its target
+
+
+def test_by_stage_gives_the_gpus_part_over_the_queries_whose_stage_measured_it():
+    qos = {"p": 50.0}
+    records = [
+        staged("p", 20, ("a", 1, 0, 3_000, 1_000)),
+        staged("p", 20, ("a", 1, 0, 3_000, 2_000)),
+        staged("p", 20, ("a", 1, 0, 3_000, 0)),  # not measured: not in the mean
+        staged("p", 20, ("b", 1, 0, 3_000)),  # a record from before gpu_us
+    ]
+    out = by_stage(records, qos)
+    assert out["p/a"]["gpu_ms"] == pytest.approx(1.5) and out["p/a"]["compute_ms"] == 3.0
+    assert "gpu_ms" not in out["p/b"]

@@ -11,6 +11,10 @@ and the hand-offs to and from its GPU thread. Per row of a peak-load result (one
 rate) and each stage that ran as one replica on its own share (not time-sliced), this compares
 the measured compute with the profile's latency at that share and the row's mean batch.
 
+Where the stages timed their own `infer` (`gpu_ms`, StageTimings.gpu_us), the summary also gives
+the host's part as measured (`measured_host_ms`, compute - gpu) and the GPU's part over the
+profile (`gpu_over_profile`), which tell a host cost from co-runners slowing the kernels.
+
 The fit is the median of (measured - profile) over the rows at or below `--fit-max-qps` (where
 the GPU is least busy, so co-runners slow the kernels least): the scheduler's `stage_host_ms`
 (`CAMELOT_STAGE_HOST_MS`). The rows above it are held out: their error with the profile alone
@@ -63,12 +67,14 @@ def points(result: Mapping[str, Any], profiles: Mapping[str, StageProfile]) -> l
             prof, share = profiles.get(key), plan.get(key)
             if prof is None or share is None or not m.get("compute_ms") or not m.get("batch"):
                 continue
-            out.append(
-                {"policy": row["policy"], "rate_qps": float(row["rate_qps"]), "stage": key,
-                 "share": share, "batch": float(m["batch"]),
-                 "measured_ms": float(m["compute_ms"]),
-                 "profile_ms": prof.latency(share, float(m["batch"]))}
-            )  # fmt: skip
+            point = {"policy": row["policy"], "rate_qps": float(row["rate_qps"]), "stage": key,
+                     "share": share, "batch": float(m["batch"]),
+                     "measured_ms": float(m["compute_ms"]),
+                     "profile_ms": prof.latency(share, float(m["batch"]))}  # fmt: skip
+            if m.get("gpu_ms"):
+                # the stage timed its own infer (StageTimings.gpu_us): the GPU's part measured
+                point["gpu_ms"] = float(m["gpu_ms"])
+            out.append(point)
     return out
 
 
@@ -83,6 +89,15 @@ def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
     if not train:
         raise InvalidArgument(f"no row at or below {fit_max_qps:g} qps to fit on")
     host_ms = max(0.0, statistics.median(p["measured_ms"] - p["profile_ms"] for p in train))
+    timed = [p for p in train if "gpu_ms" in p]
+    split = {}
+    if timed:
+        # where the stages timed their own GPU work: the host's part measured, not inferred, and
+        # how far the GPU's part is from the profile (co-runners, or a profile off)
+        split = {
+            "measured_host_ms": statistics.median(p["measured_ms"] - p["gpu_ms"] for p in timed),
+            "gpu_over_profile": statistics.median(p["gpu_ms"] / p["profile_ms"] for p in timed),
+        }
     return {
         "stage_host_ms": round(host_ms, 4),
         "fit_points": len(train),
@@ -91,6 +106,7 @@ def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
         "fit_mape_with_host": mape(train, host_ms),
         "held_out_mape_profile": mape(test, 0.0),
         "held_out_mape_with_host": mape(test, host_ms),
+        **split,
     }
 
 

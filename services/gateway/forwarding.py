@@ -227,6 +227,7 @@ async def drive_chain(
                 compute_us=t.compute_us,
                 replica_id=response.replica_id,
                 batch_size=t.batch_size,
+                gpu_us=t.gpu_us,
             )
         if result.code == 0:
             return [t for t in times if t is not None]

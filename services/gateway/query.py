@@ -450,6 +450,7 @@ class QueryRunner:
                 compute_us=t.compute_us,
                 replica_id=response.replica_id,
                 batch_size=t.batch_size,
+                gpu_us=t.gpu_us,
             )
         assert last is not None
         raise last

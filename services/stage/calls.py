@@ -79,6 +79,7 @@ def fill_timings(response: stage_pb2.InferResponse, r: Result, replica_id: str) 
     timings.batch_wait_us = r.batch_wait_us
     timings.compute_us = r.compute_us
     timings.batch_size = r.batch_size
+    timings.gpu_us = r.gpu_us
     response.replica_id = replica_id
 
 

@@ -74,6 +74,8 @@ class GpuThread:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         # the running average of a whole batch's time (None: none measured yet)
         self.batch_us: float | None = None
+        # CUDA: two timing events around the last `infer` on the batch's stream (`infer_gpu_us`)
+        self._infer_events: tuple[Any, Any] | None = None
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
@@ -82,22 +84,30 @@ class GpuThread:
         """fn(*args) on the GPU thread, awaited from the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def run_whole_batch(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
+    async def run_whole_batch(
+        self, requests: list[Request]
+    ) -> tuple[dict[int, list[tensor_pb2.Tensor]], int]:
         """`whole_batch_sync`, on the event loop where that costs less than a hand-off (the
-        host backend, short batches), else on the thread."""
+        host backend, short batches), else on the thread; with the GPU's part of it in
+        microseconds (`infer_gpu_us`)."""
         if (
             self.backend is Backend.HOST
             and self.batch_us is not None
             and self.batch_us < INLINE_BATCH_US
         ):
             return self._timed_whole_batch(requests)
-        out: dict[int, list[tensor_pb2.Tensor]] = await self.run(self._timed_whole_batch, requests)
+        out: tuple[dict[int, list[tensor_pb2.Tensor]], int] = await self.run(
+            self._timed_whole_batch, requests
+        )
         return out
 
-    def _timed_whole_batch(self, requests: list[Request]) -> dict[int, list[tensor_pb2.Tensor]]:
+    def _timed_whole_batch(
+        self, requests: list[Request]
+    ) -> tuple[dict[int, list[tensor_pb2.Tensor]], int]:
         t0 = mono_us()
         try:
-            return self.whole_batch_sync(requests)
+            outputs = self.whole_batch_sync(requests)
+            return outputs, self.infer_gpu_us()
         finally:
             took = mono_us() - t0
             last = self.batch_us
@@ -137,7 +147,12 @@ class GpuThread:
                 s.name: self.xp.stack([self.xp.asarray(r.inputs[s.name]) for r in requests])
                 for s in self.model.inputs
             }
+            events = self._timing_events()
+            if events is not None:
+                events[0].record()
             out = self.model.infer(batch)
+            if events is not None:
+                events[1].record()
             for spec in self.model.outputs:
                 arr = out.get(spec.name)
                 if arr is None:
@@ -150,6 +165,25 @@ class GpuThread:
                 if arr.dtype != spec.dtype:
                     out[spec.name] = arr.astype(spec.dtype)
         return out
+
+    def _timing_events(self) -> tuple[Any, Any] | None:
+        """The two events `compute_sync` records around `infer` (CUDA only), made once."""
+        if self.backend is not Backend.CUDA:
+            return None
+        if self._infer_events is None:
+            self._infer_events = (self.xp.cuda.Event(), self.xp.cuda.Event())
+        return self._infer_events
+
+    def infer_gpu_us(self) -> int:
+        """On the GPU thread, after the batch's wait: the GPU time of its `infer` (what the
+        profiler times), in microseconds; 0 where not measured (the host backend)."""
+        if self._infer_events is None:
+            return 0
+        start, stop = self._infer_events
+        try:
+            return int(self.xp.cuda.get_elapsed_time(start, stop) * 1000)
+        except Exception:  # an event not recorded or not done: no figure, not a failed batch
+            return 0
 
     def scatter_sync(self, out: Mapping[str, Any], views: list[list[Any]], rows: list[int]) -> None:
         """Copies row i of every output into its broker view (device to device), then syncs.

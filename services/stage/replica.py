@@ -273,8 +273,8 @@ class Replica:
         # every output buffer is known: the whole batch is one hand-off to the GPU thread (or
         # none, where a hand-off costs more than the batch)
         t0 = mono_us()
-        outputs = await self.gpu.run_whole_batch(requests)
-        self._settle(items, requests, outputs, mono_us() - t0)
+        outputs, gpu_us = await self.gpu.run_whole_batch(requests)
+        self._settle(items, requests, outputs, mono_us() - t0, gpu_us)
 
     def _settle(
         self,
@@ -282,6 +282,7 @@ class Replica:
         requests: list[Request],
         outputs: dict[int, list[tensor_pb2.Tensor]],
         compute_us: int,
+        gpu_us: int = 0,
     ) -> None:
         for n, item in enumerate(items):
             if item.future.done() or n not in outputs:
@@ -292,6 +293,7 @@ class Replica:
                 batch_wait_us=item.batch_started_us - item.taken_us,
                 compute_us=compute_us,
                 batch_size=len(items),
+                gpu_us=gpu_us,
             )
             item.future.set_result(result)
             self._report(requests[n], result, item)

@@ -65,6 +65,8 @@ class Result:
     batch_wait_us: int
     compute_us: int
     batch_size: int
+    # the GPU's part of compute_us (StageTimings.gpu_us; 0: not measured)
+    gpu_us: int = 0
 
 
 def check_inputs(

@@ -47,6 +47,7 @@ async def test_every_pipeline_answers_each_query_with_its_own_result(tmp_path, g
     # legacy stream a model runs eagerly, whose GEMMs may round differently)
     stream = cupy.cuda.Stream(non_blocking=True)
     distinct = []
+    times: list[gateway_pb2.StageTime] = []
     try:
         async with lifecycle.channel(tm.gateway) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
@@ -65,6 +66,7 @@ async def test_every_pipeline_answers_each_query_with_its_own_result(tmp_path, g
                             ),
                             timeout=60,
                         )
+                        times.extend(r.stages)
                         got = array_from_wire(r.output)
                         assert got.dtype == want.dtype and got.shape == want.shape
                         assert np.array_equal(got, want), (name, seed, transport, graphs)
@@ -74,3 +76,7 @@ async def test_every_pipeline_answers_each_query_with_its_own_result(tmp_path, g
         await tm.mesh.stop_all()
     # a stale answer is caught only where queries' results differ; most pipelines' do
     assert sum(distinct) >= 2, dict(zip(list_pipelines(), distinct, strict=True))
+    # each stage's batch says what of it was the GPU's (a batch whose outputs the replica
+    # allocated says 0: not measured), never more than the whole
+    assert all(0 <= t.gpu_us <= t.compute_us for t in times)
+    assert sum(t.gpu_us > 0 for t in times) >= len(times) // 4
