@@ -62,7 +62,7 @@ class StageProfile:
     # the profile's: `with_host_ms`, from the scheduler's `stage_host_ms`; not stored). A profile
     # is the GPU time of `infer` alone (CUDA events); a replica's batch is also its inputs
     # stacked, its outputs copied to their buffers, a blocking-sync wait and two thread
-    # hand-offs. On the H100 host the mesh's stages took 0.25-1.1 ms (median 0.8) longer a batch
+    # hand-offs. On the H100 host the mesh's stages took 0.25-2.5 ms (median 0.97) longer a batch
     # of one than their profiles, at 150 qps (docs/results/stage-host-fit-h100-1731d70.md).
     host_ms: float = 0.0
     _table: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
