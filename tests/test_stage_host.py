@@ -1,8 +1,8 @@
 """The host's part of a stage batch in the predictor (`stage_host_ms`), and its fit (CPU).
 
-On the H100 the mesh's stages took 0.25-2.5 ms (median 0.97) longer a batch of one than their profiles (the GPU
-time of `infer` alone), and max-load's partitioned plan was priced at about 2071 qps where it held
-900 (docs/results/stage-host-fit-h100-1731d70.md)."""
+On the H100 the mesh's stages took 0.25-2.5 ms (median 0.97) longer a batch of one than their
+profiles (the GPU time of `infer` alone), and max-load's partitioned plan was priced at about
+2071 qps where it held 900 (docs/results/stage-host-fit-h100-1731d70.md)."""
 
 from __future__ import annotations
 
