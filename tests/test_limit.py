@@ -138,3 +138,20 @@ async def test_low_load_refuses_the_limit_reference(tmp_path):
                  "--mix", "img-to-text=1", "--rate", "8", "--policies", "min-resource",
                  "--references", "limit", "--out-dir", str(tmp_path), *FAST]
             )  # fmt: skip
+
+
+def test_limit_searches_with_more_trials_than_the_policies():
+    """Its trials need no plan applied or primed, and its peak is every ratio's denominator: on
+    the H100 with 5 trials it stopped at 1200 held and 2400 missed, before bisecting."""
+    from loadgen.experiments.__main__ import build_parser, limit_measure
+
+    argv = ["peak-load", "--references", "limit", "--max-trials", "5"]
+    search = SearchConfig(max_trials=5)
+    measure = limit_measure(build_parser().parse_args(argv), search)
+    assert measure is not None and measure.keywords["search"].max_trials == 8
+    args = build_parser().parse_args([*argv, "--limit-extra-trials", "0"])
+    assert limit_measure(args, search).keywords["search"].max_trials == 5
+    with pytest.raises(InvalidArgument, match="limit-extra-trials"):
+        limit_measure(build_parser().parse_args([*argv, "--limit-extra-trials", "-1"]), search)
+    # no limit among the references: nothing to measure
+    assert limit_measure(build_parser().parse_args(["peak-load"]), search) is None

@@ -24,12 +24,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from common import meshrecord
 from common.backend import label as backend_label
 from common.backend import resolve as resolve_backend
+from common.errors import InvalidArgument
 from common.results import module_command, run_main, write_result
 from loadgen import limit, traces
 from loadgen.experiments import follow
@@ -117,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     common.add_argument(
         "--limit-max-batch", type=int, default=64, help="largest batch `limit` may choose"
+    )
+    common.add_argument(
+        "--limit-extra-trials",
+        type=int,
+        default=3,
+        help="trials `limit` may take beyond --max-trials: its trials need no plan applied or "
+        "primed, and its peak is every mix's denominator (on the H100 with 5 trials it stopped at "
+        "1200 held, 2400 missed, before bisecting)",
     )
     common.add_argument(
         "--limit-from", action="append", default=[],
@@ -304,10 +314,14 @@ async def against_mesh(
 
 
 def limit_measure(args: argparse.Namespace, search: SearchConfig) -> LimitMeasure | None:
-    """The `limit` reference's measurement with the experiment's trial length and search, on
-    the backend the experiment names; None unless `limit` is among the references."""
+    """The `limit` reference's measurement with the experiment's trial length and search (and
+    `--limit-extra-trials` more trials), on the backend the experiment names; None unless
+    `limit` is among the references."""
     if LIMIT not in args.references:
         return None
+    if args.limit_extra_trials < 0:
+        raise InvalidArgument(f"--limit-extra-trials must be >= 0, got {args.limit_extra_trials}")
+    search = replace(search, max_trials=search.max_trials + args.limit_extra_trials)
     cfg = LimitConfig(
         backend=resolve_backend(args.backend), size=args.limit_size,
         max_batch=args.limit_max_batch, trial_s=args.trial_s, warmup_s=args.warmup_s,
