@@ -467,3 +467,45 @@ def test_a_result_keeps_the_environment_its_plans_were_priced_with():
     env = {"CAMELOT_STAGE_HOST_MS": "0.97", "CAMELOT_GATEWAY_CPU_MS": "3.0", "HOME": "/root",
            "CAMELOT_ADMIN_TOKEN": "secret"}  # fmt: skip
     assert planning_env(env) == {"CAMELOT_STAGE_HOST_MS": "0.97", "CAMELOT_GATEWAY_CPU_MS": "3.0"}
+
+
+async def test_clients_on_the_node_send_refs_except_under_plain(monkeypatch):
+    """`--shm`: every policy's trials borrow their inputs from the broker and send refs, but
+    `plain` (what operators run without Camelot) still sends bytes."""
+    from loadgen.experiments import harness as harness_mod
+    from loadgen.experiments.harness import Harness
+    from loadgen.inputs import parse_mix
+
+    sent: list[tuple[str, str]] = []
+
+    async def fake_open_loop(target, schedule, mix, seed, deadline_s, **kw):
+        sent.append((kw["transport"], kw["shm_broker"]))
+        return None
+
+    monkeypatch.setattr(harness_mod, "run_open_loop", fake_open_loop)
+    h = Harness("127.0.0.1:1", None, trial_s=0.5, warmup_s=0.0, gap_s=0.0,
+                shm_broker="unix:/run/b.sock")  # fmt: skip
+    mix = parse_mix("img-to-text")
+    await h.run(mix, [0.0], 0.5)
+    h._policy_transport = "wire"
+    await h.run(mix, [0.0], 0.5)
+    assert sent == [("default", "unix:/run/b.sock"), ("wire", "")]
+
+
+def test_shm_mesh_takes_the_served_meshs_broker(tmp_path):
+    import os
+
+    from common.errors import InvalidArgument
+    from common.meshrecord import MeshRecord
+    from loadgen.experiments.__main__ import shm_broker
+
+    env = {"CAMELOT_RUN_DIR": str(tmp_path)}
+    assert shm_broker("") == "" and shm_broker("127.0.0.1:5") == "127.0.0.1:5"
+    with pytest.raises(InvalidArgument, match="no served mesh"):
+        shm_broker("mesh", env)
+    record = MeshRecord(gateway="g:1", scheduler="s:2", token_file="t", pid=os.getpid())
+    record.write(tmp_path)
+    with pytest.raises(InvalidArgument, match="names no broker"):
+        shm_broker("mesh", env)
+    MeshRecord(**{**record.__dict__, "broker": "unix:/x/broker.sock"}).write(tmp_path)
+    assert shm_broker("mesh", env) == "unix:/x/broker.sock"

@@ -53,8 +53,10 @@ for e in $EXP; do
   echo "== $e"; s=$SECONDS
   left=$(( ${DEADLINE_S:-560} - SECONDS - 25 ))  # what the call has left, less the teardown
   (( left < 60 )) && { echo "skipped $e: ${left}s left" | tee -a "$R/steps.txt"; continue; }
-  timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
-    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args \
+  # SHM=1: the clients are on the node and send their inputs as refs into the mesh's broker
+  # (`--shm mesh`, the record in /tmp/cam); plain still sends bytes
+  CAMELOT_RUN_DIR=/tmp/cam timeout $(( left < ${EXP_TIMEOUT:-420} ? left : ${EXP_TIMEOUT:-420} )) python3 -m loadgen.experiments $e --target 127.0.0.1:50052 --admin "$SCHED" --token "$TOKEN" \
+    --mix "$MIX" --settle-s 120 --backend cuda --out-dir "$R" $args ${SHM:+--shm mesh} \
     --client-processes "${CLIENTS:-4}" --connections "${CONNS:-64}" ${XARGS:-} > "$R/$e.log" 2>&1
   echo "rc=$? $e $((SECONDS - s))s" | tee -a "$R/steps.txt"
   keep

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-error-frac", type=float, default=0.01)
     common.add_argument("--transport", choices=["default", "ref", "wire"], default="default")
     common.add_argument(
+        "--shm", default="",
+        help="clients on the node: inputs by shared memory, borrowed from this broker (an "
+        "address, or `mesh`: the served mesh's, from its record in CAMELOT_RUN_DIR) and sent as "
+        "refs; `plain` still sends bytes (default: bytes in every request, as remote clients)",
+    )  # fmt: skip
+    common.add_argument(
         "--confirm-misses", type=int, default=0,
         help="run a missed trial again this many times, judged on all its requests together",
     )  # fmt: skip
@@ -266,7 +272,22 @@ def harness(args: argparse.Namespace, target: str, admin: AdminClient | None) ->
         transport=args.transport, connections=args.connections,
         confirm_misses=args.confirm_misses, min_queries=args.min_queries,
         client_processes=args.client_processes, max_lag_frac=args.max_lag_frac,
+        shm_broker=shm_broker(args.shm),
     )  # fmt: skip
+
+
+def shm_broker(given: str, env: Mapping[str, str] | None = None) -> str:
+    """`--shm`: "" (bytes), a broker address, or `mesh`: the served mesh's broker, from its
+    record in the run directory (a mesh with no broker, or none served, is a clear error)."""
+    if given != "mesh":
+        return given
+    try:
+        record = meshrecord.read(meshrecord.default_run_dir(env), flag="--shm ADDRESS")
+    except meshrecord.NoMesh as e:
+        raise InvalidArgument(f"--shm mesh: no served mesh to take the broker of ({e})") from None
+    if not record.broker:
+        raise InvalidArgument("--shm mesh: the served mesh's record names no broker")
+    return record.broker
 
 
 async def against_mesh(

@@ -88,6 +88,10 @@ class Harness:
     last_utilization: dict[str, float | None] = field(default_factory=dict)
     # every plan a policy ran under, as `plan_record` keeps it, in the order they came
     plans: list[dict[str, Any]] = field(default_factory=list)
+    # clients on the node: each input written into a buffer borrowed from this broker and sent
+    # as a ref (Triton's shared-memory extension; "": bytes in the request). Not where the
+    # policy in force sends tensors as bytes (`plain`: what operators run without Camelot)
+    shm_broker: str = ""
     # the transport of the policy in force where it names one (`plain`: wire)
     _policy_transport: str | None = None
 
@@ -197,6 +201,7 @@ class Harness:
     async def run(self, mix: Mix, schedule: Sequence[float], duration_s: float) -> Result:
         """One open-loop run; `last_utilization` then holds how busy host and GPUs were."""
         self._trials += 1
+        transport = self._policy_transport or self.transport
         async with UtilizationSampler() as util:
             result = await run_open_loop(
                 self.target,
@@ -204,7 +209,8 @@ class Harness:
                 mix,
                 self.seed + self._trials,
                 self.deadline_s,
-                transport=self._policy_transport or self.transport,
+                transport=transport,
+                shm_broker=self.shm_broker if transport != "wire" else "",
                 pipelines=self.pipelines,
                 duration_s=duration_s,
                 connections=self.connections,
