@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument
-from common.results import git_short_hash
+from common.results import module_command, write_result
 from scheduler.perfmodel.profiles import StageProfile
 from scheduler.perfmodel.profilestore import load
 
@@ -110,34 +110,12 @@ def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
     }
 
 
-def markdown(doc: Mapping[str, Any]) -> str:
-    s = doc["summary"]
-    lines = [
-        f"# {doc['name']}",
-        "",
-        f"- command: `{doc['command']}`",
-        f"- device: {doc['device']}",
-        f"- date: {doc['date']}",
-        f"- git: {doc['git']}",
-        "",
-        "A stage's batch in the mesh (`compute_us`: stack, infer, copies out, wait, hand-offs)",
-        "against its profile (the GPU time of `infer` alone) at the plan's share and the row's",
-        f"mean batch. Fitted on the rows at or below {doc['fit_max_qps']:g} qps, held out above.",
-        "",
-        "| field | value |",
-        "| --- | --- |",
-        *(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in s.items()),
-        "",
-        "| policy | rate_qps | stage | share | batch | measured_ms | profile_ms | difference_ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in doc["rows"]:
-        lines.append(
-            f"| {r['policy']} | {r['rate_qps']:g} | {r['stage']} | {r['share']:g} | "
-            f"{r['batch']:.3g} | {r['measured_ms']:.3g} | {r['profile_ms']:.3g} | "
-            f"{r['measured_ms'] - r['profile_ms']:.3g} |"
-        )
-    return "\n".join(lines) + "\n"
+# what the Markdown says above the summary: what was compared with what
+NOTES = (
+    "A stage's batch in the mesh (`compute_us`: stack, infer, copies out, wait, hand-offs) "
+    "against its profile (the GPU time of `infer` alone) at the plan's share and the row's mean "
+    "batch. Fitted on the rows at or below {fit:g} qps, held out above."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("result", help="a peak-load result JSON whose rows have `stages`")
     p.add_argument("--profiles", required=True, help="the profile set the run planned with")
     p.add_argument("--fit-max-qps", type=float, default=150.0)
-    p.add_argument("--out", default="", help="write <out>.json and <out>.md")
+    p.add_argument("--out", default="", help="write <out>.json and <out>.md (common.results)")
     args = p.parse_args(argv)
     try:
         result = json.loads(Path(args.result).read_text())
@@ -159,22 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, InvalidArgument) as e:
         print(f"stage_host_fit: {e}", file=sys.stderr)
         return 2
-    doc = {
-        "name": Path(args.out).name if args.out else "stage-host-fit",
-        "command": "python -m scheduler.tools.stage_host_fit " + " ".join(argv or sys.argv[1:]),
-        "device": result.get("device", ""),
-        "backend": result.get("backend", ""),
-        "date": result.get("date", ""),
-        "git": git_short_hash(),
-        "source": {"result": args.result, "git": result.get("git", "")},
-        "fit_max_qps": args.fit_max_qps,
-        "rows": pts,
-        "summary": summary,
-    }
     print(json.dumps(summary, indent=1))
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
-        Path(args.out + ".md").write_text(markdown(doc))
+        out = Path(args.out)
+        write_result(
+            out.name, pts, summary, result.get("backend", ""), out.parent,
+            command=module_command("scheduler.tools.stage_host_fit", argv or sys.argv[1:]),
+            device=result.get("device", ""), notes=NOTES.format(fit=args.fit_max_qps),
+            extra={"source": {"result": args.result, "git": result.get("git", ""),
+                              "date": result.get("date", "")},
+                   "fit_max_qps": args.fit_max_qps},
+        )  # fmt: skip
     return 0
 
 
