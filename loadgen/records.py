@@ -20,9 +20,8 @@ from loadgen.inputs import Mix
 OK = "OK"
 
 # One stage of an answered query, from the gateway's answer: (stage, requests in the batch that
-# ran it, microseconds inside the replica not computing, microseconds computing).
-# a stage's part of a query: (stage, batch size, waiting_us, compute_us, gpu_us); gpu_us is the
-# GPU's part of compute_us where the stage measured it (StageTime.gpu_us), else 0
+# ran it, microseconds inside the replica not computing, microseconds computing, the GPU's part
+# of those where the stage measured it (StageTime.gpu_us), else 0).
 StagePart = tuple[str, int, int, int, int]
 
 

@@ -96,9 +96,8 @@ def by_stage(records: Sequence[Record], qos_ms: Mapping[str, float]) -> dict[str
         if not r.ok or r.pipeline not in qos_ms:
             continue
         over = r.latency_us > qos_ms[r.pipeline] * 1000
-        for stage, batch, waiting_us, compute_us, *gpu in r.stages:
+        for stage, batch, waiting_us, compute_us, gpu_us in r.stages:
             key = f"{r.pipeline}/{stage}"
-            gpu_us = gpu[0] if gpu else 0
             for into in (sums, tails) if over else (sums,):
                 acc = into.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
                 acc[0] += 1

@@ -70,8 +70,9 @@ def test_breakdown_of_a_trial_with_nothing_over_target_has_no_tail():
 def staged(pipeline: str, latency_ms: float, *parts: tuple[int | str, ...],
            status: str = "OK") -> Record:  # fmt: skip
     """A query of `latency_ms` whose stages ran as (stage, batch, waiting_us, compute_us[,
-    gpu_us])."""
-    return Record(pipeline, 0, 0, int(latency_ms * 1000), status, 1, stages=parts)
+    gpu_us]); a stage given without gpu_us did not measure it (0)."""
+    full = tuple((*p, 0) if len(p) == 4 else p for p in parts)
+    return Record(pipeline, 0, 0, int(latency_ms * 1000), status, 1, stages=full)
 
 
 def test_by_stage_says_per_stage_how_large_the_batches_were_and_where_the_tail_waited():
@@ -103,7 +104,7 @@ def test_by_stage_gives_the_gpus_part_over_the_queries_whose_stage_measured_it()
         staged("p", 20, ("a", 1, 0, 3_000, 1_000)),
         staged("p", 20, ("a", 1, 0, 3_000, 2_000)),
         staged("p", 20, ("a", 1, 0, 3_000, 0)),  # not measured: not in the mean
-        staged("p", 20, ("b", 1, 0, 3_000)),  # a record from before gpu_us
+        staged("p", 20, ("b", 1, 0, 3_000)),  # a stage that never measured it
     ]
     out = by_stage(records, qos)
     assert out["p/a"]["gpu_ms"] == pytest.approx(1.5) and out["p/a"]["compute_ms"] == 3.0
