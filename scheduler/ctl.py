@@ -82,7 +82,7 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
     )
     rows = [
         ("PIPELINE", "STAGE", "COUNT", "P50ms", "P95ms", "P99ms", "QOSms", "VERDICT", "ARRIVAL/s",
-         "SERVICE/s", "ERR", "REPL", "SM%"),
+         "SERVICE/s", "ERR", "REPL", "SM%", "HOSTms"),
     ]  # fmt: skip
     on_gpu = _gpu_rows(resp.plan)
     for s in resp.stats:
@@ -106,6 +106,7 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
                 str(s.errors),
                 str(s.replicas),
                 f"{s.sm_percent:.1f}" if (s.pipeline, s.stage) in on_gpu else "-",
+                _host_cell(s),
             )
         )
     table = head + "\n" + _table(rows) + "\n" + STATUS_LEGEND
@@ -114,12 +115,21 @@ def format_status(resp: admin_pb2.StatusResponse) -> str:
     return "\n\n".join([table, *profiles, format_loop(resp), format_replicas(resp)])
 
 
+def _host_cell(s: admin_pb2.WindowStats) -> str:
+    if not s.stage:
+        return "-"
+    return f"{s.host_ms:.2f}" if s.host_count else f"({s.host_ms:.2f})"
+
+
 # what the windowed columns count: a reader compares them with a client's figures
 STATUS_LEGEND = (
     "COUNT, ERR: every query the gateway reported in the window, from every client (probes too);\n"
     "  ERR: those answered with an error, whoever sent them.\n"
     "ARRIVAL/s, SERVICE/s: arrivals and completions per second averaged over the window, not a\n"
-    "  client's rate. SM%: the replicas' summed GPU share ('-' on the host: no SM shares)."
+    "  client's rate. SM%: the replicas' summed GPU share ('-' on the host: no SM shares).\n"
+    "HOSTms: the host's part of a batch the policies add to the stage's profile: the median\n"
+    "  compute - GPU time the stage measured; in parentheses where it measured none\n"
+    "  (CAMELOT_STAGE_HOST_MS)."
 )
 
 

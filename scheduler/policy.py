@@ -91,6 +91,8 @@ class StageAssignment:
     stage: str
     replicas: tuple[ReplicaSpec, ...]
     predicted_p99_ms: float = 0.0
+    # the host's part of a batch its profile was priced with (StageProfile.host_ms), ms
+    host_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def status(gpu: int) -> admin_pb2.StatusResponse:
                               sm_percent=300.0, replicas=3),
         admin_pb2.WindowStats(pipeline="img", stage="img.a", count=33, p50_ms=5, p95_ms=8,
                               p99_ms=9, arrival_qps=3.3, service_qps=3.3, sm_percent=300.0,
-                              replicas=3),
+                              replicas=3, host_ms=0.25),
     ]  # fmt: skip
     return admin_pb2.StatusResponse(
         plan=plan(gpu), applied_epoch=2, policy="even", window_s=10.0, stats=stats
@@ -77,10 +77,19 @@ def status(gpu: int) -> admin_pb2.StatusResponse:
 
 def test_status_shows_no_sm_share_on_the_host_and_the_share_on_a_gpu():
     host = format_status(status(gpu=-1))
-    assert cells(host, "img *")[-1] == "-" and cells(host, "img img.a")[-1] == "-"
+    assert cells(host, "img *")[-2] == "-" and cells(host, "img img.a")[-2] == "-"
     assert "300.0" not in host
     gpu = format_status(status(gpu=0))
-    assert cells(gpu, "img *")[-1] == "300.0" and cells(gpu, "img img.a")[-1] == "300.0"
+    assert cells(gpu, "img *")[-2] == "300.0" and cells(gpu, "img img.a")[-2] == "300.0"
+
+
+def test_status_shows_each_stages_host_part_and_whether_it_was_measured():
+    resp = status(gpu=0)
+    assert cells(format_status(resp), "img img.a")[-1] == "(0.25)"  # the setting: none measured
+    resp.stats[1].host_ms, resp.stats[1].host_count = 1.234, 80
+    text = format_status(resp)
+    assert cells(text, "img img.a")[-1] == "1.23" and cells(text, "img *")[-1] == "-"
+    assert "HOSTms: the host's part of a batch" in text
 
 
 def test_status_says_what_its_windowed_columns_count():

@@ -195,7 +195,7 @@ def plan_sm_percent(plan: plan_pb2.Plan, pipelines: Sequence[str] | None = None)
 def plan_record(plan: plan_pb2.Plan, pipelines: Sequence[str] | None = None) -> dict[str, Any]:
     """What a result keeps of a plan: its epoch, policy and reason, and per stage its replicas'
     SM shares, largest batches and whether they time-share (so a reader sees what each policy
-    ran, not only how it did)."""
+    ran, not only how it did), and the host part of a batch it was priced with."""
     stages = []
     for s in plan.stages:
         if pipelines is not None and s.pipeline not in pipelines:
@@ -204,7 +204,8 @@ def plan_record(plan: plan_pb2.Plan, pipelines: Sequence[str] | None = None) -> 
             {"stage": f"{s.pipeline}/{s.stage}",
              "sm_percent": [round(replica_sm_percent(r), 2) for r in s.replicas],
              "max_batch": [r.max_batch for r in s.replicas],
-             "time_sliced": [r.mode == plan_pb2.SHARE_MODE_TIME_SLICED for r in s.replicas]}
+             "time_sliced": [r.mode == plan_pb2.SHARE_MODE_TIME_SLICED for r in s.replicas],
+             "host_ms": round(s.host_ms, 3)}
         )  # fmt: skip
     return {"epoch": plan.epoch, "policy": plan.policy, "reason": plan.reason,
             "sm_percent": plan_sm_percent(plan, pipelines), "stages": stages}  # fmt: skip

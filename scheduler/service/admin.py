@@ -81,7 +81,9 @@ def status(
         )
         for s in p.stages:
             reps = planned.get((name, s.name), [])
-            out.stats.append(admin_stats(snap.get((name, s.name)), name, s.name, reps, 0.0))
+            row = admin_stats(snap.get((name, s.name)), name, s.name, reps, 0.0)
+            row.host_ms, row.host_count = world.host_ms(f"{name}/{s.name}")
+            out.stats.append(row)
     load = world.load_qps()
     for name in world.pipelines:
         planned_qps = plan.planned_qps.get(name, 0.0)

@@ -113,6 +113,7 @@ class ControlLoop:
         rise_s = self.settings.rise_window_s
         app.known.recent_snapshot = app.known.windows.snapshot(rise_s) if rise_s > 0 else {}
         app.inforce.observe_bias()
+        app.known.observe_host_parts()
         self.export_gauges()
         t = self.evaluate()
         now = time.monotonic()

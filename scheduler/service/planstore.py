@@ -176,7 +176,10 @@ def to_proto(spec: PlanSpec, epoch: int, created_unix_us: int | None = None) -> 
         plan.planned_qps[name] = qps
     for st in spec.stages:
         sp = plan.stages.add(
-            pipeline=st.pipeline, stage=st.stage, predicted_p99_ms=st.predicted_p99_ms
+            pipeline=st.pipeline,
+            stage=st.stage,
+            predicted_p99_ms=st.predicted_p99_ms,
+            host_ms=st.host_ms,
         )
         for r in st.replicas:
             sp.replicas.add(
@@ -200,6 +203,7 @@ def from_proto(plan: plan_pb2.Plan) -> PlanSpec:
                 pipeline=sp.pipeline,
                 stage=sp.stage,
                 predicted_p99_ms=sp.predicted_p99_ms,
+                host_ms=sp.host_ms,
                 replicas=tuple(
                     ReplicaSpec(
                         replica_id=r.replica_id,
@@ -223,10 +227,11 @@ def from_proto(plan: plan_pb2.Plan) -> PlanSpec:
 
 
 def same_placement(spec: PlanSpec, plan: plan_pb2.Plan) -> bool:
-    """Whether `spec` places what `plan` does (by the same policy; predictions aside)."""
+    """Whether `spec` places what `plan` does (by the same policy; predictions and what they
+    were priced with aside)."""
     current = from_proto(plan)
     return spec.policy == current.policy and _stages(spec.stages) == _stages(current.stages)
 
 
 def _stages(stages: tuple[StageAssignment, ...]) -> tuple[StageAssignment, ...]:
-    return tuple(replace(s, predicted_p99_ms=0.0) for s in stages)
+    return tuple(replace(s, predicted_p99_ms=0.0, host_ms=0.0) for s in stages)

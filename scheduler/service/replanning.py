@@ -17,7 +17,7 @@ from collections.abc import Mapping, Set
 
 from common.errors import FailedPrecondition
 from protos import plan_pb2
-from scheduler.policy import PlanSpec, Policy
+from scheduler.policy import PlanSpec, Policy, PolicyInput, StageAssignment
 from scheduler.search.planning import memory_problems
 from scheduler.service import decisions, planstore
 from scheduler.service.decisions import Decision, Decisions
@@ -69,7 +69,7 @@ class Replanner:
             spec = await asyncio.to_thread(pol.plan, world)
             why = f"{reason} ({spec.reason})" if spec.reason and spec.reason != reason else reason
             spec = without_drained(spec, self.world.drained_nodes, self.world.drained_replicas)
-            spec = dataclasses.replace(spec, reason=why)
+            spec = dataclasses.replace(spec, reason=why, stages=priced_with(spec, world))
             planstore.validate(spec)
             problems = memory_problems(world, spec)
             if problems:
@@ -122,6 +122,18 @@ class Replanner:
             self.decisions.record(
                 Decision.FAILED, plan.clamped, reason, plan.epoch, f"clamped: {plan.reason}"
             )
+
+
+def priced_with(spec: PlanSpec, world: PolicyInput) -> tuple[StageAssignment, ...]:
+    """The spec's stages, each with the host part its profile was priced with, so the plan says
+    what it assumed of the host (0 where the world has no profile for the stage)."""
+    profiles = world.profiles
+    return tuple(
+        dataclasses.replace(
+            st, host_ms=float(getattr(profiles.get(f"{st.pipeline}/{st.stage}"), "host_ms", 0.0))
+        )
+        for st in spec.stages
+    )
 
 
 def without_drained(spec: PlanSpec, nodes: Set[str], replicas: Set[str]) -> PlanSpec:

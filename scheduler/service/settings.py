@@ -65,8 +65,10 @@ class SchedulerSettings:
     gateway_cpu_ms: float = 0.0
     gateway_workers: int = 1
     # the host's part of each stage batch as a replica runs it, ms, added to the profiles' GPU
-    # time (StageProfile.host_ms; 0: the profiles alone); fitted from a run's stage timings by
-    # `python -m scheduler.tools.stage_host_fit`
+    # time (StageProfile.host_ms) for the stages that have not measured their own: a stage on
+    # CUDA times its GPU work, and from `min_samples` requests on the scheduler plans with the
+    # median of compute - GPU over the long window (World.observe_host_parts). 0: the profiles
+    # alone until measured; `python -m scheduler.tools.stage_host_fit` fits it from a run
     stage_host_ms: float = 0.0
     node_timeout_s: float = 15.0
     apply_timeout_s: float = 60.0

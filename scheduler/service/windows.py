@@ -7,6 +7,10 @@ buckets that overlap the last `window_s` seconds; histograms merge exactly, so t
 is as good as one histogram over all the samples. Buckets older than `horizon_s` are dropped.
 
 Keys are (pipeline, stage); stage "" holds the end-to-end query records of a pipeline.
+
+A stage record that timed its GPU work (`gpu_us` > 0, the CUDA backend) also lands its host part
+(`compute_us - gpu_us`: inputs stacked, outputs copied, the wait and the hand-offs) in a second
+histogram, whose median is the `host_ms` the policies add to the profiles (World.host_parts).
 `admin_stats` is one window as the admin Status reports it.
 """
 
@@ -28,6 +32,8 @@ class _Bucket:
     completions: int = 0
     arrivals: int = 0
     errors: int = 0
+    # compute - GPU time of the records that timed their GPU work (stages, CUDA)
+    host: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class WindowStat:
     arrival_qps: float
     service_qps: float
     errors: int
+    # the median host part of a batch (compute - GPU), and of how many records (0: none timed)
+    host_ms: float = 0.0
+    host_count: int = 0
 
 
 class Windows:
@@ -82,6 +91,8 @@ class Windows:
         b.completions += 1
         if report.status_code != 0:
             b.errors += 1
+        if report.gpu_us > 0:
+            b.host.add(max(0, report.compute_us - report.gpu_us))
         start_slot = (report.end_unix_us - total) // self.bucket_us
         if start_slot >= oldest:
             a = slots.get(start_slot)
@@ -123,11 +134,12 @@ class Windows:
         span_s = max(1, now - first * self.bucket_us) / 1_000_000
         out: dict[Key, WindowStat] = {}
         for key, slots in self._buckets.items():
-            hist = Histogram()
+            hist, host = Histogram(), Histogram()
             completions = arrivals = errors = 0
             for s, b in slots.items():
                 if first <= s <= last:
                     hist.merge(b.latency)
+                    host.merge(b.host)
                     completions += b.completions
                     arrivals += b.arrivals
                     errors += b.errors
@@ -144,6 +156,8 @@ class Windows:
                 arrival_qps=arrivals / span_s,
                 service_qps=(completions - errors) / span_s,
                 errors=errors,
+                host_ms=host.quantile(0.5) / 1000 if host.count else 0.0,
+                host_count=host.count,
             )
         return out
 

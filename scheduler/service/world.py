@@ -3,7 +3,8 @@
 `World` holds the pipelines and their QoS targets (an operator's override, else the config's),
 the policy chosen, the nodes as their heartbeats describe them and the drains an operator asked
 for, the latest window of measurements, and the stage profiles with the online bias that
-corrects them. `policy_input` turns all that into a `PolicyInput`. No I/O and no plan in force
+corrects them, and the host's part of a stage batch as the stages measured it (`host_parts`).
+`policy_input` turns all that into a `PolicyInput`. No I/O and no plan in force
 here: `inforce.PlanInForce` says which measurements speak for the plan that runs. Which profiles
 those are (the nodes' device, Redis) is `profilechoice`'s; `devices` is what the nodes report.
 """
@@ -61,6 +62,9 @@ class World:
         self.recent_snapshot: dict[tuple[str, str], WindowStat] = {}
         # online correction of the predictor: measured over predicted p99 of the plan in force
         self.bias = BiasCorrector(min_count=settings.min_samples)
+        # "pipeline/stage" -> (median host part of a batch in ms, records): the last long window
+        # in which the stage timed its GPU work on at least `min_samples` requests
+        self.host_parts: dict[str, tuple[float, int]] = {}
 
     # -- the policy -----------------------------------------------------------------------------
 
@@ -183,14 +187,35 @@ class World:
             measured[key] = Measured(s.p99_ms, arrival, s.service_qps, s.count)
         return measured
 
+    def observe_host_parts(self) -> None:
+        """Takes in each stage's host part of a batch (compute - GPU time, the median over the
+        long window) where it timed its GPU work on at least `min_samples` requests.
+
+        A value stays until a later window replaces it: the host part is the node's and the
+        stage's, not the load's, so an idle window is no reason to plan without it. Measured, it
+        replaces `stage_host_ms` for that stage: on the H100's host the stages' batches took
+        0.25-2.5 ms longer than their profiles, a spread no one figure fits
+        (docs/results/stage-host-fit-h100-1731d70.md).
+        """
+        span_s = min(self.windows.horizon_us / 1e6, max(self.settings.long_window_s, 1e-3))
+        for (pipeline, stage), s in self.windows.snapshot(span_s).items():
+            if stage and s.host_count >= self.settings.min_samples:
+                self.host_parts[f"{pipeline}/{stage}"] = (s.host_ms, s.host_count)
+
+    def host_ms(self, key: str) -> tuple[float, int]:
+        """The host part a policy adds to stage `key`'s profile, and the records it is the median
+        of (0: none measured, `stage_host_ms`)."""
+        return self.host_parts.get(key, (self.settings.stage_host_ms, 0))
+
     # -- what a policy sees ---------------------------------------------------------------------
 
     def profiles_now(self) -> dict[str, Any]:
-        """The profiles as policies see them: with the bias, and the host's part of a batch."""
+        """The profiles as policies see them: with the bias, and the host's part of a batch
+        (measured where the stage timed its GPU work, else `stage_host_ms`)."""
         if not self.profiles:
             return dict(self.profiles)
-        host_ms = self.settings.stage_host_ms
-        return {k: p.with_host_ms(host_ms) for k, p in self.bias.apply(self.profiles).items()}
+        biased = self.bias.apply(self.profiles)
+        return {k: p.with_host_ms(self.host_ms(k)[0]) for k, p in biased.items()}
 
     def policy_input(self, measured: Mapping[str, Measured], current: plan_pb2.Plan) -> PolicyInput:
         return PolicyInput(

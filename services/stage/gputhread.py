@@ -33,6 +33,41 @@ INLINE_BATCH_US = 500
 BATCH_US_WEIGHT = 0.2
 
 
+def _gatherer(backend: Backend, xp: Any) -> Any:
+    """gather(rows) -> one batch array whose row i is rows[i] (all of one shape and dtype, as
+    the replica checked them). On CUDA, where every row is already a contiguous device array
+    (inputs sent by reference: broker views), the batch is an empty array and one
+    cudaMemcpyAsync a row on the current stream: CuPy's `stack` (an expand_dims a row, then a
+    concatenate kernel) took 6-11 of a GPU thread's 26-40 py-spy samples at 900 qps on the H100,
+    more than the graph replay (docs/results/stage-host-fit-h100-1731d70.md). Rows sent by value
+    (host arrays) go to the device through `asarray` and `stack`, as before."""
+    if backend is not Backend.CUDA:
+        return lambda rows: xp.stack([xp.asarray(r) for r in rows])
+    runtime = xp.cuda.runtime
+    stream = xp.cuda.get_current_stream().ptr
+
+    def gather_cuda(rows: list[Any]) -> Any:
+        first = rows[0]
+        if not all(
+            isinstance(r, xp.ndarray)
+            and r.flags.c_contiguous
+            and r.dtype == first.dtype
+            and r.shape == first.shape
+            for r in rows
+        ):
+            return xp.stack([xp.asarray(r) for r in rows])
+        out = xp.empty((len(rows), *first.shape), dtype=first.dtype)
+        nbytes, base = first.nbytes, out.data.ptr
+        for i, r in enumerate(rows):
+            if nbytes:
+                runtime.memcpyAsync(
+                    base + i * nbytes, r.data.ptr, nbytes, runtime.memcpyDeviceToDevice, stream
+                )
+        return out
+
+    return gather_cuda
+
+
 def _row_copier(backend: Backend, xp: Any) -> Any:
     """copy(dst, batch, row): dst[...] = batch[row], by raw memcpy where both are contiguous."""
     if backend is not Backend.CUDA:
@@ -143,9 +178,9 @@ class GpuThread:
         with self._stream_ctx():
             # inputs sent by value arrive as host arrays; they go to the device here, on the
             # batch's stream, so the copy is ordered before the kernels that read it
+            gather = _gatherer(self.backend, self.xp)
             batch = {
-                s.name: self.xp.stack([self.xp.asarray(r.inputs[s.name]) for r in requests])
-                for s in self.model.inputs
+                s.name: gather([r.inputs[s.name] for r in requests]) for s in self.model.inputs
             }
             events = self._timing_events()
             if events is not None:

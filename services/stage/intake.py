@@ -66,11 +66,12 @@ class Intake:
         leases = (lease_id, client_lease) if client_lease else (lease_id,)
         inputs: dict[str, Any] = {}
         used: set[str] = set()  # the leases the refs lie under
+        valued: list[str] = []  # the inputs sent by value
         for t in proto.inputs:
             name = t.name
             if name in inputs:
                 raise InvalidArgument(f"duplicate input names in {[i.name for i in proto.inputs]}")
-            inputs[name] = self._tensor(t, leases, used)
+            inputs[name] = self._tensor(t, leases, used, valued)
         out_refs, out_views = self._outputs(proto, wire_out, leases, used)
         return Request(
             query_id=proto.query_id,
@@ -78,6 +79,7 @@ class Intake:
             lease_id=lease_id,
             inputs=inputs,
             wire_out=wire_out,
+            by_value=wire_out or bool(valued),
             deadline_us=deadline_us,
             out_refs=out_refs,
             out_views=out_views,
@@ -88,7 +90,13 @@ class Intake:
             ),
         )
 
-    def _tensor(self, t: tensor_pb2.Tensor, leases: tuple[str, ...], used: set[str]) -> Any:
+    def _tensor(
+        self,
+        t: tensor_pb2.Tensor,
+        leases: tuple[str, ...],
+        used: set[str],
+        valued: list[str] | None = None,
+    ) -> Any:
         body = t.WhichOneof("body")
         if body == "ref":
             ref = t.ref
@@ -111,6 +119,8 @@ class Intake:
             return view
         if body == "wire":
             # a host array: the replica's GPU thread copies it to the device on its stream
+            if valued is not None:
+                valued.append(t.name)
             return array_from_wire(t.wire)
         raise InvalidArgument(f"input {t.name!r} has neither a ref nor bytes")
 

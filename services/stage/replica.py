@@ -360,5 +360,6 @@ class Replica:
                 compute_us=result.compute_us,
                 total_us=mono_us() - item.arrived_us,
                 batch_size=result.batch_size,
+                gpu_us=0 if request.by_value else result.gpu_us,
             )
         )

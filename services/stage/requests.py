@@ -45,6 +45,10 @@ class Request:
     lease_id: str
     inputs: dict[str, Any]
     wire_out: bool
+    # a tensor went by value (an input's bytes, or the outputs as bytes): the batch's copies
+    # through the host are the wire transport's, which the predictor prices per hop, not the
+    # stage's host part (LatencyReport.gpu_us is 0 for it)
+    by_value: bool = False
     deadline_us: int | None = None
     # output buffers the caller allocated (refs and their views), in model output order
     out_refs: list[tensor_pb2.TensorRef] | None = None
