@@ -74,12 +74,15 @@ def test_the_scheduler_plans_with_its_stage_host_ms() -> None:
         parse(["--stage-host-ms", "-1"], {})
 
 
-def _result(delta_ms: float) -> dict:
-    """A peak-load result whose every stage took `delta_ms` more than its profile."""
+def _result(delta_ms: float, priced: dict[str, float] | None = None) -> dict:
+    """A peak-load result whose every stage took `delta_ms` more than its profile (`priced`: the
+    host part each stage's plan was priced with, as plans keep it since 3f4ef59)."""
     stages = ("generate", "upscale")
     plan = {"mix": "m", "epoch": 2, "stages": [
         {"stage": f"text-to-img/{s}", "sm_percent": [10.0], "max_batch": [16],
          "time_sliced": [False]} for s in stages]}  # fmt: skip
+    for st in plan["stages"] if priced is not None else ():
+        st["host_ms"] = priced[st["stage"]]
     rows = []
     for rate, batch in ((100.0, 1.0), (400.0, 2.0)):
         st = {}
@@ -115,3 +118,25 @@ def test_the_fit_is_the_median_difference_and_is_scored_on_the_rows_held_out(tmp
     # no row to fit on is a clear error, not a figure
     assert stage_host_fit.main([*argv[:3], "--fit-max-qps", "50"]) == 2
     assert "no row at or below 50 qps" in capsys.readouterr().err
+
+
+def test_the_fit_scores_the_host_parts_the_plans_were_priced_with(tmp_path):
+    src, out = tmp_path / "peak.json", tmp_path / "fit"
+    argv = [str(src), "--profiles", H100, "--out", str(out)]
+    # generate priced right (0.9), upscale with none: half the held-out rows are off by 0.9 ms
+    src.write_text(json.dumps(_result(0.9, {"text-to-img/generate": 0.9,
+                                            "text-to-img/upscale": 0.0})))  # fmt: skip
+    assert stage_host_fit.main(argv) == 0
+    s = json.loads((tmp_path / "fit.json").read_text())["summary"]
+    assert 0 < s["held_out_mape_as_priced"] < s["held_out_mape_profile"]
+    src.write_text(json.dumps(_result(0.9, {"text-to-img/generate": 0.9,
+                                            "text-to-img/upscale": 0.9})))  # fmt: skip
+    assert stage_host_fit.main(argv) == 0
+    s = json.loads((tmp_path / "fit.json").read_text())["summary"]
+    assert s["held_out_mape_as_priced"] == pytest.approx(0.0, abs=1e-9)
+    # plans from before they kept it: no such figure
+    src.write_text(json.dumps(_result(0.9)))
+    assert stage_host_fit.main(argv) == 0
+    assert (
+        "held_out_mape_as_priced" not in json.loads((tmp_path / "fit.json").read_text())["summary"]
+    )

@@ -13,7 +13,9 @@ the measured compute with the profile's latency at that share and the row's mean
 
 Where the stages timed their own `infer` (`gpu_ms`, StageTimings.gpu_us), the summary also gives
 the host's part as measured (`measured_host_ms`, compute - gpu) and the GPU's part over the
-profile (`gpu_over_profile`), which tell a host cost from co-runners slowing the kernels.
+profile (`gpu_over_profile`), which tell a host cost from co-runners slowing the kernels. Where
+the plans kept the host part each stage was priced with (`host_ms`: learned by the scheduler from
+the stages' reports, else `stage_host_ms`), `held_out_mape_as_priced` is the error of those.
 
 The fit is the median of (measured - profile) over the rows at or below `--fit-max-qps` (where
 the GPU is least busy, so co-runners slow the kernels least): the scheduler's `stage_host_ms`
@@ -40,15 +42,19 @@ from scheduler.perfmodel.profilestore import load
 TIME_SLICED = ("plain", "exclusive")
 
 
-def plan_shares(plans: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
-    """Per (mix, epoch): each stage's share where it ran as one replica on its own share."""
-    out: dict[tuple[str, int], dict[str, float]] = {}
+def plan_shares(
+    plans: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, int], dict[str, tuple[float, float | None]]]:
+    """Per (mix, epoch): each stage's share where it ran as one replica on its own share, and
+    the host part the plan priced it with (None: a plan from before the plans kept it)."""
+    out: dict[tuple[str, int], dict[str, tuple[float, float | None]]] = {}
     for p in plans:
         shares = {}
         for s in p.get("stages", []):
             one = len(s.get("sm_percent", [])) == 1 and not any(s.get("time_sliced", []))
             if one and s["sm_percent"][0] > 0:
-                shares[s["stage"]] = float(s["sm_percent"][0])
+                host = s.get("host_ms")
+                shares[s["stage"]] = (float(s["sm_percent"][0]), None if host is None else host)
         out[(p["mix"], int(p["epoch"]))] = shares
     return out
 
@@ -64,13 +70,17 @@ def points(result: Mapping[str, Any], profiles: Mapping[str, StageProfile]) -> l
             continue
         plan = shares.get((row["mix"], int(epoch)), {})
         for key, m in stages.items():
-            prof, share = profiles.get(key), plan.get(key)
-            if prof is None or share is None or not m.get("compute_ms") or not m.get("batch"):
+            prof, planned = profiles.get(key), plan.get(key)
+            if prof is None or planned is None or not m.get("compute_ms") or not m.get("batch"):
                 continue
+            share, priced_host_ms = planned
             point = {"policy": row["policy"], "rate_qps": float(row["rate_qps"]), "stage": key,
                      "share": share, "batch": float(m["batch"]),
                      "measured_ms": float(m["compute_ms"]),
                      "profile_ms": prof.latency(share, float(m["batch"]))}  # fmt: skip
+            if priced_host_ms is not None:
+                # what the plan added for the host (learned from the stages, or the setting)
+                point["priced_host_ms"] = float(priced_host_ms)
             if m.get("gpu_ms"):
                 # the stage timed its own infer (StageTimings.gpu_us): the GPU's part measured
                 point["gpu_ms"] = float(m["gpu_ms"])
@@ -78,8 +88,16 @@ def points(result: Mapping[str, Any], profiles: Mapping[str, StageProfile]) -> l
     return out
 
 
-def mape(rows: Sequence[Mapping[str, Any]], host_ms: float) -> float | None:
-    errs = [abs(r["profile_ms"] + host_ms - r["measured_ms"]) / r["measured_ms"] for r in rows]
+def mape(rows: Sequence[Mapping[str, Any]], host_ms: float | None) -> float | None:
+    """The mean relative error of profile + `host_ms` (None: each row's `priced_host_ms`, the
+    rows that have one) against the measured compute."""
+    if host_ms is None:
+        rows = [r for r in rows if "priced_host_ms" in r]
+    errs = [
+        abs(r["profile_ms"] + (r["priced_host_ms"] if host_ms is None else host_ms)
+            - r["measured_ms"]) / r["measured_ms"]
+        for r in rows
+    ]  # fmt: skip
     return statistics.fmean(errs) if errs else None
 
 
@@ -98,6 +116,10 @@ def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
             "measured_host_ms": statistics.median(p["measured_ms"] - p["gpu_ms"] for p in timed),
             "gpu_over_profile": statistics.median(p["gpu_ms"] / p["profile_ms"] for p in timed),
         }
+    priced = {}
+    if any("priced_host_ms" in p for p in test):
+        # the plans' own host parts (each stage's learned one, or the setting) on the same rows
+        priced = {"held_out_mape_as_priced": mape(test, None)}
     return {
         "stage_host_ms": round(host_ms, 4),
         "fit_points": len(train),
@@ -107,6 +129,7 @@ def fit(pts: Sequence[Mapping[str, Any]], fit_max_qps: float) -> dict[str, Any]:
         "held_out_mape_profile": mape(test, 0.0),
         "held_out_mape_with_host": mape(test, host_ms),
         **split,
+        **priced,
     }
 
 
