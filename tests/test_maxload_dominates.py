@@ -3,11 +3,12 @@
 Its plan space holds every baseline's plan: whole GPUs taken in turns (`exclusive`), the same
 placement as uncapped MPS clients (`exclusive:sharing=mps`), even shares (`even`) and feedback's
 first plan (`feedback`), with the replica counts and batches each would use. So, on the
-committed profiles, for every mix of the reference pipelines (H100 set) and of the PyTorch ones
-(H200 set, where they were profiled), at several load mixes on one and two GPUs, the highest
-load at which the predictor passes max-load's plan is at least each baseline's. Both peaks are
-found here, with the full predictor, by one bisection. Also where every stage is priced with
-a host part of its own, as the scheduler learns them from the stages' reports (`-host`).
+committed profiles, for every mix of the reference pipelines (H100 set), of the PyTorch ones
+(H200 set, where they were profiled) and of all seven (H200 set), at several load mixes on one
+and two GPUs, the highest load at which the predictor passes max-load's plan is at least each
+baseline's. Both peaks are found here, with the full predictor, by one bisection. Also where
+every stage is priced with a host part of its own, as the scheduler learns them from the
+stages' reports (`-host`).
 
 Without the baselines' plans among its candidates max-load fails 17 of these cases: two or
 three PyTorch pipelines on one H200, where whole GPUs in turns carry 1.04-34x what any partition
@@ -79,7 +80,13 @@ def _cases() -> list[tuple[str, tuple[str, ...], int, str]]:
                 # each stage priced with a host part of its own, as the scheduler learns them
                 loads += ("even-host",)
                 out.extend((device, mix, gpus, load) for load in loads)
+    # all seven together, on the H200 set (its reference stages are the H100's profiles)
+    for gpus in (1, 2):
+        out.extend(("h200", REFERENCE + TORCH, gpus, load) for load in ALL7_LOADS)
     return out
+
+
+ALL7_LOADS = ("even", "skewed", "even-host")
 
 
 def _world(device: str, mix: tuple[str, ...], gpus: int, load: str, **options: str) -> PolicyInput:
