@@ -191,3 +191,26 @@ def test_max_load_says_which_candidate_won_and_partitions_only_where_it_pays() -
     speech = MaxLoad().plan(_world("h100", ("speech-to-text",), 2, "even"))
     assert "the partitioned plan" in speech.reason and "exclusive x" in speech.reason
     assert any(r.sm_percent < 100 for a in speech.stages for r in a.replicas)
+
+
+@pytest.mark.parametrize(
+    ("device", "mix", "grids"),
+    [("h200", REFERENCE + TORCH, ("2", "1")), ("h200", TORCH, ("5", "2"))],
+    ids=["all7-1gpu", "torch3-1gpu"],
+)
+def test_without_a_share_step_max_load_keeps_the_better_of_two_grids(
+    device: str, mix: tuple[str, ...], grids: tuple[str, str]
+) -> None:
+    """Neither grid wins everywhere. Here, with each stage's own host part priced, the seven
+    pipelines' 22 stages on one H200 carry more on 1% steps than on their default 2%, and the
+    three PyTorch pipelines' ten more on 2% than on 5% (the four reference ones on one H100
+    carry less on 1% than on 2%)."""
+    world = _world(device, mix, 1, "even-host")
+    mine = peak(world, MaxLoad().plan(world), world.load_qps)
+    alone = [
+        peak(world, MaxLoad().plan(_world(device, mix, 1, "even-host", share_step=g)),
+             world.load_qps)
+        for g in grids
+    ]  # fmt: skip
+    assert alone[1] > alone[0] * 1.1  # the finer grid pays here
+    assert mine * (1 + RES) >= max(alone)
