@@ -23,29 +23,18 @@ from __future__ import annotations
 import functools
 import itertools
 import zlib
-from collections.abc import Mapping
 
 import pytest
 
-from contract.pipeline_config import load_pipeline, pipelines_dir
 from scheduler.perfmodel.predictor import predict
 from scheduler.perfmodel.profilestore import for_device
-from scheduler.policy import GpuInfo, NodeInfo, PipelineInfo, PlanSpec, PolicyInput
+from scheduler.policy import GpuInfo, NodeInfo, PlanSpec, PolicyInput
 from scheduler.search.planning import check_plan
 from scheduler.search.policies import get_policy
 from scheduler.search.policies.maxload import MaxLoad
-from scheduler.service.pipelines import from_config
 from scheduler.service.planstore import validate
+from scheduler.tools.maxload_peaks import BASELINES, REFERENCE, TORCH, peak, pipeline
 
-REFERENCE = ("img-to-text", "speech-to-text", "text-to-img", "video-analytics")
-TORCH = ("torch-captioning", "torch-speech-to-text", "torch-video-analytics")
-# (registry name, options): what the experiments run as baselines, and MPS without caps
-BASELINES: tuple[tuple[str, dict[str, str]], ...] = (
-    ("exclusive", {}),
-    ("exclusive", {"sharing": "mps"}),
-    ("even", {}),
-    ("feedback", {}),
-)
 SETS = {
     "h100": (for_device("NVIDIA H100 80GB HBM3"), 80 << 30),
     "h200": (for_device("NVIDIA H200"), 141 << 30),
@@ -57,10 +46,7 @@ OPTIONS = {"weights": "from-load", "polish_budget": "2000"}
 RES = 1e-4
 
 
-@functools.cache
-def _pipeline(name: str) -> PipelineInfo:
-    directory = pipelines_dir() / "torch" if name.startswith("torch-") else None
-    return from_config(load_pipeline(name, "full", directory))
+_pipeline = functools.cache(pipeline)
 
 
 def _mixes(names: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -112,25 +98,6 @@ def host_part(key: str) -> float:
     """A stage's host part of a batch, ms: spread over the 0.25-2.5 ms the H100's host measured
     (docs/results/stage-host-fit-h100-1731d70.md), fixed per stage."""
     return 0.25 + 2.25 * (zlib.crc32(key.encode()) % 1000) / 999
-
-
-def peak(world: PolicyInput, plan: PlanSpec, mix: Mapping[str, float]) -> float:
-    """The highest multiple of the rates `mix` at which the predictor passes `plan` (to RES
-    below; 0 where it fails even at a thousandth of a query a second)."""
-
-    def ok(x: float) -> bool:
-        return predict(world, plan, {p: x * r for p, r in mix.items()}).feasible
-
-    lo = 1e-3
-    if not ok(lo):
-        return 0.0
-    hi = lo * 4
-    while ok(hi):
-        lo, hi = hi, hi * 4
-    while hi / lo > 1 + RES:
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
 
 
 def _whole_gpus_only_past_100(world: PolicyInput, plan: PlanSpec) -> list[str]:

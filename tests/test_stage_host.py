@@ -140,3 +140,19 @@ def test_the_fit_scores_the_host_parts_the_plans_were_priced_with(tmp_path):
     assert (
         "held_out_mape_as_priced" not in json.loads((tmp_path / "fit.json").read_text())["summary"]
     )
+
+
+def test_the_predicted_peaks_tool_compares_max_load_with_every_baseline(monkeypatch, tmp_path):
+    from scheduler.tools import maxload_peaks
+
+    monkeypatch.setattr(maxload_peaks, "MIXES", {"ref4": maxload_peaks.MIXES["ref4"]})
+    monkeypatch.setattr(maxload_peaks, "HOST_MS", (0.97,))
+    assert maxload_peaks.main(["--out", str(tmp_path / "peaks")]) == 0
+    doc = json.loads((tmp_path / "peaks.json").read_text())
+    one = next(r for r in doc["rows"] if r["gpus"] == 1)
+    skip = ("max_load_qps", "best_baseline_qps")
+    baselines = [k for k in one if k.endswith("_qps") and k not in skip]
+    assert len(baselines) == 4 and one["best_baseline_qps"] == max(one[k] for k in baselines)
+    assert one["max_load_qps"] >= one["best_baseline_qps"] > 0
+    ratio = doc["summary"]["ref4.1gpu.host_0.97.predicted_over_best_baseline"]
+    assert ratio == pytest.approx(one["max_load_qps"] / one["best_baseline_qps"], rel=1e-2)
