@@ -18,10 +18,11 @@ import pytest
 
 from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PolicyInput
-from scheduler.search.planning import check_plan
+from scheduler.search.planning import check_plan, total_units
 from scheduler.search.policies import get_policy
 from scheduler.search.policies.minresource import MinResource
 from scheduler.service.planstore import validate
+from scheduler.tools.maxload_peaks import world as headline_world
 from tests.test_maxload_dominates import BASELINES, RES, TORCH, _world, peak
 
 HEADROOM = 0.2  # min-resource's default: the target is the load x 1.2
@@ -89,3 +90,29 @@ def test_where_the_cheapest_plan_meets_the_target_no_baseline_is_consulted() -> 
     assert plan.reason == "min-resource at load + headroom"
     assert plan.clamped == ()
     assert any(r.sm_percent < 100 for a in plan.stages for r in a.replicas)
+
+
+@pytest.mark.parametrize(
+    ("mix", "grids"), [("torch3", ("5", "2")), ("all7", ("2", "1"))], ids=["torch3", "all7"]
+)
+def test_at_low_load_min_resource_keeps_the_cheaper_of_two_grids(
+    mix: str, grids: tuple[str, str]
+) -> None:
+    """Many stages on one H200 at 10 qps: the smallest stages' step decides the plan's size (the
+    three PyTorch pipelines' ten stages take 65% of the GPU on their default 5% steps, 48% on
+    2%), so min-resource searches the next finer grid too and keeps the cheaper plan; that plan
+    still meets every target by prediction."""
+
+    def at_low_load(**options: str) -> PolicyInput:
+        w = headline_world(mix, 1, 0.97, **options)
+        opts = {k: v for k, v in w.options.items() if k != "weights"}
+        return replace(w, load_qps={p.name: 10.0 / len(w.pipelines) for p in w.pipelines},
+                       options=opts)  # fmt: skip
+
+    w = at_low_load()
+    mine = MinResource().plan(w)
+    alone = [total_units(MinResource().plan(at_low_load(share_step=g))) for g in grids]
+    assert alone[1] < alone[0]  # the finer grid is cheaper here
+    assert total_units(mine) == min(alone)
+    assert not mine.clamped and predict(w, mine, w.load_qps).feasible
+    assert check_plan(w, mine) == []
