@@ -150,6 +150,10 @@ def test_the_predicted_peaks_tool_compares_max_load_with_every_baseline(monkeypa
     assert maxload_peaks.main(["--out", str(tmp_path / "peaks")]) == 0
     doc = json.loads((tmp_path / "peaks.json").read_text())
     one = next(r for r in doc["rows"] if r["gpus"] == 1)
+    assert 0 < one["min_resource_sm_percent_at_low_load"] < 100
+    assert one["predicted_low_load_saving"] == pytest.approx(
+        1 - one["min_resource_sm_percent_at_low_load"] / 100, abs=1e-3
+    )
     skip = ("max_load_qps", "best_baseline_qps")
     baselines = [k for k in one if k.endswith("_qps") and k not in skip]
     assert len(baselines) == 4 and one["best_baseline_qps"] == max(one[k] for k in baselines)

@@ -8,8 +8,10 @@ measured after the data-plane work (3.0 ms a query over 8 workers) and with the 
 unpriced (0) or at the H100 host's fitted 0.97 ms: max-load's plan and each baseline's, each
 pushed by bisection to the highest multiple of equal per-pipeline rates at which the full
 predictor passes it. The ratio is max-load's over the best baseline's: what
-`camelot_over_best_baseline` would be if the predictor were right. These are predictions from
-the committed profiles, not measurements.
+`camelot_over_best_baseline` would be if the predictor were right. Beside it, the SM share
+min-resource's plan holds at the low-load experiment's 10 qps (all pipelines together), and the
+saving that is against a baseline holding every GPU. These are predictions from the committed
+profiles, not measurements.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ BASELINES: tuple[tuple[str, dict[str, str]], ...] = (
 GATEWAY = {"gateway_cpu_ms": "3.0", "gateway_workers": "8"}
 HOST_MS = (0.0, 0.97)
 RATE_QPS = 10.0  # each pipeline's rate at multiple 1
+LOW_QPS = 10.0  # the low-load experiment's rate, all pipelines together (gpu-e.sh RATE)
 
 
 def pipeline(name: str) -> PipelineInfo:
@@ -82,6 +86,18 @@ def peak(world: PolicyInput, plan: PlanSpec, mix: Mapping[str, float], res: floa
     return lo
 
 
+def low_load_share(mix: str, gpus: int, host_ms: float) -> float:
+    """The SM percent min-resource's plan holds at `LOW_QPS` in all, split evenly."""
+    w = world(mix, gpus, host_ms)
+    w = replace(
+        w,
+        load_qps={p.name: LOW_QPS / len(w.pipelines) for p in w.pipelines},
+        options={k: v for k, v in w.options.items() if k != "weights"},
+    )
+    plan = get_policy("min-resource").plan(w)
+    return sum(r.sm_percent for a in plan.stages for r in a.replicas)
+
+
 def row(mix: str, gpus: int, host_ms: float) -> dict[str, Any]:
     w = world(mix, gpus, host_ms)
     plan = get_policy("max-load").plan(w)
@@ -93,11 +109,15 @@ def row(mix: str, gpus: int, host_ms: float) -> dict[str, Any]:
         base = get_policy(name).plan(world(mix, gpus, host_ms, **options))
         theirs[label] = peak(w, base, w.load_qps) * total
     best = max(theirs, key=lambda k: theirs[k])
+    low = low_load_share(mix, gpus, host_ms)
     return {
         "mix": mix, "gpus": gpus, "host_ms": host_ms, "max_load_qps": round(mine, 1),
         "best_baseline": best, "best_baseline_qps": round(theirs[best], 1),
         "predicted_over_best_baseline": round(mine / theirs[best], 3) if theirs[best] else None,
         **{f"{k}_qps": round(v, 1) for k, v in theirs.items()},
+        "min_resource_sm_percent_at_low_load": round(low, 1),
+        # against a baseline holding every GPU (even and exclusive do, whatever the load)
+        "predicted_low_load_saving": round(1 - low / (100.0 * gpus), 3),
         "reason": plan.reason,
     }  # fmt: skip
 
@@ -113,13 +133,13 @@ def rows(progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any
 
 
 def summary(got: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per mix, on one GPU: the predicted ratio without and with the host part."""
-    return {
-        f"{r['mix']}.{r['gpus']}gpu.host_{r['host_ms']:g}.predicted_over_best_baseline": r[
-            "predicted_over_best_baseline"
-        ]
-        for r in got
-    }
+    """Per mix, GPUs and host part: the predicted peak ratio and low-load saving."""
+    out: dict[str, Any] = {}
+    for r in got:
+        key = f"{r['mix']}.{r['gpus']}gpu.host_{r['host_ms']:g}"
+        out[f"{key}.predicted_over_best_baseline"] = r["predicted_over_best_baseline"]
+        out[f"{key}.predicted_low_load_saving"] = r["predicted_low_load_saving"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
