@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class ControlLoop:
         # when each pipeline's load first rose past the band of the plan in force
         self._rise_since: dict[str, float] = {}
         self.clock = time.monotonic
+        self._host_parts_at = -math.inf  # when the world last took in the stages' host parts
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -113,7 +115,11 @@ class ControlLoop:
         rise_s = self.settings.rise_window_s
         app.known.recent_snapshot = app.known.windows.snapshot(rise_s) if rise_s > 0 else {}
         app.inforce.observe_bias()
-        app.known.observe_host_parts()
+        now_s = self.clock()
+        if now_s - self._host_parts_at >= self.settings.window_s:
+            # a long window moves little in a tick: once a window is enough
+            self._host_parts_at = now_s
+            app.known.observe_host_parts()
         self.export_gauges()
         t = self.evaluate()
         now = time.monotonic()

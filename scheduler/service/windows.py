@@ -10,7 +10,8 @@ Keys are (pipeline, stage); stage "" holds the end-to-end query records of a pip
 
 A stage record that timed its GPU work (`gpu_us` > 0, the CUDA backend) also lands its host part
 (`compute_us - gpu_us`: inputs stacked, outputs copied, the wait and the hand-offs) in a second
-histogram, whose median is the `host_ms` the policies add to the profiles (World.host_parts).
+histogram, whose median (`host_parts`) is the `host_ms` the policies add to the profiles
+(World.observe_host_parts).
 `admin_stats` is one window as the admin Status reports it.
 """
 
@@ -49,9 +50,6 @@ class WindowStat:
     arrival_qps: float
     service_qps: float
     errors: int
-    # the median host part of a batch (compute - GPU), and of how many records (0: none timed)
-    host_ms: float = 0.0
-    host_count: int = 0
 
 
 class Windows:
@@ -134,12 +132,11 @@ class Windows:
         span_s = max(1, now - first * self.bucket_us) / 1_000_000
         out: dict[Key, WindowStat] = {}
         for key, slots in self._buckets.items():
-            hist, host = Histogram(), Histogram()
+            hist = Histogram()
             completions = arrivals = errors = 0
             for s, b in slots.items():
                 if first <= s <= last:
                     hist.merge(b.latency)
-                    host.merge(b.host)
                     completions += b.completions
                     arrivals += b.arrivals
                     errors += b.errors
@@ -156,9 +153,21 @@ class Windows:
                 arrival_qps=arrivals / span_s,
                 service_qps=(completions - errors) / span_s,
                 errors=errors,
-                host_ms=host.quantile(0.5) / 1000 if host.count else 0.0,
-                host_count=host.count,
             )
+        return out
+
+    def host_parts(self, window_s: float) -> dict[Key, tuple[float, int]]:
+        """Per stage key with any: the median host part of a batch over the last window_s
+        seconds, in ms, and how many records it is the median of. Only the host histograms are
+        merged (a long window of every key's latencies costs tens of ms)."""
+        first, last = self._slot_range(window_s)
+        out: dict[Key, tuple[float, int]] = {}
+        for key, slots in self._buckets.items():
+            if not key[1]:
+                continue
+            host = Histogram.merged(b.host for s, b in slots.items() if first <= s <= last)
+            if host.count:
+                out[key] = (host.quantile(0.5) / 1000, host.count)
         return out
 
     def _slot_range(self, window_s: float, now: int | None = None) -> tuple[int, int]:

@@ -198,9 +198,9 @@ class World:
         (docs/results/stage-host-fit-h100-1731d70.md).
         """
         span_s = min(self.windows.horizon_us / 1e6, max(self.settings.long_window_s, 1e-3))
-        for (pipeline, stage), s in self.windows.snapshot(span_s).items():
-            if stage and s.host_count >= self.settings.min_samples:
-                self.host_parts[f"{pipeline}/{stage}"] = (s.host_ms, s.host_count)
+        for (pipeline, stage), (ms, count) in self.windows.host_parts(span_s).items():
+            if count >= self.settings.min_samples:
+                self.host_parts[f"{pipeline}/{stage}"] = (ms, count)
 
     def host_ms(self, key: str) -> tuple[float, int]:
         """The host part a policy adds to stage `key`'s profile, and the records it is the median

@@ -60,8 +60,9 @@ def _gatherer(backend: Backend, xp: Any) -> Any:
         nbytes, base = first.nbytes, out.data.ptr
         for i, r in enumerate(rows):
             if nbytes:
+                # Default: the pointers say where each side is (a row on another GPU too)
                 runtime.memcpyAsync(
-                    base + i * nbytes, r.data.ptr, nbytes, runtime.memcpyDeviceToDevice, stream
+                    base + i * nbytes, r.data.ptr, nbytes, runtime.memcpyDefault, stream
                 )
         return out
 
