@@ -62,6 +62,10 @@ for e in $EXP; do
   keep
 done
 python3 -m scheduler.ctl --target "$SCHED" --token-file /tmp/cam/admin.token status > "$R/status.txt" 2>&1
+# the stages' host part of a batch against their profiles, from the run's own rows (CPU, seconds):
+# what the plans were priced with (`held_out_mape_as_priced`) and what the stages measured
+[ -f "$R/peak-load.json" ] && python3 -m scheduler.tools.stage_host_fit "$R/peak-load.json" \
+  --out "$R/stage-host-fit" > "$R/stage-host-fit.log" 2>&1
 # a gateway worker that exited (and how often) served nothing meanwhile: every policy then ran on
 # fewer workers than asked (at 9b918cc four of eight could not start: the broker's cap)
 echo "gateway worker exits: $(grep -c '"msg": "gateway worker [0-9]* (pid [0-9]*) exited' /tmp/cam/logs/gateway.log)" | tee -a "$R/steps.txt"

@@ -1,8 +1,10 @@
 """How much longer a stage's batch takes in the mesh than its profile says: the host's part.
 
     python -m scheduler.tools.stage_host_fit docs/results/peak-load-h100-ref4-1731d70.json \
-        --profiles scheduler/perfmodel/profiles_data/h100.json [--fit-max-qps 150] \
+        [--profiles scheduler/perfmodel/profiles_data/h100.json] [--fit-max-qps 150] \
         [--out docs/results/stage-host-fit-h100-1731d70]
+
+`--profiles` defaults to the committed set for the result's device, as the scheduler picks it.
 
 A profile is the GPU time of a stage's `infer` alone (CUDA events, services/profiler). A replica's
 batch, as the stage reports it (`StageTime.compute_us`, each row's `stages` in a peak-load
@@ -36,7 +38,7 @@ from typing import Any
 from common.errors import InvalidArgument
 from common.results import module_command, write_result
 from scheduler.perfmodel.profiles import StageProfile
-from scheduler.perfmodel.profilestore import load
+from scheduler.perfmodel.profilestore import for_device, load
 
 # rows of these policies time-share whole GPUs, where a batch waits its turn: not one share
 TIME_SLICED = ("plain", "exclusive")
@@ -148,13 +150,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("result", help="a peak-load result JSON whose rows have `stages`")
-    p.add_argument("--profiles", required=True, help="the profile set the run planned with")
+    p.add_argument(
+        "--profiles",
+        default="auto",
+        help="the profile set the run planned with (auto: the committed set for the result's "
+        "device, as the scheduler chooses it)",
+    )
     p.add_argument("--fit-max-qps", type=float, default=150.0)
     p.add_argument("--out", default="", help="write <out>.json and <out>.md (common.results)")
     args = p.parse_args(argv)
     try:
         result = json.loads(Path(args.result).read_text())
-        profiles = load(args.profiles)
+        if args.profiles == "auto":
+            profiles = for_device(str(result.get("device", ""))).profiles
+        else:
+            profiles = load(args.profiles)
         pts = points(result, profiles)
         summary = fit(pts, args.fit_max_qps)
     except (OSError, ValueError, InvalidArgument) as e:
