@@ -170,3 +170,32 @@ async def test_the_running_scheduler_learns_the_host_part_from_its_stream_and_sh
     kept = {s["stage"]: s["host_ms"] for s in plan_record(plan)["stages"]}
     assert abs(kept[f"{PIPE}/encode"] - 1.2) < 0.012
     assert kept[f"{PIPE}/decode"] == kept[f"{PIPE}/preprocess"] == 0.25
+
+
+def test_an_overloaded_window_teaches_no_host_part_nor_does_any_window_reaching_back_into_it():
+    """A queue growing for a whole window (p99 past three times the target) is a saturated host's:
+    on the H100 its host parts priced max-load's next plans at half its first."""
+    now, mono = [10**12], [1000.0]
+    w = make_world(now, min_samples=50, long_window_s=60.0)
+    w.clock = lambda: mono[0]
+    feed(w, now, "encode", [1000] * 60)
+    w.observe_host_parts()
+    assert abs(w.host_ms(f"{PIPE}/encode")[0] - 1.0) < 0.01
+    # overloaded: the stage's batches take 3 ms of host, the pipeline's p99 is 300 ms (QoS 60)
+    feed(w, now, "encode", [3000] * 200)
+    for _ in range(60):
+        now[0] += 100
+        w.windows.add(report_pb2.LatencyReport(kind=report_pb2.REPORT_KIND_QUERY, pipeline=PIPE,
+                                               end_unix_us=now[0], total_us=300_000))  # fmt: skip
+    w.last_snapshot = w.windows.snapshot(10.0)
+    mono[0] += 10.0
+    w.observe_host_parts()
+    assert abs(w.host_ms(f"{PIPE}/encode")[0] - 1.0) < 0.01  # unchanged
+    # the load falls: the next window is not overloaded, and only it is read, not the minute
+    # behind it that still holds the saturated batches
+    now[0] += 11 * 10**6
+    feed(w, now, "encode", [800] * 60)
+    w.last_snapshot = w.windows.snapshot(10.0)
+    mono[0] += 10.0
+    w.observe_host_parts()
+    assert abs(w.host_ms(f"{PIPE}/encode")[0] - 0.8) < 0.01

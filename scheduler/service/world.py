@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,9 @@ from scheduler.service.settings import SchedulerSettings
 from scheduler.service.windows import Windows, WindowStat
 
 log = logging.getLogger(__name__)
+
+# a window in which a pipeline's p99 is more than this many times its target teaches no host part
+OVERLOADED_QOS = 3.0
 
 
 class World:
@@ -65,6 +69,8 @@ class World:
         # "pipeline/stage" -> (median host part of a batch in ms, records): the last long window
         # in which the stage timed its GPU work on at least `min_samples` requests
         self.host_parts: dict[str, tuple[float, int]] = {}
+        self.clock = time.monotonic
+        self._overloaded_at = -math.inf  # when a window was last overloaded (`_overloaded`)
 
     # -- the policy -----------------------------------------------------------------------------
 
@@ -195,12 +201,38 @@ class World:
         stage's, not the load's, so an idle window is no reason to plan without it. Measured, it
         replaces `stage_host_ms` for that stage: on the H100's host the stages' batches took
         0.25-2.5 ms longer than their profiles, a spread no one figure fits
-        (docs/results/stage-host-fit-h100-1731d70.md).
+        (docs/results/stage-host-fit-h100-1731d70.md). An overloaded window (`_overloaded`)
+        teaches nothing, and no later window reaches back into it.
         """
-        span_s = min(self.windows.horizon_us / 1e6, max(self.settings.long_window_s, 1e-3))
+        now = self.clock()
+        if self._overloaded():
+            self._overloaded_at = now
+            return
+        # never back into an overloaded window: its host parts are a saturated host's
+        span_s = min(
+            self.windows.horizon_us / 1e6,
+            max(self.settings.long_window_s, 1e-3),
+            now - self._overloaded_at,
+        )
+        if span_s <= 0:
+            return
         for (pipeline, stage), (ms, count) in self.windows.host_parts(span_s).items():
             if count >= self.settings.min_samples:
                 self.host_parts[f"{pipeline}/{stage}"] = (ms, count)
+
+    def _overloaded(self) -> bool:
+        """Whether the last window had a pipeline whose p99 was more than OVERLOADED_QOS times
+        its target, on at least `min_samples` queries: a queue growing for as long as the window
+        lasted, whose stages' host parts are those of a saturated host. On the H100 at 0a98ffa
+        the 1800 and 2400 qps trials (p99 5-8 s, host CPU 87%) raised img-to-text's decode from
+        1.06 to 1.75 ms a batch, and max-load's next plans were priced at x157-x170 where its
+        first was x341 (docs/results/peak-load-h100-ref4-0a98ffa.md)."""
+        for (pipeline, stage), stat in self.last_snapshot.items():
+            if stage or pipeline not in self.pipelines or stat.count < self.settings.min_samples:
+                continue
+            if stat.p99_ms > OVERLOADED_QOS * self.qos_of(pipeline):
+                return True
+        return False
 
     def host_ms(self, key: str) -> tuple[float, int]:
         """The host part a policy adds to stage `key`'s profile, and the records it is the median
