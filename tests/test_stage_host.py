@@ -134,6 +134,10 @@ def test_the_fit_scores_the_host_parts_the_plans_were_priced_with(tmp_path):
     assert stage_host_fit.main(argv) == 0
     s = json.loads((tmp_path / "fit.json").read_text())["summary"]
     assert s["held_out_mape_as_priced"] == pytest.approx(0.0, abs=1e-9)
+    # the lowest rate's rows unless told (a search that starts above 150 qps still fits)
+    assert stage_host_fit.main([str(src), "--profiles", H100, "--out", str(tmp_path / "low")]) == 0
+    low = json.loads((tmp_path / "low.json").read_text())["summary"]
+    assert low["fit_points"] == 2 and low["stage_host_ms"] == pytest.approx(0.9)
     # the committed set for the result's device unless told: the same figures as H100's
     assert stage_host_fit.main([str(src), "--out", str(tmp_path / "auto")]) == 0
     auto = json.loads((tmp_path / "auto.json").read_text())["summary"]

@@ -19,8 +19,9 @@ profile (`gpu_over_profile`), which tell a host cost from co-runners slowing the
 the plans kept the host part each stage was priced with (`host_ms`: learned by the scheduler from
 the stages' reports, else `stage_host_ms`), `held_out_mape_as_priced` is the error of those.
 
-The fit is the median of (measured - profile) over the rows at or below `--fit-max-qps` (where
-the GPU is least busy, so co-runners slow the kernels least): the scheduler's `stage_host_ms`
+The fit is the median of (measured - profile) over the rows at or below `--fit-max-qps` (default:
+the result's lowest rate), where the GPU is least busy, so co-runners slow the kernels least: the
+scheduler's `stage_host_ms`
 (`CAMELOT_STAGE_HOST_MS`). The rows above it are held out: their error with the profile alone
 and with the fitted term added. Runs on the CPU from committed results.
 """
@@ -156,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the profile set the run planned with (auto: the committed set for the result's "
         "device, as the scheduler chooses it)",
     )
-    p.add_argument("--fit-max-qps", type=float, default=150.0)
+    p.add_argument(
+        "--fit-max-qps",
+        type=float,
+        default=None,
+        help="fit on the rows at or below this rate (default: the result's lowest rate)",
+    )
     p.add_argument("--out", default="", help="write <out>.json and <out>.md (common.results)")
     args = p.parse_args(argv)
     try:
@@ -166,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             profiles = load(args.profiles)
         pts = points(result, profiles)
+        if args.fit_max_qps is None:
+            # the least loaded rows, whatever rate the search started at
+            args.fit_max_qps = min((p["rate_qps"] for p in pts), default=0.0)
         summary = fit(pts, args.fit_max_qps)
     except (OSError, ValueError, InvalidArgument) as e:
         print(f"stage_host_fit: {e}", file=sys.stderr)
