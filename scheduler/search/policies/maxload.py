@@ -122,17 +122,13 @@ class MaxLoad:
         w = weights(world)
         solver = Solver(world, self.name, large_batches_first=True)
         found = search_or_none(solver, w)
-        finer = FINER_STEP.get(solver.opts.share_step)
-        if finer is not None and "share_step" not in world.options:
+        fine_world = finer_grid(world, solver)
+        if fine_world is not None:
             # the search on the next finer grid too, and the better of the two: neither grid
             # wins everywhere (on the committed profiles, with a 0.97 ms host part, the seven
             # pipelines on one H200 carry 40% more on 1% than on 2%, the three PyTorch ones 55%
             # more on 2% than on 5%, and the four reference ones on one H100 4% less on 1%)
-            fine = Solver(
-                replace(world, options={**world.options, "share_step": finer}),
-                self.name,
-                large_batches_first=True,
-            )
+            fine = Solver(fine_world, self.name, large_batches_first=True)
             other = search_or_none(fine, w)
             if other is not None and (found is None or other[1] > found[1]):
                 solver, found = fine, other
@@ -149,6 +145,15 @@ class MaxLoad:
 # stages' share decides what is left for the rest; a GPU of a few stages gained nothing on the
 # committed profiles (16 stages on 8 GPUs: the same plan on 5% as on 10%, at twice the time)
 FINER_STEP = {5.0: "2", 2.0: "1"}
+
+
+def finer_grid(world: PolicyInput, solver: Solver) -> PolicyInput | None:
+    """`world` on the grid one step finer than `solver`'s (FINER_STEP), where the operator set
+    no `share_step`; None where there is none to try."""
+    finer = FINER_STEP.get(solver.opts.share_step)
+    if finer is None or "share_step" in world.options:
+        return None
+    return replace(world, options={**world.options, "share_step": finer})
 
 
 def search_or_none(solver: Solver, w: Mapping[str, float]) -> tuple[PlanSpec, float] | None:

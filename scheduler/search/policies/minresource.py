@@ -54,7 +54,7 @@ from common.errors import InvalidArgument, ResourceExhausted
 from scheduler.perfmodel.predictor import predict
 from scheduler.policy import PlanSpec, PolicyInput
 from scheduler.search.planning import total_units
-from scheduler.search.policies.maxload import FINER_STEP, best_candidate, search
+from scheduler.search.policies.maxload import best_candidate, finer_grid, search
 from scheduler.search.solver import Solver
 
 # how far past the target a pipeline the window refutes is planned, at most (2, 4, ... x)
@@ -123,12 +123,11 @@ class MinResource:
         misses = refuted(world, fraction, min_samples) if ours and fraction > 0 else {}
         solver = Solver(world, self.name)
         fresh, most = self._solve(world, solver, target)
-        finer = FINER_STEP.get(solver.opts.share_step)
-        if finer is not None and "share_step" not in world.options:
+        fine_world = finer_grid(world, solver)
+        if fine_world is not None:
             # as max-load: the next finer grid too, and the cheaper plan (on the committed
             # profiles at 10 qps, the three PyTorch pipelines on one H200 take 48% of it on 2%
             # steps where 5% steps take 65%, and all seven 53% on 1% where 2% take 66%)
-            fine_world = replace(world, options={**world.options, "share_step": finer})
             fine = Solver(fine_world, self.name)
             other, other_most = self._solve(fine_world, fine, target)
             if other is not None and (
