@@ -75,7 +75,7 @@ def test_the_policies_plan_with_each_stages_measured_host_part_else_the_setting(
     w = make_world(now, stage_host_ms=0.5, min_samples=50)
     feed(w, now, "encode", [1500] * 60)
     feed(w, now, "decode", [3000] * 49)  # too few records to speak for the stage
-    w.observe_host_parts()
+    w.observe_host_parts(now[0] / 1e6)
     prof = w.profiles_now()
     assert abs(prof[f"{PIPE}/encode"].host_ms - 1.5) < 0.02
     assert prof[f"{PIPE}/decode"].host_ms == 0.5 and prof[f"{PIPE}/preprocess"].host_ms == 0.5
@@ -89,12 +89,12 @@ def test_a_measured_host_part_stays_when_the_window_empties_and_moves_with_a_new
     now = [10**12]
     w = make_world(now, min_samples=50, long_window_s=10.0)
     feed(w, now, "encode", [1500] * 60)
-    w.observe_host_parts()
+    w.observe_host_parts(now[0] / 1e6)
     now[0] += 60 * 10**6  # a minute idle: nothing in the long window
-    w.observe_host_parts()
+    w.observe_host_parts(now[0] / 1e6)
     assert abs(w.profiles_now()[f"{PIPE}/encode"].host_ms - 1.5) < 0.02
     feed(w, now, "encode", [700] * 80)
-    w.observe_host_parts()
+    w.observe_host_parts(now[0] / 1e6)
     assert abs(w.profiles_now()[f"{PIPE}/encode"].host_ms - 0.7) < 0.01
 
 
@@ -177,9 +177,8 @@ def test_an_overloaded_window_teaches_no_host_part_nor_does_any_window_reaching_
     on the H100 its host parts priced max-load's next plans at half its first."""
     now, mono = [10**12], [1000.0]
     w = make_world(now, min_samples=50, long_window_s=60.0)
-    w.clock = lambda: mono[0]
     feed(w, now, "encode", [1000] * 60)
-    w.observe_host_parts()
+    w.observe_host_parts(mono[0])
     assert abs(w.host_ms(f"{PIPE}/encode")[0] - 1.0) < 0.01
     # overloaded: the stage's batches take 3 ms of host, the pipeline's p99 is 300 ms (QoS 60)
     feed(w, now, "encode", [3000] * 200)
@@ -189,7 +188,7 @@ def test_an_overloaded_window_teaches_no_host_part_nor_does_any_window_reaching_
                                                end_unix_us=now[0], total_us=300_000))  # fmt: skip
     w.last_snapshot = w.windows.snapshot(10.0)
     mono[0] += 10.0
-    w.observe_host_parts()
+    w.observe_host_parts(mono[0])
     assert abs(w.host_ms(f"{PIPE}/encode")[0] - 1.0) < 0.01  # unchanged
     # the load falls: the next window is not overloaded, and only it is read, not the minute
     # behind it that still holds the saturated batches
@@ -197,5 +196,5 @@ def test_an_overloaded_window_teaches_no_host_part_nor_does_any_window_reaching_
     feed(w, now, "encode", [800] * 60)
     w.last_snapshot = w.windows.snapshot(10.0)
     mono[0] += 10.0
-    w.observe_host_parts()
+    w.observe_host_parts(mono[0])
     assert abs(w.host_ms(f"{PIPE}/encode")[0] - 0.8) < 0.01

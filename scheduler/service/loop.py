@@ -119,7 +119,7 @@ class ControlLoop:
         if now_s - self._host_parts_at >= self.settings.window_s:
             # a long window moves little in a tick: once a window is enough
             self._host_parts_at = now_s
-            app.known.observe_host_parts()
+            app.known.observe_host_parts(now_s)
         self.export_gauges()
         t = self.evaluate()
         now = time.monotonic()

@@ -69,7 +69,6 @@ class World:
         # "pipeline/stage" -> (median host part of a batch in ms, records): the last long window
         # in which the stage timed its GPU work on at least `min_samples` requests
         self.host_parts: dict[str, tuple[float, int]] = {}
-        self.clock = time.monotonic
         self._overloaded_at = -math.inf  # when a window was last overloaded (`_overloaded`)
 
     # -- the policy -----------------------------------------------------------------------------
@@ -193,7 +192,7 @@ class World:
             measured[key] = Measured(s.p99_ms, arrival, s.service_qps, s.count)
         return measured
 
-    def observe_host_parts(self) -> None:
+    def observe_host_parts(self, now_s: float) -> None:
         """Takes in each stage's host part of a batch (compute - GPU time, the median over the
         long window) where it timed its GPU work on at least `min_samples` requests.
 
@@ -202,17 +201,16 @@ class World:
         replaces `stage_host_ms` for that stage: on the H100's host the stages' batches took
         0.25-2.5 ms longer than their profiles, a spread no one figure fits
         (docs/results/stage-host-fit-h100-1731d70.md). An overloaded window (`_overloaded`)
-        teaches nothing, and no later window reaches back into it.
+        teaches nothing, and no later window reaches back into it. `now_s`: monotonic seconds.
         """
-        now = self.clock()
         if self._overloaded():
-            self._overloaded_at = now
+            self._overloaded_at = now_s
             return
         # never back into an overloaded window: its host parts are a saturated host's
         span_s = min(
             self.windows.horizon_us / 1e6,
             max(self.settings.long_window_s, 1e-3),
-            now - self._overloaded_at,
+            now_s - self._overloaded_at,
         )
         if span_s <= 0:
             return
